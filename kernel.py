@@ -1,0 +1,331 @@
+"""Sugar's kernels and every training loss of unimllm.
+
+What lives here (see ../shared/DESIGN.md, "Kernels and losses"):
+- `triple_kernel_sqdist`: Sugar's triple kernel (Chow et al., NeurIPS 2024, arXiv 2411.00304, Eq. 4) as
+  squared distances between slices (images / sentences) from frozen teacher features: uni-modal features for
+  two slices of the same modality, cross-modal features for an image-text pair.
+- `gak_targets`: the normalised global alignment kernel (GAK; Cuturi et al., ICASSP 2007; Sugar Eq. 2)
+  Gram matrix M_l between the slice sequences that a batch of prefix embeddings summarise, computed batched
+  through `dtw.soft_dtw` (log K = -soft-DTW with gamma = 1 and cost phi_sigma(d^2)).
+- `structure_loss`: Sugar Eq. 3, L = (1/n) sum_ij (cos(r_i, r_j) - M_l[i, j])^2.
+- `contrastive_loss` / `ContrastiveLoss`: VladVA's (Ouali et al., CVPR 2025, arXiv 2412.04378) symmetric
+  InfoNCE between image and short-caption summaries, learnable temperature (CLIP's), gathered across ranks
+  with gradient.
+- `LossWeights`, `combined_loss`: L = L_ntp + lambda_c * L_contrastive + lambda_s * L_structure.
+
+Run the tests:  .venv/bin/python -m pytest tests/test_kernel.py -x -q
+Benchmark:      .venv/bin/python bench/bench_kernel.py
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from dtw import phi_sigma, soft_dtw
+
+MAX_LOGIT_SCALE = 100.0  # CLIP clamps exp(logit_scale) at 100 (Radford et al. 2021, Sec. 2.5)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# input checks
+
+
+def _check_finite(name: str, t: Tensor) -> None:
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"kernel.py: {name} contains non-finite values (NaN or inf); expected finite numbers")
+
+
+def _check_matrix(name: str, t: Tensor) -> None:
+    if t.dim() != 2:
+        raise ValueError(f"kernel.py: {name} must be 2-D (rows, features), got shape {tuple(t.shape)}")
+
+
+def _check_positive(name: str, value: float) -> None:
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"kernel.py: {name} must be a finite number > 0, got {value}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sugar Eq. 4: the triple kernel
+
+
+def _sqdist(a: Tensor, b: Tensor) -> Tensor:
+    """All-pairs squared Euclidean distances from one matmul: |a|^2 + |b|^2 - 2 a.b, (Sa, D) x (Sb, D) -> (Sa, Sb)."""
+    sq = a.pow(2).sum(-1)[:, None] + b.pow(2).sum(-1)[None, :] - 2.0 * (a @ b.T)  # (Sa, Sb)
+    return sq.clamp_min(0.0)  # the expansion can dip below 0 by rounding
+
+
+def triple_kernel_sqdist(
+    uni_a: Tensor, cross_a: Tensor, is_img_a: Tensor, uni_b: Tensor, cross_b: Tensor, is_img_b: Tensor
+) -> Tensor:
+    """Sugar Eq. 4 as squared distances: (Sa, Sb) with |u_a - u_b|^2 where the two slices share a modality
+    (image-image: DINOv2 in the paper, text-text: BGE) and |c_a - c_b|^2 (CLIP) for an image-text pair.
+
+    uni_* (S, Du), cross_* (S, Dc), is_img_* (S,) bool."""
+    for side, (uni, cross, is_img) in {"a": (uni_a, cross_a, is_img_a), "b": (uni_b, cross_b, is_img_b)}.items():
+        _check_matrix(f"uni_{side}", uni)
+        _check_matrix(f"cross_{side}", cross)
+        if not (uni.shape[0] == cross.shape[0] == is_img.numel()) or is_img.dim() != 1:
+            raise ValueError(
+                f"kernel.py: uni_{side} {tuple(uni.shape)}, cross_{side} {tuple(cross.shape)} and "
+                f"is_img_{side} {tuple(is_img.shape)} must describe the same number of slices"
+            )
+        _check_finite(f"uni_{side}", uni)
+        _check_finite(f"cross_{side}", cross)
+    if uni_a.shape[1] != uni_b.shape[1]:
+        raise ValueError(f"kernel.py: uni-modal feature widths differ: {uni_a.shape[1]} vs {uni_b.shape[1]}")
+    if cross_a.shape[1] != cross_b.shape[1]:
+        raise ValueError(f"kernel.py: cross-modal feature widths differ: {cross_a.shape[1]} vs {cross_b.shape[1]}")
+    same_modality = is_img_a.bool()[:, None] == is_img_b.bool()[None, :]  # (Sa, Sb)
+    return torch.where(same_modality, _sqdist(uni_a, uni_b), _sqdist(cross_a, cross_b))  # (Sa, Sb)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sugar Eq. 2: the GAK Gram targets M_l
+
+
+def _check_prefixes(prefix_slices: Tensor, prefix_len: Tensor, prefix_batch: Tensor, n_slices: int) -> None:
+    if prefix_slices.dim() != 2:
+        raise ValueError(f"kernel.py: prefix_slices must be (P, L), got shape {tuple(prefix_slices.shape)}")
+    n_prefixes, width = prefix_slices.shape
+    if prefix_len.shape != (n_prefixes,) or prefix_batch.shape != (n_prefixes,):
+        raise ValueError(
+            f"kernel.py: prefix_len {tuple(prefix_len.shape)} and prefix_batch {tuple(prefix_batch.shape)} "
+            f"must both be ({n_prefixes},) to match prefix_slices {tuple(prefix_slices.shape)}"
+        )
+    if n_prefixes == 0:
+        return
+    if int(prefix_len.min()) < 1:
+        raise ValueError("kernel.py: prefix_len has an empty slice sequence (length 0); every prefix needs >= 1 slice")
+    if int(prefix_len.max()) > width:
+        raise ValueError(f"kernel.py: prefix_len up to {int(prefix_len.max())} but prefix_slices has only {width} columns")
+    if int(prefix_slices.min()) < 0 or int(prefix_slices.max()) >= n_slices:
+        raise ValueError(f"kernel.py: prefix_slices must index the {n_slices} slices, got values outside [0, {n_slices})")
+
+
+def _default_delta(sq: Tensor) -> float:
+    """Our choice (Sugar gives no delta): Cuturi's heuristic, also tslearn.metrics.sigma_gak — sigma = median
+    distance between elements times sqrt(median length) — which is Sugar's delta*sqrt((n+m)/2) with delta
+    the median positive slice-to-slice distance of the batch. Without any positive distance every phi is 0 and
+    any delta gives the same targets."""
+    distances = sq.sqrt()[torch.triu(torch.ones_like(sq, dtype=torch.bool), diagonal=1)]
+    distances = distances[distances > 0]
+    return float(distances.median()) if distances.numel() > 0 else 1.0
+
+
+def _log_gak(sq: Tensor, sigma: Tensor, x_lengths: Tensor, y_lengths: Tensor) -> Tensor:
+    """Unnormalised log K for a batch of (B, n, m) squared-distance matrices with per-pair sigma (B,):
+    log K = -soft_dtw(phi_sigma(d^2), gamma=1) (DESIGN "Differentiable DTW")."""
+    # phi_sigma(d^2 / s^2, 1) = d^2/(2 s^2) + log(2 - exp(-d^2/(2 s^2))) = phi_s(d^2): folding the per-pair
+    # sigma into the distances keeps dtw.phi_sigma's scalar-sigma signature.
+    cost = phi_sigma(sq / sigma.pow(2)[:, None, None], 1.0)  # (B, n, m)
+    return -soft_dtw(cost, 1.0, x_lengths, y_lengths)  # (B,)
+
+
+def _pair_sigma(n: Tensor, m: Tensor, sigma: float | None, delta: float) -> Tensor:
+    """sigma for sequences of lengths n and m: fixed, or Sugar's delta * sqrt((n + m) / 2)."""
+    if sigma is not None:
+        return torch.full(n.shape, sigma, dtype=torch.float64, device=n.device)
+    return delta * ((n + m).double() / 2.0).sqrt()
+
+
+@torch.no_grad()
+def gak_targets(
+    slice_uni: Tensor,
+    slice_cross: Tensor,
+    slice_is_image: Tensor,
+    prefix_slices: Tensor,
+    prefix_len: Tensor,
+    prefix_batch: Tensor,
+    sigma: float | None = None,
+    delta: float | None = None,
+) -> Tensor:
+    """Target Gram matrix M_l (P, P) of Sugar Eq. 3: M_l[i, j] = normalised GAK between the slice sequences of
+    prefixes i and j, log K~(x, y) = log K(x, y) - (log K(x, x) + log K(y, y)) / 2, so K~ in (0, 1], K~(x, x) = 1;
+    set to 1 when both prefixes come from the same sample (DESIGN). A target: no gradient.
+
+    slice_uni (S, Du), slice_cross (S, Dc), slice_is_image (S,): teacher features of every slice.
+    prefix_slices (P, L): slice indices of each prefix in order, padded; prefix_len (P,); prefix_batch (P,).
+    sigma: a fixed GAK bandwidth; or delta: sigma = delta * sqrt((n + m) / 2) per pair (Sugar). Give at most
+    one; with neither, delta is the batch's median slice distance (see _default_delta).
+    The self terms use the pair's own sigma, so Cauchy-Schwarz for the (positive definite) GAK keeps K~ <= 1
+    even when sigma differs between pairs."""
+    if sigma is not None and delta is not None:
+        raise ValueError("kernel.py: gak_targets takes sigma (fixed) or delta (Sugar's per-pair scale), not both")
+    if sigma is not None:
+        _check_positive("sigma", float(sigma))
+    if delta is not None:
+        _check_positive("delta", float(delta))
+    _check_prefixes(prefix_slices, prefix_len, prefix_batch, slice_uni.shape[0])
+    dtype = torch.promote_types(slice_uni.dtype, torch.float32)  # bf16 features would lose the GAK's precision
+    sq_all = triple_kernel_sqdist(
+        slice_uni.to(dtype), slice_cross.to(dtype), slice_is_image,
+        slice_uni.to(dtype), slice_cross.to(dtype), slice_is_image,
+    )  # (S, S): every slice pair once, then gathered per prefix pair
+    n_prefixes = prefix_slices.shape[0]
+    targets = torch.ones(n_prefixes, n_prefixes, dtype=dtype, device=slice_uni.device)  # (P, P)
+    if n_prefixes == 0:
+        return targets
+    delta = delta if (delta is not None or sigma is not None) else _default_delta(sq_all)
+    idx = prefix_slices.long()  # (P, L)
+    lengths = prefix_len.long()  # (P,)
+
+    # Only pairs i < j from different samples need a DTW: the rest are 1 (same sample) or the mirror image.
+    i, j = torch.triu_indices(n_prefixes, n_prefixes, offset=1, device=idx.device)  # (Q,), (Q,)
+    keep = prefix_batch[i] != prefix_batch[j]
+    i, j = i[keep], j[keep]
+    if i.numel() == 0:
+        return targets
+    pair_sigma = _pair_sigma(lengths[i], lengths[j], sigma, delta).to(dtype)  # (Q,)
+    cross_cost = sq_all[idx[i][:, :, None], idx[j][:, None, :]]  # (Q, L, L)
+    log_k_xy = _log_gak(cross_cost, pair_sigma, lengths[i], lengths[j])  # (Q,)
+
+    # Self terms log K(x, x; sigma) for every prefix and every sigma it meets: with a fixed sigma one per
+    # prefix, with Sugar's sigma one per (prefix, partner length) — P * L DTWs instead of 2 per pair.
+    partner = torch.arange(1, int(lengths.max()) + 1, device=idx.device) if sigma is None else lengths[:1]  # (Lp,)
+    n_partner = partner.numel()
+    own = lengths.repeat_interleave(n_partner)  # (P*Lp,)
+    self_sigma = _pair_sigma(own, partner.repeat(n_prefixes), sigma, delta).to(dtype)  # (P*Lp,)
+    self_cost = sq_all[idx[:, :, None], idx[:, None, :]].repeat_interleave(n_partner, dim=0)  # (P*Lp, L, L)
+    log_k_self = _log_gak(self_cost, self_sigma, own, own).view(n_prefixes, n_partner)  # (P, Lp)
+    col_i = lengths[j] - 1 if sigma is None else torch.zeros_like(i)  # partner of i is j, and vice versa
+    col_j = lengths[i] - 1 if sigma is None else torch.zeros_like(j)
+    log_norm = log_k_xy - 0.5 * (log_k_self[i, col_i] + log_k_self[j, col_j])  # (Q,)
+    # <= 0 by Cauchy-Schwarz up to rounding; the floor keeps an underflowing exp inside (0, 1].
+    values = log_norm.clamp_max(0.0).exp().clamp_min(torch.finfo(dtype).tiny)  # (Q,)
+    targets[i, j] = values
+    targets[j, i] = values
+    return targets
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sugar Eq. 3: the structure loss
+
+
+def structure_loss(r: Tensor, targets: Tensor) -> Tensor:
+    """Sugar Eq. 3: L = (1/n) sum_ij (cos(r_i, r_j) - M_l[i, j])^2 with n = P prefixes (a mean over rows of the
+    summed squared errors). r (P, d) prefix embeddings, targets M_l (P, P). No positives, no temperature.
+    With P = 0 the loss is a zero that stays attached to r's graph (DDP then still sees every parameter)."""
+    _check_matrix("r", r)
+    n_prefixes = r.shape[0]
+    if targets.shape != (n_prefixes, n_prefixes):
+        raise ValueError(f"kernel.py: structure targets must be ({n_prefixes}, {n_prefixes}) for r {tuple(r.shape)}, got {tuple(targets.shape)}")
+    if n_prefixes == 0:
+        return r.sum() * 0.0
+    _check_finite("r", r)
+    _check_finite("structure targets", targets)
+    unit = F.normalize(r, dim=-1)  # (P, d)
+    cosine = unit @ unit.T  # (P, P): M_r
+    return (cosine - targets.to(cosine.dtype)).pow(2).sum() / n_prefixes
+
+
+# ----------------------------------------------------------------------------------------------------------
+# VladVA: symmetric InfoNCE, gathered across ranks
+
+
+def _gather_with_grad(x: Tensor) -> tuple[Tensor, int]:
+    """(B, d) -> (W*B, d) every rank's rows in rank order, and this rank's index. The gather keeps the
+    gradient: its backward sums, over ranks, the gradients that each rank's loss sends to this rank's rows."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x, 0
+    return torch.cat(dist_fn.all_gather(x), dim=0), dist.get_rank()
+
+
+def contrastive_loss(img: Tensor, txt: Tensor, logit_scale: Tensor, max_scale: float = MAX_LOGIT_SCALE) -> Tensor:
+    """VladVA's symmetric InfoNCE (CLIP form): mean of cross-entropy image->text and text->image over the
+    cosine logits exp(logit_scale) * <img_i, txt_j>, with exp(logit_scale) clamped at max_scale (CLIP's 100).
+    img, txt (B, d) summaries of matching pairs, row k of each a positive pair; logit_scale a scalar (the log
+    of the inverse temperature, init log(1/0.07)). Inputs are L2-normalised here (a no-op on unit vectors).
+
+    Under torch.distributed (world size > 1) the features of every rank are gathered with gradient and each
+    rank computes the loss of its OWN rows against ALL gathered columns (open_clip's local_loss=True), labels
+    offset by rank * B. Why this variant: the global loss is the mean of the W rank losses, and the gather's
+    backward sums every rank's gradient into the rows it owns, so the gradients DDP averages over ranks are
+    exactly the gradients of the single-process loss on the whole batch (checked in tests/test_kernel.py).
+    Computing the full (W*B, W*B) loss on every rank instead would scale those gradients by W. Every rank must
+    pass the same B (all_gather needs equal shapes; use drop_last)."""
+    _check_matrix("img", img)
+    _check_matrix("txt", txt)
+    if img.shape != txt.shape:
+        raise ValueError(f"kernel.py: contrastive img {tuple(img.shape)} and txt {tuple(txt.shape)} must have the same shape")
+    if img.shape[0] == 0:
+        raise ValueError("kernel.py: contrastive loss needs at least one image-text pair, got an empty batch")
+    if logit_scale.numel() != 1:
+        raise ValueError(f"kernel.py: logit_scale must be a scalar, got shape {tuple(logit_scale.shape)}")
+    _check_finite("img", img)
+    _check_finite("txt", txt)
+    _check_finite("logit_scale", logit_scale)
+    img_local = F.normalize(img, dim=-1)  # (B, d)
+    txt_local = F.normalize(txt, dim=-1)  # (B, d)
+    img_all, rank = _gather_with_grad(img_local)  # (W*B, d)
+    txt_all, _ = _gather_with_grad(txt_local)  # (W*B, d)
+    scale = logit_scale.reshape(()).clamp(max=math.log(max_scale)).exp()  # CLIP's clamp at 100
+    logits_img = scale * img_local @ txt_all.T  # (B, W*B): my images against every caption
+    logits_txt = scale * txt_local @ img_all.T  # (B, W*B): my captions against every image
+    labels = torch.arange(img.shape[0], device=img.device) + rank * img.shape[0]  # (B,) positives, offset by rank
+    return 0.5 * (F.cross_entropy(logits_img, labels) + F.cross_entropy(logits_txt, labels))
+
+
+class ContrastiveLoss(nn.Module):
+    """Module form of `contrastive_loss`; the learnable logit_scale lives in the model (MLLM.logit_scale)."""
+
+    def __init__(self, max_scale: float = MAX_LOGIT_SCALE):
+        super().__init__()
+        _check_positive("max_scale", max_scale)
+        self.max_scale = max_scale
+
+    def forward(self, img: Tensor, txt: Tensor, logit_scale: Tensor) -> Tensor:
+        return contrastive_loss(img, txt, logit_scale, self.max_scale)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the combined objective
+
+
+@dataclass
+class LossWeights:
+    """L = ntp * L_ntp + contrastive * L_contrastive + structure * L_structure (DESIGN "Combined"). A weight of 0
+    drops its term: (1, 0, 0) generative only, (1, c, 0) VladVA, (1, 0, s) Sugar, (1, c, s) unified. Neither
+    paper gives lambda_c or lambda_s; 1.0 is our default."""
+
+    ntp: float = 1.0
+    contrastive: float = 1.0
+    structure: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name, value in (("ntp", self.ntp), ("contrastive", self.contrastive), ("structure", self.structure)):
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"kernel.py: LossWeights.{name} must be a finite number >= 0, got {value}")
+
+
+def combined_loss(
+    ntp: Tensor | None, contrastive: Tensor | None, structure: Tensor | None, weights: LossWeights
+) -> tuple[Tensor, dict[str, float]]:
+    """L = L_ntp + lambda_c * L_contrastive + lambda_s * L_structure. A term whose weight is 0 is skipped (it
+    may be None and never enters the total); a term with a positive weight must be given. Returns the total
+    and a dict of floats for logging: every given term under its name, plus "total"."""
+    terms = {"ntp": (ntp, weights.ntp), "contrastive": (contrastive, weights.contrastive), "structure": (structure, weights.structure)}
+    total: Tensor | None = None
+    logged: dict[str, float] = {}
+    for name, (value, weight) in terms.items():
+        if value is not None:
+            if value.numel() != 1:
+                raise ValueError(f"kernel.py: combined_loss term {name!r} must be a scalar, got shape {tuple(value.shape)}")
+            logged[name] = float(value.detach())
+        if weight == 0:
+            continue
+        if value is None:
+            raise ValueError(f"kernel.py: combined_loss term {name!r} has weight {weight} but was not given (None)")
+        if not math.isfinite(logged[name]):
+            raise ValueError(f"kernel.py: combined_loss term {name!r} is {logged[name]}; expected a finite loss")
+        contribution = weight * value.reshape(())
+        total = contribution if total is None else total + contribution
+    if total is None:
+        raise ValueError("kernel.py: combined_loss has every weight at 0; nothing to optimise")
+    logged["total"] = float(total.detach())
+    return total, logged

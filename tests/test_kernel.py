@@ -1,0 +1,371 @@
+"""Tests for kernel.py: Sugar's triple kernel (Eq. 4), the GAK Gram targets (Eq. 2), the structure loss (Eq. 3),
+VladVA's cross-rank contrastive loss and the combined loss.
+
+Every value is compared with an independent reference written here: float64 Python loops (with a naive GAK
+recursion, Cuturi's product-sum form, not dtw.py), tslearn.metrics.cdist_gak, finite differences (gradcheck),
+and a real 2-process gloo DDP run against one process on the whole batch.
+
+Run: .venv/bin/python -m pytest tests/test_kernel.py -x -q
+"""
+import math
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tslearn.metrics import cdist_gak
+from tslearn.utils import to_time_series_dataset
+
+import kernel
+
+# ----------------------------------------------------------------------------------------------------------
+# independent float64 references
+
+
+def naive_sqdist(uni_a, cross_a, img_a, uni_b, cross_b, img_b) -> np.ndarray:
+    """Sugar Eq. 4 by explicit loops: uni-modal distance for same-modality slices, cross-modal otherwise."""
+    out = np.zeros((len(img_a), len(img_b)))
+    for a in range(len(img_a)):
+        for b in range(len(img_b)):
+            fa, fb = (uni_a[a], uni_b[b]) if bool(img_a[a]) == bool(img_b[b]) else (cross_a[a], cross_b[b])
+            out[a, b] = sum((float(x) - float(y)) ** 2 for x, y in zip(fa, fb))
+    return out
+
+
+def naive_gak(sq: np.ndarray, sigma: float) -> float:
+    """Unnormalised GAK (Cuturi et al. 2007): M[i, j] = k(i, j) * (M[i-1, j-1] + M[i-1, j] + M[i, j-1]), with the
+    local kernel k = exp(-phi_sigma) = e / (2 - e), e = exp(-d^2 / (2 sigma^2))."""
+    n, m = sq.shape
+    table = [[0.0] * (m + 1) for _ in range(n + 1)]
+    table[0][0] = 1.0
+    for i in range(1, n + 1):
+        for j in range(1, m + 1):
+            e = math.exp(-sq[i - 1, j - 1] / (2 * sigma**2))
+            table[i][j] = e / (2 - e) * (table[i - 1][j - 1] + table[i - 1][j] + table[i][j - 1])
+    return table[n][m]
+
+
+def naive_targets(uni, cross, img, prefix_slices, prefix_len, prefix_batch, sigma=None, delta=None) -> np.ndarray:
+    n_prefixes = len(prefix_len)
+    seqs = [[int(s) for s in prefix_slices[p][: int(prefix_len[p])]] for p in range(n_prefixes)]
+    out = np.ones((n_prefixes, n_prefixes))
+    for i in range(n_prefixes):
+        for j in range(n_prefixes):
+            if int(prefix_batch[i]) == int(prefix_batch[j]):
+                continue
+            x, y = seqs[i], seqs[j]
+            s = sigma if sigma is not None else delta * math.sqrt((len(x) + len(y)) / 2)
+
+            def sq(a, b):
+                return naive_sqdist(uni[a], cross[a], img[a], uni[b], cross[b], img[b])
+
+            out[i, j] = naive_gak(sq(x, y), s) / math.sqrt(naive_gak(sq(x, x), s) * naive_gak(sq(y, y), s))
+    return out
+
+
+def naive_median_delta(uni, cross, img) -> float:
+    sq = naive_sqdist(uni, cross, img, uni, cross, img)
+    d = [math.sqrt(sq[a, b]) for a in range(len(img)) for b in range(a + 1, len(img)) if sq[a, b] > 0]
+    return float(np.median(d))
+
+
+def naive_structure(r: np.ndarray, targets: np.ndarray) -> float:
+    n = len(r)
+    total = 0.0
+    for i in range(n):
+        for j in range(n):
+            cos = float(r[i] @ r[j]) / (np.linalg.norm(r[i]) * np.linalg.norm(r[j]))
+            total += (cos - targets[i, j]) ** 2
+    return total / n
+
+
+def naive_contrastive(img: np.ndarray, txt: np.ndarray, logit_scale: float) -> float:
+    scale = min(math.exp(logit_scale), 100.0)
+    img = img / np.linalg.norm(img, axis=1, keepdims=True)
+    txt = txt / np.linalg.norm(txt, axis=1, keepdims=True)
+    b = len(img)
+    sim = [[scale * float(img[i] @ txt[j]) for j in range(b)] for i in range(b)]
+    i2t = sum(-sim[i][i] + math.log(sum(math.exp(sim[i][j]) for j in range(b))) for i in range(b)) / b
+    t2i = sum(-sim[j][j] + math.log(sum(math.exp(sim[i][j]) for i in range(b))) for j in range(b)) / b
+    return 0.5 * (i2t + t2i)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# random batches
+
+
+def unit(rows: int, dim: int, gen: torch.Generator) -> torch.Tensor:
+    return nn.functional.normalize(torch.randn(rows, dim, generator=gen, dtype=torch.float64), dim=-1)
+
+
+def make_batch(seed: int, n_slices: int = 10, n_prefixes: int = 7, max_len: int = 4, n_samples: int = 4):
+    """Teacher features of unit norm (as the teachers give), prefixes of random lengths; the padding of
+    prefix_slices holds random valid indices, so a kernel that read past a prefix's length would be caught."""
+    gen = torch.Generator().manual_seed(seed)
+    uni, cross = unit(n_slices, 6, gen), unit(n_slices, 5, gen)
+    img = torch.rand(n_slices, generator=gen) < 0.5
+    prefix_slices = torch.randint(0, n_slices, (n_prefixes, max_len), generator=gen)
+    prefix_len = torch.randint(1, max_len + 1, (n_prefixes,), generator=gen)
+    prefix_batch = torch.randint(0, n_samples, (n_prefixes,), generator=gen)
+    return uni, cross, img, prefix_slices, prefix_len, prefix_batch
+
+
+# ----------------------------------------------------------------------------------------------------------
+# triple kernel and targets
+
+
+def test_triple_kernel_matches_loops():
+    gen = torch.Generator().manual_seed(0)
+    ua, ca, ia = unit(5, 6, gen), unit(5, 3, gen), torch.tensor([1, 0, 1, 0, 0], dtype=torch.bool)
+    ub, cb, ib = unit(4, 6, gen), unit(4, 3, gen), torch.tensor([0, 1, 1, 0], dtype=torch.bool)
+    got = kernel.triple_kernel_sqdist(ua, ca, ia, ub, cb, ib)
+    np.testing.assert_allclose(got.numpy(), naive_sqdist(ua, ca, ia, ub, cb, ib), atol=1e-12)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("mode", ["sigma", "delta", "default"])
+def test_targets_match_naive_gak(seed, mode):
+    uni, cross, img, ps, pl, pb = make_batch(seed)
+    if mode == "sigma":
+        kwargs = {"sigma": 0.8}
+    elif mode == "delta":
+        kwargs = {"delta": 0.6}
+    else:
+        kwargs = {}
+    got = kernel.gak_targets(uni, cross, img, ps, pl, pb, **kwargs)
+    ref_kwargs = kwargs if kwargs else {"delta": naive_median_delta(uni, cross, img)}
+    ref = naive_targets(uni, cross, img, ps, pl, pb, **ref_kwargs)
+    assert got.dtype == torch.float64 and not got.requires_grad
+    np.testing.assert_allclose(got.numpy(), ref, rtol=1e-9, atol=1e-12)
+
+
+def test_targets_float32_close_to_float64():
+    uni, cross, img, ps, pl, pb = make_batch(3)
+    got = kernel.gak_targets(uni.float(), cross.float(), img, ps, pl, pb, delta=0.7)
+    ref = naive_targets(uni, cross, img, ps, pl, pb, delta=0.7)
+    assert got.dtype == torch.float32
+    np.testing.assert_allclose(got.numpy(), ref, rtol=1e-4, atol=1e-6)
+
+
+def test_targets_match_tslearn_cdist_gak():
+    """Image slices only: the triple kernel is then the plain Euclidean distance of the uni-modal features,
+    and tslearn's normalised cdist_gak (same phi_sigma, fixed sigma) is a second reference."""
+    gen = torch.Generator().manual_seed(4)
+    n_slices, n_prefixes, max_len = 14, 6, 5
+    uni, cross = unit(n_slices, 8, gen), unit(n_slices, 3, gen)
+    img = torch.ones(n_slices, dtype=torch.bool)
+    ps = torch.randint(0, n_slices, (n_prefixes, max_len), generator=gen)
+    pl = torch.randint(1, max_len + 1, (n_prefixes,), generator=gen)
+    pb = torch.arange(n_prefixes)
+    got = kernel.gak_targets(uni, cross, img, ps, pl, pb, sigma=0.9)
+    series = to_time_series_dataset([uni[ps[p, : pl[p]]].numpy() for p in range(n_prefixes)])
+    np.testing.assert_allclose(got.numpy(), cdist_gak(series, sigma=0.9), rtol=1e-8, atol=1e-12)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    n_prefixes=st.integers(1, 9),
+    max_len=st.integers(1, 6),
+    scale=st.floats(0.2, 3.0),
+    fixed=st.booleans(),
+)
+def test_targets_properties(seed, n_prefixes, max_len, scale, fixed):
+    uni, cross, img, ps, pl, pb = make_batch(seed, n_slices=8, n_prefixes=n_prefixes, max_len=max_len, n_samples=5)
+    kwargs = {"sigma": scale} if fixed else {"delta": scale}
+    m = kernel.gak_targets(uni.float(), cross.float(), img, ps, pl, pb, **kwargs)
+    assert m.shape == (n_prefixes, n_prefixes)
+    assert torch.equal(m, m.T)
+    assert torch.all(m.diagonal() == 1)
+    assert torch.all(m > 0) and torch.all(m <= 1)
+    same_sample = pb[:, None] == pb[None, :]
+    assert torch.all(m[same_sample] == 1)
+
+
+def test_targets_empty_batch():
+    uni, cross, img, _, _, _ = make_batch(0)
+    empty = torch.zeros(0, dtype=torch.long)
+    m = kernel.gak_targets(uni, cross, img, torch.zeros(0, 3, dtype=torch.long), empty, empty, sigma=1.0)
+    assert m.shape == (0, 0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# structure loss
+
+
+def test_structure_loss_matches_naive_and_gradcheck():
+    gen = torch.Generator().manual_seed(5)
+    r = torch.randn(6, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    uni, cross, img, ps, pl, pb = make_batch(5, n_prefixes=6)
+    targets = kernel.gak_targets(uni, cross, img, ps, pl, pb, delta=0.8)
+    got = kernel.structure_loss(r, targets)
+    assert got.item() == pytest.approx(naive_structure(r.detach().numpy(), targets.numpy()), rel=1e-12)
+    assert torch.autograd.gradcheck(kernel.structure_loss, (r, targets.clone().requires_grad_()))
+
+
+def test_structure_loss_no_prefixes_is_attached_zero():
+    r = torch.zeros(0, 4, requires_grad=True)
+    loss = kernel.structure_loss(r, torch.zeros(0, 0))
+    loss.backward()
+    assert loss.item() == 0 and r.grad is not None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# contrastive loss
+
+
+@pytest.mark.parametrize("log_scale", [math.log(1 / 0.07), 0.3, math.log(250.0)])
+def test_contrastive_matches_naive(log_scale):
+    gen = torch.Generator().manual_seed(6)
+    img = torch.randn(5, 3, generator=gen, dtype=torch.float64)
+    txt = torch.randn(5, 3, generator=gen, dtype=torch.float64)
+    got = kernel.contrastive_loss(img, txt, torch.tensor(log_scale, dtype=torch.float64))
+    assert got.item() == pytest.approx(naive_contrastive(img.numpy(), txt.numpy(), log_scale), rel=1e-12)
+
+
+def test_contrastive_gradcheck_and_clamp():
+    gen = torch.Generator().manual_seed(7)
+    img = torch.randn(4, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    txt = torch.randn(4, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    scale = torch.tensor(1.2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(kernel.contrastive_loss, (img, txt, scale))
+    clamped = torch.tensor(math.log(300.0), dtype=torch.float64, requires_grad=True)
+    kernel.ContrastiveLoss()(img, txt, clamped).backward()
+    assert clamped.grad.item() == 0.0  # above CLIP's 100 the temperature is frozen
+
+
+class _Towers(nn.Module):
+    """Two linear towers + CLIP's learnable logit_scale: the parameters DDP averages."""
+
+    def __init__(self):
+        super().__init__()
+        gen = torch.Generator().manual_seed(11)
+        self.img = nn.Linear(5, 4).double()
+        self.txt = nn.Linear(5, 4).double()
+        for p in (*self.img.parameters(), *self.txt.parameters()):
+            p.data = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07), dtype=torch.float64))
+
+    def forward(self, x_img, x_txt):
+        return kernel.contrastive_loss(self.img(x_img), self.txt(x_txt), self.logit_scale)
+
+
+def _full_batch(world: int, per_rank: int):
+    gen = torch.Generator().manual_seed(12)
+    return (torch.randn(world * per_rank, 5, generator=gen, dtype=torch.float64),
+            torch.randn(world * per_rank, 5, generator=gen, dtype=torch.float64))
+
+
+def _ddp_worker(rank: int, world: int, port: int, per_rank: int, out_dir: str):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        model = nn.parallel.DistributedDataParallel(_Towers())
+        x_img, x_txt = _full_batch(world, per_rank)
+        rows = slice(rank * per_rank, (rank + 1) * per_rank)
+        x_img, x_txt = x_img[rows].clone().requires_grad_(), x_txt[rows].clone().requires_grad_()
+        loss = model(x_img, x_txt)
+        loss.backward()
+        grads = {name: p.grad for name, p in model.module.named_parameters()}
+        torch.save({"loss": loss.detach(), "grads": grads, "x_img": x_img.grad, "x_txt": x_txt.grad},
+                   f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_contrastive_ddp_two_ranks_equals_one_process(tmp_path):
+    """2 gloo ranks, real DDP: the mean of the rank losses is the whole-batch loss, the parameter gradients
+    DDP averages (towers + shared logit_scale) are the whole-batch gradients, and each rank's input gradient
+    divided by the world size (what DDP's averaging applies upstream) is the whole-batch input gradient."""
+    world, per_rank = 2, 3
+    mp.spawn(_ddp_worker, args=(world, _free_port(), per_rank, str(tmp_path)), nprocs=world, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+
+    model = _Towers()
+    x_img, x_txt = (x.requires_grad_() for x in _full_batch(world, per_rank))
+    loss = model(x_img, x_txt)
+    loss.backward()
+
+    assert torch.stack([r["loss"] for r in ranks]).mean().item() == pytest.approx(loss.item(), rel=1e-12)
+    for name, p in model.named_parameters():
+        for r in ranks:  # DDP leaves the same averaged gradient on every rank
+            torch.testing.assert_close(r["grads"][name], p.grad, rtol=1e-10, atol=1e-12)
+    for key, x in (("x_img", x_img), ("x_txt", x_txt)):
+        torch.testing.assert_close(torch.cat([r[key] for r in ranks]) / world, x.grad, rtol=1e-10, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# combined loss
+
+
+def test_combined_loss_weights_and_skips():
+    ntp, con, struct = torch.tensor(2.0, requires_grad=True), torch.tensor(0.5), torch.tensor(0.25)
+    total, terms = kernel.combined_loss(ntp, con, struct, kernel.LossWeights(1.0, 2.0, 4.0))
+    assert total.item() == pytest.approx(2.0 + 2 * 0.5 + 4 * 0.25)
+    assert terms == {"ntp": 2.0, "contrastive": 0.5, "structure": 0.25, "total": total.item()}
+    total, terms = kernel.combined_loss(ntp, None, torch.tensor(float("nan")), kernel.LossWeights(1.0, 0.0, 0.0))
+    assert total.item() == 2.0 and "contrastive" not in terms
+    total.backward()
+    assert ntp.grad.item() == 1.0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# bad input raises a clear error
+
+
+def test_bad_inputs_raise():
+    uni, cross, img, ps, pl, pb = make_batch(8)
+    with pytest.raises(ValueError, match="uni-modal feature widths"):
+        kernel.triple_kernel_sqdist(uni, cross, img, uni[:, :3], cross, img)
+    with pytest.raises(ValueError, match="cross-modal feature widths"):
+        kernel.triple_kernel_sqdist(uni, cross, img, uni, cross[:, :2], img)
+    with pytest.raises(ValueError, match="same number of slices"):
+        kernel.gak_targets(uni, cross[:-1], img, ps, pl, pb, sigma=1.0)
+    with pytest.raises(ValueError, match="empty slice sequence"):
+        kernel.gak_targets(uni, cross, img, ps, torch.where(pl == pl[0], 0, pl), pb, sigma=1.0)
+    bad = uni.clone()
+    bad[2, 1] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        kernel.gak_targets(bad, cross, img, ps, pl, pb, sigma=1.0)
+    bad = cross.clone()
+    bad[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="non-finite"):
+        kernel.gak_targets(uni, bad, img, ps, pl, pb, delta=1.0)
+    for value in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="sigma must be"):
+            kernel.gak_targets(uni, cross, img, ps, pl, pb, sigma=value)
+        with pytest.raises(ValueError, match="delta must be"):
+            kernel.gak_targets(uni, cross, img, ps, pl, pb, delta=value)
+    with pytest.raises(ValueError, match="not both"):
+        kernel.gak_targets(uni, cross, img, ps, pl, pb, sigma=1.0, delta=1.0)
+    with pytest.raises(ValueError, match="index the"):
+        kernel.gak_targets(uni, cross, img, ps + 100, pl, pb, sigma=1.0)
+    with pytest.raises(ValueError, match="structure targets"):
+        kernel.structure_loss(torch.randn(3, 2), torch.ones(2, 2))
+    with pytest.raises(ValueError, match="non-finite"):
+        kernel.structure_loss(torch.full((2, 2), float("nan")), torch.ones(2, 2))
+    scale = torch.tensor(1.0)
+    with pytest.raises(ValueError, match="same shape"):
+        kernel.contrastive_loss(torch.randn(3, 4), torch.randn(3, 5), scale)
+    with pytest.raises(ValueError, match="empty batch"):
+        kernel.contrastive_loss(torch.randn(0, 4), torch.randn(0, 4), scale)
+    with pytest.raises(ValueError, match="non-finite"):
+        kernel.contrastive_loss(torch.full((2, 4), float("inf")), torch.randn(2, 4), scale)
+    with pytest.raises(ValueError, match="LossWeights.structure"):
+        kernel.LossWeights(structure=-1.0)
+    with pytest.raises(ValueError, match="not given"):
+        kernel.combined_loss(torch.tensor(1.0), None, torch.tensor(1.0), kernel.LossWeights())
+    with pytest.raises(ValueError, match="every weight at 0"):
+        kernel.combined_loss(torch.tensor(1.0), None, None, kernel.LossWeights(0.0, 0.0, 0.0))
+    with pytest.raises(ValueError, match="finite loss"):
+        kernel.combined_loss(torch.tensor(float("nan")), None, None, kernel.LossWeights(1.0, 0.0, 0.0))
