@@ -1,0 +1,819 @@
+"""
+unimllm.py — the multimodal LLM (MLLM) shared by both methods this repository implements:
+
+- Sugar (Chow et al., NeurIPS 2024, arXiv 2411.00304): prefix embeddings of interleaved image-text samples,
+  read off the MLLM's final hidden states and mapped by a small "retrieval projector" (fed to Sugar Eq. 3).
+- VladVA (Ouali et al., CVPR 2025, arXiv 2412.04378): L2-normalised last-token "summary" embeddings after a
+  learnable soft prompt (E5-V style), trained with LoRA.
+
+The network is LLaVA-1.5 shaped (Liu et al., arXiv 2310.03744): a ViT vision tower (CLIP or SigLIP, Hugging Face
+layout), features from one of its layers (LLaVA: the second-to-last, CLS dropped), a two-layer GELU MLP adapter,
+and a Llama-family decoder (RMSNorm, RoPE, grouped-query attention, SwiGLU, optional q/k/v bias as in Qwen2).
+Module names mirror Hugging Face, so loading a checkpoint is a near-identity name map (`load_llm`,
+`load_vision`); every key and shape is checked.
+
+LoRA (Hu et al., arXiv 2106.09685): W x + (alpha / r) B A x, A Kaiming-initialised, B zero-initialised, so the
+output is unchanged at initialisation (LoRA Eq. 3 with the alpha/r scaling of its Sec. 4.1).
+
+Run the tests:      python -m pytest tests/test_unimllm.py
+Run the benchmark:  python bench/bench_generate.py
+Use it:
+    llm = load_llm("path/to/SmolLM2-135M")        # Hugging Face directory: config.json + *.safetensors
+    logits = llm(input_ids)                        # (B, T, V)
+    enc = load_vision("path/to/clip-vit-base-patch32")
+    feats = enc(pixel_values, layer=-2)            # Hugging Face's hidden_states[-2], CLS included
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import KW_ONLY, asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import Tensor
+
+VISION_ACTS = ("quick_gelu", "gelu_tanh", "gelu")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Configs
+
+
+@dataclass
+class VisionConfig:
+    image_size: int = 32
+    patch_size: int = 8
+    num_channels: int = 3
+    hidden_size: int = 128
+    num_layers: int = 3
+    num_heads: int = 4
+    intermediate_size: int = 512
+    layer_norm_eps: float = 1e-5
+    use_cls: bool = True  # CLIP: a learned CLS token is prepended; SigLIP: none
+    pre_layernorm: bool = True  # CLIP's `pre_layrnorm` (sic) after the embeddings; SigLIP: none
+    post_layernorm: bool = True
+    act: str = "quick_gelu"  # CLIP; "gelu_tanh" for SigLIP; "gelu" (exact) for some CLIP variants
+    patch_bias: bool = False  # SigLIP's patch convolution has a bias, CLIP's has none
+
+    def __post_init__(self) -> None:
+        if self.act not in VISION_ACTS:
+            raise ValueError(f"VisionConfig.act must be one of {VISION_ACTS}, got {self.act!r}")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"VisionConfig.image_size={self.image_size} is not a multiple of patch_size={self.patch_size}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"VisionConfig.hidden_size={self.hidden_size} is not a multiple of num_heads={self.num_heads}")
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+@dataclass
+class LLMConfig:
+    vocab_size: int
+    hidden_size: int = 192
+    intermediate_size: int = 512
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int | None = None  # None -> hidden_size // num_heads
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    max_seq_len: int = 512
+    attention_bias: bool = False  # q/k/v bias (Qwen2); o_proj never has one
+    tie_embeddings: bool = True
+
+    def __post_init__(self) -> None:
+        if self.head_dim is None:
+            if self.hidden_size % self.num_heads:
+                raise ValueError(f"LLMConfig.hidden_size={self.hidden_size} is not a multiple of num_heads={self.num_heads}")
+            self.head_dim = self.hidden_size // self.num_heads
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"LLMConfig.num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"LLMConfig.head_dim={self.head_dim} must be even for RoPE")
+
+
+@dataclass
+class MLLMConfig:
+    vision: VisionConfig
+    llm: LLMConfig
+    _: KW_ONLY
+    feature_layer: int = -2  # LLaVA-1.5: the second-to-last vision layer, CLS dropped
+    image_token_id: int
+    soft_image_token_id: int
+    soft_text_token_id: int
+    n_soft_tokens: int
+    proj_dim: int = 128  # width of Sugar's retrieval projector (the paper does not give it)
+
+    def __post_init__(self) -> None:
+        n = self.vision.num_layers
+        if not -(n + 1) <= self.feature_layer <= n:
+            raise ValueError(f"MLLMConfig.feature_layer={self.feature_layer} is out of range for {n} vision layers")
+        if self.n_soft_tokens < 1:
+            raise ValueError(f"MLLMConfig.n_soft_tokens must be >= 1, got {self.n_soft_tokens}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "MLLMConfig":
+        rest = {k: v for k, v in d.items() if k not in ("vision", "llm")}
+        return cls(VisionConfig(**d["vision"]), LLMConfig(**d["llm"]), **rest)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Vision encoder (CLIP / SigLIP vision tower, Hugging Face layout)
+
+
+def quick_gelu(x: Tensor) -> Tensor:
+    # CLIP's GELU approximation x * sigmoid(1.702 x)
+    return x * torch.sigmoid(1.702 * x)
+
+
+def vision_act(x: Tensor, act: str) -> Tensor:
+    if act == "quick_gelu":
+        return quick_gelu(x)
+    if act == "gelu_tanh":
+        return F.gelu(x, approximate="tanh")
+    return F.gelu(x)
+
+
+class VisionEmbeddings(nn.Module):
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, cfg.patch_size, bias=cfg.patch_bias)
+        if cfg.use_cls:
+            self.class_embedding = nn.Parameter(torch.randn(cfg.hidden_size) * 0.02)
+        self.position_embedding = nn.Embedding(cfg.num_patches + int(cfg.use_cls), cfg.hidden_size)
+
+    def forward(self, pixel_values: Tensor) -> Tensor:
+        x = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))  # (N, D, h, w)
+        x = x.flatten(2).transpose(1, 2)  # (N, P, D), patches in row-major order
+        if self.cfg.use_cls:
+            cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # (N, 1, D)
+            x = torch.cat([cls, x], dim=1)  # (N, 1 + P, D)
+        return x + self.position_embedding.weight.to(x.dtype)
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        d = cfg.hidden_size
+        self.num_heads = cfg.num_heads
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, T, D = x.shape
+        q, k, v = (p(x).view(B, T, self.num_heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        y = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, hd), bidirectional
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, D))
+
+
+class VisionMLP(nn.Module):
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.act = cfg.act
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(vision_act(self.fc1(x), self.act))
+
+
+class VisionBlock(nn.Module):
+    # pre-LN transformer block, as CLIPEncoderLayer / SiglipEncoderLayer
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.self_attn = VisionAttention(cfg)
+        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = VisionMLP(cfg)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class VisionLayers(nn.Module):
+    # holder so parameter names read `encoder.layers.{i}` as in Hugging Face
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.num_layers))
+
+
+class VisionEncoder(nn.Module):
+    """CLIP / SigLIP vision tower. `forward(pixel_values, layer)` is Hugging Face's `hidden_states[layer]`:
+    index 0 is the embeddings (after `pre_layrnorm` for CLIP), index i the output of encoder layer i, -1 the last
+    layer *before* `post_layernorm`. `post_layernorm` is held (so checkpoints load strictly) and applied only by
+    `pooled()`; SigLIP's attention-pooling head (`head.*`) is not held: we only need hidden states."""
+
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embeddings = VisionEmbeddings(cfg)
+        if cfg.pre_layernorm:
+            self.pre_layrnorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.encoder = VisionLayers(cfg)
+        if cfg.post_layernorm:
+            self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def layer_index(self, layer: int) -> int:
+        n = self.cfg.num_layers
+        if not -(n + 1) <= layer <= n:
+            raise ValueError(f"layer={layer} is out of range: hidden_states has {n + 1} entries")
+        return layer % (n + 1)
+
+    def forward(self, pixel_values: Tensor, layer: int = -1) -> Tensor:
+        cfg = self.cfg
+        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != (cfg.num_channels, cfg.image_size, cfg.image_size):
+            raise ValueError(
+                f"pixel_values must be (N, {cfg.num_channels}, {cfg.image_size}, {cfg.image_size}), got {tuple(pixel_values.shape)}"
+            )
+        x = self.embeddings(pixel_values)  # (N, P(+1), D)
+        if cfg.pre_layernorm:
+            x = self.pre_layrnorm(x)
+        for block in self.encoder.layers[: self.layer_index(layer)]:  # later layers are never needed
+            x = block(x)
+        return x
+
+    def pooled(self, pixel_values: Tensor) -> Tensor:
+        """The last layer after `post_layernorm`: CLIP's pooler input at CLS / SigLIP's `last_hidden_state`."""
+        if not self.cfg.post_layernorm:
+            raise ValueError("this VisionConfig has post_layernorm=False")
+        return self.post_layernorm(self(pixel_values, layer=-1))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Llama-family decoder
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # computed in float32 and cast back before the gain, exactly as Hugging Face's LlamaRMSNorm
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_cos_sin(positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """RoPE (Su et al., arXiv 2104.09864) in Hugging Face's half-split ("rotate_half") layout: frequencies
+    theta^(-2i/d) in float32, duplicated as [f, f] over the head dimension. positions (B, T) -> cos, sin (B, T, hd)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=positions.device) / head_dim))
+    freqs = positions.float()[..., None] * inv_freq  # (B, T, hd/2)
+    emb = torch.cat([freqs, freqs], dim=-1)  # (B, T, hd)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    # x (B, H, T, hd); cos, sin (B, T, hd)
+    return x * cos[:, None] + rotate_half(x) * sin[:, None]
+
+
+class KVCache:
+    """Pre-allocated keys and values of every layer: (layers, B, H_kv, max_len, hd)."""
+
+    def __init__(self, cfg: LLMConfig, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype) -> None:
+        if max_len > cfg.max_seq_len:
+            raise ValueError(f"KV cache length {max_len} exceeds LLMConfig.max_seq_len={cfg.max_seq_len}")
+        shape = (cfg.num_layers, batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def update(self, layer: int, start_pos: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        # k, v (B, H_kv, T, hd) written at [start_pos, start_pos + T); returns everything up to there
+        end = start_pos + k.shape[2]
+        self.k[layer, :, :, start_pos:end] = k.to(self.k.dtype)
+        self.v[layer, :, :, start_pos:end] = v.to(self.v.dtype)
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LLMConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.q_proj = nn.Linear(d, cfg.num_heads * hd, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(cfg.num_heads * hd, d, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv_cache: KVCache | None, start_pos: int) -> Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer, start_pos, k, v)  # (B, Hkv, start_pos + T, hd)
+        t_k = k.shape[2]
+        y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=offset_causal_mask(T, t_k, x.device),
+                                           is_causal=T == t_k > 1, enable_gqa=self.num_kv_heads != self.num_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def offset_causal_mask(t_q: int, t_k: int, device: torch.device) -> Tensor | None:
+    """Query i sits at absolute position t_k - t_q + i and sees keys 0..that position (a chunk decoded after a
+    cached prefix). None when SDPA needs no mask: one query sees everything, t_q == t_k is plain is_causal."""
+    if t_q == 1 or t_q == t_k:
+        return None
+    return torch.ones(t_q, t_k, dtype=torch.bool, device=device).tril(diagonal=t_k - t_q)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg: LLMConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, cfg: LLMConfig, layer: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = SwiGLU(cfg)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv_cache: KVCache | None, start_pos: int) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, start_pos)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LLM(nn.Module):
+    """Llama / Qwen2 / SmolLM decoder. Causal attention, so right padding never changes a real position."""
+
+    def __init__(self, cfg: LLMConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderBlock(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if not cfg.tie_embeddings:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def head_weight(self) -> Tensor:
+        return self.embed_tokens.weight if self.cfg.tie_embeddings else self.lm_head.weight
+
+    def forward(self, input_ids: Tensor | None = None, inputs_embeds: Tensor | None = None, kv_cache: KVCache | None = None,
+                start_pos: int = 0, return_hidden: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, D)
+        B, T, _ = x.shape
+        end = start_pos + T
+        if end > (kv_cache.max_len if kv_cache is not None else self.cfg.max_seq_len):
+            raise ValueError(f"positions up to {end} exceed the {'KV cache length' if kv_cache is not None else 'max_seq_len'}")
+        if kv_cache is None and start_pos != 0:
+            raise ValueError("start_pos > 0 needs a kv_cache holding the earlier positions")
+        positions = torch.arange(start_pos, end, device=x.device).expand(B, T)  # (B, T)
+        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        for block in self.layers:
+            x = block(x, cos, sin, kv_cache, start_pos)
+        hidden = self.norm(x)  # (B, T, D)
+        logits = F.linear(hidden, self.head_weight()) if self.cfg.tie_embeddings else self.lm_head(hidden)  # (B, T, V)
+        return (logits, hidden) if return_hidden else logits
+
+    @torch.no_grad()
+    def generate(self, input_ids: Tensor | None = None, inputs_embeds: Tensor | None = None, max_new_tokens: int = 32,
+                 temperature: float = 0.0, eos_id: int | None = None, use_cache: bool = True,
+                 generator: torch.Generator | None = None) -> Tensor:
+        """Greedy (temperature 0) or sampled decoding -> (B, new). After a row emits `eos_id` it is padded with
+        `eos_id`; decoding stops early once every row has, so `new` may be < max_new_tokens. `use_cache=False`
+        recomputes the whole sequence every step (the benchmark's reference)."""
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, D)
+        B, T, _ = x.shape
+        cache = KVCache(self.cfg, B, T + max_new_tokens, x.device, x.dtype) if use_cache else None
+        logits = self(inputs_embeds=x, kv_cache=cache)[:, -1]  # (B, V)
+        done = torch.zeros(B, dtype=torch.bool, device=x.device)
+        out: list[Tensor] = []
+        for step in range(max_new_tokens):
+            nxt = next_token(logits, temperature, generator)  # (B,)
+            if eos_id is not None:
+                nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
+                done = done | (nxt == eos_id)
+            out.append(nxt)
+            if step == max_new_tokens - 1 or bool(done.all()):
+                break
+            e = self.embed_tokens(nxt[:, None]).to(x.dtype)  # (B, 1, D)
+            if cache is not None:
+                logits = self(inputs_embeds=e, kv_cache=cache, start_pos=T + step)[:, -1]
+            else:
+                x = torch.cat([x, e], dim=1)
+                logits = self(inputs_embeds=x)[:, -1]
+        return torch.stack(out, dim=1)
+
+
+def next_token(logits: Tensor, temperature: float, generator: torch.Generator | None) -> Tensor:
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The MLLM
+
+
+class Adapter(nn.Module):
+    """LLaVA-1.5's projector: Linear -> GELU -> Linear, vision width -> LLM width (HF `multi_modal_projector`)."""
+
+    def __init__(self, d_vision: int, d_llm: int) -> None:
+        super().__init__()
+        self.linear_1 = nn.Linear(d_vision, d_llm)
+        self.linear_2 = nn.Linear(d_llm, d_llm)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear_2(F.gelu(self.linear_1(x)))
+
+
+class MLLM(nn.Module):
+    def __init__(self, cfg: MLLMConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d, k = cfg.llm.hidden_size, cfg.n_soft_tokens
+        self.vision = VisionEncoder(cfg.vision)
+        self.adapter = Adapter(cfg.vision.hidden_size, d)
+        self.llm = LLM(cfg.llm)
+        # VladVA soft prompts; random until init_soft_prompts copies a handcrafted prompt's embeddings into them
+        self.image_prompt = nn.Parameter(torch.randn(k, d) * 0.02)
+        self.text_prompt = nn.Parameter(torch.randn(k, d) * 0.02)
+        # Sugar's retrieval projector (an MLP; its size is our choice, the paper does not give it)
+        self.projector = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, cfg.proj_dim))
+        # learnable temperature for the VladVA contrastive loss, CLIP's init (VladVA gives none)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    @property
+    def n_image_tokens(self) -> int:
+        return self.cfg.vision.num_patches
+
+    def image_tokens(self, images: Tensor) -> Tensor:
+        """images (N, 3, H, W) -> adapter tokens (N, P, D): LLaVA features from `feature_layer`, CLS dropped."""
+        feats = self.vision(images, layer=self.cfg.feature_layer)  # (N, P(+1), Dv)
+        if self.cfg.vision.use_cls:
+            feats = feats[:, 1:]
+        return self.adapter(feats)
+
+    def embed(self, input_ids: Tensor, images: Tensor | None = None) -> Tensor:
+        x = self.llm.embed_tokens(input_ids)  # (B, T, D)
+        x = self.fill_images(x, input_ids, images)
+        x = fill_runs(x, input_ids == self.cfg.soft_image_token_id, self.image_prompt, "<soft_image>")
+        return fill_runs(x, input_ids == self.cfg.soft_text_token_id, self.text_prompt, "<soft_text>")
+
+    def fill_images(self, x: Tensor, input_ids: Tensor, images: Tensor | None) -> Tensor:
+        mask = input_ids == self.cfg.image_token_id  # (B, T)
+        n_img, p = (0 if images is None else images.shape[0]), self.n_image_tokens
+        per_row = mask.sum(1)
+        if bool((per_row % p).any()):
+            raise ValueError(f"each image needs {p} consecutive <image> ids; a row holds {per_row.tolist()} of them")
+        n_slots = int(per_row.sum()) // p
+        if n_slots != n_img:
+            raise ValueError(f"{n_img} images but {n_slots} <image> placeholders (of {p} <image> ids each)")
+        if n_img == 0:
+            return x
+        tokens = self.image_tokens(images).to(x.dtype)  # (N, P, D), row-major order = order of appearance
+        return x.masked_scatter(mask[..., None], tokens)
+
+    def forward(self, input_ids: Tensor, images: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        logits, hidden = self.llm(inputs_embeds=self.embed(input_ids, images), return_hidden=True)
+        return logits, hidden
+
+    @torch.no_grad()
+    def init_soft_prompts(self, image_prompt_ids: list[int], text_prompt_ids: list[int]) -> None:
+        k = self.cfg.n_soft_tokens
+        for name, ids, prompt in (("image", image_prompt_ids, self.image_prompt), ("text", text_prompt_ids, self.text_prompt)):
+            if len(ids) != k:
+                raise ValueError(f"{name}_prompt_ids has {len(ids)} ids, expected n_soft_tokens={k}")
+            idx = torch.tensor(ids, dtype=torch.long, device=prompt.device)
+            prompt.copy_(self.llm.embed_tokens.weight[idx])
+
+    @torch.no_grad()
+    def generate(self, input_ids: Tensor, images: Tensor | None = None, max_new_tokens: int = 32, temperature: float = 0.0,
+                 eos_id: int | None = None) -> Tensor:
+        return self.llm.generate(inputs_embeds=self.embed(input_ids, images), max_new_tokens=max_new_tokens,
+                                 temperature=temperature, eos_id=eos_id)
+
+    def summary_embedding(self, hidden: Tensor, pos: Tensor) -> Tensor:
+        """VladVA: the final hidden state at `pos` (the last soft-prompt token), L2-normalised. (B,T,D) -> (B,D)."""
+        return F.normalize(hidden[torch.arange(hidden.shape[0], device=hidden.device), pos].float(), dim=-1)
+
+    def prefix_embeddings(self, hidden: Tensor, seg_batch: Tensor, seg_start: Tensor, seg_end: Tensor,
+                          seg_is_image: Tensor, prefix_seg: Tensor) -> Tensor:
+        """Sugar: for each prefix, the vector of its last segment (mean over an image's tokens, the last token of a
+        text segment; causal attention makes it a summary of the whole prefix), through the retrieval projector,
+        L2-normalised. hidden (B, T, D) -> (P, proj_dim)."""
+        B, T, D = hidden.shape
+        b, s, e, img = seg_batch[prefix_seg], seg_start[prefix_seg], seg_end[prefix_seg], seg_is_image[prefix_seg].bool()
+        if bool(((e <= s) | (s < 0) | (e > T)).any()):
+            raise ValueError(f"segments must satisfy 0 <= start < end <= T={T}")
+        t = torch.arange(T, device=hidden.device)
+        in_seg = (t >= s[:, None]) & (t < e[:, None])  # (P, T)
+        last = t == (e - 1)[:, None]  # (P, T)
+        w = torch.where(img[:, None], in_seg.float() / (e - s)[:, None].float(), last.float())  # (P, T)
+        w_full = hidden.new_zeros(len(prefix_seg), B, T)
+        w_full[torch.arange(len(prefix_seg), device=hidden.device), b] = w.to(hidden.dtype)
+        vec = w_full.view(-1, B * T) @ hidden.reshape(B * T, D)  # (P, D) segment vectors
+        return F.normalize(self.projector(vec).float(), dim=-1)
+
+
+def fill_runs(x: Tensor, mask: Tensor, prompt: Tensor, name: str) -> Tensor:
+    """Positions in `mask` (B, T) get prompt rows 0..K-1, each run of K in row-major order."""
+    k = prompt.shape[0]
+    per_row = mask.sum(1)
+    if bool((per_row % k).any()):
+        raise ValueError(f"{name} ids must come in runs of n_soft_tokens={k}; rows hold {per_row.tolist()}")
+    n = int(per_row.sum()) // k
+    if n == 0:
+        return x
+    return x.masked_scatter(mask[..., None], prompt.to(x.dtype).repeat(n, 1))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LoRA (Hu et al., arXiv 2106.09685)
+
+
+class LoRALinear(nn.Linear):
+    """y = W x + b + (alpha / r) B A x. Shares the wrapped layer's weight and bias, so names (`q_proj.weight`) and
+    memory stay those of the base model; A is Kaiming-uniform, B zero, so the output is unchanged at init."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float) -> None:
+        if r < 1:
+            raise ValueError(f"LoRA rank r must be >= 1, got {r}")
+        super().__init__(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
+        self.weight = base.weight
+        self.bias = base.bias
+        self.r, self.scale, self.merged = r, alpha / r, False
+        w = base.weight
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=w.device, dtype=w.dtype))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=w.device, dtype=w.dtype))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear's own init, and litgpt's
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        if self.merged:
+            return y
+        return y + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold (alpha / r) B A into W once; later calls are no-ops."""
+        if not self.merged:
+            self.weight.add_((self.lora_B.float() @ self.lora_A.float() * self.scale).to(self.weight.dtype))
+            self.merged = True
+
+    def to_linear(self) -> nn.Linear:
+        self.merge()
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        lin.weight, lin.bias = self.weight, self.bias
+        return lin
+
+
+def apply_lora(model: nn.Module, patterns: list[str], r: int, alpha: float) -> list[str]:
+    """Wrap every nn.Linear whose module name matches one of the regexes (re.search) in a LoRALinear. Returns the
+    wrapped names; raises if nothing matches (a typo would otherwise silently train nothing)."""
+    names = [n for n, m in model.named_modules()
+             if type(m) is nn.Linear and any(re.search(p, n) for p in patterns)]
+    if not names:
+        raise ValueError(f"LoRA patterns {patterns} match no nn.Linear module")
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        owner = model.get_submodule(parent)
+        setattr(owner, child, LoRALinear(getattr(owner, child), r, alpha))
+    return names
+
+
+def merge_lora(model: nn.Module) -> None:
+    """Fold every LoRALinear into its weight and put a plain nn.Linear back (Hugging Face names again)."""
+    names = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        owner = model.get_submodule(parent)
+        setattr(owner, child, getattr(owner, child).to_linear())
+
+
+def set_trainable(model: nn.Module, patterns: list[str]) -> list[str]:
+    """Freeze everything except LoRA A/B and parameters whose name matches a regex (re.search). Returns the names of
+    the trainable parameters; raises for a pattern that matches no parameter."""
+    names = [n for n, _ in model.named_parameters()]
+    for p in patterns:
+        if not any(re.search(p, n) for n in names):
+            raise ValueError(f"set_trainable pattern {p!r} matches no parameter")
+    trainable = []
+    for n, param in model.named_parameters():
+        param.requires_grad_(n.endswith(("lora_A", "lora_B")) or any(re.search(p, n) for p in patterns))
+        if param.requires_grad:
+            trainable.append(n)
+    return trainable
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading Hugging Face checkpoints
+
+LLM_TYPES = ("llama", "qwen2")
+VISION_TYPES = {"clip": "clip", "clip_vision_model": "clip", "siglip": "siglip", "siglip_vision_model": "siglip"}
+# our name -> Hugging Face name; "{}" is the layer index (gpt-fast style)
+LLM_NAME_MAP = {
+    "embed_tokens.weight": "model.embed_tokens.weight",
+    "layers.{}.self_attn.q_proj.weight": "model.layers.{}.self_attn.q_proj.weight",
+    "layers.{}.self_attn.k_proj.weight": "model.layers.{}.self_attn.k_proj.weight",
+    "layers.{}.self_attn.v_proj.weight": "model.layers.{}.self_attn.v_proj.weight",
+    "layers.{}.self_attn.q_proj.bias": "model.layers.{}.self_attn.q_proj.bias",
+    "layers.{}.self_attn.k_proj.bias": "model.layers.{}.self_attn.k_proj.bias",
+    "layers.{}.self_attn.v_proj.bias": "model.layers.{}.self_attn.v_proj.bias",
+    "layers.{}.self_attn.o_proj.weight": "model.layers.{}.self_attn.o_proj.weight",
+    "layers.{}.mlp.gate_proj.weight": "model.layers.{}.mlp.gate_proj.weight",
+    "layers.{}.mlp.up_proj.weight": "model.layers.{}.mlp.up_proj.weight",
+    "layers.{}.mlp.down_proj.weight": "model.layers.{}.mlp.down_proj.weight",
+    "layers.{}.input_layernorm.weight": "model.layers.{}.input_layernorm.weight",
+    "layers.{}.post_attention_layernorm.weight": "model.layers.{}.post_attention_layernorm.weight",
+    "norm.weight": "model.norm.weight",
+    "lm_head.weight": "lm_head.weight",
+}
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"missing file {path}")
+    with open(path) as f:
+        return json.load(f)
+
+
+def need(cfg: dict[str, Any], key: str, where: Path) -> Any:
+    if key not in cfg:
+        raise ValueError(f"{where}: field {key!r} is missing")
+    return cfg[key]
+
+
+def read_safetensors(path: Path) -> dict[str, Tensor]:
+    """`model.safetensors`, or the shards listed by `model.safetensors.index.json`."""
+    single, index = path / "model.safetensors", path / "model.safetensors.index.json"
+    if single.is_file():
+        return load_file(single)
+    if not index.is_file():
+        raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json exists")
+    weight_map: dict[str, str] = need(read_json(index), "weight_map", index)
+    tensors: dict[str, Tensor] = {}
+    for shard in sorted(set(weight_map.values())):
+        if not (path / shard).is_file():
+            raise FileNotFoundError(f"missing shard {path / shard} (listed in {index})")
+        tensors.update(load_file(path / shard))
+    absent = sorted(set(weight_map) - set(tensors))
+    if absent:
+        raise ValueError(f"{index} lists {absent[0]!r} but no shard holds it")
+    return tensors
+
+
+def hf_name(ours: str) -> str:
+    generic = re.sub(r"\.\d+\.", ".{}.", ours, count=1)
+    if generic not in LLM_NAME_MAP:
+        raise ValueError(f"no Hugging Face name for parameter {ours!r}")
+    layer = re.search(r"\.(\d+)\.", ours)
+    return LLM_NAME_MAP[generic].format(layer.group(1)) if layer else LLM_NAME_MAP[generic]
+
+
+def rope_theta_of(cfg: dict[str, Any], where: Path) -> float:
+    """`rope_theta` at the top level (transformers < 5) or inside `rope_parameters` (transformers 5); only
+    unscaled ("default") RoPE is implemented."""
+    params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type != "default":
+        raise ValueError(f"{where}: rope_type {rope_type!r} is not supported (only 'default')")
+    if "rope_theta" in cfg:
+        return float(cfg["rope_theta"])
+    if "rope_theta" in params:
+        return float(params["rope_theta"])
+    raise ValueError(f"{where}: no rope_theta at the top level or in rope_parameters")
+
+
+def llm_config_from_hf(cfg: dict[str, Any], where: Path) -> LLMConfig:
+    model_type = need(cfg, "model_type", where)
+    if model_type not in LLM_TYPES:
+        raise ValueError(f"{where}: model_type {model_type!r} is not supported (supported: {', '.join(LLM_TYPES)})")
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{where}: hidden_act {cfg['hidden_act']!r} is not supported (only 'silu')")
+    if cfg.get("mlp_bias", False):
+        raise ValueError(f"{where}: mlp_bias=true is not supported")
+    if model_type == "llama" and cfg.get("attention_bias", False):
+        raise ValueError(f"{where}: Llama attention_bias=true (an o_proj bias) is not supported")
+    if cfg.get("use_sliding_window", False):
+        raise ValueError(f"{where}: use_sliding_window=true is not supported")
+    heads = need(cfg, "num_attention_heads", where)
+    return LLMConfig(
+        vocab_size=need(cfg, "vocab_size", where),
+        hidden_size=need(cfg, "hidden_size", where),
+        intermediate_size=need(cfg, "intermediate_size", where),
+        num_layers=need(cfg, "num_hidden_layers", where),
+        num_heads=heads,
+        num_kv_heads=cfg.get("num_key_value_heads") or heads,  # absent means multi-head attention (HF)
+        head_dim=cfg.get("head_dim"),
+        rope_theta=rope_theta_of(cfg, where),
+        rms_norm_eps=need(cfg, "rms_norm_eps", where),
+        max_seq_len=need(cfg, "max_position_embeddings", where),
+        attention_bias=model_type == "qwen2",  # Qwen2 always has q/k/v biases
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),  # HF's default for Llama and Qwen2
+    )
+
+
+def check_and_load(model: nn.Module, tensors: dict[str, Tensor], where: Path, dtype: torch.dtype) -> None:
+    """`tensors` is keyed by our names; every key present, none extra, every shape equal, then strict=True."""
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    if missing:
+        raise ValueError(f"{where}: checkpoint is missing tensor {missing[0]!r} ({len(missing)} missing in all)")
+    if extra:
+        raise ValueError(f"{where}: checkpoint has unexpected tensor {extra[0]!r} ({len(extra)} extra in all)")
+    for k, shape in expected.items():
+        if tensors[k].shape != shape:
+            raise ValueError(f"{where}: tensor {k!r} has shape {tuple(tensors[k].shape)}, expected {tuple(shape)}")
+    model.load_state_dict({k: v.to(dtype) for k, v in tensors.items()}, strict=True, assign=True)
+
+
+def load_llm(path: str | Path, dtype: torch.dtype = torch.float32) -> LLM:
+    """A Llama / Qwen2 / SmolLM Hugging Face directory -> LLM (with `.cfg`)."""
+    path = Path(path)
+    cfg = llm_config_from_hf(read_json(path / "config.json"), path / "config.json")
+    hf = read_safetensors(path)
+    with torch.device("meta"):
+        model = LLM(cfg)
+    ours: dict[str, Tensor] = {}
+    for name in model.state_dict():
+        key = hf_name(name)
+        if key not in hf:
+            raise ValueError(f"{path}: checkpoint is missing tensor {key!r}")
+        ours[name] = hf.pop(key)
+    if cfg.tie_embeddings and "lm_head.weight" in hf and torch.equal(hf["lm_head.weight"], ours["embed_tokens.weight"]):
+        hf.pop("lm_head.weight")  # some tied checkpoints store the shared matrix twice
+    if hf:
+        raise ValueError(f"{path}: checkpoint has unexpected tensor {sorted(hf)[0]!r} ({len(hf)} extra in all)")
+    check_and_load(model, ours, path, dtype)
+    return model.eval()
+
+
+def vision_config_from_hf(cfg: dict[str, Any], where: Path) -> VisionConfig:
+    model_type = need(cfg, "model_type", where)
+    if model_type not in VISION_TYPES:
+        raise ValueError(f"{where}: model_type {model_type!r} is not supported (supported: {', '.join(VISION_TYPES)})")
+    vcfg = cfg["vision_config"] if "vision_config" in cfg else cfg
+    family = VISION_TYPES[model_type]
+    acts = {"quick_gelu": "quick_gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
+    act = vcfg.get("hidden_act", "quick_gelu" if family == "clip" else "gelu_pytorch_tanh")
+    if act not in acts:
+        raise ValueError(f"{where}: vision hidden_act {act!r} is not supported (supported: {', '.join(acts)})")
+    clip = family == "clip"
+    return VisionConfig(
+        image_size=need(vcfg, "image_size", where),
+        patch_size=need(vcfg, "patch_size", where),
+        num_channels=vcfg.get("num_channels", 3),
+        hidden_size=need(vcfg, "hidden_size", where),
+        num_layers=need(vcfg, "num_hidden_layers", where),
+        num_heads=need(vcfg, "num_attention_heads", where),
+        intermediate_size=need(vcfg, "intermediate_size", where),
+        layer_norm_eps=vcfg.get("layer_norm_eps", 1e-5 if clip else 1e-6),
+        use_cls=clip, pre_layernorm=clip, post_layernorm=True, act=acts[act], patch_bias=not clip,
+    )
+
+
+def load_vision(path: str | Path, dtype: torch.dtype = torch.float32) -> VisionEncoder:
+    """A CLIP / SigLIP Hugging Face directory (vision tower alone, or a full CLIPModel / SiglipModel whose text
+    tower and projections are ignored) -> VisionEncoder (with `.cfg`). SigLIP's pooling head (`head.*`) is
+    dropped: the MLLM only reads hidden states."""
+    path = Path(path)
+    cfg = vision_config_from_hf(read_json(path / "config.json"), path / "config.json")
+    hf = read_safetensors(path)
+    if any(k.startswith("vision_model.") for k in hf):
+        hf = {k.removeprefix("vision_model."): v for k, v in hf.items() if k.startswith("vision_model.")}
+    hf = {k: v for k, v in hf.items() if not k.startswith("head.")}
+    with torch.device("meta"):
+        model = VisionEncoder(cfg)
+    check_and_load(model, hf, path, dtype)
+    return model.eval()
