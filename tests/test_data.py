@@ -1,0 +1,548 @@
+"""Tests for data.py: the built-in world, tokenizer, collate / collate_pairs, readers and the validator.
+
+Every caption, answer and negative is checked by an INDEPENDENT checker written here: a regex grammar of the
+world's sentences evaluated against the ground-truth objects (shape, colour, size, grid row/col) — it never calls
+data.py's caption/negative code. Readers round-trip fixtures this file writes in each format.
+
+Run: .venv/bin/python -m pytest tests/test_data.py -x -q
+"""
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from PIL import Image
+
+import data
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = settings(max_examples=12, deadline=None)
+
+# ---- the independent checker ------------------------------------------------------------------------------------
+C = "red|green|blue|yellow|purple|cyan"
+S = "square|circle|triangle|cross"
+NP_RE = rf"a (?:(small|large) )?({C}) ({S})"
+REL_RE = "to the left of|to the right of|above|below"
+PHRASE_RE = re.compile(rf"^{NP_RE}(?: ({REL_RE}) {NP_RE})?((?: and {NP_RE})*)$")
+REL = {"to the left of": "left", "to the right of": "right", "above": "above", "below": "below"}
+POS = {"top left": (0, 0), "top": (0, 1), "top right": (0, 2), "left": (1, 0), "center": (1, 1), "right": (1, 2),
+       "bottom left": (2, 0), "bottom": (2, 1), "bottom right": (2, 2)}
+NUM = ["zero", "one", "two", "three", "four"]
+
+
+def holds(a, rel, b) -> bool:
+    return {"left": a.col < b.col, "right": a.col > b.col, "above": a.row < b.row, "below": a.row > b.row}[rel]
+
+
+def matches(o, np_) -> bool:
+    size, colour, shape = np_
+    return o.colour == colour and o.shape == shape and (size is None or o.size == size)
+
+
+def parse(text: str):
+    m = PHRASE_RE.match(text)
+    assert m, f"unparseable caption {text!r}"
+    g = m.groups()
+    first = (g[0], g[1], g[2])
+    rel = REL[g[3]] if g[3] else None
+    second = (g[4], g[5], g[6]) if g[3] else None
+    extra = tuple(re.findall(NP_RE, g[7] or ""))
+    extra = tuple((z or None, c, s) for z, c, s in extra)
+    return first, rel, second, extra
+
+
+def true_of(text: str, objs) -> bool:
+    first, rel, second, extra = parse(text)
+    ok = any(matches(a, first) and (rel is None or any(b is not a and matches(b, second) and holds(a, rel, b)
+                                                          for b in objs)) for a in objs)
+    return ok and all(any(matches(o, e) for o in objs) for e in extra)
+
+
+def check_long(text: str, objs) -> None:
+    sents = [s.strip() for s in text.split(".") if s.strip()]
+    n = len(objs)
+    assert sents[0] == (f"there is one shape" if n == 1 else f"there are {NUM[n]} shapes")
+    obj_sents = [s for s in sents[1:] if s.startswith("a ")]
+    rel_sents = [s for s in sents[1:] if s.startswith("the ")]
+    assert len(obj_sents) + len(rel_sents) == len(sents) - 1
+    seen = set()
+    for s in obj_sents:
+        m = re.fullmatch(rf"a (small|large) ({C}) ({S}) at the (.+)", s)
+        hit = [o for o in objs if (o.size, o.colour, o.shape, (o.row, o.col)) == (m[1], m[2], m[3], POS[m[4]])]
+        assert len(hit) == 1, s
+        seen.add(id(hit[0]))
+    assert len(seen) == n  # every object described
+    n_rel = 0
+    for s in rel_sents:
+        m = re.fullmatch(rf"the ({C}) ({S}) is ({REL_RE}) the ({C}) ({S})", s)
+        a = [o for o in objs if (o.colour, o.shape) == (m[1], m[2])][0]
+        b = [o for o in objs if (o.colour, o.shape) == (m[4], m[5])][0]
+        assert holds(a, REL[m[3]], b), s
+        n_rel += 1
+    expect = sum((a.col != b.col) + (a.row != b.row) for i, a in enumerate(objs) for b in objs[i + 1:])
+    assert n_rel == expect  # every relation stated
+
+
+def answer_of(q: str, objs) -> str:
+    if q == "how many shapes are there?":
+        return NUM[len(objs)]
+    if m := re.fullmatch(rf"what colour is the ({S})\?", q):
+        return [o.colour for o in objs if o.shape == m[1]][0]
+    if m := re.fullmatch(rf"what shape is the ({C}) object\?", q):
+        return [o.shape for o in objs if o.colour == m[1]][0]
+    if m := re.fullmatch(rf"what size is the ({C}) ({S})\?", q):
+        return [o.size for o in objs if (o.colour, o.shape) == (m[1], m[2])][0]
+    if m := re.fullmatch(rf"is the ({C}) ({S}) (left or right of|above or below) the ({C}) ({S})\?", q):
+        a = [o for o in objs if (o.colour, o.shape) == (m[1], m[2])][0]
+        b = [o for o in objs if (o.colour, o.shape) == (m[4], m[5])][0]
+        opts = ("left", "right") if m[3].startswith("left") else ("above", "below")
+        hits = [r for r in opts if holds(a, r, b)]
+        assert len(hits) == 1, q
+        return hits[0]
+    if m := re.fullmatch(rf"is there a ({C}) ({S}) in the image\?", q):
+        return "yes" if any((o.colour, o.shape) == (m[1], m[2]) for o in objs) else "no"
+    raise AssertionError(f"unknown question {q!r}")
+
+
+def differs_as(cat: str, pos: str, neg: str) -> bool:
+    (p1, pr, p2, pe), (n1, nr, n2, ne) = parse(pos), parse(neg)
+    nps_p, nps_n = [p1, p2], [n1, n2]
+    changed = [k for k in range(2) if nps_p[k] != nps_n[k]]
+    same_frame = pr == nr and pe == ne
+    if cat in ("replace_att", "replace_obj", "add_att"):
+        if not (same_frame and len(changed) == 1):
+            return False
+        (pz, pc, ps), (nz, nc, ns) = nps_p[changed[0]], nps_n[changed[0]]
+        return {"replace_att": pz == nz and ps == ns and pc != nc,
+                "replace_obj": pz == nz and pc == nc and ps != ns,
+                "add_att": pz is None and nz is not None and (pc, ps) == (nc, ns)}[cat]
+    if cat == "replace_rel":
+        return nps_p == nps_n and pe == ne and pr != nr and nr is not None
+    if cat in ("swap_att", "swap_obj"):
+        if not (same_frame and p2 is not None and len(changed) == 2):
+            return False
+        k = 1 if cat == "swap_att" else 2  # index of the swapped word in (size, colour, shape)
+        keep = 2 if cat == "swap_att" else 1
+        return (n1[k], n2[k]) == (p2[k], p1[k]) and (n1[keep], n2[keep]) == (p1[keep], p2[keep]) \
+            and n1[0] == p1[0] and n2[0] == p2[0]
+    if cat == "add_obj":
+        return (n1, nr, n2) == (p1, pr, p2) and ne[:len(pe)] == pe and len(ne) == len(pe) + 1
+    raise AssertionError(cat)
+
+
+# ---- fixtures -----------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def train_world():
+    return data.make_world("train", 120, 0)
+
+
+@pytest.fixture(scope="module")
+def tok(train_world):
+    return data.train_tokenizer(data.world_texts(train_world))
+
+
+# ---- the world ----------------------------------------------------------------------------------------------------
+@FAST
+@given(seed=st.integers(0, 10**6), split=st.sampled_from(["train", "test"]))
+def test_deterministic_per_seed(seed, split):
+    a, b = data.make_world(split, 4, seed), data.make_world(split, 4, seed)
+    for x, y in zip(a.scenes, b.scenes):
+        assert torch.equal(x.image, y.image) and torch.equal(x.cross_image, y.cross_image)
+        assert (x.short_caption, x.long_caption, x.vqa, x.pope, x.negatives) == \
+               (y.short_caption, y.long_caption, y.vqa, y.pope, y.negatives)
+    assert [f.sentence for s in a.stories for f in s] == [f.sentence for s in b.stories for f in s]
+    assert [e.name for e in a.kb.entries] == [e.name for e in b.kb.entries]
+    assert [w.caption_b for w in a.winoground] == [w.caption_b for w in b.winoground]
+
+
+@FAST
+@given(seed=st.integers(0, 10**6), split=st.sampled_from(["train", "test"]))
+def test_captions_answers_negatives_true_false(seed, split):
+    w = data.make_world(split, 6, seed)
+    for s in w.scenes:
+        objs = s.graph.objects
+        assert 1 <= len(objs) <= 4
+        assert true_of(s.short_caption, objs)
+        check_long(s.long_caption, objs)
+        for q, a in s.vqa + s.pope:
+            assert answer_of(q, objs) == a and len(a.split()) == 1
+        answers = [a for _, a in s.pope]
+        assert answers.count("yes") == answers.count("no") == len(objs)
+        expected_cats = set(data.CATEGORIES) if len(objs) >= 2 else \
+            {"replace_att", "replace_obj", "add_obj", "add_att"}
+        assert set(s.negatives) == expected_cats
+        for cat, neg in s.negatives.items():
+            assert not true_of(neg, objs), (cat, neg)
+            assert differs_as(cat, s.short_caption, neg), (cat, s.short_caption, neg)
+
+
+@FAST
+@given(seed=st.integers(0, 10**6))
+def test_winoground_and_stories(seed):
+    w = data.make_world("test", 8, seed)
+    for p in w.winoground:
+        a, b = p.graph_a.objects, p.graph_b.objects
+        assert true_of(p.caption_a, a) and true_of(p.caption_b, b)
+        assert not true_of(p.caption_a, b) and not true_of(p.caption_b, a)
+        assert sorted(p.caption_a.split()) == sorted(p.caption_b.split()) and p.caption_a != p.caption_b
+        assert not torch.equal(p.image_a, p.image_b)
+    for story in w.stories:
+        assert len(story) == 4
+        for prev, cur in zip(story.frames, story.frames[1:]):
+            objs = cur.graph.objects
+            s = cur.sentence
+            if m := re.fullmatch(rf"a (small|large) ({C}) ({S}) appears at the (.+)\.", s):
+                assert len(objs) == len(prev.graph.objects) + 1
+                assert any((o.size, o.colour, o.shape, (o.row, o.col)) == (m[1], m[2], m[3], POS[m[4]]) for o in objs)
+            elif m := re.fullmatch(rf"the ({C}) ({S}) moves to the (.+)\.", s):
+                assert any((o.colour, o.shape, (o.row, o.col)) == (m[1], m[2], POS[m[3]]) for o in objs)
+            else:
+                m = re.fullmatch(rf"the ({C}) ({S}) turns ({C})\.", s)
+                assert m and any((o.colour, o.shape) == (m[3], m[2]) for o in objs)
+                assert not any((o.colour, o.shape) == (m[1], m[2]) for o in objs)
+            image, sentence = cur
+            assert image.shape == (3, 32, 32) and sentence == s
+
+
+def test_train_test_disjoint_and_rag_names(train_world):
+    test = data.make_world("test", 120, 0)
+    key = lambda g: tuple(sorted((o.shape, o.colour, o.size, o.row, o.col) for o in g.objects))  # noqa: E731
+    assert not {key(s.graph) for s in train_world.scenes} & {key(s.graph) for s in test.scenes}
+    words = set(" ".join(data.world_texts(train_world)).replace(".", " ").replace("?", " ").split())
+    test_names = {e.name for e in test.kb.entries}
+    assert test_names and not test_names & words
+    assert not any(n in t for n in test_names for t in data.world_texts(train_world))
+    for (q, name), e in zip(test.kb.questions, test.kb.entries):
+        assert name == e.name and e.description.startswith(name)
+        assert q == f"what is the name of the {e.obj.size} {e.obj.colour} {e.obj.shape}?"
+
+
+def test_images_render_the_graph():
+    w = data.make_world("train", 20, 3)
+    for s in w.scenes:
+        img = s.image
+        assert img.shape == (3, 32, 32) and 0 <= img.min() and img.max() <= 1
+        for o in s.graph.objects:  # the cell centre has the object's colour (all our shapes cover their centre)
+            y, x = int((o.row + 0.5) * 32 / 3), int((o.col + 0.5) * 32 / 3)
+            want = torch.tensor(data.COLOURS[o.colour], dtype=torch.float32) / 255
+            assert (img[:, y, x] - want).abs().max() < 0.15
+
+
+def test_teacher_features(train_world):
+    sc = train_world.scenes
+    for s in sc:
+        for v in (s.uni_image, s.cross_image, s.uni_short, s.cross_short):
+            assert v.shape[-1] in (train_world.uni_dim, train_world.cross_dim)
+            assert abs(float(v.norm()) - 1) < 1e-5
+        assert torch.equal(s.cross_long, s.cross_image)
+    img = torch.stack([s.cross_image for s in sc])
+    txt = torch.stack([s.cross_short for s in sc])
+    sim = img @ txt.T  # (N, N)
+    # the matching caption is the best of all captions for most images (retrieval R@1 of the teacher)
+    assert (sim.argmax(1) == torch.arange(len(sc))).float().mean() > 0.6
+    assert sim.diag().mean() > sim.mean() + 0.3
+    # similar scenes: the same graph gives the same uni feature; one changed object keeps it close
+    g = sc[0].graph
+    moved = data.SceneGraph([data.Obj(g.objects[0].shape, g.objects[0].colour, g.objects[0].size,
+                                      (g.objects[0].row + 1) % 3, g.objects[0].col)] + g.objects[1:])
+    unrelated = torch.stack([s.uni_image for s in sc[1:]])
+    near = float(data.uni_image_features(moved) @ sc[0].uni_image)
+    assert near > float((unrelated @ sc[0].uni_image).mean()) + 0.2
+
+
+# ---- tokenizer ----------------------------------------------------------------------------------------------------
+def test_tokenizer_words_single_tokens_and_roundtrip(tok, train_world, tmp_path):
+    names = {e.name for e in train_world.kb.entries}
+    for t in data.world_texts(train_world):
+        if not any(n in t for n in names) and "Summarize" not in t:  # every word and punctuation mark: one token
+            assert len(tok.encode(t)) == len(re.findall(r"\w+|[^\w\s]", t)), t
+    for a in {a for s in train_world.scenes for _, a in s.vqa + s.pope}:  # answers as collate encodes them
+        assert len(tok.encode(data.segment_text(a, after_text=True))) == 1, a
+    for t in data.world_texts(train_world)[:200]:
+        assert tok.decode(tok.encode(t)) == t
+    assert len({tok.pad_id, tok.bos_id, tok.eos_id, tok.image_id, tok.soft_image_id, tok.soft_text_id}) == 6
+    tok2 = data.Tokenizer.from_str(tok.to_str())
+    assert tok2.encode("a red square") == tok.encode("a red square") and tok2.vocab_size == tok.vocab_size
+    with pytest.raises(ValueError, match="special token"):
+        tok.encode("look <image> here")
+
+
+def test_load_tokenizer_adds_specials(tmp_path):
+    from tokenizers import Tokenizer as HF, models, pre_tokenizers, trainers
+    hf = HF(models.BPE(unk_token="<unk>"))
+    hf.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf.train_from_iterator(["a red square", "a blue circle"] * 5, trainers.BpeTrainer(special_tokens=["<unk>", "<s>"]))
+    p = tmp_path / "tokenizer.json"
+    hf.save(str(p))
+    t = data.load_tokenizer(p)
+    assert t.bos_id == hf.token_to_id("<s>")  # an existing special keeps its id
+    assert t.vocab_size == hf.get_vocab_size() + 5
+    assert t.encode("a red square") == hf.encode("a red square").ids
+    with pytest.raises(ValueError, match="does not exist"):
+        data.load_tokenizer(tmp_path / "nope.json")
+
+
+# ---- collate ------------------------------------------------------------------------------------------------------
+seg_strategy = st.one_of(
+    st.tuples(st.just("image"), st.booleans()),
+    st.tuples(st.sampled_from(["a red square", "what colour is the circle?", "blue", "the cross moves."]),
+              st.booleans()))
+
+
+@settings(max_examples=25, deadline=None)
+@given(specs=st.lists(st.lists(seg_strategy, min_size=1, max_size=6), min_size=1, max_size=4), data_=st.data())
+def test_collate_invariants(tok, specs, data_):
+    n_img = 4
+    samples, expected = [], []
+    for spec in specs:
+        segs, ids, labs = [], [tok.bos_id], [-100]
+        loss_idx = [k for k, (w, f) in enumerate(spec) if w != "image" and f]
+        for k, (what, flag) in enumerate(spec):
+            if what == "image":
+                segs.append(data.image_seg(torch.rand(3, 8, 8), torch.ones(5) / 5 ** .5, None))
+                ids += [tok.image_id] * n_img
+                labs += [-100] * n_img
+            else:
+                segs.append(data.text_seg(what, flag))
+                t = tok.encode((" " if k and spec[k - 1][0] != "image" else "") + what)
+                ids += t
+                labs += t if flag else [-100] * len(t)
+            if loss_idx and k == loss_idx[-1]:  # eos right after the last loss text segment
+                ids.append(tok.eos_id)
+                labs.append(tok.eos_id)
+        prefixes = sorted(data_.draw(st.sets(st.integers(0, len(spec) - 1))))
+        samples.append(data.Sample(segs, prefixes))
+        expected.append((ids, labs))
+    b = data.collate(samples, tok, n_img, 512)
+    B, T = b["input_ids"].shape
+    assert T == max(len(i) for i, _ in expected)
+    for r, (ids, labs) in enumerate(expected):
+        assert b["input_ids"][r, :len(ids)].tolist() == ids and b["labels"][r, :len(labs)].tolist() == labs
+        assert (b["input_ids"][r, len(ids):] == tok.pad_id).all() and (b["labels"][r, len(ids):] == -100).all()
+        assert b["attention_mask"][r].sum() == len(ids)
+    assert (b["labels"][b["input_ids"] == tok.image_id] == -100).all()
+    n_images = sum(w == "image" for spec in specs for w, _ in spec)
+    assert (b["images"] is None) == (n_images == 0)
+    if n_images:
+        assert b["images"].shape[0] == n_images == int((b["input_ids"] == tok.image_id).sum()) // n_img
+    # segment boundaries: each segment's tokens are exactly its content
+    g = 0
+    for r, (smp, spec) in enumerate(zip(samples, specs)):
+        for k, (what, _) in enumerate(spec):
+            assert b["seg_batch"][g] == r and b["seg_is_image"][g] == (what == "image")
+            toks = b["input_ids"][r, b["seg_start"][g]:b["seg_end"][g]].tolist()
+            if what == "image":
+                assert toks == [tok.image_id] * n_img and b["has_teacher"][g] == False  # noqa: E712 (no cross)
+                assert b["slice_uni"][g].sum() > 0
+            else:
+                assert tok.decode(toks).strip() == what and not b["slice_uni"][g].any()
+            g += 1
+        # prefixes: global last segment and the slices it covers
+    assert g == len(b["seg_batch"])
+    first = {r: int((b["seg_batch"] == r).nonzero()[0]) for r in range(B)}
+    rows = [(r, p) for r, smp in enumerate(samples) for p in smp.prefixes]
+    assert b["prefix_seg"].tolist() == [first[r] + p for r, p in rows]
+    assert b["prefix_batch"].tolist() == [r for r, _ in rows]
+    for k, (r, p) in enumerate(rows):
+        assert b["prefix_len"][k] == p + 1
+        assert b["prefix_slices"][k, :p + 1].tolist() == list(range(first[r], first[r] + p + 1))
+        assert not b["prefix_slices"][k, p + 1:].any()
+
+
+def test_collate_errors(tok):
+    img = torch.rand(3, 8, 8)
+    with pytest.raises(ValueError, match="max_len"):
+        data.collate([data.Sample([data.image_seg(img), data.text_seg("a red square", True)])], tok, 16, 10)
+    with pytest.raises(ValueError, match="empty"):
+        data.collate([data.Sample([data.text_seg("  ", True)])], tok, 4, 64)
+    with pytest.raises(ValueError, match="share a size"):
+        data.collate([data.Sample([data.image_seg(img), data.image_seg(torch.rand(3, 4, 4))])], tok, 4, 64)
+    with pytest.raises(ValueError, match="prefix"):
+        data.collate([data.Sample([data.text_seg("a", True)], [3])], tok, 4, 64)
+
+
+def test_world_builders_collate(tok, train_world):
+    n_img = 16
+    pre = data.pretrain_samples(train_world)
+    b = data.collate(pre[:32], tok, n_img, 512)
+    assert b["slice_uni"].shape[1] == train_world.uni_dim and b["slice_cross"].shape[1] == train_world.cross_dim
+    st_ = data.story_samples(train_world)
+    b = data.collate(st_[:4], tok, n_img, 512)
+    assert b["has_teacher"].all() and len(b["prefix_seg"]) == 4 * 8
+    assert data.collate(data.rag_samples(train_world), tok, n_img, 512)["images"] is None
+    # short captions stay under 30 tokens (VladVA's contrastive captions)
+    assert max(len(tok.encode(s.short_caption)) for s in train_world.scenes) < 30
+
+
+def test_collate_pairs(tok, train_world):
+    K = data.n_soft_tokens(tok)
+    ia, ta = data.soft_prompt_ids(tok)
+    assert len(ia) == len(ta) == K and ia[:len(tok.encode(data.IMAGE_PROMPT))] == tok.encode(data.IMAGE_PROMPT)
+    sc = train_world.scenes[:5]
+    items = sc[:3] + [(s.image, s.short_caption, s.long_caption) for s in sc[3:]]
+    b = data.collate_pairs(items, tok, 16, K, 512)
+    for r, s in enumerate(sc):
+        ids, lab = b["img_ids"][r].tolist(), b["img_labels"][r].tolist()
+        cap = tok.encode(s.long_caption) + [tok.eos_id]
+        assert ids[:1 + 16 + K] == [tok.bos_id] + [tok.image_id] * 16 + [tok.soft_image_id] * K
+        assert ids[17 + K:17 + K + len(cap)] == cap and lab[17 + K:17 + K + len(cap)] == cap
+        assert all(x == -100 for x in lab[:17 + K] + lab[17 + K + len(cap):])
+        assert b["img_pos"][r] == 16 + K
+        txt = [tok.bos_id] + tok.encode(s.short_caption) + [tok.soft_text_id] * K
+        assert b["txt_ids"][r, :len(txt)].tolist() == txt and b["txt_pos"][r] == len(txt) - 1
+        assert torch.equal(b["images"][r], s.image)
+    with pytest.raises(ValueError, match="max_len"):
+        data.collate_pairs(sc[:1], tok, 16, K, 40)
+
+
+# ---- readers ------------------------------------------------------------------------------------------------------
+def write_png(path: Path, seed: int) -> torch.Tensor:
+    arr = np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    Image.fromarray(arr).save(path)
+    return torch.from_numpy(arr).permute(2, 0, 1).float() / 255
+
+
+@pytest.fixture()
+def imgs(tmp_path):
+    (tmp_path / "img").mkdir()
+    return {f"img/{k}.png": write_png(tmp_path / f"img/{k}.png", k) for k in range(3)}
+
+
+def test_llava_roundtrip(tmp_path, imgs):
+    recs = [{"id": "0", "image": "img/0.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat colour is it?"}, {"from": "gpt", "value": "red"},
+        {"from": "human", "value": "And the shape?"}, {"from": "gpt", "value": "a square"}]},
+        {"id": "1", "image": ["img/1.png", "img/2.png"], "conversations": [
+            {"from": "human", "value": "<image> then <image> compare"}, {"from": "gpt", "value": "same"}]},
+        {"id": "2", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}]
+    p = tmp_path / "llava.json"
+    p.write_text(json.dumps(recs))
+    d = data.load_dataset(p)
+    assert d.format == "llava" and len(d.samples) == 3
+    s0 = d.samples[0].segments
+    assert [(s.kind, s.text, s.loss) for s in s0] == [("image", None, False), ("text", "What colour is it?", False),
+                                                      ("text", "red", True), ("text", "And the shape?", False),
+                                                      ("text", "a square", True)]
+    assert torch.allclose(s0[0].image, imgs["img/0.png"], atol=1 / 255)
+    kinds = [(s.kind, s.text) for s in d.samples[1].segments]
+    assert kinds == [("image", None), ("text", "then"), ("image", None), ("text", "compare"), ("text", "same")]
+    assert torch.allclose(d.samples[1].segments[2].image, imgs["img/2.png"], atol=1 / 255)
+
+
+def test_karpathy_roundtrip(tmp_path, imgs):
+    root = {"dataset": "coco", "images": [
+        {"filepath": "img", "filename": "0.png", "split": "test", "sentences": [{"raw": "A dog."}, {"raw": "A pet"}]},
+        {"filename": "img/1.png", "split": "restval", "sentences": [{"raw": "A cat."}]}]}
+    p = tmp_path / "karpathy.json"
+    p.write_text(json.dumps(root))
+    d = data.load_dataset(p)
+    assert d.format == "karpathy" and len(d.pairs) == 2 and len(d.samples) == 3
+    assert d.pairs[0].captions == ["A dog.", "A pet"] and d.pairs[0].short_caption == "A dog."
+    assert d.pairs[0].long_caption == "A dog. A pet."
+    assert torch.allclose(d.pairs[1].image, imgs["img/1.png"], atol=1 / 255)
+    assert [p_.split for p_ in data.load_dataset(p, split="train").pairs] == ["restval"]
+
+
+def test_mmc4_and_features_roundtrip(tmp_path, imgs):
+    docs = [{"text_list": ["first sentence.", "second one."], "image_info": [
+        {"image_name": "img/0.png", "matched_text_index": 1}, {"image_name": "img/1.png", "matched_text_index": 0}]}]
+    p = tmp_path / "docs.jsonl"
+    p.write_text("\n".join(json.dumps(x) for x in docs) + "\n")
+    unit = lambda k, d: torch.nn.functional.normalize(torch.randn(d, generator=torch.Generator().manual_seed(k)), dim=0)  # noqa: E731
+    feats = {data.feature_key("image", "img/0.png"): (unit(0, 6), unit(1, 4)),
+             data.feature_key("text", "second one."): (unit(2, 6), unit(3, 4))}
+    fp = tmp_path / "feats.safetensors"
+    data.save_features(fp, feats)
+    d = data.load_dataset(p, features=fp)
+    segs = d.samples[0].segments
+    assert [(s.kind, s.text) for s in segs] == [("image", None), ("text", "first sentence."), ("image", None),
+                                                ("text", "second one.")]
+    assert d.samples[0].prefixes == [0, 1, 2, 3]
+    assert torch.allclose(segs[0].image, imgs["img/1.png"], atol=1 / 255)
+    assert segs[0].uni is None and torch.equal(segs[2].uni, unit(0, 6)) and torch.equal(segs[3].cross, unit(3, 4))
+    assert data.load_dataset(fp).format == "features" and data.check(fp) == []
+
+
+def test_sugarcrepe_roundtrip(tmp_path, imgs):
+    recs = {"0": {"filename": "img/0.png", "caption": "a dog on grass", "negative_caption": "a grass on dog"}}
+    p = tmp_path / "swap_obj.json"
+    p.write_text(json.dumps(recs))
+    d = data.load_dataset(p)
+    assert d.format == "sugarcrepe" and len(d.negatives) == 1
+    n = d.negatives[0]
+    assert (n.positive, n.negative, n.category) == ("a dog on grass", "a grass on dog", "swap_obj")
+    assert torch.allclose(n.image, imgs["img/0.png"], atol=1 / 255)
+
+
+def test_every_problem_reported_at_once(tmp_path, imgs, tok):
+    (tmp_path / "img/bad.png").write_bytes(b"not a png at all")
+    (tmp_path / "img/dir.png").mkdir()
+    recs = [
+        {"image": "img/missing.png", "conversations": [{"from": "human", "value": "<image> hi"},
+                                                       {"from": "gpt", "value": "x"}]},           # 0 missing
+        {"image": "img/bad.png", "conversations": [{"from": "human", "value": "<image> hi"},
+                                                   {"from": "gpt", "value": "x"}]},               # 1 corrupt
+        {"image": "img/0.png"},                                                                   # 2 no field
+        {"image": "img/0.png", "conversations": "hello"},                                         # 3 wrong type
+        {"image": "img/0.png", "conversations": [{"from": "human", "value": "no placeholder"},
+                                                 {"from": "gpt", "value": "x"}]},                 # 4 count
+        {"conversations": [{"from": "human", "value": "  "}, {"from": "gpt", "value": "x"}]},     # 5 empty text
+        {"conversations": [{"from": "human", "value": "red " * 300}, {"from": "gpt", "value": "x"}]},  # 6 too long
+        {"image": "img/dir.png", "conversations": [{"from": "human", "value": "<image> hi"},
+                                                   {"from": "gpt", "value": "x"}]},               # 7 unreadable
+        {"image": "img/1.png", "conversations": [{"from": "human", "value": "<image> fine"},
+                                                 {"from": "gpt", "value": "ok"}]}]                # 8 fine
+    p = tmp_path / "bad.json"
+    p.write_text(json.dumps(recs))
+    probs = data.check(p, tok, n_image_tokens=16, max_len=128)
+    got = {(pr.index, pr.field): pr.expected for pr in probs}
+    assert "missing image" in got[(0, "image[0]")]
+    assert "corrupt image" in got[(1, "image[0]")]
+    assert "missing" in got[(2, "conversations")]
+    assert "type list" in got[(3, "conversations")]
+    assert "placeholder" in got[(4, "conversations")]
+    assert "non-empty" in got[(5, "conversations[0].value")]
+    assert "at most 128 tokens" in got[(6, "<sample>")]
+    assert "unreadable image" in got[(7, "image[0]")]
+    assert not any(pr.index == 8 for pr in probs)
+    with pytest.raises(data.DataError) as e:
+        data.load_dataset(p, tok=tok, max_len=128)
+    assert len(e.value.problems) == len(probs) and "record 4" in str(e.value)
+    # MMC4 / Karpathy / SugarCrepe / features errors
+    q = tmp_path / "bad.jsonl"
+    q.write_text('{"text_list": ["a"], "image_info": [{"image_name": "img/0.png", "matched_text_index": 5}]}\n'
+                 "{broken\n" + '{"image_info": []}\n')
+    got = {(pr.index, pr.field) for pr in data.check(q, tok)}
+    assert got == {(0, "image_info[0].matched_text_index"), (1, "<line>"), (2, "text_list")}
+    k = tmp_path / "k.json"
+    k.write_text(json.dumps({"images": [{"filename": "img/0.png", "sentences": [{"raw": ""}]}, {"filename": 3}]}))
+    assert {(pr.index, pr.field) for pr in data.check(k, tok)} == {(0, "sentences[0].raw"), (1, "filename"),
+                                                                   (1, "sentences")}
+    s = tmp_path / "sc.json"
+    s.write_text(json.dumps([{"filename": "img/0.png", "caption": "x"}]))
+    assert [(pr.index, pr.field) for pr in data.check(s, tok)] == [(0, "negative_caption")]
+    f = tmp_path / "f.safetensors"
+    data.save_features(f, {"image:a.png": (torch.ones(3), torch.ones(2) / 2 ** .5)})
+    assert [(pr.index, pr.field) for pr in data.check(f)] == [("image:a.png.uni", "uni"), ("image:a.png", "uni")]
+    g = tmp_path / "garbage.safetensors"
+    g.write_bytes(b"\x00" * 5)
+    assert data.check(g)[0].field == "<root>"
+
+
+def test_check_cli(tmp_path, imgs):
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps([{"image": "img/0.png", "conversations": [
+        {"from": "human", "value": "<image> what?"}, {"from": "gpt", "value": "red"}]}]))
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"image": "img/nope.png", "conversations": [{"from": "human", "value": ""}]}]))
+    run = lambda p: subprocess.run([sys.executable, str(ROOT / "data.py"), "check", str(p)],  # noqa: E731
+                                   capture_output=True, text=True, cwd=ROOT, timeout=120)
+    r = run(good)
+    assert r.returncode == 0 and "OK" in r.stdout
+    r = run(bad)
+    assert r.returncode == 1 and "record 0" in r.stdout and "missing image" in r.stdout and "non-empty" in r.stdout
