@@ -737,7 +737,9 @@ def collate(samples: Sequence[Sample], tok: Tokenizer, n_image_tokens: int, max_
     """Interleaved samples -> one right-padded batch (see contract.md). Raises on too-long samples (no truncation).
 
     Sequence: [bos] seg_0 seg_1 ... [eos after the last text segment with loss]. The eos is labelled but belongs
-    to no segment, so a text segment's last token is its own last text token (Sugar's slice summary)."""
+    to no segment, so a text segment's last token is its own last text token (Sugar's slice summary). A text segment
+    right after another text segment is encoded with a leading space (segment_text). Extra keys beyond the contract:
+    attention_mask (B, T) bool (True on real tokens) and has_teacher (S,). images is None when the batch has none."""
     if not samples:
         raise ValueError("collate: empty batch")
     du, dc = _teacher_dims(samples)
