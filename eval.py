@@ -1,0 +1,359 @@
+"""
+eval.py — every metric of a unimllm checkpoint, on the built-in world's test split (or a user's file).
+
+Discriminative metrics use the embeddings of the method the checkpoint was trained with:
+  VladVA summaries (Ouali et al., CVPR 2025, arXiv 2412.04378): the L2-normalised final hidden state of the last
+    soft-prompt token after an image (`<image> <soft_image>*K`) or a text (`text <soft_text>*K`);
+  Sugar prefix embeddings (Chow et al., NeurIPS 2024, arXiv 2411.00304): the retrieval projector applied to the
+    vector of a sample's last segment (mean over an image's tokens, last token of a text).
+Generative metrics decode greedily with the KV cache.
+
+Metrics (the JSON keys):
+  retrieval/{i2t,t2i}_r{1,5,10}   image <-> short caption recall@K (a hit is any item with the identical caption)
+  compositional/<category>, compositional/mean   SugarCrepe-style: the image scores its caption above the negative
+  winoground/{text,image,group}   two scenes whose captions differ by a swap (Thrush et al., CVPR 2022 scoring)
+  interleaved/r{1,5}              story so far + next sentence -> the next frame among all test frames
+  vqa/acc                         exact match of the generated single-word answer
+  pope/{acc,f1,yes_ratio}         object-existence yes/no questions (POPE, Li et al., EMNLP 2023)
+  rag/acc, rag/acc_without_retrieval   name questions about test objects whose names never occur in training:
+                                  answered with the top-k knowledge-base entries that the model's own embeddings
+                                  retrieve (question text -> entry image), and with no context at all
+
+Run:
+    python eval.py --ckpt out.pt                      # a table of every metric
+    python eval.py --ckpt out.pt --json metrics.json  # and a flat JSON object metric -> number
+    python eval.py --ckpt out.pt --data sugarcrepe_replace_att.json   # a user's file (metrics its format allows)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+import data as D
+from train import checkpoint_model, load_checkpoint
+from unimllm import MLLM
+
+
+@dataclass
+class EvalArgs:
+    ckpt: str = "out.pt"
+    json: str = ""
+    data: str = ""            # a user's file; empty: the built-in world's test split
+    n_test: int = 200         # built-in world: test scenes (stories, Winoground pairs and the KB scale with it)
+    test_seed: int = 1
+    batch: int = 64
+    rag_k: int = 1            # knowledge-base entries put into the prompt
+    embedding: str = "auto"   # auto (the checkpoint's method) | summary | prefix
+
+
+def parse_args(argv: list[str] | None = None) -> EvalArgs:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    for f in fields(EvalArgs):
+        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=f.default,
+                       type={"int": int, "float": float, "str": str}[f.type], help=f"default {f.default!r}")
+    args = EvalArgs(**vars(p.parse_args(argv)))
+    if args.embedding not in ("auto", "summary", "prefix"):
+        raise SystemExit(f"eval.py: --embedding must be auto, summary or prefix, got {args.embedding!r}")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Metrics on score matrices (pure functions; tests/test_eval.py checks each on cases with known answers)
+
+
+def recall_at_k(scores: Tensor, positive: Tensor, ks: tuple[int, ...]) -> dict[int, float]:
+    """scores (Q, C), positive (Q, C) bool -> {k: fraction of queries with a positive among their top k}.
+    Ties are broken against the query (a positive tied with a negative counts as ranked below it)."""
+    if scores.shape != positive.shape or not bool(positive.any(1).all()):
+        raise ValueError("recall_at_k: scores and positive must match in shape and every query needs a positive")
+    best_pos = scores.masked_fill(~positive, -math.inf).max(1).values  # (Q,)
+    n_neg_above = ((scores >= best_pos[:, None]) & ~positive).sum(1)  # (Q,) negatives ranked above the best hit
+    return {k: float((n_neg_above < k).float().mean()) for k in ks}
+
+
+def pairwise_accuracy(pos: Tensor, neg: Tensor) -> float:
+    """Fraction of items whose positive strictly outscores its negative (SugarCrepe)."""
+    return float((pos > neg).float().mean())
+
+
+def winoground_scores(s: Tensor) -> dict[str, float]:
+    """s (N, 2, 2): s[n, i, j] = score(image i, caption j) of pair n; caption i matches image i.
+    text: each image prefers its caption; image: each caption prefers its image; group: both (Thrush et al.)."""
+    text = (s[:, 0, 0] > s[:, 0, 1]) & (s[:, 1, 1] > s[:, 1, 0])
+    image = (s[:, 0, 0] > s[:, 1, 0]) & (s[:, 1, 1] > s[:, 0, 1])
+    return {"text": float(text.float().mean()), "image": float(image.float().mean()),
+            "group": float((text & image).float().mean())}
+
+
+def yes_no_metrics(pred: list[str], truth: list[str]) -> dict[str, float]:
+    """POPE: accuracy, F1 with "yes" as the positive class, and the share of "yes" answers (0.5 is unbiased)."""
+    p = torch.tensor([x == "yes" for x in pred])
+    t = torch.tensor([x == "yes" for x in truth])
+    tp, fp, fn = float((p & t).sum()), float((p & ~t).sum()), float((~p & t).sum())
+    f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
+    return {"acc": sum(a == b for a, b in zip(pred, truth)) / len(truth), "f1": f1, "yes_ratio": float(p.float().mean())}
+
+
+def exact_match(pred: list[str], truth: list[str]) -> float:
+    return sum(a.strip().lower() == b.strip().lower() for a, b in zip(pred, truth)) / len(truth)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Embeddings and generation from the model
+
+
+class Embedder:
+    """Embeds data.py samples with one of the two methods' embeddings, in batches, without gradient."""
+
+    def __init__(self, model: MLLM, tok: D.Tokenizer, batch: int, device: torch.device) -> None:
+        self.model, self.tok, self.batch, self.device = model, tok, batch, device
+        self.count = 0  # embeddings computed (the throughput figure)
+
+    @torch.no_grad()
+    def __call__(self, samples: list[D.Sample], kind: str, side: str) -> Tensor:
+        out = [self._batch(samples[i:i + self.batch], kind, side) for i in range(0, len(samples), self.batch)]
+        self.count += len(samples)
+        return torch.cat(out)
+
+    def _batch(self, samples: list[D.Sample], kind: str, side: str) -> Tensor:
+        m, tok = self.model, self.tok
+        if kind == "prefix":
+            samples = [D.Sample(s.segments, [len(s.segments) - 1]) for s in samples]
+        b = D.collate(samples, tok, m.n_image_tokens, m.cfg.llm.max_seq_len)
+        ids, lengths = b["input_ids"], b["attention_mask"].sum(1)  # (B, T), (B,)
+        images = None if b["images"] is None else b["images"].to(self.device)
+        if kind == "prefix":
+            _, hidden = m(ids.to(self.device), images)
+            return m.prefix_embeddings(hidden, *(b[k].to(self.device) for k in
+                                                 ("seg_batch", "seg_start", "seg_end", "seg_is_image", "prefix_seg"))).cpu()
+        soft = tok.soft_image_id if side == "image" else tok.soft_text_id
+        ids = append_run(ids, lengths, soft, m.cfg.n_soft_tokens, tok.pad_id)
+        _, hidden = m(ids.to(self.device), images)
+        return m.summary_embedding(hidden, (lengths + m.cfg.n_soft_tokens - 1).to(self.device)).cpu()
+
+
+def append_run(ids: Tensor, lengths: Tensor, token: int, k: int, pad: int) -> Tensor:
+    """Right-padded ids (B, T) -> (B, T + k) with k copies of `token` right after each row's last real token."""
+    out = torch.full((ids.shape[0], ids.shape[1] + k), pad, dtype=ids.dtype)
+    for b, n in enumerate(lengths.tolist()):
+        out[b, :n] = ids[b, :n]
+        out[b, n:n + k] = token
+    return out
+
+
+@torch.no_grad()
+def generate_answers(model: MLLM, tok: D.Tokenizer, prompts: list[D.Sample], device: torch.device,
+                     batch: int, max_new_tokens: int = 6, desc: str = "generate") -> list[str]:
+    """Greedy answers to prompts (text segments without loss); prompts of equal token length share a batch, so no
+    padding ever sits between a prompt and its answer."""
+    rows = [D.collate([p], tok, model.n_image_tokens, model.cfg.llm.max_seq_len) for p in prompts]
+    by_len: dict[int, list[int]] = {}
+    for i, r in enumerate(rows):
+        by_len.setdefault(r["input_ids"].shape[1], []).append(i)
+    answers = [""] * len(prompts)
+    groups = [idx[j:j + batch] for idx in by_len.values() for j in range(0, len(idx), batch)]
+    for idx in tqdm(groups, desc=desc, leave=False, file=sys.stderr):
+        ids = torch.cat([rows[i]["input_ids"] for i in idx]).to(device)
+        imgs = [rows[i]["images"] for i in idx if rows[i]["images"] is not None]
+        images = torch.cat(imgs).to(device) if imgs else None
+        new = model.generate(ids, images, max_new_tokens=max_new_tokens, eos_id=tok.eos_id).cpu()
+        for i, row in zip(idx, new.tolist()):
+            row = row[:row.index(tok.eos_id)] if tok.eos_id in row else row
+            answers[i] = tok.decode(row).strip()
+    return answers
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The evaluation suites of the built-in world
+
+
+def embedding_kinds(method: str, choice: str) -> dict[str, str]:
+    """Which embedding each discriminative suite uses. The unified model has both heads: image-text suites use the
+    contrastively trained summaries, the interleaved suite the structure-trained prefix embeddings (our choice)."""
+    if choice != "auto":
+        return {"pairs": choice, "interleaved": choice}
+    if method == "sugar":
+        return {"pairs": "prefix", "interleaved": "prefix"}
+    if method == "unified":
+        return {"pairs": "summary", "interleaved": "prefix"}
+    return {"pairs": "summary", "interleaved": "summary"}
+
+
+def img(x: Tensor) -> D.Sample:
+    return D.Sample([D.image_seg(x)])
+
+
+def txt(x: str) -> D.Sample:
+    return D.Sample([D.text_seg(x, False)])
+
+
+def cosine(a: Tensor, b: Tensor) -> Tensor:
+    return a @ b.T  # embeddings are unit vectors
+
+
+def eval_retrieval(world: D.World, emb: Embedder, kind: str) -> dict[str, float]:
+    caps = [s.short_caption for s in world.scenes]
+    i = emb([img(s.image) for s in world.scenes], kind, "image")  # (N, d)
+    t = emb([txt(c) for c in caps], kind, "text")  # (N, d)
+    same = torch.tensor([[a == b for b in caps] for a in caps])  # (N, N) identical captions are both correct
+    out = {}
+    for name, scores in (("i2t", cosine(i, t)), ("t2i", cosine(t, i))):
+        for k, v in recall_at_k(scores, same, (1, 5, 10)).items():
+            out[f"retrieval/{name}_r{k}"] = v
+    return out
+
+
+def eval_compositional(world: D.World, emb: Embedder, kind: str) -> dict[str, float]:
+    i = emb([img(s.image) for s in world.scenes], kind, "image")  # (N, d)
+    items = [(n, s.short_caption, neg, cat) for n, s in enumerate(world.scenes) for cat, neg in s.negatives.items()]
+    pos = emb([txt(p) for _, p, _, _ in items], kind, "text")
+    neg = emb([txt(q) for _, _, q, _ in items], kind, "text")
+    idx = torch.tensor([n for n, _, _, _ in items])
+    pos_s, neg_s = (i[idx] * pos).sum(1), (i[idx] * neg).sum(1)
+    out = {}
+    for cat in D.CATEGORIES:
+        mask = torch.tensor([c == cat for *_, c in items])
+        if bool(mask.any()):
+            out[f"compositional/{cat}"] = pairwise_accuracy(pos_s[mask], neg_s[mask])
+    out["compositional/mean"] = sum(out.values()) / len(out)
+    return out
+
+
+def eval_winoground(world: D.World, emb: Embedder, kind: str) -> dict[str, float]:
+    pairs = world.winoground
+    ims = emb([img(x) for p in pairs for x in (p.image_a, p.image_b)], kind, "image").view(len(pairs), 2, -1)
+    caps = emb([txt(x) for p in pairs for x in (p.caption_a, p.caption_b)], kind, "text").view(len(pairs), 2, -1)
+    s = torch.einsum("nid,njd->nij", ims, caps)  # (N, 2, 2)
+    return {f"winoground/{k}": v for k, v in winoground_scores(s).items()}
+
+
+def eval_interleaved(world: D.World, emb: Embedder, kind: str) -> dict[str, float]:
+    """Query: frames 0..k-1 with their sentences, then sentence k; target: frame k, among every test frame (a frame
+    with the same scene graph as the target counts as a hit too)."""
+    frames = [f for st in world.stories for f in st.frames]
+    cands = emb([img(f.image) for f in frames], kind, "image")  # (F, d)
+    queries, targets = [], []
+    for st in world.stories:
+        for k in range(1, len(st)):
+            segs = [seg for f in st.frames[:k] for seg in (D.image_seg(f.image), D.text_seg(f.sentence, False))]
+            queries.append(D.Sample(segs + [D.text_seg(st.frames[k].sentence, False)]))
+            targets.append(st.frames[k].graph)
+    q = emb(queries, kind, "text")  # (Q, d)
+    keys = [D._canonical(f.graph) for f in frames]
+    positive = torch.tensor([[D._canonical(g) == key for key in keys] for g in targets])
+    return {f"interleaved/r{k}": v for k, v in recall_at_k(cosine(q, cands), positive, (1, 5)).items()}
+
+
+def qa_prompt(image: Tensor, question: str) -> D.Sample:
+    return D.Sample([D.image_seg(image), D.text_seg(D.format_question(question), False)])
+
+
+def eval_vqa_pope(world: D.World, model: MLLM, tok: D.Tokenizer, device: torch.device, batch: int) -> dict[str, float]:
+    vqa = [(s.image, q, a) for s in world.scenes for q, a in s.vqa]
+    pope = [(s.image, q, a) for s in world.scenes for q, a in s.pope]
+    answers = generate_answers(model, tok, [qa_prompt(i, q) for i, q, _ in vqa + pope], device, batch, desc="vqa+pope")
+    out = {"vqa/acc": exact_match(answers[:len(vqa)], [a for *_, a in vqa])}
+    out.update({f"pope/{k}": v for k, v in yes_no_metrics(answers[len(vqa):], [a for *_, a in pope]).items()})
+    return out
+
+
+def eval_rag(world: D.World, model: MLLM, tok: D.Tokenizer, emb: Embedder, kind: str, k: int, device: torch.device,
+             batch: int) -> dict[str, float]:
+    """Names of test objects never occur in training: without retrieval only a guess can answer. With retrieval the
+    question's text embedding picks the k nearest knowledge-base entry images and their descriptions go first."""
+    kb = world.kb
+    keys = emb([img(e.image) for e in kb.entries], kind, "image")  # (E, d)
+    q = emb([txt(question) for question, _ in kb.questions], kind, "text")  # (Q, d)
+    top = cosine(q, keys).topk(min(k, len(kb.entries)), dim=1).indices.tolist()
+    with_ctx = [D.Sample([D.text_seg(kb.entries[e].description, False) for e in reversed(top[n])]
+                         + [D.text_seg(D.format_question(question), False)])
+                for n, (question, _) in enumerate(kb.questions)]
+    without = [D.Sample([D.text_seg(D.format_question(question), False)]) for question, _ in kb.questions]
+    truth = [name for _, name in kb.questions]
+    answers = generate_answers(model, tok, with_ctx + without, device, batch, max_new_tokens=8, desc="rag")
+    return {"rag/acc": exact_match(answers[:len(truth)], truth),
+            "rag/acc_without_retrieval": exact_match(answers[len(truth):], truth)}
+
+
+def evaluate_world(model: MLLM, tok: D.Tokenizer, method: str, args: EvalArgs, device: torch.device) -> tuple[dict[str, float], dict[str, str]]:
+    world = D.make_world("test", args.n_test, args.test_seed, image_size=model.cfg.vision.image_size)
+    kinds = embedding_kinds(method, args.embedding)
+    emb = Embedder(model, tok, args.batch, device)
+    metrics: dict[str, float] = {}
+    t0 = time.perf_counter()
+    metrics.update(eval_retrieval(world, emb, kinds["pairs"]))
+    metrics.update(eval_compositional(world, emb, kinds["pairs"]))
+    metrics.update(eval_winoground(world, emb, kinds["pairs"]))
+    metrics.update(eval_interleaved(world, emb, kinds["interleaved"]))
+    metrics.update(eval_rag(world, model, tok, emb, kinds["pairs"], args.rag_k, device, args.batch))
+    t_emb = time.perf_counter() - t0
+    metrics["speed/embeddings_per_s"] = emb.count / t_emb
+    metrics.update(eval_vqa_pope(world, model, tok, device, args.batch))
+    return metrics, kinds
+
+
+def evaluate_file(model: MLLM, tok: D.Tokenizer, method: str, args: EvalArgs, device: torch.device) -> tuple[dict[str, float], dict[str, str]]:
+    """A user's file: SugarCrepe-style negatives give compositional accuracy, Karpathy pairs give retrieval."""
+    loaded = D.load_dataset(args.data, tok=tok, n_image_tokens=model.n_image_tokens,
+                            max_len=model.cfg.llm.max_seq_len, image_size=model.cfg.vision.image_size)
+    kinds = embedding_kinds(method, args.embedding)
+    emb = Embedder(model, tok, args.batch, device)
+    metrics: dict[str, float] = {}
+    if loaded.negatives:
+        i = emb([img(n.image) for n in loaded.negatives], kinds["pairs"], "image")
+        pos = emb([txt(n.positive) for n in loaded.negatives], kinds["pairs"], "text")
+        neg = emb([txt(n.negative) for n in loaded.negatives], kinds["pairs"], "text")
+        metrics["compositional/file"] = pairwise_accuracy((i * pos).sum(1), (i * neg).sum(1))
+    if loaded.pairs:
+        caps = [p.short_caption for p in loaded.pairs]
+        i = emb([img(p.image) for p in loaded.pairs], kinds["pairs"], "image")
+        t = emb([txt(c) for c in caps], kinds["pairs"], "text")
+        same = torch.tensor([[a == b for b in caps] for a in caps])
+        for name, scores in (("i2t", cosine(i, t)), ("t2i", cosine(t, i))):
+            for k, v in recall_at_k(scores, same, (1, 5, 10)).items():
+                metrics[f"retrieval/{name}_r{k}"] = v
+    if not metrics:
+        raise SystemExit(f"eval.py: {args.data} ({loaded.format}) has no pairs or negatives to evaluate")
+    return metrics, kinds
+
+
+def print_table(metrics: dict[str, float], kinds: dict[str, str], ckpt: str, method: str) -> None:
+    print(f"checkpoint {ckpt} | method {method} | embeddings: image-text {kinds['pairs']}, "
+          f"interleaved {kinds['interleaved']}")
+    width = max(len(k) for k in metrics)
+    for k, v in metrics.items():
+        print(f"  {k:<{width}}  {v:8.4f}")
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    args = parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ckpt = load_checkpoint(args.ckpt)
+    model, tok = checkpoint_model(ckpt, args.ckpt)
+    model = model.to(device).eval()
+    method = ckpt["method"] if ckpt["stage"] == "finetune" else "generative"
+    if args.data:
+        try:
+            metrics, kinds = evaluate_file(model, tok, method, args, device)
+        except ValueError as e:  # data.py's DataError lists every problem of the file
+            raise SystemExit(f"eval.py: {e}") from e
+    else:
+        metrics, kinds = evaluate_world(model, tok, method, args, device)
+    print_table(metrics, kinds, args.ckpt, method)
+    if args.json:
+        Path(args.json).write_text(json.dumps(metrics, indent=1) + "\n")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,720 @@
+"""
+train.py — the one training entry point of unimllm: generative pre-training of a small MLLM from scratch
+(LLaVA-style), then unified fine-tuning with LoRA + soft prompts + Sugar's retrieval projector.
+
+Fine-tuning objective (DESIGN "Combined"):  L = L_ntp + lambda_c * L_contrastive + lambda_s * L_structure
+- L_ntp: next-token loss on answers, captions, story sentences and long captions (never on image tokens).
+- L_contrastive: VladVA's symmetric InfoNCE between last-token summaries of an image (+ image soft prompt) and of
+  its short caption (+ text soft prompt) (Ouali et al., CVPR 2025, arXiv 2412.04378).
+- L_structure: Sugar Eq. 3, the squared gap between the cosine matrix of prefix embeddings and the normalised
+  global alignment kernel (Sugar Eq. 2) of their slice sequences under the triple kernel (Sugar Eq. 4)
+  (Chow et al., NeurIPS 2024, arXiv 2411.00304).
+
+`--method` picks the fine-tuning losses; every method sees the same step schedule and starts from the same base:
+  generative  L_ntp on captions + VQA + RAG (the "lm" stream), long captions and stories
+  vladva      L_ntp on long captions + L_contrastive on short captions (VladVA trains on pairs only)
+  sugar       generative's L_ntp + L_structure over story prefixes and single images / captions
+  unified     all three
+
+Run:
+    python train.py                                 # pre-train + unified fine-tune on the built-in world -> out.pt
+    python train.py --smoke --out /tmp/smoke.pt     # a tiny end-to-end run (under a minute on 2 CPU cores)
+    python train.py --method vladva --init out.base.pt --out vladva.pt    # fine-tune only, from a saved base
+    torchrun --nproc_per_node 8 train.py            # DDP, same flags (gloo on CPU, nccl on CUDA)
+    python train.py --resume                        # continue exactly where the run writing --out stopped
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import data as D
+import kernel as K
+from unimllm import (LLMConfig, MLLM, MLLMConfig, VisionConfig, apply_lora, load_llm, load_vision, set_trainable)
+
+CKPT_FORMAT = "unimllm-checkpoint-v1"
+METHODS = ("generative", "vladva", "sugar", "unified")
+# Fine-tuning trains LoRA plus what each method's losses reach (DDP needs every trainable tensor to get a gradient):
+# the image soft prompt sits in every image-caption sequence; the text prompt and temperature serve the
+# contrastive loss; the retrieval projector serves the structure loss.
+TRAINABLE = {
+    "generative": ["image_prompt"],
+    "vladva": ["image_prompt", "text_prompt", "logit_scale"],
+    "sugar": ["image_prompt", r"^projector\."],
+    "unified": ["image_prompt", "text_prompt", "logit_scale", r"^projector\."],
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Configs: one dataclass per concern; argparse is built from their fields
+
+
+@dataclass
+class ModelArgs:
+    """Sizes of the from-scratch MLLM (ignored with --llm/--vision, which bring their own)."""
+    image_size: int = 32
+    patch_size: int = 8
+    vision_width: int = 128
+    vision_layers: int = 3
+    vision_heads: int = 4
+    llm_width: int = 192
+    llm_layers: int = 4
+    llm_heads: int = 6
+    llm_kv_heads: int = 2
+    llm_mlp: int = 512
+    vocab_size: int = 1024
+    max_len: int = 192
+    proj_dim: int = 128
+
+
+@dataclass
+class DataArgs:
+    data: str = ""          # a file in a format data.py reads; empty: the built-in world
+    n_train: int = 3000     # built-in world: training scenes (stories and the KB scale with it)
+    data_seed: int = 0
+    rag_kbs: int = 20       # built-in world: training knowledge bases of 48 made-up names each
+
+
+@dataclass
+class PretrainArgs:
+    pretrain_steps: int = 600
+    pretrain_batch: int = 32        # global sequences per step
+    pretrain_lr: float = 2e-3
+
+
+@dataclass
+class FinetuneArgs:
+    method: str = "unified"
+    finetune_steps: int = 300
+    lm_batch: int = 16              # global caption / VQA / RAG sequences per step
+    pair_batch: int = 32            # global image-caption pairs per step (VladVA; Sugar's singles come from them)
+    story_batch: int = 4            # global interleaved stories per step
+    finetune_lr: float = 1e-3
+    lora_r: int = 16                # VladVA's r and alpha; Sugar uses r=128, alpha=256 on a 7B model
+    lora_alpha: float = 16.0
+    lora_targets: str = r"llm\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+    lambda_contrastive: float = 1.0  # neither paper gives the loss weights: ours
+    lambda_structure: float = 1.0
+    gak_delta: float = 0.0          # Sugar's sigma = delta * sqrt((n+m)/2); 0 = the batch median distance
+
+
+@dataclass
+class RunArgs:
+    out: str = "out.pt"
+    init: str = ""          # start the fine-tuning from this checkpoint (skips pre-training)
+    llm: str = ""           # Hugging Face LLM directory (with --vision; skips pre-training)
+    vision: str = ""        # Hugging Face CLIP / SigLIP vision directory
+    resume: bool = False
+    smoke: bool = False
+    seed: int = 0
+    grad_accum: int = 1
+    warmup_frac: float = 0.03
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    log_every: int = 10
+    ckpt_every: int = 100
+
+
+@dataclass
+class TrainConfig:
+    model: ModelArgs = field(default_factory=ModelArgs)
+    data: DataArgs = field(default_factory=DataArgs)
+    pretrain: PretrainArgs = field(default_factory=PretrainArgs)
+    finetune: FinetuneArgs = field(default_factory=FinetuneArgs)
+    run: RunArgs = field(default_factory=RunArgs)
+
+
+# --smoke: a tiny configuration of the same code path (flags given explicitly still win)
+SMOKE = dict(vision_width=32, vision_layers=2, vision_heads=2, llm_width=64, llm_layers=2, llm_heads=2,
+             llm_kv_heads=1, llm_mlp=128, vocab_size=600, proj_dim=32, n_train=48, rag_kbs=1, pretrain_steps=6,
+             pretrain_batch=8, finetune_steps=6, lm_batch=4, pair_batch=4, story_batch=2, log_every=2,
+             ckpt_every=4)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    for group in (ModelArgs, DataArgs, PretrainArgs, FinetuneArgs, RunArgs):
+        g = p.add_argument_group(group.__name__)
+        for f in fields(group):
+            flag = "--" + f.name.replace("_", "-")
+            if f.type == "bool":
+                g.add_argument(flag, dest=f.name, action="store_true", default=argparse.SUPPRESS)
+            else:
+                typ = {"int": int, "float": float, "str": str}[f.type]
+                g.add_argument(flag, dest=f.name, type=typ, default=argparse.SUPPRESS, metavar=f.type.upper(),
+                               help=f"default {f.default!r}")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    """Flags given explicitly override --smoke's values, which override the dataclass defaults."""
+    given = vars(build_parser().parse_args(argv))
+    values = {**(SMOKE if given.get("smoke") else {}), **given}
+    cfg = TrainConfig()
+    for part in (cfg.model, cfg.data, cfg.pretrain, cfg.finetune, cfg.run):
+        for f in fields(part):
+            if f.name in values:
+                setattr(part, f.name, values[f.name])
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    ft, run = cfg.finetune, cfg.run
+    if ft.method not in METHODS:
+        raise SystemExit(f"train.py: --method must be one of {', '.join(METHODS)}, got {ft.method!r}")
+    if bool(run.llm) != bool(run.vision):
+        raise SystemExit("train.py: --llm and --vision go together (a Hugging Face LLM and vision tower)")
+    if run.init and run.llm:
+        raise SystemExit("train.py: give --init (our checkpoint) or --llm/--vision (Hugging Face), not both")
+    for flag, path in (("--init", run.init), ("--llm", run.llm), ("--vision", run.vision), ("--data", cfg.data.data)):
+        if path and not Path(path).exists():
+            raise SystemExit(f"train.py: {flag} {path}: no such file or directory")
+    for name in ("pretrain_steps", "finetune_steps"):
+        if getattr(cfg.pretrain if name.startswith("pre") else ft, name) < 0:
+            raise SystemExit(f"train.py: --{name.replace('_', '-')} must be >= 0")
+    if run.grad_accum < 1:
+        raise SystemExit("train.py: --grad-accum must be >= 1")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Distributed set-up (a few explicit lines, nanoGPT style)
+
+
+@dataclass
+class Dist:
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_dist() -> Dist:
+    if "RANK" not in os.environ:
+        return Dist(0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        return Dist(rank, world, torch.device("cuda", int(os.environ["LOCAL_RANK"])))
+    return Dist(rank, world, torch.device("cpu"))
+
+
+def shard(items: list, step_batch: int, d: Dist) -> list:
+    """This rank's contiguous chunk of a global batch (contiguous, so a gather across ranks restores the global
+    order that the Sugar targets are computed in)."""
+    if step_batch % d.world:
+        raise SystemExit(f"train.py: a global batch of {step_batch} does not split over {d.world} ranks")
+    n = step_batch // d.world
+    return items[d.rank * n:(d.rank + 1) * n]
+
+
+def all_sum(x: Tensor) -> Tensor:
+    if dist.is_initialized():
+        x = x.clone()
+        dist.all_reduce(x)
+    return x
+
+
+def gather_rows(x: Tensor) -> Tensor:
+    """(n, d) on each rank -> (W*n, d) in rank order, with gradient (the backward sums into each rank's rows)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return x
+    return torch.cat(dist_fn.all_gather(x), dim=0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data streams: the batch of step s is a pure function of (seed, stream, s), so resuming is exact
+
+
+class Stream:
+    """An endless, reshuffled-every-epoch sequence of items; `batch(step, n)` needs no state."""
+
+    def __init__(self, name: str, items: list, seed: int) -> None:
+        if not items:
+            raise SystemExit(f"train.py: the {name!r} stream has no samples (check --data / --n-train)")
+        self.name, self.items, self.seed = name, items, seed
+
+    def batch(self, step: int, n: int) -> list:
+        out, start = [], step * n
+        for k in range(start, start + n):
+            epoch, i = divmod(k, len(self.items))
+            perm = self._perm(epoch)
+            out.append(self.items[perm[i]])
+        return out
+
+    def _perm(self, epoch: int) -> list[int]:
+        order = list(range(len(self.items)))
+        random.Random(f"{self.name}:{self.seed}:{epoch}").shuffle(order)
+        return order
+
+
+@dataclass
+class Corpus:
+    """Everything training draws from, as lists of data.py samples / pair items."""
+    lm: list            # data.Sample: captions, VQA conversations, RAG (next-token)
+    long: list          # data.Sample: [image][long caption] (pre-training only; fine-tuning sees them in pairs)
+    stories: list       # data.Sample with prefixes (interleaved)
+    pairs: list         # data.Scene or data.Pair (image, short caption, long caption, teacher features)
+    texts: list[str]    # for the tokenizer
+
+
+def long_caption_samples(items: list) -> list[D.Sample]:
+    return [D.Sample([D.image_seg(s.image), D.text_seg(s.long_caption, True)]) for s in items]
+
+
+def singles(pairs: list) -> list[D.Sample]:
+    """Sugar's single-slice samples: [image] and [short caption] of each pair, each its own one-slice prefix.
+    They make the structure loss shape the same embeddings eval.py retrieves with (our choice: Sugar's paper
+    trains on COYO pairs as two-slice interleaved samples, which would give no text-only prefix)."""
+    out = []
+    for s in pairs:
+        out.append(D.Sample([D.image_seg(s.image, s.uni_image, s.cross_image)], [0]))
+        out.append(D.Sample([D.text_seg(s.short_caption, False, s.uni_short, s.cross_short)], [0]))
+    return out
+
+
+def builtin_corpus(cfg: TrainConfig) -> Corpus:
+    world = D.make_world("train", cfg.data.n_train, cfg.data.data_seed, image_size=cfg.model.image_size)
+    return Corpus(lm=D.pretrain_samples(world) + rag_corpus(cfg), long=long_caption_samples(world.scenes),
+                  stories=D.story_samples(world), pairs=world.scenes, texts=D.world_texts(world))
+
+
+def rag_corpus(cfg: TrainConfig) -> list[D.Sample]:
+    """RAG samples from several training knowledge bases (fresh made-up names in each), so the model learns to copy
+    a name out of its context rather than memorise a few dozen names; test names never occur in training."""
+    n_kb = max(1, cfg.data.rag_kbs)
+    worlds = [D.make_world("train", 1, cfg.data.data_seed * 1000 + 1 + k, image_size=cfg.model.image_size,
+                           n_stories=0, n_winoground=0, n_kb=48) for k in range(n_kb)]
+    return [s for w in worlds for s in D.rag_samples(w)]
+
+
+def file_corpus(cfg: TrainConfig, tok: D.Tokenizer | None) -> Corpus:
+    loaded = D.load_dataset(cfg.data.data, tok=tok, max_len=cfg.model.max_len, image_size=cfg.model.image_size)
+    stories = [s for s in loaded.samples if s.prefixes]
+    lm = [s for s in loaded.samples if not s.prefixes]
+    return Corpus(lm=lm, long=long_caption_samples(loaded.pairs), stories=stories, pairs=loaded.pairs,
+                  texts=D.data_texts(loaded))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model construction and checkpoints
+
+
+def model_config(cfg: ModelArgs, tok: D.Tokenizer) -> MLLMConfig:
+    vision = VisionConfig(image_size=cfg.image_size, patch_size=cfg.patch_size, hidden_size=cfg.vision_width,
+                          num_layers=cfg.vision_layers, num_heads=cfg.vision_heads,
+                          intermediate_size=4 * cfg.vision_width)
+    llm = LLMConfig(vocab_size=tok.vocab_size, hidden_size=cfg.llm_width, intermediate_size=cfg.llm_mlp,
+                    num_layers=cfg.llm_layers, num_heads=cfg.llm_heads, num_kv_heads=cfg.llm_kv_heads,
+                    max_seq_len=cfg.max_len)
+    return MLLMConfig(vision, llm, image_token_id=tok.image_id, soft_image_token_id=tok.soft_image_id,
+                      soft_text_token_id=tok.soft_text_id, n_soft_tokens=D.n_soft_tokens(tok),
+                      proj_dim=cfg.proj_dim)
+
+
+def model_from_hf(cfg: TrainConfig, tok: D.Tokenizer) -> MLLM:
+    """A real LLM + vision tower; the adapter, soft prompts and projector are new. Token ids our tokenizer added
+    (<image>, soft-prompt markers) get new embedding rows at the mean embedding (our choice)."""
+    llm, vision = load_llm(cfg.run.llm), load_vision(cfg.run.vision)
+    weights = llm.state_dict()
+    vocab = max(tok.vocab_size, llm.cfg.vocab_size)
+    for name in ("embed_tokens.weight", "lm_head.weight"):
+        if name in weights:
+            w = weights[name]  # (V, D)
+            weights[name] = torch.cat([w, w.mean(0, keepdim=True).expand(vocab - w.shape[0], -1)])
+    llm_cfg = LLMConfig(**{**asdict(llm.cfg), "vocab_size": vocab})
+    mcfg = MLLMConfig(vision.cfg, llm_cfg, image_token_id=tok.image_id, soft_image_token_id=tok.soft_image_id,
+                      soft_text_token_id=tok.soft_text_id, n_soft_tokens=D.n_soft_tokens(tok),
+                      proj_dim=cfg.model.proj_dim)
+    model = MLLM(mcfg)
+    model.llm.load_state_dict(weights)
+    model.vision.load_state_dict(vision.state_dict())
+    return model
+
+
+def add_lora(model: MLLM, ft: FinetuneArgs) -> None:
+    apply_lora(model, [ft.lora_targets], ft.lora_r, ft.lora_alpha)
+
+
+def save_checkpoint(path: Path, obj: dict[str, Any]) -> None:
+    """Atomic: a crash mid-write never leaves a truncated file where a good checkpoint was."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint written by save_checkpoint; a clear SystemExit for a missing, truncated or foreign file."""
+    p = Path(path)
+    if not p.is_file():
+        raise SystemExit(f"{p}: no such checkpoint file")
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises RuntimeError / UnpicklingError / EOFError / zipfile errors here
+        raise SystemExit(f"{p}: not a readable unimllm checkpoint (truncated or foreign file?): {e}") from e
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
+        raise SystemExit(f"{p}: not a unimllm checkpoint (expected a dict with format={CKPT_FORMAT!r})")
+    return ckpt
+
+
+def checkpoint_model(ckpt: dict[str, Any], where: str) -> tuple[MLLM, D.Tokenizer]:
+    """Rebuild the model (with its LoRA wrappers, when the checkpoint has them) and tokenizer of a checkpoint."""
+    tok = D.Tokenizer.from_str(ckpt["tokenizer"])
+    model = MLLM(MLLMConfig.from_dict(ckpt["model_config"]))
+    if ckpt["lora"] is not None:
+        apply_lora(model, [ckpt["lora"]["targets"]], ckpt["lora"]["r"], ckpt["lora"]["alpha"])
+    try:
+        model.load_state_dict(ckpt["model"], strict=True)
+    except RuntimeError as e:
+        raise SystemExit(f"{where}: weights do not fit the configuration stored with them: {e}") from e
+    return model, tok
+
+
+def make_checkpoint(model: MLLM, tok: D.Tokenizer, cfg: TrainConfig, stage: str, step: int, done: bool,
+                    opt: torch.optim.Optimizer, lora: dict[str, Any] | None) -> dict[str, Any]:
+    return {
+        "format": CKPT_FORMAT, "stage": stage, "step": step, "done": done, "method": cfg.finetune.method,
+        "train_config": asdict(cfg), "model_config": model.cfg.to_dict(), "tokenizer": tok.to_str(),
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "lora": lora,
+        "optimizer": opt.state_dict(), "rng": torch.get_rng_state(),
+    }
+
+
+def check_compatible(ckpt: dict[str, Any], cfg: TrainConfig, where: str) -> None:
+    """Resuming with other model or data settings would silently train something else: refuse."""
+    old = ckpt["train_config"]
+    for part in ("model", "data", "pretrain", "finetune"):
+        for key, value in asdict(getattr(cfg, part)).items():
+            if old[part][key] != value:
+                raise SystemExit(f"{where}: written with {part}.{key}={old[part][key]!r}, but this run has "
+                                 f"{value!r}; resume with the same flags or start a new --out")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Losses of one step
+
+
+def ntp_sum(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Summed next-token cross-entropy and the number of predicted tokens (HF convention: labels[t] is the token at
+    t; position t-1 predicts it)."""
+    target = labels[:, 1:]
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), target.flatten(), ignore_index=-100, reduction="sum")
+    return loss, (target != -100).sum()
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in batch.items()}
+
+
+@dataclass
+class StepBatches:
+    """One rank's share of one step, plus the global Sugar metadata every rank needs for the targets."""
+    lm: dict | None = None
+    pairs: dict | None = None
+    stories: dict | None = None
+    singles: dict | None = None
+    sugar_global: dict | None = None
+
+    def n_sequences(self) -> int:
+        rows = [b["input_ids"] for b in (self.lm, self.stories, self.singles) if b is not None]
+        if self.pairs is not None:
+            rows.append(self.pairs["img_ids"])  # a pair is one sample (its caption side rides along)
+        return sum(r.shape[0] for r in rows)
+
+
+class Trainer:
+    """Holds what every step needs; `step_loss` is the objective of DESIGN "Combined" for one micro-batch."""
+
+    def __init__(self, model: MLLM, ddp_model: torch.nn.Module, tok: D.Tokenizer, cfg: TrainConfig, d: Dist,
+                 stage: str) -> None:
+        self.model, self.ddp_model, self.tok, self.cfg, self.d, self.stage = model, ddp_model, tok, cfg, d, stage
+        ft = cfg.finetune
+        method = ft.method if stage == "finetune" else "generative"
+        self.use_c = method in ("vladva", "unified")
+        self.use_s = method in ("sugar", "unified")
+        self.use_lm = method != "vladva"
+        self.weights = K.LossWeights(ntp=1.0, contrastive=ft.lambda_contrastive if self.use_c else 0.0,
+                                     structure=ft.lambda_structure if self.use_s else 0.0)
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if d.device.type == "cuda" else nullcontext())
+
+    def collect(self, corpus_streams: dict[str, Stream], step: int) -> StepBatches:
+        cfg, d, tok, n_img, L = self.cfg, self.d, self.tok, self.model.n_image_tokens, self.cfg.model.max_len
+        if self.stage == "pretrain":
+            items = corpus_streams["pretrain"].batch(step, cfg.pretrain.pretrain_batch)
+            return StepBatches(lm=D.collate(shard(items, cfg.pretrain.pretrain_batch, d), tok, n_img, L))
+        ft, out = cfg.finetune, StepBatches()
+        pairs = corpus_streams["pairs"].batch(step, ft.pair_batch)
+        local_pairs = shard(pairs, ft.pair_batch, d)
+        out.pairs = D.collate_pairs(local_pairs, tok, n_img, self.model.cfg.n_soft_tokens, L)
+        if self.use_lm:
+            out.lm = D.collate(shard(corpus_streams["lm"].batch(step, ft.lm_batch), ft.lm_batch, d), tok, n_img, L)
+            stories = corpus_streams["stories"].batch(step, ft.story_batch)
+            out.stories = D.collate(shard(stories, ft.story_batch, d), tok, n_img, L)
+            if self.use_s:
+                out.singles = D.collate(singles(local_pairs), tok, n_img, L)
+                # every rank builds the global targets' inputs in the gathered order: stories, then singles
+                glob = [shard(stories, ft.story_batch, Dist(r, d.world, d.device)) for r in range(d.world)]
+                glob_s = [singles(shard(pairs, ft.pair_batch, Dist(r, d.world, d.device))) for r in range(d.world)]
+                out.sugar_global = D.collate([s for g in glob for s in g] + [s for g in glob_s for s in g], tok,
+                                             n_img, L)
+        return out
+
+    def step_loss(self, b: StepBatches) -> tuple[Tensor, dict[str, float]]:
+        model, dev = self.ddp_model, self.d.device
+        ntp_parts, embeds = [], {}
+        with self.autocast:
+            if b.lm is not None:
+                lm = to_device(b.lm, dev)
+                logits, _ = model(lm["input_ids"], lm["images"])
+                ntp_parts.append(ntp_sum(logits, lm["labels"]))
+            if b.pairs is not None:
+                p = to_device(b.pairs, dev)
+                logits, hidden = model(p["img_ids"], p["images"])
+                ntp_parts.append(ntp_sum(logits, p["img_labels"]))
+                if self.use_c:
+                    _, txt_hidden = model(p["txt_ids"], None)
+                    embeds["img"] = self.model.summary_embedding(hidden, p["img_pos"])  # (B, D)
+                    embeds["txt"] = self.model.summary_embedding(txt_hidden, p["txt_pos"])  # (B, D)
+            if b.stories is not None:
+                s = to_device(b.stories, dev)
+                logits, hidden = model(s["input_ids"], s["images"])
+                ntp_parts.append(ntp_sum(logits, s["labels"]))
+                if self.use_s:
+                    embeds["story"] = self.prefix(s, hidden)
+            if b.singles is not None:
+                s1 = to_device(b.singles, dev)
+                _, hidden = model(s1["input_ids"], s1["images"])
+                embeds["single"] = self.prefix(s1, hidden)
+        return self.combine(ntp_parts, embeds, b)
+
+    def prefix(self, batch: dict[str, Tensor], hidden: Tensor) -> Tensor:
+        return self.model.prefix_embeddings(hidden, batch["seg_batch"], batch["seg_start"], batch["seg_end"],
+                                            batch["seg_is_image"], batch["prefix_seg"])
+
+    def combine(self, ntp_parts: list[tuple[Tensor, Tensor]], embeds: dict[str, Tensor],
+                b: StepBatches) -> tuple[Tensor, dict[str, float]]:
+        # L_ntp is a mean over every predicted token of the GLOBAL batch: each rank sums its own tokens and divides
+        # by the global count; DDP's gradient average (1/W) is undone by the factor W, so the gradient equals a
+        # single process's on the whole batch (checked by tests/test_train.py).
+        loss_sum = sum(p[0] for p in ntp_parts)
+        count = all_sum(sum(p[1] for p in ntp_parts).float())
+        ntp = loss_sum / count.clamp_min(1) * self.d.world
+        contrastive = structure = None
+        if self.use_c:
+            contrastive = K.contrastive_loss(embeds["img"], embeds["txt"], self.model.logit_scale)
+        if self.use_s:
+            structure = self.structure(embeds, b.sugar_global)
+        total, _ = K.combined_loss(ntp, contrastive, structure, self.weights)
+        return total, self.global_terms(ntp, contrastive, structure)
+
+    def global_terms(self, ntp: Tensor, contrastive: Tensor | None, structure: Tensor | None) -> dict[str, float]:
+        """The loss terms of the whole global batch, for logging: the mean over ranks of each rank's term is the
+        global value (ntp: each rank holds W x its share; contrastive: local rows; structure: the same on all)."""
+        names = ["ntp"] + (["contrastive"] if contrastive is not None else []) + (["structure"] if structure is not None else [])
+        local = torch.stack([t.detach().float().reshape(()) for t in (ntp, contrastive, structure) if t is not None])
+        values = (all_sum(local) / self.d.world).tolist()
+        terms = dict(zip(names, values))
+        w = {"ntp": self.weights.ntp, "contrastive": self.weights.contrastive, "structure": self.weights.structure}
+        terms["total"] = sum(w[k] * v for k, v in terms.items())
+        return terms
+
+    def structure(self, embeds: dict[str, Tensor], glob: dict[str, Tensor]) -> Tensor:
+        """Sugar Eq. 3 over the prefixes of the whole global batch. Every rank computes the same full loss on the
+        gathered embeddings; the gather's backward sums the W identical gradients into each rank's own rows and
+        DDP divides by W, so the applied gradient is the single-process one."""
+        r = torch.cat([gather_rows(embeds["story"]), gather_rows(embeds["single"])])  # (P, proj_dim)
+        g = to_device(glob, r.device)
+        delta = self.cfg.finetune.gak_delta or None
+        targets = K.gak_targets(g["slice_uni"], g["slice_cross"], g["seg_is_image"], g["prefix_slices"],
+                                g["prefix_len"], g["prefix_batch"], delta=delta)  # (P, P) Sugar Eq. 2 + 4
+        return K.structure_loss(r.float(), targets)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The loop
+
+
+def lr_at(step: int, total: int, peak: float, warmup_frac: float) -> float:
+    """Linear warm-up then cosine decay to 0 (both papers: AdamW + cosine; Sugar: 3% warm-up)."""
+    warm = max(1, int(round(total * warmup_frac)))
+    if step < warm:
+        return peak * (step + 1) / warm
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
+
+
+def run_stage(stage: str, model: MLLM, tok: D.Tokenizer, cfg: TrainConfig, d: Dist, streams: dict[str, Stream],
+              opt: torch.optim.Optimizer, start: int, total: int, peak_lr: float, lora: dict | None,
+              out: Path) -> list[dict[str, float]]:
+    """Steps start..total-1 of one stage; returns the logged terms of every step (the tests compare them)."""
+    ddp_model = DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None) if d.world > 1 else model
+    trainer = Trainer(model, ddp_model, tok, cfg, d, stage)
+    history: list[dict[str, float]] = []
+    run = cfg.run
+    bar = tqdm(range(start, total), desc=stage, disable=not d.main, dynamic_ncols=True, file=sys.stderr)
+    for step in bar:
+        t0 = time.perf_counter()
+        lr = lr_at(step, total, peak_lr, run.warmup_frac)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        terms_acc: dict[str, float] = {}
+        n_samples = 0
+        for micro in range(run.grad_accum):
+            batches = trainer.collect(streams, step * run.grad_accum + micro)
+            sync = micro == run.grad_accum - 1 or d.world == 1
+            with (nullcontext() if sync else ddp_model.no_sync()):
+                try:
+                    loss, terms = trainer.step_loss(batches)
+                except ValueError as e:  # kernel.py refuses non-finite losses and features
+                    raise SystemExit(f"train.py: {stage} step {step}: {e}; stopping without writing a checkpoint "
+                                     f"(the last good one, if any, stays at {out})") from e
+                if not math.isfinite(terms["total"]):
+                    raise SystemExit(f"train.py: {stage} step {step}: the loss is {terms['total']} ({terms}); "
+                                     f"stopping without writing a checkpoint (the last good one, if any, stays at {out})")
+                (loss / run.grad_accum).backward()
+            for k, v in terms.items():
+                terms_acc[k] = terms_acc.get(k, 0.0) + v / run.grad_accum
+            n_samples += batches.n_sequences() * d.world
+        if run.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], run.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        dt = time.perf_counter() - t0
+        history.append(terms_acc)
+        if d.main and (step % run.log_every == 0 or step == total - 1):
+            shown = " ".join(f"{k} {v:.4f}" for k, v in terms_acc.items())
+            tqdm.write(f"{stage} step {step:5d} | {shown} | lr {lr:.2e} | {dt * 1000:.0f} ms | "
+                       f"{n_samples / dt:.1f} samples/s", file=sys.stderr)
+        done = step == total - 1
+        if d.main and ((step + 1) % run.ckpt_every == 0 or done):
+            save_checkpoint(out, make_checkpoint(model, tok, cfg, stage, step + 1, done, opt, lora))
+    return history
+
+
+def base_path(out: Path) -> Path:
+    """Where the pre-trained base goes: out.pt -> out.base.pt (the --init of other methods' fine-tuning)."""
+    return out.with_name(out.stem + ".base" + out.suffix)
+
+
+def build_streams(corpus: Corpus, seed: int) -> dict[str, Stream]:
+    return {"pretrain": Stream("pretrain", corpus.lm + corpus.long + corpus.stories, seed),
+            "lm": Stream("lm", corpus.lm, seed), "stories": Stream("stories", corpus.stories, seed),
+            "pairs": Stream("pairs", corpus.pairs, seed)}
+
+
+def restore_rng(ckpt: dict[str, Any]) -> None:
+    torch.set_rng_state(ckpt["rng"])
+
+
+def train(cfg: TrainConfig, d: Dist) -> dict[str, list[dict[str, float]]]:
+    run, out = cfg.run, Path(cfg.run.out)
+    torch.manual_seed(run.seed + d.rank)  # seeds offset by rank; the data order is shared (Stream)
+    resume = load_checkpoint(out) if run.resume and out.exists() else None
+    if run.resume and resume is None and d.main:
+        print(f"train.py: --resume: {out} does not exist yet, starting from scratch", file=sys.stderr)
+    if resume is not None:
+        check_compatible(resume, cfg, str(out))
+    init = load_checkpoint(run.init) if run.init else None
+    if init is not None:  # the base defines the model; its data geometry (image size, context) must be kept
+        cfg.model = ModelArgs(**init["train_config"]["model"])
+
+    # tokenizer: from the checkpoint we continue, from the real LLM, or trained on the training text
+    if resume is not None or init is not None:
+        tok = D.Tokenizer.from_str((resume or init)["tokenizer"])
+        corpus = file_corpus(cfg, tok) if cfg.data.data else builtin_corpus(cfg)
+    elif run.llm:
+        tok = D.load_tokenizer(Path(run.llm) / "tokenizer.json")
+        corpus = file_corpus(cfg, tok) if cfg.data.data else builtin_corpus(cfg)
+    else:
+        corpus = file_corpus(cfg, None) if cfg.data.data else builtin_corpus(cfg)
+        tok = D.train_tokenizer(corpus.texts, cfg.model.vocab_size)
+    streams = build_streams(corpus, run.seed)
+    history: dict[str, list[dict[str, float]]] = {"pretrain": [], "finetune": []}
+
+    # --- stage 1: generative pre-training, all weights (skipped with --init / --llm, or when resuming past it)
+    lora_meta = {"targets": cfg.finetune.lora_targets, "r": cfg.finetune.lora_r, "alpha": cfg.finetune.lora_alpha}
+    in_finetune = resume is not None and resume["stage"] == "finetune"
+    if in_finetune:
+        model, _ = checkpoint_model(resume, str(out))
+    elif init is not None:
+        model, _ = checkpoint_model(init, run.init)
+        if init["lora"] is not None:
+            raise SystemExit(f"{run.init}: --init needs a pre-trained base (stage 'pretrain'), this one is "
+                             f"already fine-tuned with LoRA ({init['method']})")
+    elif run.llm:
+        model = model_from_hf(cfg, tok)
+    else:
+        model = MLLM(model_config(cfg.model, tok)).to(d.device)
+        opt = make_optimizer(model, cfg.pretrain.pretrain_lr, run.weight_decay)
+        start = 0
+        if resume is not None:
+            model.load_state_dict(resume["model"])
+            opt.load_state_dict(resume["optimizer"])
+            restore_rng(resume)
+            start = resume["step"]
+        history["pretrain"] = run_stage("pretrain", model, tok, cfg, d, streams, opt, start,
+                                        cfg.pretrain.pretrain_steps, cfg.pretrain.pretrain_lr, None, out)
+        if d.main:
+            save_checkpoint(base_path(out), make_checkpoint(model, tok, cfg, "pretrain", cfg.pretrain.pretrain_steps,
+                                                            True, opt, None))
+        resume = None
+
+    # --- stage 2: fine-tuning with LoRA + soft prompts + projector + temperature
+    model = model.to(d.device)
+    if not in_finetune:
+        add_lora(model, cfg.finetune)
+        model.init_soft_prompts(*D.soft_prompt_ids(tok))
+    set_trainable(model, TRAINABLE[cfg.finetune.method])
+    opt = make_optimizer(model, cfg.finetune.finetune_lr, run.weight_decay)
+    start = 0
+    if in_finetune:
+        opt.load_state_dict(resume["optimizer"])
+        restore_rng(resume)
+        start = resume["step"]
+    history["finetune"] = run_stage("finetune", model, tok, cfg, d, streams, opt, start,
+                                    cfg.finetune.finetune_steps, cfg.finetune.finetune_lr, lora_meta, out)
+    return history
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_args(argv)
+    d = setup_dist()
+    try:
+        t0 = time.perf_counter()
+        train(cfg, d)
+        if d.main:
+            print(f"train.py: wrote {cfg.run.out} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
