@@ -329,9 +329,12 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer, start_pos, k, v)  # (B, Hkv, start_pos + T, hd)
+        # GQA: query head h reads kv head h // (H / Hkv), Hugging Face's repeat_kv. Explicit repeat rather than SDPA's
+        # enable_gqa, whose CPU path is ~100x slower for one decoded query.
+        groups = self.num_heads // self.num_kv_heads
+        k, v = k.to(q.dtype).repeat_interleave(groups, dim=1), v.to(q.dtype).repeat_interleave(groups, dim=1)  # (B, H, Tk, hd)
         t_k = k.shape[2]
-        y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=offset_causal_mask(T, t_k, x.device),
-                                           is_causal=T == t_k > 1, enable_gqa=self.num_kv_heads != self.num_heads)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=offset_causal_mask(T, t_k, x.device), is_causal=T == t_k > 1)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
