@@ -117,13 +117,32 @@ def _valid_cells(grid_i: Tensor, grid_j: Tensor, n: int, m: int, x_lengths: Tens
     return valid
 
 
+# Pairs are processed in column chunks so that one diagonal step's working set stays in L2 cache: with many
+# short sequences (65,536 pairs of length 8) a whole-batch diagonal is megabytes and every op would go to DRAM.
+_CHUNK_ELEMENTS = 1 << 16
+
+
+def _chunks(batch: int, steps: list[tuple[int, int, int, int]]) -> list[slice]:
+    """Column slices of the pair axis, each with about _CHUNK_ELEMENTS cells in its widest diagonal."""
+    width = max(w for _, w, _, _ in steps)
+    size = max(1, _CHUNK_ELEMENTS // width)
+    return [slice(start, min(start + size, batch)) for start in range(0, batch, size)]
+
+
 def _wavefront(q: Tensor, steps: list[tuple[int, int, int, int]], weights: Tensor | None, hard: bool) -> None:
     """Fill q (G, B) in place: q[cell] += max / log-sum-exp of its three predecessors (soft-min of -R/γ).
 
     q enters holding -C/γ on interior cells (-C when hard) and the border values; weights (G, 3, B), when
     given, receives the soft-min weights (one-hot argmin when hard) of (diag, up, left) predecessors.
     """
-    batch = q.shape[1]
+    for cols in _chunks(q.shape[1], steps):
+        _wavefront_chunk(q[:, cols], steps, None if weights is None else weights[:, :, cols], hard)
+
+
+def _wavefront_chunk(q: Tensor, steps: list[tuple[int, int, int, int]], weights: Tensor | None,
+                     hard: bool) -> None:
+    """_wavefront on one column chunk; q (G, b) and weights (G, 3, b) may be column slices of larger buffers."""
+    batch, row = q.shape[1], q.stride(0)
     width = max(w for _, w, _, _ in steps)
     scratch = None if weights is not None else q.new_empty(width, 3, batch)
     mx = q.new_empty(width, 1, batch)
@@ -131,10 +150,10 @@ def _wavefront(q: Tensor, steps: list[tuple[int, int, int, int]], weights: Tenso
     index = torch.empty(width, 1, batch, dtype=torch.long, device=q.device) if hard else None
     base = q.storage_offset()
     for cur, w, dstart, ustart in steps:
-        p = weights[cur:cur + w] if weights is not None else scratch[:w]  # (w, 3, B)
+        p = weights[cur:cur + w] if weights is not None else scratch[:w]  # (w, 3, b)
         p[:, 0].copy_(q[dstart:dstart + w])
-        # up (i-1, j) and left (i, j-1) are consecutive rows of diagonal k-1: one overlapping (w, 2, B) view
-        p[:, 1:].copy_(q.as_strided((w, 2, batch), (batch, batch, 1), base + ustart * batch))
+        # up (i-1, j) and left (i, j-1) are consecutive rows of diagonal k-1: one overlapping (w, 2, b) view
+        p[:, 1:].copy_(q.as_strided((w, 2, batch), (row, row, 1), base + ustart * row))
         m_, t_ = mx[:w], total[:w]
         if hard:
             torch.max(p, 1, keepdim=True, out=(m_, index[:w]))
@@ -151,17 +170,25 @@ def _wavefront(q: Tensor, steps: list[tuple[int, int, int, int]], weights: Tenso
 
 
 def _backward_alignment(weights: Tensor, steps: list[tuple[int, int, int, int]], seed: Tensor) -> Tensor:
-    """E (G, B): expected alignment, E[cell] = seed + Σ_successors E[s] · weight_s(cell), pushed backwards."""
-    e = seed
+    """E (G, B): expected alignment, E[cell] = seed + Σ_successors E[s] · weight_s(cell), pushed backwards.
+
+    seed (G, B) is overwritten with E. By linearity a seed of grad_output at the end cells gives E · grad_output.
+    """
+    for cols in _chunks(seed.shape[1], steps):
+        _backward_chunk(weights[:, :, cols], steps, seed[:, cols])
+    return seed
+
+
+def _backward_chunk(weights: Tensor, steps: list[tuple[int, int, int, int]], e: Tensor) -> None:
+    """_backward_alignment on one column chunk."""
     batch = e.shape[1]
     width = max(w for _, w, _, _ in steps)
     pushed = e.new_empty(width, 3, batch)
     for cur, w, dstart, ustart in reversed(steps):
-        f = torch.mul(weights[cur:cur + w], e[cur:cur + w].unsqueeze(1), out=pushed[:w])  # (w, 3, B)
+        f = torch.mul(weights[cur:cur + w], e[cur:cur + w].unsqueeze(1), out=pushed[:w])  # (w, 3, b)
         e[dstart:dstart + w].add_(f[:, 0])
         e[ustart:ustart + w].add_(f[:, 1])
         e[ustart + 1:ustart + 1 + w].add_(f[:, 2])
-    return e
 
 
 def _prepare(cost: Tensor, gamma: float, x_lengths: Tensor | None, y_lengths: Tensor | None,
@@ -170,23 +197,18 @@ def _prepare(cost: Tensor, gamma: float, x_lengths: Tensor | None, y_lengths: Te
     batch, n, m = cost.shape
     steps, interior_idx, grid_i, grid_j, diag_offset, diag_low = _plan(n, m)
     device = cost.device
-    interior_idx, grid_i, grid_j = interior_idx.to(device), grid_i.to(device), grid_j.to(device)
+    interior_idx = interior_idx.to(device)
     # finite stand-in for -inf: even summed along a whole path (≤ n+m+1 cells) it cannot overflow, and
     # exp(sentinel - anything real) is exactly 0, so masked cells get zero weight without inf - inf = NaN.
     sentinel = -torch.finfo(cost.dtype).max / (4 * (n + m + 2))
-    q = cost.new_empty(grid_i.shape[0], batch)
-    q.index_copy_(0, interior_idx, cost.detach().permute(1, 2, 0).reshape(n * m, batch))
-    if gamma > 0:
-        q.mul_(-1.0 / gamma)
-    else:
-        q.neg_()
-    if x_lengths is None and y_lengths is None and bandwidth is None:
-        q.masked_fill_(((grid_i == 0) | (grid_j == 0)).view(-1, 1), sentinel)
-    else:
-        valid = _valid_cells(grid_i, grid_j, n, m, x_lengths, y_lengths, bandwidth, batch)
+    scaled = torch.empty(n, m, batch, dtype=cost.dtype, device=device)
+    torch.mul(cost.detach().permute(1, 2, 0), -1.0 / gamma if gamma > 0 else -1.0, out=scaled)  # (n, m, B)
+    q = torch.full((grid_i.shape[0], batch), sentinel, dtype=cost.dtype, device=device)  # border: "-inf"
+    q.index_copy_(0, interior_idx, scaled.view(n * m, batch))
+    del scaled
+    if x_lengths is not None or y_lengths is not None or bandwidth is not None:
+        valid = _valid_cells(grid_i.to(device), grid_j.to(device), n, m, x_lengths, y_lengths, bandwidth, batch)
         q.masked_fill_(~valid, sentinel)
-    if not bool(torch.isfinite(q).all()):
-        raise ValueError("dtw.py: cost has non-finite entries inside the (lengths, band) region")
     q[0] = 0.0  # R[0, 0] = 0
     nb = x_lengths if x_lengths is not None else torch.full((batch,), n, device=device, dtype=torch.long)
     mb = y_lengths if y_lengths is not None else torch.full((batch,), m, device=device, dtype=torch.long)
@@ -194,9 +216,16 @@ def _prepare(cost: Tensor, gamma: float, x_lengths: Tensor | None, y_lengths: Te
     return q, steps, interior_idx, end
 
 
-def _unskew(e: Tensor, interior_idx: Tensor, n: int, m: int, scale: Tensor) -> Tensor:
-    """(G, B) skewed grid values -> (B, n, m) cost-shaped values times scale (B,)."""
-    return (e.index_select(0, interior_idx) * scale.reshape(1, -1)).view(n, m, -1).permute(2, 0, 1)
+def _unskew(e: Tensor, interior_idx: Tensor, n: int, m: int) -> Tensor:
+    """(G, B) skewed grid values -> (B, n, m) cost-shaped view."""
+    return e.index_select(0, interior_idx).view(n, m, -1).permute(2, 0, 1)
+
+
+def _check_finite(value: Tensor) -> None:
+    """NaN / -inf costs inside the region (or +inf blocking every path) reach the end cell: fail loudly."""
+    if not bool(torch.isfinite(value).all()):
+        raise ValueError("dtw.py: soft-DTW value is not finite: the cost has NaN or -inf entries inside the "
+                         "(lengths, band) region, or +inf entries block every alignment path")
 
 
 class _SoftDTW(torch.autograd.Function):
@@ -210,6 +239,7 @@ class _SoftDTW(torch.autograd.Function):
         weights = q.new_empty(q.shape[0], 3, batch) if ctx.needs_input_grad[0] else None
         _wavefront(q, steps, weights, hard=gamma == 0)
         value = q.gather(0, end.view(1, -1)).view(batch) * (-gamma if gamma > 0 else -1.0)  # R = -γ Q
+        _check_finite(value)
         ctx.save_for_backward(weights, interior_idx, end)
         ctx.steps, ctx.shape = steps, cost.shape
         return value
@@ -219,9 +249,9 @@ class _SoftDTW(torch.autograd.Function):
         weights, interior_idx, end = ctx.saved_tensors
         batch, n, m = ctx.shape
         seed = weights.new_zeros(weights.shape[0], batch)
-        seed.scatter_(0, end.view(1, -1), 1.0)  # dR[n_b, m_b] / dR[n_b, m_b] = 1
+        seed.scatter_(0, end.view(1, -1), grad_value.reshape(1, -1).to(seed.dtype))  # dR_b/dR[n_b, m_b] = 1
         e = _backward_alignment(weights, ctx.steps, seed)
-        return _unskew(e, interior_idx, n, m, grad_value), None, None, None, None
+        return _unskew(e, interior_idx, n, m), None, None, None, None
 
 
 def soft_dtw(cost: Tensor, gamma: float, x_lengths: Tensor | None = None, y_lengths: Tensor | None = None,
@@ -258,9 +288,9 @@ def hard_dtw_path(cost: Tensor, x_lengths: Tensor | None = None, y_lengths: Tens
     q, steps, interior_idx, end = _prepare(batched.detach(), 0.0, x_lengths, y_lengths, bandwidth)
     weights = q.new_empty(q.shape[0], 3, batch)
     _wavefront(q, steps, weights, hard=True)
+    _check_finite(q.gather(0, end.view(1, -1)))
     seed = q.new_zeros(q.shape).scatter_(0, end.view(1, -1), 1.0)
-    on_path = _backward_alignment(weights, steps, seed)
-    on_path = _unskew(on_path, interior_idx, n, m, torch.ones(batch, dtype=q.dtype, device=q.device)) > 0.5
+    on_path = _unskew(_backward_alignment(weights, steps, seed), interior_idx, n, m) > 0.5
     paths = []
     for b in range(batch):
         cells = on_path[b].nonzero().tolist()

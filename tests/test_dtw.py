@@ -331,7 +331,7 @@ def test_float64_in_float64_out() -> None:
     (lambda: dtw.soft_dtw(torch.rand(1, 3, 3), 1.0, torch.tensor([4])), "x_lengths"),
     (lambda: dtw.soft_dtw(torch.rand(1, 3, 3), 1.0, None, torch.tensor([0])), "y_lengths"),
     (lambda: dtw.soft_dtw(torch.rand(1, 3, 3), 1.0, bandwidth=-1), "bandwidth"),
-    (lambda: dtw.soft_dtw(torch.full((1, 2, 2), float("nan")), 1.0), "non-finite"),
+    (lambda: dtw.soft_dtw(torch.full((1, 2, 2), float("nan")), 1.0), "not finite"),
     (lambda: dtw.soft_dtw(torch.rand(1, 2, 2).long(), 1.0), "float32 or float64"),
     (lambda: dtw.gak(torch.rand(1, 2, 2), torch.rand(1, 2, 2), 0.0), "sigma"),
     (lambda: dtw.soft_dtw_divergence(torch.rand(1, 2, 2), torch.rand(2, 2, 2), 1.0), "expected x"),
