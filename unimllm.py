@@ -321,7 +321,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(cfg.num_heads * hd, d, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv_cache: KVCache | None, start_pos: int) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv_cache: KVCache | None, start_pos: int,
+                mask: Tensor | None) -> Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
@@ -334,7 +335,10 @@ class Attention(nn.Module):
         groups = self.num_heads // self.num_kv_heads
         k, v = k.to(q.dtype).repeat_interleave(groups, dim=1), v.to(q.dtype).repeat_interleave(groups, dim=1)  # (B, H, Tk, hd)
         t_k = k.shape[2]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=offset_causal_mask(T, t_k, x.device), is_causal=T == t_k > 1)
+        if mask is None:  # plain causal attention over positions 0..t_k-1
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=offset_causal_mask(T, t_k, x.device), is_causal=T == t_k > 1)
+        else:  # (B, 1, T, t_k) from generate on right-padded prompts
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -365,8 +369,9 @@ class DecoderBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = SwiGLU(cfg)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv_cache: KVCache | None, start_pos: int) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, start_pos)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv_cache: KVCache | None, start_pos: int,
+                mask: Tensor | None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, start_pos, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -382,41 +387,55 @@ class LLM(nn.Module):
         if not cfg.tie_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
-    def head_weight(self) -> Tensor:
-        return self.embed_tokens.weight if self.cfg.tie_embeddings else self.lm_head.weight
-
     def forward(self, input_ids: Tensor | None = None, inputs_embeds: Tensor | None = None, kv_cache: KVCache | None = None,
                 start_pos: int = 0, return_hidden: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """logits (B, T, V) for tokens at positions start_pos..start_pos+T-1 (earlier ones held by `kv_cache`);
+        with return_hidden also the hidden states after the final RMSNorm (B, T, D)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, D)
         B, T, _ = x.shape
         end = start_pos + T
-        if end > (kv_cache.max_len if kv_cache is not None else self.cfg.max_seq_len):
-            raise ValueError(f"positions up to {end} exceed the {'KV cache length' if kv_cache is not None else 'max_seq_len'}")
         if kv_cache is None and start_pos != 0:
             raise ValueError("start_pos > 0 needs a kv_cache holding the earlier positions")
+        limit = kv_cache.max_len if kv_cache is not None else self.cfg.max_seq_len
+        if end > limit:
+            raise ValueError(f"positions up to {end} exceed the {'KV cache length' if kv_cache is not None else 'max_seq_len'} {limit}")
         positions = torch.arange(start_pos, end, device=x.device).expand(B, T)  # (B, T)
+        logits, hidden = self.run(x, positions, kv_cache, start_pos, None)
+        return (logits, hidden) if return_hidden else logits
+
+    def run(self, x: Tensor, positions: Tensor, kv_cache: KVCache | None, start_pos: int,
+            mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        """The decoder on embeddings x (B, T, D) at RoPE positions (B, T), written to cache slots start_pos.. ;
+        mask (B, 1, T, start_pos + T) or None for plain causal attention."""
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
         for block in self.layers:
-            x = block(x, cos, sin, kv_cache, start_pos)
+            x = block(x, cos, sin, kv_cache, start_pos, mask)
         hidden = self.norm(x)  # (B, T, D)
-        logits = F.linear(hidden, self.head_weight()) if self.cfg.tie_embeddings else self.lm_head(hidden)  # (B, T, V)
-        return (logits, hidden) if return_hidden else logits
+        logits = F.linear(hidden, self.embed_tokens.weight) if self.cfg.tie_embeddings else self.lm_head(hidden)  # (B, T, V)
+        return logits, hidden
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor | None = None, inputs_embeds: Tensor | None = None, max_new_tokens: int = 32,
-                 temperature: float = 0.0, eos_id: int | None = None, use_cache: bool = True,
-                 generator: torch.Generator | None = None) -> Tensor:
-        """Greedy (temperature 0) or sampled decoding -> (B, new). After a row emits `eos_id` it is padded with
-        `eos_id`; decoding stops early once every row has, so `new` may be < max_new_tokens. `use_cache=False`
-        recomputes the whole sequence every step (the benchmark's reference)."""
+                 temperature: float = 0.0, eos_id: int | None = None, lengths: Tensor | None = None,
+                 use_cache: bool = True, generator: torch.Generator | None = None) -> Tensor:
+        """Greedy (temperature 0) or sampled decoding -> (B, new). `lengths` (B,) gives each row's prompt length
+        for right-padded prompts (default: all T). After a row emits `eos_id` it is padded with `eos_id`; decoding
+        stops once every row has, so `new` may be < max_new_tokens. `use_cache=False` recomputes the whole sequence
+        every step (the benchmark's reference)."""
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, D)
         B, T, _ = x.shape
-        cache = KVCache(self.cfg, B, T + max_new_tokens, x.device, x.dtype) if use_cache else None
-        logits = self(inputs_embeds=x, kv_cache=cache)[:, -1]  # (B, V)
+        slots = DecodeSlots(lengths, B, T, max_new_tokens, x.device)
+        if slots.total > self.cfg.max_seq_len:
+            raise ValueError(f"prompt {T} + max_new_tokens {max_new_tokens} exceeds max_seq_len {self.cfg.max_seq_len}")
+        cache = KVCache(self.cfg, B, slots.total, x.device, x.dtype) if use_cache else None
+        logits = self.run(x, slots.positions(0, T), cache, 0, slots.mask(0, T))[0]
+        logits = logits[torch.arange(B, device=x.device), slots.lengths - 1]  # (B, V) at each row's last prompt token
         done = torch.zeros(B, dtype=torch.bool, device=x.device)
         out: list[Tensor] = []
         for step in range(max_new_tokens):
@@ -428,12 +447,42 @@ class LLM(nn.Module):
             if step == max_new_tokens - 1 or bool(done.all()):
                 break
             e = self.embed_tokens(nxt[:, None]).to(x.dtype)  # (B, 1, D)
+            s = T + step  # the cache slot of this token
             if cache is not None:
-                logits = self(inputs_embeds=e, kv_cache=cache, start_pos=T + step)[:, -1]
+                logits = self.run(e, slots.positions(s, s + 1), cache, s, slots.mask(s, s + 1))[0][:, -1]
             else:
                 x = torch.cat([x, e], dim=1)
-                logits = self(inputs_embeds=x)[:, -1]
+                logits = self.run(x, slots.positions(0, s + 1), None, 0, slots.mask(0, s + 1))[0][:, -1]
         return torch.stack(out, dim=1)
+
+
+class DecodeSlots:
+    """Where tokens sit during generation from right-padded prompts. Slot j < T holds prompt position j (pads for
+    j >= lengths[b], masked out); generated token s sits in slot T + s at RoPE position lengths[b] + s, so every row
+    sees exactly its own prompt followed by its own tokens, as if it had been decoded alone."""
+
+    def __init__(self, lengths: Tensor | None, batch: int, prompt_len: int, max_new: int, device: torch.device) -> None:
+        if lengths is None:
+            lengths = torch.full((batch,), prompt_len, device=device)
+        lengths = lengths.to(device=device, dtype=torch.long)
+        if lengths.shape != (batch,) or bool(((lengths < 1) | (lengths > prompt_len)).any()):
+            raise ValueError(f"lengths must be (B,)=({batch},) with values in [1, {prompt_len}], got {lengths.tolist()}")
+        self.lengths, self.prompt_len, self.total = lengths, prompt_len, prompt_len + max_new
+        self.padded = bool((lengths < prompt_len).any())
+        j = torch.arange(self.total, device=device)
+        self.slot = j
+        self.pos = torch.where(j < prompt_len, j, lengths[:, None] + j - prompt_len)  # (B, total)
+        self.valid = (j < lengths[:, None]) | (j >= prompt_len)  # (B, total)
+
+    def positions(self, start: int, end: int) -> Tensor:
+        return self.pos[:, start:end]  # (B, end - start)
+
+    def mask(self, start: int, end: int) -> Tensor | None:
+        """Queries in slots start..end-1 over keys in slots 0..end-1; None (plain causal) when nothing is padded."""
+        if not self.padded:
+            return None
+        causal = self.slot[None, :end] <= self.slot[start:end, None]  # (Tq, Tk)
+        return (causal[None] & self.valid[:, None, :end])[:, None]  # (B, 1, Tq, Tk)
 
 
 def next_token(logits: Tensor, temperature: float, generator: torch.Generator | None) -> Tensor:
@@ -521,9 +570,11 @@ class MLLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, images: Tensor | None = None, max_new_tokens: int = 32, temperature: float = 0.0,
-                 eos_id: int | None = None) -> Tensor:
+                 eos_id: int | None = None, lengths: Tensor | None = None,
+                 generator: torch.Generator | None = None) -> Tensor:
+        """(B, new) tokens after each prompt; `lengths` (B,) for right-padded prompts (see LLM.generate)."""
         return self.llm.generate(inputs_embeds=self.embed(input_ids, images), max_new_tokens=max_new_tokens,
-                                 temperature=temperature, eos_id=eos_id)
+                                 temperature=temperature, eos_id=eos_id, lengths=lengths, generator=generator)
 
     def summary_embedding(self, hidden: Tensor, pos: Tensor) -> Tensor:
         """VladVA: the final hidden state at `pos` (the last soft-prompt token), L2-normalised. (B,T,D) -> (B,D)."""

@@ -107,6 +107,22 @@ def test_greedy_generate_matches_transformers(saved, name: str) -> None:
     assert torch.equal(llm.generate(ids, max_new_tokens=20, use_cache=False), ref)
 
 
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_right_padded_batch_generate_matches_rows_alone(saved, use_cache: bool) -> None:
+    path, hf = saved["qwen2_sharded"]
+    llm = um.load_llm(path)
+    ids = torch.randint(1, VOCAB, (3, 9), generator=torch.Generator().manual_seed(7))
+    lengths = torch.tensor([9, 4, 6])
+    ids[1, 4:], ids[2, 6:] = 0, 0  # right padding
+    ours = llm.generate(ids, max_new_tokens=10, lengths=lengths, use_cache=use_cache)
+    for b, n in enumerate(lengths.tolist()):
+        with torch.no_grad():
+            ref = hf.generate(ids[b:b + 1, :n], max_new_tokens=10, do_sample=False)[0, n:]
+        assert torch.equal(ours[b], ref), b
+    with pytest.raises(ValueError, match="lengths"):
+        llm.generate(ids, lengths=torch.tensor([9, 0, 6]))
+
+
 def test_greedy_generate_eos_matches_transformers(saved) -> None:
     path, hf = saved["llama_untied"]
     llm = um.load_llm(path)
