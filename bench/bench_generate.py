@@ -5,7 +5,7 @@ Without a cache every new token recomputes attention and MLPs over the whole seq
 tokens); with the cache each step processes one token against stored keys/values (O(T)). The table reports
 decode tokens/s for `--new` (default 128) greedy tokens after a `--prompt`-token prompt, and the speed-up.
 
-Run:  python bench/bench_generate.py [--device cpu|cuda] [--dtype float32|bfloat16] [--repeats 3]
+Run:  python bench/bench_generate.py [--device cpu|cuda] [--dtype float32|bfloat16] [--repeats 3] [--threads 1]
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 keeps torch's default")
     return ap.parse_args()
 
 
@@ -55,6 +56,8 @@ def time_generate(llm: um.LLM, ids: torch.Tensor, new: int, use_cache: bool, rep
 
 def main() -> None:
     a = parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)  # on a shared CPU, fewer threads than cores avoids OpenMP spin contention
     torch.manual_seed(0)
     cfg = um.LLMConfig(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=4 * a.hidden, num_layers=a.layers,
                        num_heads=a.hidden // 64, num_kv_heads=max(1, a.hidden // 128), max_seq_len=a.prompt + a.new)
