@@ -544,10 +544,7 @@ class MLLM(nn.Module):
     def fill_images(self, x: Tensor, input_ids: Tensor, images: Tensor | None) -> Tensor:
         mask = input_ids == self.cfg.image_token_id  # (B, T)
         n_img, p = (0 if images is None else images.shape[0]), self.n_image_tokens
-        per_row = mask.sum(1)
-        if bool((per_row % p).any()):
-            raise ValueError(f"each image needs {p} consecutive <image> ids; a row holds {per_row.tolist()} of them")
-        n_slots = int(per_row.sum()) // p
+        n_slots = count_runs(mask, p, "<image>")
         if n_slots != n_img:
             raise ValueError(f"{n_img} images but {n_slots} <image> placeholders (of {p} <image> ids each)")
         if n_img == 0:
@@ -599,13 +596,23 @@ class MLLM(nn.Module):
         return F.normalize(self.projector(vec).float(), dim=-1)
 
 
+def count_runs(mask: Tensor, k: int, name: str) -> int:
+    """Number of k-long groups of consecutive masked positions, (B, T) row-major; raises unless the masked
+    positions split exactly into such groups (every image / soft prompt whole and within one row)."""
+    per_row = mask.sum(1)  # (B,)
+    if bool((per_row % k).any()):
+        raise ValueError(f"{name} ids must come in runs of {k} consecutive positions; the rows hold {per_row.tolist()}")
+    flat = mask.flatten().nonzero()[:, 0]  # (n,) row-major positions
+    i = torch.arange(flat.numel(), device=mask.device)
+    group_start = flat[i - i % k]  # position of the first id of each id's group
+    if bool((flat - group_start != i % k).any()):
+        raise ValueError(f"{name} ids must come in runs of {k} consecutive positions; a group is split")
+    return flat.numel() // k
+
+
 def fill_runs(x: Tensor, mask: Tensor, prompt: Tensor, name: str) -> Tensor:
     """Positions in `mask` (B, T) get prompt rows 0..K-1, each run of K in row-major order."""
-    k = prompt.shape[0]
-    per_row = mask.sum(1)
-    if bool((per_row % k).any()):
-        raise ValueError(f"{name} ids must come in runs of n_soft_tokens={k}; rows hold {per_row.tolist()}")
-    n = int(per_row.sum()) // k
+    n = count_runs(mask, prompt.shape[0], name)
     if n == 0:
         return x
     return x.masked_scatter(mask[..., None], prompt.to(x.dtype).repeat(n, 1))

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
@@ -142,6 +144,21 @@ def test_sampling_is_seeded_and_in_vocab(saved) -> None:
     assert torch.equal(a, b) and a.shape == (2, 8) and int(a.max()) < VOCAB
 
 
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 200), st.integers(0, 40), st.floats(100.0, 1e6))
+def test_rope_scores_depend_only_on_relative_position(shift: int, gap: int, theta: float) -> None:
+    # RoPE's defining property (Su et al. Eq. 16): <R_m q, R_n k> = <q, R_(n-m) k>
+    g = torch.Generator().manual_seed(shift + gap)
+    q, k = torch.randn(1, 1, 1, 16, generator=g, dtype=torch.float64), torch.randn(1, 1, 1, 16, generator=g, dtype=torch.float64)
+
+    def score(m: int, n: int) -> torch.Tensor:
+        cq, sq = um.rope_cos_sin(torch.tensor([[m]]), 16, theta, torch.float64)
+        ck, sk = um.rope_cos_sin(torch.tensor([[n]]), 16, theta, torch.float64)
+        return (um.apply_rope(q, cq, sq) * um.apply_rope(k, ck, sk)).sum()
+
+    torch.testing.assert_close(score(shift, shift + gap), score(0, gap), rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # vision towers
 
@@ -235,6 +252,12 @@ def test_loader_untied_lm_head_in_tied_model_is_extra(saved, tmp_path: Path) -> 
     edit_weights(p, lambda sd: sd.__setitem__("lm_head.weight", torch.randn(VOCAB, 64)))
     with pytest.raises(ValueError, match="unexpected tensor 'lm_head.weight'"):
         um.load_llm(p)
+
+
+def test_loader_tied_duplicate_lm_head_is_accepted(saved, tmp_path: Path) -> None:
+    p = copy_dir(saved["llama_tied"][0], tmp_path / "m")
+    edit_weights(p, lambda sd: sd.__setitem__("lm_head.weight", sd["model.embed_tokens.weight"].clone()))
+    torch.testing.assert_close(um.load_llm(p)(torch.arange(5)[None]), saved["llama_tied"][1](torch.arange(5)[None]).logits)
 
 
 def test_loader_wrong_shape(saved, tmp_path: Path) -> None:
@@ -347,8 +370,16 @@ def test_embed_count_mismatch_raises() -> None:
         m.embed(interleaved_ids())
     bad = interleaved_ids()
     bad[0, 3] = 5  # an image run one id short
-    with pytest.raises(ValueError, match="consecutive <image>"):
+    with pytest.raises(ValueError, match="<image> ids must come in runs of 4"):
         m.embed(bad, torch.rand(3, 3, 8, 8))
+    split = interleaved_ids()
+    split[1, 4], split[1, 2] = IMG, 12  # right count per row, but image B is split in two
+    with pytest.raises(ValueError, match="a group is split"):
+        m.embed(split, torch.rand(3, 3, 8, 8))
+    soft = interleaved_ids()
+    soft[0, 8] = 5  # a soft image prompt one id short
+    with pytest.raises(ValueError, match="<soft_image> ids must come in runs of 3"):
+        m.embed(soft, torch.rand(3, 3, 8, 8))
 
 
 def test_init_soft_prompts_copies_embeddings() -> None:
