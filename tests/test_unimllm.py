@@ -177,6 +177,9 @@ def vision_saved(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Pa
             text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                              vocab_size=50, bos_token_id=0, eos_token_id=1, pad_token_id=1),
             vision_config=VISION_KW, projection_dim=16)),
+        "siglip_full": transformers.SiglipModel(transformers.SiglipConfig(
+            text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                             vocab_size=50, projection_size=32), vision_config=VISION_KW)),
     }
     out = {}
     for name, model in models.items():
@@ -186,15 +189,15 @@ def vision_saved(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Pa
 
 
 def hf_vision_hidden(name: str, model: torch.nn.Module, x: torch.Tensor):
-    vm = model.vision_model if name == "clip_full" else model
+    vm = model.vision_model if name.endswith("_full") else model
     return vm(pixel_values=x, output_hidden_states=True)
 
 
-@pytest.mark.parametrize("name", ["clip", "siglip", "clip_full"])
+@pytest.mark.parametrize("name", ["clip", "siglip", "clip_full", "siglip_full"])
 def test_vision_hidden_states_match_transformers(vision_saved, name: str) -> None:
     path, hf = vision_saved[name]
     enc = um.load_vision(path)
-    assert enc.cfg.use_cls == (name != "siglip")
+    assert enc.cfg.use_cls == name.startswith("clip")
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         ref = hf_vision_hidden(name, hf, x)
@@ -202,7 +205,7 @@ def test_vision_hidden_states_match_transformers(vision_saved, name: str) -> Non
         for layer in range(-4, 4):
             torch.testing.assert_close(enc(x, layer=layer), ref.hidden_states[layer], msg=f"layer {layer}")
         pooled = enc.pooled(x)
-    if name == "siglip":
+    if name.startswith("siglip"):
         torch.testing.assert_close(pooled, ref.last_hidden_state)  # SigLIP applies post_layernorm to every token
     else:
         torch.testing.assert_close(pooled[:, 0], ref.pooler_output)  # CLIP: post_layernorm on CLS only
