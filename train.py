@@ -30,6 +30,7 @@ import argparse
 import math
 import os
 import random
+import re
 import sys
 import time
 from contextlib import nullcontext
@@ -130,6 +131,7 @@ class RunArgs:
     grad_clip: float = 1.0
     log_every: int = 10
     ckpt_every: int = 100
+    stop_after: int = 0     # end this invocation after N steps, with a checkpoint (0: run to the end); --resume continues
 
 
 @dataclass
@@ -354,6 +356,17 @@ def model_from_hf(cfg: TrainConfig, tok: D.Tokenizer) -> MLLM:
     return model
 
 
+def pretrain_trainable(model: MLLM) -> None:
+    """Pre-training trains every weight the next-token loss reaches: not the soft prompts, the projector or the
+    temperature (fine-tuning's), nor the vision layers after LLaVA's feature layer (DDP needs every trainable
+    tensor to receive a gradient)."""
+    first_unused = model.vision.layer_index(model.cfg.feature_layer)
+    unused = [r"^(image_prompt|text_prompt|logit_scale)$", r"^projector\.", r"^vision\.post_layernorm\."]
+    unused += [rf"^vision\.encoder\.layers\.{i}\." for i in range(first_unused, model.cfg.vision.num_layers)]
+    for name, p in model.named_parameters():
+        p.requires_grad_(not any(re.search(u, name) for u in unused))
+
+
 def add_lora(model: MLLM, ft: FinetuneArgs) -> None:
     apply_lora(model, [ft.lora_targets], ft.lora_r, ft.lora_alpha)
 
@@ -393,13 +406,16 @@ def checkpoint_model(ckpt: dict[str, Any], where: str) -> tuple[MLLM, D.Tokenize
     return model, tok
 
 
-def make_checkpoint(model: MLLM, tok: D.Tokenizer, cfg: TrainConfig, stage: str, step: int, done: bool,
-                    opt: torch.optim.Optimizer, lora: dict[str, Any] | None) -> dict[str, Any]:
+def make_checkpoint(model: MLLM, tok: D.Tokenizer, cfg: TrainConfig, stage: "Stage", step: int,
+                    opt: torch.optim.Optimizer, history: dict[str, list[dict[str, float]]]) -> dict[str, Any]:
+    """Everything eval.py and --resume need: configs, tokenizer, weights (LoRA unmerged), step, optimizer, RNG, and
+    the loss terms of every step so far."""
     return {
-        "format": CKPT_FORMAT, "stage": stage, "step": step, "done": done, "method": cfg.finetune.method,
-        "train_config": asdict(cfg), "model_config": model.cfg.to_dict(), "tokenizer": tok.to_str(),
-        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "lora": lora,
-        "optimizer": opt.state_dict(), "rng": torch.get_rng_state(),
+        "format": CKPT_FORMAT, "stage": stage.name, "step": step, "done": step == stage.total,
+        "method": cfg.finetune.method, "train_config": asdict(cfg), "model_config": model.cfg.to_dict(),
+        "tokenizer": tok.to_str(), "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "lora": stage.lora, "optimizer": opt.state_dict(), "rng": torch.get_rng_state(),
+        "history": {k: list(v) for k, v in history.items()},
     }
 
 
@@ -570,52 +586,67 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> to
     return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
 
 
-def run_stage(stage: str, model: MLLM, tok: D.Tokenizer, cfg: TrainConfig, d: Dist, streams: dict[str, Stream],
-              opt: torch.optim.Optimizer, start: int, total: int, peak_lr: float, lora: dict | None,
-              out: Path) -> list[dict[str, float]]:
-    """Steps start..total-1 of one stage; returns the logged terms of every step (the tests compare them)."""
+@dataclass
+class Stage:
+    """One stage's fixed settings: which, how many steps, the peak lr, and the LoRA recipe stored with checkpoints."""
+    name: str
+    total: int
+    peak_lr: float
+    lora: dict[str, Any] | None
+
+
+def run_stage(stage: Stage, model: MLLM, tok: D.Tokenizer, cfg: TrainConfig, d: Dist, streams: dict[str, Stream],
+              opt: torch.optim.Optimizer, start: int, history: dict[str, list[dict[str, float]]], stop: int) -> bool:
+    """Steps start..min(total, stop)-1 of one stage, appending each step's global loss terms to history[stage].
+    Returns True when the stage is complete (False: --stop-after ended this invocation; --resume continues)."""
     ddp_model = DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None) if d.world > 1 else model
-    trainer = Trainer(model, ddp_model, tok, cfg, d, stage)
-    history: list[dict[str, float]] = []
-    run = cfg.run
-    bar = tqdm(range(start, total), desc=stage, disable=not d.main, dynamic_ncols=True, file=sys.stderr)
-    for step in bar:
+    trainer = Trainer(model, ddp_model, tok, cfg, d, stage.name)
+    run, out, end = cfg.run, Path(cfg.run.out), min(stage.total, stop)
+    for step in tqdm(range(start, end), desc=stage.name, disable=not d.main, dynamic_ncols=True, file=sys.stderr):
         t0 = time.perf_counter()
-        lr = lr_at(step, total, peak_lr, run.warmup_frac)
+        lr = lr_at(step, stage.total, stage.peak_lr, run.warmup_frac)
         for group in opt.param_groups:
             group["lr"] = lr
-        terms_acc: dict[str, float] = {}
-        n_samples = 0
-        for micro in range(run.grad_accum):
-            batches = trainer.collect(streams, step * run.grad_accum + micro)
-            sync = micro == run.grad_accum - 1 or d.world == 1
-            with (nullcontext() if sync else ddp_model.no_sync()):
-                try:
-                    loss, terms = trainer.step_loss(batches)
-                except ValueError as e:  # kernel.py refuses non-finite losses and features
-                    raise SystemExit(f"train.py: {stage} step {step}: {e}; stopping without writing a checkpoint "
-                                     f"(the last good one, if any, stays at {out})") from e
-                if not math.isfinite(terms["total"]):
-                    raise SystemExit(f"train.py: {stage} step {step}: the loss is {terms['total']} ({terms}); "
-                                     f"stopping without writing a checkpoint (the last good one, if any, stays at {out})")
-                (loss / run.grad_accum).backward()
-            for k, v in terms.items():
-                terms_acc[k] = terms_acc.get(k, 0.0) + v / run.grad_accum
-            n_samples += batches.n_sequences() * d.world
+        terms, n_samples = accumulate(trainer, ddp_model, streams, step, cfg, d)
         if run.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], run.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t0
-        history.append(terms_acc)
-        if d.main and (step % run.log_every == 0 or step == total - 1):
-            shown = " ".join(f"{k} {v:.4f}" for k, v in terms_acc.items())
-            tqdm.write(f"{stage} step {step:5d} | {shown} | lr {lr:.2e} | {dt * 1000:.0f} ms | "
+        history[stage.name].append(terms)
+        if d.main and (step % run.log_every == 0 or step == stage.total - 1):
+            shown = " ".join(f"{k} {v:.4f}" for k, v in terms.items())
+            tqdm.write(f"{stage.name} step {step:5d} | {shown} | lr {lr:.2e} | {dt * 1000:.0f} ms | "
                        f"{n_samples / dt:.1f} samples/s", file=sys.stderr)
-        done = step == total - 1
-        if d.main and ((step + 1) % run.ckpt_every == 0 or done):
-            save_checkpoint(out, make_checkpoint(model, tok, cfg, stage, step + 1, done, opt, lora))
-    return history
+        if d.main and ((step + 1) % run.ckpt_every == 0 or step + 1 == end):
+            save_checkpoint(out, make_checkpoint(model, tok, cfg, stage, step + 1, opt, history))
+    return end == stage.total
+
+
+def accumulate(trainer: Trainer, ddp_model: torch.nn.Module, streams: dict[str, Stream], step: int,
+               cfg: TrainConfig, d: Dist) -> tuple[dict[str, float], int]:
+    """Forward + backward of grad_accum micro-batches (DDP syncs gradients on the last only). A failing or
+    non-finite loss stops the run before anything is written, so no good checkpoint is replaced by a bad one."""
+    n_acc, out = cfg.run.grad_accum, Path(cfg.run.out)
+    terms_acc: dict[str, float] = {}
+    n_samples = 0
+    for micro in range(n_acc):
+        batches = trainer.collect(streams, step * n_acc + micro)
+        sync = micro == n_acc - 1 or d.world == 1
+        with (nullcontext() if sync else ddp_model.no_sync()):
+            try:
+                loss, terms = trainer.step_loss(batches)
+            except ValueError as e:  # kernel.py refuses non-finite losses and features
+                raise SystemExit(f"train.py: {trainer.stage} step {step}: {e}; stopping without writing a "
+                                 f"checkpoint (the last good one, if any, stays at {out})") from e
+            if not math.isfinite(terms["total"]):
+                raise SystemExit(f"train.py: {trainer.stage} step {step}: the loss is {terms['total']} ({terms}); "
+                                 f"stopping without writing a checkpoint (the last good one, if any, stays at {out})")
+            (loss / n_acc).backward()
+        for k, v in terms.items():
+            terms_acc[k] = terms_acc.get(k, 0.0) + v / n_acc
+        n_samples += batches.n_sequences() * d.world
+    return terms_acc, n_samples
 
 
 def base_path(out: Path) -> Path:
@@ -629,78 +660,94 @@ def build_streams(corpus: Corpus, seed: int) -> dict[str, Stream]:
             "pairs": Stream("pairs", corpus.pairs, seed)}
 
 
-def restore_rng(ckpt: dict[str, Any]) -> None:
-    torch.set_rng_state(ckpt["rng"])
+def tokenizer_and_corpus(cfg: TrainConfig, source: dict[str, Any] | None) -> tuple[D.Tokenizer, Corpus]:
+    """The tokenizer of the checkpoint we continue, of the real LLM, or trained on the training text."""
+    corpus_of = (lambda tok: file_corpus(cfg, tok)) if cfg.data.data else (lambda tok: builtin_corpus(cfg))
+    if source is not None:
+        tok = D.Tokenizer.from_str(source["tokenizer"])
+        return tok, corpus_of(tok)
+    if cfg.run.llm:
+        tok = D.load_tokenizer(Path(cfg.run.llm) / "tokenizer.json")
+        return tok, corpus_of(tok)
+    corpus = corpus_of(None)
+    tok_json = [D.train_tokenizer(corpus.texts, cfg.model.vocab_size).to_str()]
+    if dist.is_initialized():  # one tokenizer for all ranks, whatever BPE training's tie-breaking does
+        dist.broadcast_object_list(tok_json, src=0)
+    return D.Tokenizer.from_str(tok_json[0]), corpus
 
 
-def train(cfg: TrainConfig, d: Dist) -> dict[str, list[dict[str, float]]]:
+@dataclass
+class TrainResult:
+    model: MLLM
+    history: dict[str, list[dict[str, float]]]
+    complete: bool
+
+
+def train(cfg: TrainConfig, d: Dist) -> TrainResult:
     run, out = cfg.run, Path(cfg.run.out)
-    torch.manual_seed(run.seed + d.rank)  # seeds offset by rank; the data order is shared (Stream)
+    torch.manual_seed(run.seed + d.rank)  # seeds offset by rank; the data order is shared by all ranks (Stream)
     resume = load_checkpoint(out) if run.resume and out.exists() else None
     if run.resume and resume is None and d.main:
         print(f"train.py: --resume: {out} does not exist yet, starting from scratch", file=sys.stderr)
     if resume is not None:
         check_compatible(resume, cfg, str(out))
     init = load_checkpoint(run.init) if run.init else None
-    if init is not None:  # the base defines the model; its data geometry (image size, context) must be kept
-        cfg.model = ModelArgs(**init["train_config"]["model"])
-
-    # tokenizer: from the checkpoint we continue, from the real LLM, or trained on the training text
-    if resume is not None or init is not None:
-        tok = D.Tokenizer.from_str((resume or init)["tokenizer"])
-        corpus = file_corpus(cfg, tok) if cfg.data.data else builtin_corpus(cfg)
-    elif run.llm:
-        tok = D.load_tokenizer(Path(run.llm) / "tokenizer.json")
-        corpus = file_corpus(cfg, tok) if cfg.data.data else builtin_corpus(cfg)
-    else:
-        corpus = file_corpus(cfg, None) if cfg.data.data else builtin_corpus(cfg)
-        tok = D.train_tokenizer(corpus.texts, cfg.model.vocab_size)
+    if init is not None:
+        if init["lora"] is not None:
+            raise SystemExit(f"{run.init}: --init needs a pre-trained base (stage 'pretrain'); this checkpoint is "
+                             f"already fine-tuned with LoRA (method {init['method']})")
+        cfg.model = ModelArgs(**init["train_config"]["model"])  # the base fixes image size and context length
+    tok, corpus = tokenizer_and_corpus(cfg, resume or init)
     streams = build_streams(corpus, run.seed)
     history: dict[str, list[dict[str, float]]] = {"pretrain": [], "finetune": []}
+    stop = run.stop_after if run.stop_after > 0 else math.inf
 
-    # --- stage 1: generative pre-training, all weights (skipped with --init / --llm, or when resuming past it)
-    lora_meta = {"targets": cfg.finetune.lora_targets, "r": cfg.finetune.lora_r, "alpha": cfg.finetune.lora_alpha}
+    # --- stage 1: generative pre-training of all weights (skipped with --init / --llm, or when resuming past it)
     in_finetune = resume is not None and resume["stage"] == "finetune"
     if in_finetune:
         model, _ = checkpoint_model(resume, str(out))
     elif init is not None:
         model, _ = checkpoint_model(init, run.init)
-        if init["lora"] is not None:
-            raise SystemExit(f"{run.init}: --init needs a pre-trained base (stage 'pretrain'), this one is "
-                             f"already fine-tuned with LoRA ({init['method']})")
     elif run.llm:
         model = model_from_hf(cfg, tok)
     else:
         model = MLLM(model_config(cfg.model, tok)).to(d.device)
+        pretrain_trainable(model)
         opt = make_optimizer(model, cfg.pretrain.pretrain_lr, run.weight_decay)
         start = 0
         if resume is not None:
-            model.load_state_dict(resume["model"])
-            opt.load_state_dict(resume["optimizer"])
-            restore_rng(resume)
-            start = resume["step"]
-        history["pretrain"] = run_stage("pretrain", model, tok, cfg, d, streams, opt, start,
-                                        cfg.pretrain.pretrain_steps, cfg.pretrain.pretrain_lr, None, out)
+            start = restore(resume, model, opt, history)
+        stage = Stage("pretrain", cfg.pretrain.pretrain_steps, cfg.pretrain.pretrain_lr, None)
+        if not run_stage(stage, model, tok, cfg, d, streams, opt, start, history, start + stop):
+            return TrainResult(model, history, False)
+        stop -= stage.total - start
         if d.main:
-            save_checkpoint(base_path(out), make_checkpoint(model, tok, cfg, "pretrain", cfg.pretrain.pretrain_steps,
-                                                            True, opt, None))
-        resume = None
+            save_checkpoint(base_path(out), make_checkpoint(model, tok, cfg, stage, stage.total, opt, history))
 
-    # --- stage 2: fine-tuning with LoRA + soft prompts + projector + temperature
+    # --- stage 2: fine-tuning of LoRA + soft prompts + projector + temperature, the method's losses
     model = model.to(d.device)
     if not in_finetune:
         add_lora(model, cfg.finetune)
         model.init_soft_prompts(*D.soft_prompt_ids(tok))
     set_trainable(model, TRAINABLE[cfg.finetune.method])
     opt = make_optimizer(model, cfg.finetune.finetune_lr, run.weight_decay)
-    start = 0
-    if in_finetune:
-        opt.load_state_dict(resume["optimizer"])
-        restore_rng(resume)
-        start = resume["step"]
-    history["finetune"] = run_stage("finetune", model, tok, cfg, d, streams, opt, start,
-                                    cfg.finetune.finetune_steps, cfg.finetune.finetune_lr, lora_meta, out)
-    return history
+    start = restore(resume, model, opt, history) if in_finetune else 0
+    ft = cfg.finetune
+    stage = Stage("finetune", ft.finetune_steps, ft.finetune_lr, {"targets": ft.lora_targets, "r": ft.lora_r,
+                                                                  "alpha": ft.lora_alpha})
+    complete = run_stage(stage, model, tok, cfg, d, streams, opt, start, history, start + stop)
+    return TrainResult(model, history, complete)
+
+
+def restore(ckpt: dict[str, Any], model: MLLM, opt: torch.optim.Optimizer,
+            history: dict[str, list[dict[str, float]]]) -> int:
+    """Weights, optimizer, RNG and loss history of a checkpoint; returns the step to continue from."""
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["optimizer"])
+    torch.set_rng_state(ckpt["rng"])
+    for stage, terms in ckpt["history"].items():
+        history[stage][:] = terms
+    return ckpt["step"]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -708,9 +755,10 @@ def main(argv: list[str] | None = None) -> None:
     d = setup_dist()
     try:
         t0 = time.perf_counter()
-        train(cfg, d)
+        result = train(cfg, d)
         if d.main:
-            print(f"train.py: wrote {cfg.run.out} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+            what = "finished" if result.complete else f"stopped after {cfg.run.stop_after} steps (--resume continues)"
+            print(f"train.py: {what}; wrote {cfg.run.out} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -1,0 +1,126 @@
+"""train.py end to end on the --smoke configuration: DDP (torchrun, 2 gloo ranks) against one process on the same
+global batch, exact resume, a checkpoint eval.py loads, and bad input stopping with a clear message."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import eval as E  # noqa: E402
+import train  # noqa: E402
+
+SMOKE = ["--smoke", "--n-train", "24", "--pretrain-steps", "4", "--finetune-steps", "4", "--method", "unified"]
+
+
+def run_single(out: Path, *extra: str) -> train.TrainResult:
+    cfg = train.parse_args(SMOKE + ["--out", str(out), *extra])
+    return train.train(cfg, train.Dist(0, 1, torch.device("cpu")))
+
+
+def flat(history: dict) -> list[tuple[str, str, float]]:
+    return [(stage, k, v) for stage in ("pretrain", "finetune") for terms in history[stage] for k, v in terms.items()]
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_ddp_two_ranks_match_one_process(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "tests" / "ddp_worker.py"), *SMOKE, "--out", str(tmp_path / "ddp.pt"), str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert_same_weights(r0["model"], r1["model"])  # DDP kept the replicas identical
+
+    single = run_single(tmp_path / "single.pt")
+    ddp_terms, one_terms = flat(r0["history"]), flat(single.history)
+    assert [t[:2] for t in ddp_terms] == [t[:2] for t in one_terms]
+    assert {k for _, k, _ in ddp_terms} >= {"ntp", "contrastive", "structure"}
+    torch.testing.assert_close(torch.tensor([t[2] for t in ddp_terms]), torch.tensor([t[2] for t in one_terms]))
+    for k, v in single.model.state_dict().items():
+        torch.testing.assert_close(r0["model"][k], v, msg=k)
+
+
+@pytest.mark.parametrize("stop_after", [2, 6])  # inside pre-training (4 steps), inside fine-tuning
+def test_resume_equals_uninterrupted(tmp_path, stop_after):
+    full = run_single(tmp_path / "full.pt")
+    part = run_single(tmp_path / "part.pt", "--stop-after", str(stop_after))
+    assert not part.complete
+    assert sum(len(v) for v in part.history.values()) == stop_after
+    resumed = run_single(tmp_path / "part.pt", "--resume")
+    assert resumed.complete
+    assert flat(resumed.history) == flat(full.history)
+    assert_same_weights(resumed.model.state_dict(), full.model.state_dict())
+
+
+def test_smoke_checkpoint_evaluates(tmp_path):
+    out = tmp_path / "smoke.pt"
+    train.main(["--smoke", "--out", str(out)])
+    assert (tmp_path / "smoke.base.pt").is_file()
+    metrics = E.main(["--ckpt", str(out), "--n-test", "8", "--json", str(tmp_path / "m.json")])
+    saved = json.loads((tmp_path / "m.json").read_text())
+    assert saved == pytest.approx(metrics)
+    for key in ("retrieval/i2t_r1", "retrieval/t2i_r10", "compositional/mean", "winoground/group", "interleaved/r5",
+                "vqa/acc", "pope/f1", "pope/yes_ratio", "rag/acc", "rag/acc_without_retrieval"):
+        assert key in saved and math.isfinite(saved[key]), key
+    # every method fine-tunes from the same saved base
+    vladva = tmp_path / "vladva.pt"
+    train.main(["--smoke", "--method", "vladva", "--init", str(tmp_path / "smoke.base.pt"), "--out", str(vladva)])
+    ckpt = train.load_checkpoint(vladva)
+    assert ckpt["method"] == "vladva" and ckpt["stage"] == "finetune" and ckpt["done"]
+
+
+def test_bad_flags_stop_with_a_message(tmp_path):
+    with pytest.raises(SystemExit, match="--method must be one of"):
+        train.parse_args(["--method", "clip"])
+    with pytest.raises(SystemExit, match="--init .*no such file"):
+        train.parse_args(["--init", str(tmp_path / "missing.pt")])
+    with pytest.raises(SystemExit, match="--llm .*no such file"):
+        train.parse_args(["--llm", str(tmp_path / "nope"), "--vision", str(tmp_path / "nope")])
+    with pytest.raises(SystemExit, match="--llm and --vision go together"):
+        train.parse_args(["--llm", str(tmp_path)])
+
+
+def test_bad_checkpoints_stop_with_a_message(tmp_path):
+    out = tmp_path / "a.pt"
+    run_single(out, "--stop-after", "2")
+    with pytest.raises(SystemExit, match="llm_width=64.*but this run has 96"):
+        run_single(out, "--resume", "--llm-width", "96")
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(out.read_bytes()[:1000])
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {}}, foreign)
+    for path, msg in ((truncated, "truncated or foreign"), (foreign, "not a unimllm checkpoint"),
+                      (tmp_path / "none.pt", "no such checkpoint")):
+        with pytest.raises(SystemExit, match=msg):
+            E.main(["--ckpt", str(path)])
+        with pytest.raises(SystemExit, match=msg):
+            train.main(SMOKE + ["--init", str(path), "--out", str(tmp_path / "x.pt")]) if path.exists() else \
+                train.load_checkpoint(path)
+
+
+def test_non_finite_loss_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    out = tmp_path / "a.pt"
+    run_single(out, "--stop-after", "2")
+    before = out.read_bytes()
+    real = train.Trainer.step_loss
+
+    def poisoned(self, batches):
+        loss, terms = real(self, batches)
+        return loss * math.nan, {**terms, "total": math.nan}
+
+    monkeypatch.setattr(train.Trainer, "step_loss", poisoned)
+    with pytest.raises(SystemExit, match="the loss is nan"):
+        run_single(out, "--resume")
+    assert out.read_bytes() == before
