@@ -89,6 +89,11 @@ class LLMConfig:
     max_seq_len: int = 512
     attention_bias: bool = False  # q/k/v bias (Qwen2); o_proj never has one
     tie_embeddings: bool = True
+    # Llama 3.1+ ("llama3") RoPE frequency scaling; None is plain RoPE
+    rope_scaling_factor: float | None = None
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_len: int = 8192
 
     def __post_init__(self) -> None:
         if self.head_dim is None:
@@ -269,10 +274,28 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
-def rope_cos_sin(positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """RoPE (Su et al., arXiv 2104.09864) in Hugging Face's half-split ("rotate_half") layout: frequencies
-    theta^(-2i/d) in float32, duplicated as [f, f] over the head dimension. positions (B, T) -> cos, sin (B, T, hd)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=positions.device) / head_dim))
+def rope_inv_freq(cfg: LLMConfig, device: torch.device) -> Tensor:
+    """RoPE (Su et al., arXiv 2104.09864) frequencies theta^(-2i/d), i < d/2, in float32 as Hugging Face computes
+    them; with `rope_scaling_factor`, Llama 3.1's rescaling: wavelengths longer than original_max_len / low_freq_factor
+    are slowed by the factor, shorter than original_max_len / high_freq_factor kept, and the band between
+    interpolated (transformers' _compute_llama3_parameters)."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float, device=device) / d))  # (d/2,)
+    factor = cfg.rope_scaling_factor
+    if factor is None:
+        return inv_freq
+    old_len, low, high = cfg.rope_original_max_len, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_cos_sin(positions: Tensor, inv_freq: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Hugging Face's half-split ("rotate_half") layout: angles duplicated as [f, f] over the head dimension.
+    positions (B, T), inv_freq (hd/2,) -> cos, sin (B, T, hd)."""
     freqs = positions.float()[..., None] * inv_freq  # (B, T, hd/2)
     emb = torch.cat([freqs, freqs], dim=-1)  # (B, T, hd)
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -409,7 +432,7 @@ class LLM(nn.Module):
             mask: Tensor | None) -> tuple[Tensor, Tensor]:
         """The decoder on embeddings x (B, T, D) at RoPE positions (B, T), written to cache slots start_pos.. ;
         mask (B, 1, T, start_pos + T) or None for plain causal attention."""
-        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        cos, sin = rope_cos_sin(positions, rope_inv_freq(self.cfg, x.device), x.dtype)
         for block in self.layers:
             x = block(x, cos, sin, kv_cache, start_pos, mask)
         hidden = self.norm(x)  # (B, T, D)
@@ -761,18 +784,25 @@ def hf_name(ours: str) -> str:
     return LLM_NAME_MAP[generic].format(layer.group(1)) if layer else LLM_NAME_MAP[generic]
 
 
-def rope_theta_of(cfg: dict[str, Any], where: Path) -> float:
-    """`rope_theta` at the top level (transformers < 5) or inside `rope_parameters` (transformers 5); only
-    unscaled ("default") RoPE is implemented."""
+def rope_fields(cfg: dict[str, Any], where: Path) -> dict[str, Any]:
+    """LLMConfig's RoPE fields. `rope_theta` sits at the top level (transformers < 5) or inside `rope_parameters`
+    (transformers 5); scaling in `rope_parameters` or the older `rope_scaling`. Plain and "llama3" RoPE only."""
     params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
     rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type != "default":
-        raise ValueError(f"{where}: rope_type {rope_type!r} is not supported (only 'default')")
     if "rope_theta" in cfg:
-        return float(cfg["rope_theta"])
-    if "rope_theta" in params:
-        return float(params["rope_theta"])
-    raise ValueError(f"{where}: no rope_theta at the top level or in rope_parameters")
+        theta = float(cfg["rope_theta"])
+    elif "rope_theta" in params:
+        theta = float(params["rope_theta"])
+    else:
+        raise ValueError(f"{where}: no rope_theta at the top level or in rope_parameters")
+    if rope_type == "default":
+        return {"rope_theta": theta}
+    if rope_type != "llama3":
+        raise ValueError(f"{where}: rope_type {rope_type!r} is not supported (supported: 'default', 'llama3')")
+    return {"rope_theta": theta, "rope_scaling_factor": float(need(params, "factor", where)),
+            "rope_low_freq_factor": float(need(params, "low_freq_factor", where)),
+            "rope_high_freq_factor": float(need(params, "high_freq_factor", where)),
+            "rope_original_max_len": int(need(params, "original_max_position_embeddings", where))}
 
 
 def llm_config_from_hf(cfg: dict[str, Any], where: Path) -> LLMConfig:
@@ -796,11 +826,11 @@ def llm_config_from_hf(cfg: dict[str, Any], where: Path) -> LLMConfig:
         num_heads=heads,
         num_kv_heads=cfg.get("num_key_value_heads") or heads,  # absent means multi-head attention (HF)
         head_dim=cfg.get("head_dim"),
-        rope_theta=rope_theta_of(cfg, where),
         rms_norm_eps=need(cfg, "rms_norm_eps", where),
         max_seq_len=need(cfg, "max_position_embeddings", where),
         attention_bias=model_type == "qwen2",  # Qwen2 always has q/k/v biases
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),  # HF's default for Llama and Qwen2
+        **rope_fields(cfg, where),
     )
 
 

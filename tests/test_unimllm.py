@@ -26,11 +26,14 @@ transformers.logging.set_verbosity_error()
 VOCAB = 97
 
 
-def tiny_llama(tie: bool) -> "transformers.LlamaForCausalLM":
+def tiny_llama(tie: bool, llama3_rope: bool = False) -> "transformers.LlamaForCausalLM":
+    rope = {"rope_type": "default", "rope_theta": 500.0}
+    if llama3_rope:  # wavelengths 2pi..~1500 straddle both thresholds (64/4 and 64/1): all three regimes are hit
+        rope = {"rope_type": "llama3", "rope_theta": 500.0, "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
     cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                   rope_parameters={"rope_type": "default", "rope_theta": 500.0},
-                                   tie_word_embeddings=tie, rms_norm_eps=1e-5)
+                                   rope_parameters=rope, tie_word_embeddings=tie, rms_norm_eps=1e-5)
     return randomize(transformers.LlamaForCausalLM(cfg))
 
 
@@ -57,6 +60,7 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, tor
     out = {}
     torch.manual_seed(0)
     for name, model, shard in (("llama_tied", tiny_llama(True), None), ("llama_untied", tiny_llama(False), None),
+                               ("llama3_rope", tiny_llama(False, llama3_rope=True), None),
                                ("qwen2_sharded", tiny_qwen2(), "40KB")):
         model.generation_config.eos_token_id = None
         model.generation_config.pad_token_id = 0
@@ -67,7 +71,7 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, tor
     return out
 
 
-LLM_NAMES = ["llama_tied", "llama_untied", "qwen2_sharded"]
+LLM_NAMES = ["llama_tied", "llama_untied", "llama3_rope", "qwen2_sharded"]
 
 
 @pytest.mark.parametrize("name", LLM_NAMES)
@@ -75,6 +79,7 @@ def test_llm_logits_and_hidden_match_transformers(saved, name: str) -> None:
     path, hf = saved[name]
     llm = um.load_llm(path)
     assert llm.cfg.tie_embeddings == (name == "llama_tied")
+    assert (llm.cfg.rope_scaling_factor == 8.0) == (name == "llama3_rope")
     ids = torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = hf(ids)
@@ -151,9 +156,11 @@ def test_rope_scores_depend_only_on_relative_position(shift: int, gap: int, thet
     g = torch.Generator().manual_seed(shift + gap)
     q, k = torch.randn(1, 1, 1, 16, generator=g, dtype=torch.float64), torch.randn(1, 1, 1, 16, generator=g, dtype=torch.float64)
 
+    inv_freq = um.rope_inv_freq(um.LLMConfig(vocab_size=8, hidden_size=32, num_heads=2, rope_theta=theta), q.device)
+
     def score(m: int, n: int) -> torch.Tensor:
-        cq, sq = um.rope_cos_sin(torch.tensor([[m]]), 16, theta, torch.float64)
-        ck, sk = um.rope_cos_sin(torch.tensor([[n]]), 16, theta, torch.float64)
+        cq, sq = um.rope_cos_sin(torch.tensor([[m]]), inv_freq, torch.float64)
+        ck, sk = um.rope_cos_sin(torch.tensor([[n]]), inv_freq, torch.float64)
         return (um.apply_rope(q, cq, sq) * um.apply_rope(k, ck, sk)).sum()
 
     torch.testing.assert_close(score(shift, shift + gap), score(0, gap), rtol=1e-5, atol=1e-5)
@@ -299,6 +306,10 @@ def test_loader_rope_theta_top_level(saved, tmp_path: Path) -> None:
     cfg["rope_theta"] = 500.0  # the transformers < 5 layout
     (p / "config.json").write_text(json.dumps(cfg))
     assert um.load_llm(p).cfg.rope_theta == 500.0
+    cfg["rope_scaling"] = {"type": "yarn", "factor": 2.0}
+    (p / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="rope_type 'yarn' is not supported"):
+        um.load_llm(p)
 
 
 def test_loader_missing_files(saved, tmp_path: Path) -> None:
