@@ -104,6 +104,9 @@ class LLMConfig:
             raise ValueError(f"LLMConfig.num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         if self.head_dim % 2:
             raise ValueError(f"LLMConfig.head_dim={self.head_dim} must be even for RoPE")
+        if self.rope_scaling_factor is not None and self.rope_high_freq_factor <= self.rope_low_freq_factor:
+            raise ValueError(f"LLMConfig.rope_high_freq_factor={self.rope_high_freq_factor} must exceed "
+                             f"rope_low_freq_factor={self.rope_low_freq_factor}")
 
 
 @dataclass
