@@ -733,10 +733,17 @@ def _teacher_dims(samples: Sequence[Sample]) -> tuple[int, int]:
     return (du.pop() if du else UNI_DIM), (dc.pop() if dc else CROSS_DIM)
 
 
+def ends_turn(segments: Sequence[Segment], i: int) -> bool:
+    """A supervised text segment not followed by another one ends a turn and gets </s> (LLaVA: every assistant
+    answer ends with </s>, so the model learns to stop after each answer, not only after the last)."""
+    seg, nxt = segments[i], segments[i + 1] if i + 1 < len(segments) else None
+    return seg.kind == "text" and seg.loss and not (nxt is not None and nxt.kind == "text" and nxt.loss)
+
+
 def collate(samples: Sequence[Sample], tok: Tokenizer, n_image_tokens: int, max_len: int) -> dict[str, Tensor]:
     """Interleaved samples -> one right-padded batch (see contract.md). Raises on too-long samples (no truncation).
 
-    Sequence: [bos] seg_0 seg_1 ... [eos after the last text segment with loss]. The eos is labelled but belongs
+    Sequence: [bos] seg_0 seg_1 ... with [eos] after each turn of supervised text (ends_turn). The eos is labelled but belongs
     to no segment, so a text segment's last token is its own last text token (Sugar's slice summary). A text segment
     right after another text segment is encoded with a leading space (segment_text). Extra keys beyond the contract:
     attention_mask (B, T) bool (True on real tokens) and has_teacher (S,). images is None when the batch has none."""
@@ -749,7 +756,6 @@ def collate(samples: Sequence[Sample], tok: Tokenizer, n_image_tokens: int, max_
     prefix_seg, prefix_batch, prefix_slices = [], [], []
     for b, smp in enumerate(samples):
         ids, lab = [tok.bos_id], [-100]
-        last_loss = max((i for i, s in enumerate(smp.segments) if s.kind == "text" and s.loss), default=-1)
         first_global = len(seg_batch)
         for i, seg in enumerate(smp.segments):
             after_text = i > 0 and smp.segments[i - 1].kind == "text"
@@ -765,7 +771,7 @@ def collate(samples: Sequence[Sample], tok: Tokenizer, n_image_tokens: int, max_
             uni.append(seg.uni if seg.uni is not None else torch.zeros(du))
             cross.append(seg.cross if seg.cross is not None else torch.zeros(dc))
             has_t.append(seg.uni is not None and seg.cross is not None)
-            if i == last_loss:
+            if ends_turn(smp.segments, i):
                 ids.append(tok.eos_id)
                 lab.append(tok.eos_id)
         if len(ids) > max_len:

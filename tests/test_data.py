@@ -301,7 +301,6 @@ def test_collate_invariants(tok, specs, data_):
     samples, expected = [], []
     for spec in specs:
         segs, ids, labs = [], [tok.bos_id], [-100]
-        loss_idx = [k for k, (w, f) in enumerate(spec) if w != "image" and f]
         for k, (what, flag) in enumerate(spec):
             if what == "image":
                 segs.append(data.image_seg(torch.rand(3, 8, 8), torch.ones(5) / 5 ** .5, None))
@@ -312,7 +311,8 @@ def test_collate_invariants(tok, specs, data_):
                 t = tok.encode((" " if k and spec[k - 1][0] != "image" else "") + what)
                 ids += t
                 labs += t if flag else [-100] * len(t)
-            if loss_idx and k == loss_idx[-1]:  # eos right after the last loss text segment
+            nxt = spec[k + 1] if k + 1 < len(spec) else ("image", False)
+            if what != "image" and flag and not (nxt[0] != "image" and nxt[1]):  # eos ends each answer turn
                 ids.append(tok.eos_id)
                 labs.append(tok.eos_id)
         prefixes = sorted(data_.draw(st.sets(st.integers(0, len(spec) - 1))))
