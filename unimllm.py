@@ -549,6 +549,7 @@ class MLLM(nn.Module):
         self.projector = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, cfg.proj_dim))
         # learnable temperature for the VladVA contrastive loss, CLIP's init (VladVA gives none)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.apply(init_weights)
 
     @property
     def n_image_tokens(self) -> int:
@@ -634,6 +635,16 @@ def count_runs(mask: Tensor, k: int, name: str) -> int:
     if bool((flat - group_start != i % k).any()):
         raise ValueError(f"{name} ids must come in runs of {k} consecutive positions; a group is split")
     return flat.numel() // k
+
+
+def init_weights(module: nn.Module) -> None:
+    """From-scratch init, as Hugging Face's Llama / CLIP (initializer_range 0.02): N(0, 0.02) for linear and embedding
+    weights, zero biases. PyTorch's N(0, 1) embeddings would make a tied head's initial logits ~sqrt(D) wide (an
+    initial loss far above log V). Loading a checkpoint overwrites all of it."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=0.02)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
 
 
 def fill_runs(x: Tensor, mask: Tensor, prompt: Tensor, name: str) -> Tensor:

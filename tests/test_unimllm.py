@@ -508,3 +508,19 @@ def test_bf16_autocast_forward_runs() -> None:
 def test_config_round_trip() -> None:
     cfg = tiny_mllm().cfg
     assert um.MLLMConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+def test_from_scratch_init_starts_near_uniform_prediction():
+    # a from-scratch MLLM must start close to the uniform predictor: cross-entropy ~ log V (N(0,1) embeddings with a
+    # tied head would start around sqrt(D) nats higher)
+    from unimllm import MLLM, MLLMConfig, VisionConfig, LLMConfig
+    torch.manual_seed(0)
+    cfg = MLLMConfig(VisionConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64),
+                     LLMConfig(vocab_size=500, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2,
+                               num_kv_heads=1), image_token_id=3, soft_image_token_id=4, soft_text_token_id=5,
+                     n_soft_tokens=2)
+    model = MLLM(cfg)
+    ids = torch.randint(6, 500, (4, 32))
+    logits, _ = model(ids)
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    assert abs(loss.item() - math.log(500)) < 0.1
