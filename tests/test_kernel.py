@@ -7,8 +7,10 @@ and a real 2-process gloo DDP run against one process on the whole batch.
 
 Run: .venv/bin/python -m pytest tests/test_kernel.py -x -q
 """
+import datetime
 import math
 import socket
+import time
 
 import numpy as np
 import pytest
@@ -262,7 +264,9 @@ def _full_batch(world: int, per_rank: int):
 
 
 def _ddp_worker(rank: int, world: int, port: int, per_rank: int, out_dir: str):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    # a timeout turns a stuck collective into an error instead of a hung CI job
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
     try:
         model = nn.parallel.DistributedDataParallel(_Towers())
         x_img, x_txt = _full_batch(world, per_rank)
@@ -273,6 +277,7 @@ def _ddp_worker(rank: int, world: int, port: int, per_rank: int, out_dir: str):
         grads = {name: p.grad for name, p in model.module.named_parameters()}
         torch.save({"loss": loss.detach(), "grads": grads, "x_img": x_img.grad, "x_txt": x_txt.grad},
                    f"{out_dir}/rank{rank}.pt")
+        dist.barrier()  # rank 0 hosts the TCP store: no rank may leave while another still needs it
     finally:
         dist.destroy_process_group()
 
@@ -288,7 +293,13 @@ def test_contrastive_ddp_two_ranks_equals_one_process(tmp_path):
     DDP averages (towers + shared logit_scale) are the whole-batch gradients, and each rank's input gradient
     divided by the world size (what DDP's averaging applies upstream) is the whole-batch input gradient."""
     world, per_rank = 2, 3
-    mp.spawn(_ddp_worker, args=(world, _free_port(), per_rank, str(tmp_path)), nprocs=world, join=True)
+    workers = mp.spawn(_ddp_worker, args=(world, _free_port(), per_rank, str(tmp_path)), nprocs=world, join=False)
+    deadline = time.monotonic() + 180
+    while not workers.join(timeout=1):  # raises if a worker fails
+        if time.monotonic() > deadline:
+            for process in workers.processes:
+                process.terminate()
+            pytest.fail("the 2 DDP workers did not finish within 180 s")
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
 
     model = _Towers()
