@@ -60,6 +60,38 @@ def _sqdist(a: Tensor, b: Tensor) -> Tensor:
     return sq.clamp_min(0.0)  # the expansion can dip below 0 by rounding
 
 
+def _check_slices(names: tuple[str, str, str], uni: Tensor, cross: Tensor, is_img: Tensor) -> None:
+    """names: what the caller calls (uni, cross, is_img), for the error message."""
+    _check_matrix(names[0], uni)
+    _check_matrix(names[1], cross)
+    if is_img.dim() != 1 or not (uni.shape[0] == cross.shape[0] == is_img.numel()):
+        raise ValueError(
+            f"kernel.py: {names[0]} {tuple(uni.shape)}, {names[1]} {tuple(cross.shape)} and "
+            f"{names[2]} {tuple(is_img.shape)} must describe the same number of slices"
+        )
+    _check_finite(names[0], uni)
+    _check_finite(names[1], cross)
+
+
+def _triple_sqdist(
+    uni_a: Tensor, cross_a: Tensor, is_img_a: Tensor, uni_b: Tensor, cross_b: Tensor, is_img_b: Tensor
+) -> Tensor:
+    """Sugar Eq. 4 without checks, one block per modality pair: each entry costs one dot product over the
+    features it needs (half the work of computing both distances everywhere and selecting)."""
+    out = uni_a.new_empty(uni_a.shape[0], uni_b.shape[0])  # (Sa, Sb)
+    img_a, txt_a = is_img_a.bool().nonzero()[:, 0], (~is_img_a.bool()).nonzero()[:, 0]
+    img_b, txt_b = is_img_b.bool().nonzero()[:, 0], (~is_img_b.bool()).nonzero()[:, 0]
+    for rows, cols, feat_a, feat_b in (
+        (img_a, img_b, uni_a, uni_b),  # image-image: uni-modal (DINOv2 in the paper)
+        (txt_a, txt_b, uni_a, uni_b),  # text-text: uni-modal (BGE)
+        (img_a, txt_b, cross_a, cross_b),  # image-text: cross-modal (CLIP)
+        (txt_a, img_b, cross_a, cross_b),  # text-image: cross-modal
+    ):
+        if rows.numel() > 0 and cols.numel() > 0:
+            out[rows[:, None], cols[None, :]] = _sqdist(feat_a[rows], feat_b[cols])
+    return out
+
+
 def triple_kernel_sqdist(
     uni_a: Tensor, cross_a: Tensor, is_img_a: Tensor, uni_b: Tensor, cross_b: Tensor, is_img_b: Tensor
 ) -> Tensor:
@@ -67,22 +99,13 @@ def triple_kernel_sqdist(
     (image-image: DINOv2 in the paper, text-text: BGE) and |c_a - c_b|^2 (CLIP) for an image-text pair.
 
     uni_* (S, Du), cross_* (S, Dc), is_img_* (S,) bool."""
-    for side, (uni, cross, is_img) in {"a": (uni_a, cross_a, is_img_a), "b": (uni_b, cross_b, is_img_b)}.items():
-        _check_matrix(f"uni_{side}", uni)
-        _check_matrix(f"cross_{side}", cross)
-        if not (uni.shape[0] == cross.shape[0] == is_img.numel()) or is_img.dim() != 1:
-            raise ValueError(
-                f"kernel.py: uni_{side} {tuple(uni.shape)}, cross_{side} {tuple(cross.shape)} and "
-                f"is_img_{side} {tuple(is_img.shape)} must describe the same number of slices"
-            )
-        _check_finite(f"uni_{side}", uni)
-        _check_finite(f"cross_{side}", cross)
+    _check_slices(("uni_a", "cross_a", "is_img_a"), uni_a, cross_a, is_img_a)
+    _check_slices(("uni_b", "cross_b", "is_img_b"), uni_b, cross_b, is_img_b)
     if uni_a.shape[1] != uni_b.shape[1]:
         raise ValueError(f"kernel.py: uni-modal feature widths differ: {uni_a.shape[1]} vs {uni_b.shape[1]}")
     if cross_a.shape[1] != cross_b.shape[1]:
         raise ValueError(f"kernel.py: cross-modal feature widths differ: {cross_a.shape[1]} vs {cross_b.shape[1]}")
-    same_modality = is_img_a.bool()[:, None] == is_img_b.bool()[None, :]  # (Sa, Sb)
-    return torch.where(same_modality, _sqdist(uni_a, uni_b), _sqdist(cross_a, cross_b))  # (Sa, Sb)
+    return _triple_sqdist(uni_a, cross_a, is_img_a, uni_b, cross_b, is_img_b)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -113,9 +136,10 @@ def _default_delta(sq: Tensor) -> float:
     distance between elements times sqrt(median length) — which is Sugar's delta*sqrt((n+m)/2) with delta
     the median positive slice-to-slice distance of the batch. Without any positive distance every phi is 0 and
     any delta gives the same targets."""
-    distances = sq.sqrt()[torch.triu(torch.ones_like(sq, dtype=torch.bool), diagonal=1)]
-    distances = distances[distances > 0]
-    return float(distances.median()) if distances.numel() > 0 else 1.0
+    upper = sq[torch.triu(torch.ones_like(sq, dtype=torch.bool), diagonal=1)]  # each slice pair once
+    positive = upper[upper > 0]
+    # sqrt is monotone and torch.median picks an element (the lower middle), so sqrt(median d^2) = median d
+    return math.sqrt(float(positive.median())) if positive.numel() > 0 else 1.0
 
 
 def _log_gak(sq: Tensor, sigma: Tensor, x_lengths: Tensor, y_lengths: Tensor) -> Tensor:
@@ -161,12 +185,11 @@ def gak_targets(
         _check_positive("sigma", float(sigma))
     if delta is not None:
         _check_positive("delta", float(delta))
+    _check_slices(("slice_uni", "slice_cross", "slice_is_image"), slice_uni, slice_cross, slice_is_image)
     _check_prefixes(prefix_slices, prefix_len, prefix_batch, slice_uni.shape[0])
     dtype = torch.promote_types(slice_uni.dtype, torch.float32)  # bf16 features would lose the GAK's precision
-    sq_all = triple_kernel_sqdist(
-        slice_uni.to(dtype), slice_cross.to(dtype), slice_is_image,
-        slice_uni.to(dtype), slice_cross.to(dtype), slice_is_image,
-    )  # (S, S): every slice pair once, then gathered per prefix pair
+    uni, cross = slice_uni.to(dtype), slice_cross.to(dtype)
+    sq_all = _triple_sqdist(uni, cross, slice_is_image, uni, cross, slice_is_image)  # (S, S), gathered per pair below
     n_prefixes = prefix_slices.shape[0]
     targets = torch.ones(n_prefixes, n_prefixes, dtype=dtype, device=slice_uni.device)  # (P, P)
     if n_prefixes == 0:

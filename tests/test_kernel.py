@@ -20,9 +20,6 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tslearn.metrics import cdist_gak
-from tslearn.utils import to_time_series_dataset
-
 import kernel
 
 # ----------------------------------------------------------------------------------------------------------
@@ -157,6 +154,10 @@ def test_targets_float32_close_to_float64():
 def test_targets_match_tslearn_cdist_gak():
     """Image slices only: the triple kernel is then the plain Euclidean distance of the uni-modal features,
     and tslearn's normalised cdist_gak (same phi_sigma, fixed sigma) is a second reference."""
+    # imported here: tslearn pulls in numba (seconds), which the spawned DDP workers need not pay
+    from tslearn.metrics import cdist_gak
+    from tslearn.utils import to_time_series_dataset
+
     gen = torch.Generator().manual_seed(4)
     n_slices, n_prefixes, max_len = 14, 6, 5
     uni, cross = unit(n_slices, 8, gen), unit(n_slices, 3, gen)
