@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import functools
 import math
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -117,16 +119,41 @@ def _valid_cells(grid_i: Tensor, grid_j: Tensor, n: int, m: int, x_lengths: Tens
     return valid
 
 
-# Pairs are processed in column chunks so that one diagonal step's working set stays in L2 cache: with many
-# short sequences (65,536 pairs of length 8) a whole-batch diagonal is megabytes and every op would go to DRAM.
-_CHUNK_ELEMENTS = 1 << 16
+# Pairs are processed in column chunks, each chunk's wavefront on its own CPU thread. A chunk's widest diagonal
+# step stays below ATen's intra-op grain size (32,768 elements), so each op runs single-threaded in cache and
+# the threads synchronise once per call instead of once per op (an OpenMP barrier per op stalls whenever another
+# process holds a core). On an accelerator the whole batch is one chunk.
+_CHUNK_ELEMENTS = 1 << 13
 
 
-def _chunks(batch: int, steps: list[tuple[int, int, int, int]]) -> list[slice]:
-    """Column slices of the pair axis, each with about _CHUNK_ELEMENTS cells in its widest diagonal."""
+def _chunks(batch: int, steps: list[tuple[int, int, int, int]], device: torch.device) -> list[slice]:
+    """Column slices of the pair axis: ≤ _CHUNK_ELEMENTS cells in the widest diagonal, ≥ one per thread."""
+    if device.type != "cpu":
+        return [slice(0, batch)]
     width = max(w for _, w, _, _ in steps)
-    size = max(1, _CHUNK_ELEMENTS // width)
+    size = max(1, min(_CHUNK_ELEMENTS // width, -(-batch // torch.get_num_threads())))
     return [slice(start, min(start + size, batch)) for start in range(0, batch, size)]
+
+
+def _run_chunks(fn: Callable[[slice], None], chunks: list[slice]) -> None:
+    """fn(chunk) for every chunk, on torch.get_num_threads() threads (ATen ops release the GIL)."""
+    workers = min(len(chunks), torch.get_num_threads())
+    if workers <= 1:
+        for cols in chunks:
+            fn(cols)
+        return
+    with ThreadPoolExecutor(workers) as pool:
+        for _ in pool.map(fn, chunks):
+            pass
+
+
+# Denormal floats make x86 arithmetic 10-100x slower, and soft-min weights of far-off-path cells underflow into
+# them (exp(-90) in float32). So exponents below -_EXP_CUT become exactly 0 (forward), and pushed gradient terms
+# below _FLUSH become exactly 0 (backward). Then every product weight·E is ≥ exp(-_EXP_CUT)/3 · _FLUSH, a normal
+# number; what is dropped is < 1e-17 (float32) / 1e-130 (float64) relative to the end cell's weight of 1.
+_EXP_CUT = {torch.float32: 40.0, torch.float64: 300.0}
+_FLUSH = {torch.float32: 1e-18, torch.float64: 1e-150}
+
 
 
 def _wavefront(q: Tensor, steps: list[tuple[int, int, int, int]], weights: Tensor | None, hard: bool) -> None:
@@ -135,8 +162,8 @@ def _wavefront(q: Tensor, steps: list[tuple[int, int, int, int]], weights: Tenso
     q enters holding -C/γ on interior cells (-C when hard) and the border values; weights (G, 3, B), when
     given, receives the soft-min weights (one-hot argmin when hard) of (diag, up, left) predecessors.
     """
-    for cols in _chunks(q.shape[1], steps):
-        _wavefront_chunk(q[:, cols], steps, None if weights is None else weights[:, :, cols], hard)
+    _run_chunks(lambda cols: _wavefront_chunk(q[:, cols], steps, None if weights is None else weights[:, :, cols],
+                                              hard), _chunks(q.shape[1], steps, q.device))
 
 
 def _wavefront_chunk(q: Tensor, steps: list[tuple[int, int, int, int]], weights: Tensor | None,
@@ -148,7 +175,7 @@ def _wavefront_chunk(q: Tensor, steps: list[tuple[int, int, int, int]], weights:
     mx = q.new_empty(width, 1, batch)
     total = q.new_empty(width, 1, batch)
     index = torch.empty(width, 1, batch, dtype=torch.long, device=q.device) if hard else None
-    base = q.storage_offset()
+    base, cut = q.storage_offset(), _EXP_CUT[q.dtype]
     for cur, w, dstart, ustart in steps:
         p = weights[cur:cur + w] if weights is not None else scratch[:w]  # (w, 3, b)
         p[:, 0].copy_(q[dstart:dstart + w])
@@ -161,7 +188,7 @@ def _wavefront_chunk(q: Tensor, steps: list[tuple[int, int, int, int]], weights:
                 p.zero_().scatter_(1, index[:w], 1.0)
         else:
             torch.amax(p, 1, keepdim=True, out=m_)
-            p.sub_(m_).exp_()
+            torch.nn.functional.threshold_(p.sub_(m_), -cut, -math.inf).exp_()  # p ≤ -cut: weight exactly 0
             torch.sum(p, 1, keepdim=True, out=t_)
             if weights is not None:
                 p.div_(t_)
@@ -172,10 +199,10 @@ def _wavefront_chunk(q: Tensor, steps: list[tuple[int, int, int, int]], weights:
 def _backward_alignment(weights: Tensor, steps: list[tuple[int, int, int, int]], seed: Tensor) -> Tensor:
     """E (G, B): expected alignment, E[cell] = seed + Σ_successors E[s] · weight_s(cell), pushed backwards.
 
-    seed (G, B) is overwritten with E. By linearity a seed of grad_output at the end cells gives E · grad_output.
+    seed (G, B), ≥ 0, is overwritten with E.
     """
-    for cols in _chunks(seed.shape[1], steps):
-        _backward_chunk(weights[:, :, cols], steps, seed[:, cols])
+    _run_chunks(lambda cols: _backward_chunk(weights[:, :, cols], steps, seed[:, cols]),
+                _chunks(seed.shape[1], steps, seed.device))
     return seed
 
 
@@ -184,8 +211,10 @@ def _backward_chunk(weights: Tensor, steps: list[tuple[int, int, int, int]], e: 
     batch = e.shape[1]
     width = max(w for _, w, _, _ in steps)
     pushed = e.new_empty(width, 3, batch)
+    flush = _FLUSH[e.dtype]
     for cur, w, dstart, ustart in reversed(steps):
         f = torch.mul(weights[cur:cur + w], e[cur:cur + w].unsqueeze(1), out=pushed[:w])  # (w, 3, b)
+        torch.nn.functional.threshold_(f, flush, 0.0)  # E ≥ 0 here; tiny terms -> 0 (no denormals)
         e[dstart:dstart + w].add_(f[:, 0])
         e[ustart:ustart + w].add_(f[:, 1])
         e[ustart + 1:ustart + 1 + w].add_(f[:, 2])
@@ -249,9 +278,9 @@ class _SoftDTW(torch.autograd.Function):
         weights, interior_idx, end = ctx.saved_tensors
         batch, n, m = ctx.shape
         seed = weights.new_zeros(weights.shape[0], batch)
-        seed.scatter_(0, end.view(1, -1), grad_value.reshape(1, -1).to(seed.dtype))  # dR_b/dR[n_b, m_b] = 1
+        seed.scatter_(0, end.view(1, -1), 1.0)  # dR_b / dR[n_b, m_b] = 1
         e = _backward_alignment(weights, ctx.steps, seed)
-        return _unskew(e, interior_idx, n, m), None, None, None, None
+        return _unskew(e, interior_idx, n, m).mul_(grad_value.reshape(-1, 1, 1)), None, None, None, None
 
 
 def soft_dtw(cost: Tensor, gamma: float, x_lengths: Tensor | None = None, y_lengths: Tensor | None = None,
