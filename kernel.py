@@ -267,11 +267,12 @@ def contrastive_loss(img: Tensor, txt: Tensor, logit_scale: Tensor, max_scale: f
 
     Under torch.distributed (world size > 1) the features of every rank are gathered with gradient and each
     rank computes the loss of its OWN rows against ALL gathered columns (open_clip's local_loss=True), labels
-    offset by rank * B. Why this variant: the global loss is the mean of the W rank losses, and the gather's
-    backward sums every rank's gradient into the rows it owns, so the gradients DDP averages over ranks are
-    exactly the gradients of the single-process loss on the whole batch (checked in tests/test_kernel.py).
-    Computing the full (W*B, W*B) loss on every rank instead would scale those gradients by W. Every rank must
-    pass the same B (all_gather needs equal shapes; use drop_last)."""
+    offset by rank * B. Why this variant: each rank builds (B, W*B) logits instead of the full (W*B, W*B), W
+    times less work, and it is exact: the whole-batch loss is the mean of the W rank losses, the gather's
+    backward sums every rank's gradient into the rows it owns (W times the whole-batch gradient of those
+    rows), and DDP's average over ranks divides by W again, so the parameter gradients DDP applies equal those
+    of one process on the whole batch (checked in tests/test_kernel.py). Every rank must pass the same B
+    (all_gather needs equal shapes; use drop_last)."""
     _check_matrix("img", img)
     _check_matrix("txt", txt)
     if img.shape != txt.shape:
