@@ -176,11 +176,11 @@ def test_targets_match_tslearn_cdist_gak():
     n_prefixes=st.integers(1, 9),
     max_len=st.integers(1, 6),
     scale=st.floats(0.2, 3.0),
-    fixed=st.booleans(),
+    mode=st.sampled_from(["sigma", "delta", "default"]),
 )
-def test_targets_properties(seed, n_prefixes, max_len, scale, fixed):
+def test_targets_properties(seed, n_prefixes, max_len, scale, mode):
     uni, cross, img, ps, pl, pb = make_batch(seed, n_slices=8, n_prefixes=n_prefixes, max_len=max_len, n_samples=5)
-    kwargs = {"sigma": scale} if fixed else {"delta": scale}
+    kwargs = {"sigma": {"sigma": scale}, "delta": {"delta": scale}, "default": {}}[mode]
     m = kernel.gak_targets(uni.float(), cross.float(), img, ps, pl, pb, **kwargs)
     assert m.shape == (n_prefixes, n_prefixes)
     assert torch.equal(m, m.T)
