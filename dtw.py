@@ -27,7 +27,10 @@ The backward (a custom `torch.autograd.Function`) does not recompute exp(R_next 
 implementations do (catastrophic cancellation in float32). The forward stores the three soft-min weights of
 every cell; the gradient dR[n,m]/dC[i,j] = E[i,j] (the expected alignment matrix, Cuturi & Blondel Eq. 3-4)
 is then the linear recursion E[i,j] = Σ_successors E[s] · weight_s(i,j), pushed diagonal by diagonal.
-Memory: 4 floats per grid cell with autograd (Q + 3 weights), 1 without; plus the returned gradient.
+Memory per grid cell: forward 4 floats with autograd (Q + 3 weights; Q is freed after it), 1 without;
+backward 3 weights + 1 for E, plus the returned (B, n, m) gradient.
+Speed on CPU: pairs are split into column chunks run on torch.get_num_threads() threads (one small op stays
+in cache and needs no per-op thread barrier), and weights / gradient terms are cut before they turn denormal.
 
 Run the tests with `python -m pytest tests/test_dtw.py -x -q`, the benchmark with `python bench/bench_dtw.py`.
 """
@@ -153,7 +156,6 @@ def _run_chunks(fn: Callable[[slice], None], chunks: list[slice]) -> None:
 # number; what is dropped is < 1e-17 (float32) / 1e-130 (float64) relative to the end cell's weight of 1.
 _EXP_CUT = {torch.float32: 40.0, torch.float64: 300.0}
 _FLUSH = {torch.float32: 1e-18, torch.float64: 1e-150}
-
 
 
 def _wavefront(q: Tensor, steps: list[tuple[int, int, int, int]], weights: Tensor | None, hard: bool) -> None:
@@ -359,8 +361,11 @@ def phi_sigma(sq_dist: Tensor, sigma: float) -> Tensor:
     """
     if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma > 0):
         raise ValueError(f"dtw.py: sigma must be a finite float > 0, got {sigma!r}")
-    a = sq_dist / (2.0 * sigma * sigma)
-    return a + math.log(2.0) + torch.log1p(-0.5 * torch.exp(-a))  # log(2 - e^-a) = log 2 + log1p(-e^-a / 2)
+    a = sq_dist * (0.5 / (sigma * sigma))
+    if torch.is_grad_enabled() and a.requires_grad:
+        return a + math.log(2.0) + torch.log1p(-0.5 * torch.exp(-a))  # log(2 - e^-a) = log 2 + log1p(-e^-a / 2)
+    # no autograd: the same formula in place, one temporary instead of five (Gram matrices are large)
+    return torch.neg(a).exp_().mul_(-0.5).log1p_().add_(a).add_(math.log(2.0))
 
 
 def _self_and_cross(x: Tensor, y: Tensor, x_lengths: Tensor | None, y_lengths: Tensor | None,

@@ -6,7 +6,8 @@ both implementations on the same cost tensor):
   (b) 64 pairs of length 128,
   (c) 8 pairs of length 512;
 plus the normalised GAK Gram matrix of 256 sequences of length 8 with 1,536-dimensional features (forward
-only, float64) against `tslearn.metrics.cdist_gak` (same σ; tslearn's σ convention equals dtw.phi_sigma's).
+only; dtw.py in float64 and in float32, tslearn in float64) against `tslearn.metrics.cdist_gak` (same σ:
+tslearn's σ convention equals dtw.phi_sigma's).
 The reference for soft-DTW is tslearn's numba autograd function `_SoftDTWLossPyTorch` (the function behind
 `tslearn.metrics.SoftDTWLossPyTorch`, called directly so that both sides see the same cost tensor).
 
@@ -132,23 +133,25 @@ def bench_soft_dtw(case: str, cfg: BenchConfig) -> str:
     return row(label + " f+b", pairs * n * m, 4, (t_o, mem_o), (t_r, mem_r), err)
 
 
-def bench_gak_gram(cfg: BenchConfig) -> str:
+def bench_gak_gram(cfg: BenchConfig, dtype: torch.dtype) -> str:
     g = torch.Generator().manual_seed(cfg.seed)
-    x = torch.randn(256, 8, cfg.gak_dim, generator=g, dtype=torch.float64)
+    x64 = torch.randn(256, 8, cfg.gak_dim, generator=g, dtype=torch.float64)
+    x, x_np = x64.to(dtype), x64.numpy()
     sigma = float(np.sqrt(cfg.gak_dim))  # φ_σ = O(1) for unit-variance features
-    x_np = x.numpy()
 
     def ours() -> Tensor:
         with torch.no_grad():
             return dtw.gak_gram(x, None, sigma)
 
     def ref() -> np.ndarray:
-        return cdist_gak(x_np, sigma=sigma)
+        return cdist_gak(x_np, sigma=sigma)  # float64
 
-    err = float(np.abs(ours().numpy() - ref()).max())
+    err = float(np.abs(ours().double().numpy() - ref()).max())
     t_o, t_r = best_times([ours, ref], cfg.repeats)
     mem_o, mem_r = peak_extra_bytes(ours), peak_extra_bytes(ref)
-    return row("GAK Gram 256 seqs, len 8, d 1536", 256 * 256 * 64, 8, (t_o, mem_o), (t_r, mem_r), err)
+    name = {torch.float64: "float64", torch.float32: "float32"}[dtype]
+    return row(f"GAK Gram 256x8, d 1536, {name}", 256 * 256 * 64, x.element_size(), (t_o, mem_o), (t_r, mem_r),
+               err)
 
 
 def main() -> None:
@@ -161,7 +164,8 @@ def main() -> None:
           f"{'ours MiB':>8} {'fl/c':>6} {'ts MiB':>8} {'fl/c':>6} {'rel err':>9}")
     for case in ("a", "b", "c"):
         print(bench_soft_dtw(case, cfg), flush=True)
-    print(bench_gak_gram(cfg), flush=True)
+    for dtype in (torch.float64, torch.float32):
+        print(bench_gak_gram(cfg, dtype), flush=True)
     print("speed = tslearn time / dtw.py time; Mc/s = million DP cells per second; fl/c = peak extra memory in "
           "floats per DP cell; rel err = relative L2 gradient difference (soft-DTW, tslearn as reference) or "
           "max abs Gram difference (GAK)")
