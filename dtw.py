@@ -29,8 +29,8 @@ every cell; the gradient dR[n,m]/dC[i,j] = E[i,j] (the expected alignment matrix
 is then the linear recursion E[i,j] = Σ_successors E[s] · weight_s(i,j), pushed diagonal by diagonal.
 Memory per grid cell: forward 4 floats with autograd (Q + 3 weights; Q is freed after it), 1 without;
 backward 3 weights + 1 for E, plus the returned (B, n, m) gradient.
-Speed on CPU: pairs are split into column chunks run on torch.get_num_threads() threads (one small op stays
-in cache and needs no per-op thread barrier), and weights / gradient terms are cut before they turn denormal.
+Speed on CPU: pairs are split into cache-sized column chunks, and weights / gradient terms are cut before
+they turn denormal (denormal arithmetic is 10-100x slower).
 
 Run the tests with `python -m pytest tests/test_dtw.py -x -q`, the benchmark with `python bench/bench_dtw.py`.
 """
@@ -38,8 +38,6 @@ from __future__ import annotations
 
 import functools
 import math
-from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -122,32 +120,20 @@ def _valid_cells(grid_i: Tensor, grid_j: Tensor, n: int, m: int, x_lengths: Tens
     return valid
 
 
-# Pairs are processed in column chunks, each chunk's wavefront on its own CPU thread. A chunk's widest diagonal
-# step stays below ATen's intra-op grain size (32,768 elements), so each op runs single-threaded in cache and
-# the threads synchronise once per call instead of once per op (an OpenMP barrier per op stalls whenever another
-# process holds a core). On an accelerator the whole batch is one chunk.
-_CHUNK_ELEMENTS = 1 << 13
+# Pairs are processed in column chunks so that one diagonal step's working set stays in L2 cache: with many
+# short sequences (65,536 pairs of length 8) a whole-batch diagonal is megabytes and every op would go to DRAM.
+# (Running chunks on separate Python threads with single-threaded ops measured slower than ATen's own
+# intra-op threads on each chunk.) On an accelerator the whole batch is one chunk.
+_CHUNK_ELEMENTS = 1 << 16
 
 
 def _chunks(batch: int, steps: list[tuple[int, int, int, int]], device: torch.device) -> list[slice]:
-    """Column slices of the pair axis: ≤ _CHUNK_ELEMENTS cells in the widest diagonal, ≥ one per thread."""
+    """Column slices of the pair axis with about _CHUNK_ELEMENTS cells in the widest diagonal."""
     if device.type != "cpu":
         return [slice(0, batch)]
     width = max(w for _, w, _, _ in steps)
-    size = max(1, min(_CHUNK_ELEMENTS // width, -(-batch // torch.get_num_threads())))
+    size = max(1, _CHUNK_ELEMENTS // width)
     return [slice(start, min(start + size, batch)) for start in range(0, batch, size)]
-
-
-def _run_chunks(fn: Callable[[slice], None], chunks: list[slice]) -> None:
-    """fn(chunk) for every chunk, on torch.get_num_threads() threads (ATen ops release the GIL)."""
-    workers = min(len(chunks), torch.get_num_threads())
-    if workers <= 1:
-        for cols in chunks:
-            fn(cols)
-        return
-    with ThreadPoolExecutor(workers) as pool:
-        for _ in pool.map(fn, chunks):
-            pass
 
 
 # Denormal floats make x86 arithmetic 10-100x slower, and soft-min weights of far-off-path cells underflow into
@@ -164,8 +150,8 @@ def _wavefront(q: Tensor, steps: list[tuple[int, int, int, int]], weights: Tenso
     q enters holding -C/γ on interior cells (-C when hard) and the border values; weights (G, 3, B), when
     given, receives the soft-min weights (one-hot argmin when hard) of (diag, up, left) predecessors.
     """
-    _run_chunks(lambda cols: _wavefront_chunk(q[:, cols], steps, None if weights is None else weights[:, :, cols],
-                                              hard), _chunks(q.shape[1], steps, q.device))
+    for cols in _chunks(q.shape[1], steps, q.device):
+        _wavefront_chunk(q[:, cols], steps, None if weights is None else weights[:, :, cols], hard)
 
 
 def _wavefront_chunk(q: Tensor, steps: list[tuple[int, int, int, int]], weights: Tensor | None,
@@ -203,8 +189,8 @@ def _backward_alignment(weights: Tensor, steps: list[tuple[int, int, int, int]],
 
     seed (G, B), ≥ 0, is overwritten with E.
     """
-    _run_chunks(lambda cols: _backward_chunk(weights[:, :, cols], steps, seed[:, cols]),
-                _chunks(seed.shape[1], steps, seed.device))
+    for cols in _chunks(seed.shape[1], steps, seed.device):
+        _backward_chunk(weights[:, :, cols], steps, seed[:, cols])
     return seed
 
 

@@ -172,6 +172,23 @@ def test_batched_variable_lengths_equal_unpadded(seed: int, gamma: float, radius
         assert cost.grad[b, xl[b]:].abs().sum() == 0 and cost.grad[b, :, yl[b]:].abs().sum() == 0
 
 
+def test_column_chunks_equal_single_pairs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many pairs are split into column chunks on CPU; a chunk boundary must change nothing."""
+    monkeypatch.setattr(dtw, "_CHUNK_ELEMENTS", 12)  # widest diagonal 5 cells -> 2 pairs per chunk, 4 chunks
+    rng = rng_from(9)
+    xl, yl = torch.tensor([6, 3, 5, 1, 6, 2, 4]), torch.tensor([5, 5, 2, 4, 1, 3, 5])
+    cost = torch.tensor(rng.uniform(0, 2, size=(7, 6, 5)), requires_grad=True)
+    for gamma in (0.0, 0.5):
+        cost.grad = None
+        got = dtw.soft_dtw(cost, gamma, xl, yl, 1)
+        got.sum().backward()
+        for b in range(7):
+            want, expected = brute_soft_dtw(cost.detach()[b, :xl[b], :yl[b]].numpy(), gamma, 1)
+            assert got[b].item() == pytest.approx(want, rel=1e-12)
+            if gamma > 0:
+                np.testing.assert_allclose(cost.grad[b, :xl[b], :yl[b]].numpy(), expected, atol=1e-12)
+
+
 # ----------------------------------------------------------------------------- hard path
 @FAST
 @given(n=st.integers(1, 7), m=st.integers(1, 7), seed=seeds, radius=radii)
