@@ -343,7 +343,8 @@ def pairwise_sq_euclidean(x: Tensor, y: Tensor) -> Tensor:
 def phi_sigma(sq_dist: Tensor, sigma: float) -> Tensor:
     """GAK local cost φ_σ(d²) = d²/(2σ²) + log(2 - exp(-d²/(2σ²))) (Cuturi et al. 2007; tslearn's σ).
 
-    exp(-φ_σ) = κ/(2 - κ) with the Gaussian κ = exp(-d²/(2σ²)), the kernel Cuturi shows makes K positive definite.
+    exp(-φ_σ) = κ/(2 - κ) with the Gaussian κ = exp(-d²/(2σ²)): the local kernel that Cuturi shows makes K
+    positive definite.
     """
     if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma > 0):
         raise ValueError(f"dtw.py: sigma must be a finite float > 0, got {sigma!r}")
