@@ -120,6 +120,10 @@ class MLLMConfig:
     soft_text_token_id: int
     n_soft_tokens: int
     proj_dim: int = 128  # width of Sugar's retrieval projector (the paper does not give it)
+    # pixel normalisation applied to images in [0, 1] before the vision tower (CLIP's processor constants; a Hugging
+    # Face pipeline does this in its image processor, we keep it with the model so a checkpoint is self-contained)
+    image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+    image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 
     def __post_init__(self) -> None:
         n = self.vision.num_layers
@@ -133,7 +137,7 @@ class MLLMConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "MLLMConfig":
-        rest = {k: v for k, v in d.items() if k not in ("vision", "llm")}
+        rest = {k: (tuple(v) if k in ("image_mean", "image_std") else v) for k, v in d.items() if k not in ("vision", "llm")}
         return cls(VisionConfig(**d["vision"]), LLMConfig(**d["llm"]), **rest)
 
 
@@ -557,7 +561,9 @@ class MLLM(nn.Module):
 
     def image_tokens(self, images: Tensor) -> Tensor:
         """images (N, 3, H, W) -> adapter tokens (N, P, D): LLaVA features from `feature_layer`, CLS dropped."""
-        feats = self.vision(images, layer=self.cfg.feature_layer)  # (N, P(+1), Dv)
+        mean = torch.tensor(self.cfg.image_mean, dtype=images.dtype, device=images.device)[:, None, None]
+        std = torch.tensor(self.cfg.image_std, dtype=images.dtype, device=images.device)[:, None, None]
+        feats = self.vision((images - mean) / std, layer=self.cfg.feature_layer)  # (N, P(+1), Dv)
         if self.cfg.vision.use_cls:
             feats = feats[:, 1:]
         return self.adapter(feats)

@@ -355,7 +355,8 @@ def test_embed_fills_images_and_prompts_in_order() -> None:
     ids, images = interleaved_ids(), torch.rand(3, 3, 8, 8)
     with torch.no_grad():
         x = m.embed(ids, images)
-        feats = m.adapter(m.vision(images, layer=-2)[:, 1:])  # (3, 4, D)
+        mean, std = (torch.tensor(v)[:, None, None] for v in (m.cfg.image_mean, m.cfg.image_std))
+        feats = m.adapter(m.vision((images - mean) / std, layer=-2)[:, 1:])  # (3, 4, D), CLIP pixel normalisation
     # brute force: walk the sequence, counting images and soft-prompt positions
     img_i, tok_i, soft = 0, 0, {SOFT_IMG: 0, SOFT_TXT: 0}
     for b in range(ids.shape[0]):
