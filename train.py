@@ -36,7 +36,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -95,7 +95,7 @@ class DataArgs:
 
 @dataclass
 class PretrainArgs:
-    pretrain_steps: int = 700
+    pretrain_steps: int = 600
     pretrain_batch: int = 32        # global sequences per step
     pretrain_lr: float = 6e-4       # 2e-3 taught the LLM text priors while the from-scratch vision path collapsed
 
@@ -103,7 +103,7 @@ class PretrainArgs:
 @dataclass
 class FinetuneArgs:
     method: str = "unified"
-    finetune_steps: int = 250
+    finetune_steps: int = 200
     lm_batch: int = 16              # global caption / VQA / RAG sequences per step
     pair_batch: int = 32            # global image-caption pairs per step (VladVA; Sugar's singles come from them)
     story_batch: int = 4            # global interleaved stories per step

@@ -66,7 +66,7 @@ def true_of(text: str, objs) -> bool:
 def check_long(text: str, objs) -> None:
     sents = [s.strip() for s in text.split(".") if s.strip()]
     n = len(objs)
-    assert sents[0] == (f"there is one shape" if n == 1 else f"there are {NUM[n]} shapes")
+    assert sents[0] == ("there is one shape" if n == 1 else f"there are {NUM[n]} shapes")
     obj_sents = [s for s in sents[1:] if s.startswith("a ")]
     rel_sents = [s for s in sents[1:] if s.startswith("the ")]
     assert len(obj_sents) + len(rel_sents) == len(sents) - 1
