@@ -56,8 +56,8 @@ SUPERSAMPLE = 4  # draw at 4x and box-filter down: anti-aliased edges keep shape
 UNI_DIM = 64
 CROSS_DIM = 64
 TEST_FRACTION = 4  # a scene graph belongs to the test split iff crc32(graph) % 4 == 0 (content-disjoint splits)
-# RAG names: the first letter decides the split, and every syllable uses that split's consonants only, so no test
-# name can ever equal a training name or any English word of the world.
+# RAG names: three consonant-vowel syllables; a hash of the whole name decides its split (name_split), so test names
+# are new names made of known syllables.
 NAME_CONSONANTS = "bdfgklmprtvz"
 NAME_VOWELS = "aeiou"
 
