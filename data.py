@@ -1299,7 +1299,7 @@ def _check_lengths(ctx: _Ctx, data: LoadedData, tok: Tokenizer, n_image_tokens: 
         n = 1 + sum(n_image_tokens if s.kind == "image" else
                     len(tok.encode(segment_text(s.text, k > 0 and smp.segments[k - 1].kind == "text")))
                     for k, s in enumerate(smp.segments))
-        n += any(s.kind == "text" and s.loss for s in smp.segments)
+        n += sum(ends_turn(smp.segments, k) for k in range(len(smp.segments)))  # one </s> per answer turn
         if n > max_len:
             ctx.bad(i, "<sample>", f"at most {max_len} tokens (the context), has {n}")
     for i, p in zip(data.pair_records, data.pairs):

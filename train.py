@@ -87,7 +87,8 @@ class ModelArgs:
 
 @dataclass
 class DataArgs:
-    data: str = ""          # a file in a format data.py reads; empty: the built-in world
+    data: str = ""          # comma-separated files in formats data.py reads; empty: the built-in world
+    features: str = ""      # teacher-features file for --data (Sugar's structure loss needs one)
     n_train: int = 3000     # built-in world: training scenes (stories and the KB scale with it)
     data_seed: int = 0
     rag_kbs: int = 20       # built-in world: training knowledge bases of 48 made-up names each
@@ -186,7 +187,9 @@ def validate(cfg: TrainConfig) -> None:
         raise SystemExit("train.py: --llm and --vision go together (a Hugging Face LLM and vision tower)")
     if run.init and run.llm:
         raise SystemExit("train.py: give --init (our checkpoint) or --llm/--vision (Hugging Face), not both")
-    for flag, path in (("--init", run.init), ("--llm", run.llm), ("--vision", run.vision), ("--data", cfg.data.data)):
+    data_files = [("--data", p) for p in cfg.data.data.split(",") if cfg.data.data]
+    for flag, path in [("--init", run.init), ("--llm", run.llm), ("--vision", run.vision),
+                       ("--features", cfg.data.features)] + data_files:
         if path and not Path(path).exists():
             raise SystemExit(f"train.py: {flag} {path}: no such file or directory")
     for name in ("pretrain_steps", "finetune_steps"):
@@ -254,11 +257,11 @@ class Stream:
     """An endless, reshuffled-every-epoch sequence of items; `batch(step, n)` needs no state."""
 
     def __init__(self, name: str, items: list, seed: int) -> None:
-        if not items:
-            raise SystemExit(f"train.py: the {name!r} stream has no samples (check --data / --n-train)")
         self.name, self.items, self.seed = name, items, seed
 
     def batch(self, step: int, n: int) -> list:
+        if not self.items:
+            raise SystemExit(f"train.py: the {self.name!r} stream has no samples (check --data / --n-train)")
         out, start = [], step * n
         for k in range(start, start + n):
             epoch, i = divmod(k, len(self.items))
@@ -278,8 +281,9 @@ class Corpus:
     lm: list            # data.Sample: captions, VQA conversations, RAG (next-token)
     long: list          # data.Sample: [image][long caption] (pre-training only; fine-tuning sees them in pairs)
     stories: list       # data.Sample with prefixes (interleaved)
-    pairs: list         # data.Scene or data.Pair (image, short caption, long caption, teacher features)
+    pairs: list         # data.Scene or data.Pair (image, short caption, long caption)
     texts: list[str]    # for the tokenizer
+    pair_singles: bool  # pairs carry teacher features, so they also enter the structure loss (see `singles`)
 
 
 def long_caption_samples(items: list) -> list[D.Sample]:
@@ -300,7 +304,7 @@ def singles(pairs: list) -> list[D.Sample]:
 def builtin_corpus(cfg: TrainConfig) -> Corpus:
     world = D.make_world("train", cfg.data.n_train, cfg.data.data_seed, image_size=cfg.model.image_size)
     return Corpus(lm=D.pretrain_samples(world) + rag_corpus(cfg), long=long_caption_samples(world.scenes),
-                  stories=D.story_samples(world), pairs=world.scenes, texts=D.world_texts(world))
+                  stories=D.story_samples(world), pairs=world.scenes, texts=D.world_texts(world), pair_singles=True)
 
 
 def rag_corpus(cfg: TrainConfig) -> list[D.Sample]:
@@ -313,11 +317,41 @@ def rag_corpus(cfg: TrainConfig) -> list[D.Sample]:
 
 
 def file_corpus(cfg: TrainConfig, tok: D.Tokenizer | None) -> Corpus:
-    loaded = D.load_dataset(cfg.data.data, tok=tok, max_len=cfg.model.max_len, image_size=cfg.model.image_size)
-    stories = [s for s in loaded.samples if s.prefixes]
-    lm = [s for s in loaded.samples if not s.prefixes]
-    return Corpus(lm=lm, long=long_caption_samples(loaded.pairs), stories=stories, pairs=loaded.pairs,
-                  texts=D.data_texts(loaded))
+    """A user's files (comma-separated, any mix of formats): conversations feed the "lm" stream, interleaved samples
+    with prefixes (MMC4) the stories, Karpathy captions the pairs. User pairs carry no teacher features, so only the
+    stories enter Sugar's structure loss."""
+    lm, stories, pairs, texts = [], [], [], []
+    for path in cfg.data.data.split(","):
+        try:
+            loaded = D.load_dataset(path, tok=tok, max_len=cfg.model.max_len, image_size=cfg.model.image_size,
+                                    features=cfg.data.features or None)
+        except ValueError as e:  # data.DataError lists every problem of the file
+            raise SystemExit(f"train.py: --data {e}") from e
+        stories += [s for s in loaded.samples if s.prefixes]
+        lm += [s for s in loaded.samples if not s.prefixes]
+        pairs += loaded.pairs
+        texts += D.data_texts(loaded)
+    return Corpus(lm=lm, long=long_caption_samples(pairs), stories=stories, pairs=pairs, texts=texts,
+                  pair_singles=False)
+
+
+def check_corpus(corpus: Corpus, cfg: TrainConfig, pretrain: bool) -> None:
+    """Refuse, before any step, a corpus that lacks what the chosen stages need."""
+    where = f"--data {cfg.data.data}" if cfg.data.data else "the built-in world"
+    method = cfg.finetune.method
+    if pretrain and not (corpus.lm or corpus.long or corpus.stories):
+        raise SystemExit(f"train.py: {where} has no samples to pre-train on")
+    if not corpus.pairs:
+        raise SystemExit(f"train.py: fine-tuning ({method}) needs image-caption pairs (a Karpathy-style file); "
+                         f"{where} has none")
+    if method in ("sugar", "unified"):
+        if not corpus.stories:
+            raise SystemExit(f"train.py: the {method} structure loss needs interleaved samples with prefixes "
+                             f"(an MMC4-style file); {where} has none")
+        bare = sum(seg.uni is None or seg.cross is None for s in corpus.stories for seg in s.segments)
+        if bare:
+            raise SystemExit(f"train.py: the {method} structure loss needs teacher features for every slice; "
+                             f"{bare} slices of {where} have none (give --features FILE)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -465,8 +499,9 @@ class Trainer:
     """Holds what every step needs; `step_loss` is the objective of DESIGN "Combined" for one micro-batch."""
 
     def __init__(self, model: MLLM, ddp_model: torch.nn.Module, tok: D.Tokenizer, cfg: TrainConfig, d: Dist,
-                 stage: str) -> None:
+                 stage: str, pair_singles: bool) -> None:
         self.model, self.ddp_model, self.tok, self.cfg, self.d, self.stage = model, ddp_model, tok, cfg, d, stage
+        self.pair_singles = pair_singles
         ft = cfg.finetune
         method = ft.method if stage == "finetune" else "generative"
         self.use_c = method in ("vladva", "unified")
@@ -485,17 +520,19 @@ class Trainer:
         pairs = corpus_streams["pairs"].batch(step, ft.pair_batch)
         local_pairs = shard(pairs, ft.pair_batch, d)
         out.pairs = D.collate_pairs(local_pairs, tok, n_img, self.model.cfg.n_soft_tokens, L)
-        if self.use_lm:
+        if self.use_lm and corpus_streams["lm"].items:
             out.lm = D.collate(shard(corpus_streams["lm"].batch(step, ft.lm_batch), ft.lm_batch, d), tok, n_img, L)
+        if self.use_lm and corpus_streams["stories"].items:
             stories = corpus_streams["stories"].batch(step, ft.story_batch)
             out.stories = D.collate(shard(stories, ft.story_batch, d), tok, n_img, L)
             if self.use_s:
-                out.singles = D.collate(singles(local_pairs), tok, n_img, L)
                 # every rank builds the global targets' inputs in the gathered order: stories, then singles
-                glob = [shard(stories, ft.story_batch, Dist(r, d.world, d.device)) for r in range(d.world)]
-                glob_s = [singles(shard(pairs, ft.pair_batch, Dist(r, d.world, d.device))) for r in range(d.world)]
-                out.sugar_global = D.collate([s for g in glob for s in g] + [s for g in glob_s for s in g], tok,
-                                             n_img, L)
+                ranks = [Dist(r, d.world, d.device) for r in range(d.world)]
+                glob = [s for r in ranks for s in shard(stories, ft.story_batch, r)]
+                if self.pair_singles:
+                    out.singles = D.collate(singles(local_pairs), tok, n_img, L)
+                    glob += [s for r in ranks for s in singles(shard(pairs, ft.pair_batch, r))]
+                out.sugar_global = D.collate(glob, tok, n_img, L)
         return out
 
     def step_loss(self, b: StepBatches) -> tuple[Tensor, dict[str, float]]:
@@ -561,7 +598,7 @@ class Trainer:
         """Sugar Eq. 3 over the prefixes of the whole global batch. Every rank computes the same full loss on the
         gathered embeddings; the gather's backward sums the W identical gradients into each rank's own rows and
         DDP divides by W, so the applied gradient is the single-process one."""
-        r = torch.cat([gather_rows(embeds["story"]), gather_rows(embeds["single"])])  # (P, proj_dim)
+        r = torch.cat([gather_rows(embeds[k]) for k in ("story", "single") if k in embeds])  # (P, proj_dim)
         g = to_device(glob, r.device)
         delta = self.cfg.finetune.gak_delta or None
         targets = K.gak_targets(g["slice_uni"], g["slice_cross"], g["seg_is_image"], g["prefix_slices"],
@@ -596,11 +633,12 @@ class Stage:
 
 
 def run_stage(stage: Stage, model: MLLM, tok: D.Tokenizer, cfg: TrainConfig, d: Dist, streams: dict[str, Stream],
-              opt: torch.optim.Optimizer, start: int, history: dict[str, list[dict[str, float]]], stop: int) -> bool:
+              pair_singles: bool, opt: torch.optim.Optimizer, start: int, history: dict[str, list[dict[str, float]]],
+              stop: int) -> bool:
     """Steps start..min(total, stop)-1 of one stage, appending each step's global loss terms to history[stage].
     Returns True when the stage is complete (False: --stop-after ended this invocation; --resume continues)."""
     ddp_model = DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None) if d.world > 1 else model
-    trainer = Trainer(model, ddp_model, tok, cfg, d, stage.name)
+    trainer = Trainer(model, ddp_model, tok, cfg, d, stage.name, pair_singles)
     run, out, end = cfg.run, Path(cfg.run.out), min(stage.total, stop)
     for step in tqdm(range(start, end), desc=stage.name, disable=not d.main, dynamic_ncols=True, file=sys.stderr):
         t0 = time.perf_counter()
@@ -698,6 +736,7 @@ def train(cfg: TrainConfig, d: Dist) -> TrainResult:
                              f"already fine-tuned with LoRA (method {init['method']})")
         cfg.model = ModelArgs(**init["train_config"]["model"])  # the base fixes image size and context length
     tok, corpus = tokenizer_and_corpus(cfg, resume or init)
+    check_corpus(corpus, cfg, pretrain=init is None and not run.llm)
     streams = build_streams(corpus, run.seed)
     history: dict[str, list[dict[str, float]]] = {"pretrain": [], "finetune": []}
     stop = run.stop_after if run.stop_after > 0 else math.inf
@@ -718,7 +757,7 @@ def train(cfg: TrainConfig, d: Dist) -> TrainResult:
         if resume is not None:
             start = restore(resume, model, opt, history)
         stage = Stage("pretrain", cfg.pretrain.pretrain_steps, cfg.pretrain.pretrain_lr, None)
-        if not run_stage(stage, model, tok, cfg, d, streams, opt, start, history, start + stop):
+        if not run_stage(stage, model, tok, cfg, d, streams, corpus.pair_singles, opt, start, history, start + stop):
             return TrainResult(model, history, False)
         stop -= stage.total - start
         if d.main:
@@ -735,7 +774,7 @@ def train(cfg: TrainConfig, d: Dist) -> TrainResult:
     ft = cfg.finetune
     stage = Stage("finetune", ft.finetune_steps, ft.finetune_lr, {"targets": ft.lora_targets, "r": ft.lora_r,
                                                                   "alpha": ft.lora_alpha})
-    complete = run_stage(stage, model, tok, cfg, d, streams, opt, start, history, start + stop)
+    complete = run_stage(stage, model, tok, cfg, d, streams, corpus.pair_singles, opt, start, history, start + stop)
     return TrainResult(model, history, complete)
 
 

@@ -58,7 +58,7 @@ def main() -> None:
         model.init_soft_prompts(*D.soft_prompt_ids(tok))
         set_trainable(model, train.TRAINABLE[method])
         opt = train.make_optimizer(model, 1e-4, 0.0)
-        trainer = train.Trainer(model, model, tok, cfg, d, "finetune")
+        trainer = train.Trainer(model, model, tok, cfg, d, "finetune", corpus.pair_singles)
         times, gak_s, con_s = [], 0.0, 0.0
         for step in range(args.steps + 1):
             gak.seconds = con.seconds = 0.0

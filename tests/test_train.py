@@ -124,3 +124,49 @@ def test_non_finite_loss_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="the loss is nan"):
         run_single(out, "--resume")
     assert out.read_bytes() == before
+
+
+def write_user_files(tmp_path: Path) -> dict[str, Path]:
+    """A LLaVA conversation file, a Karpathy caption file and an MMC4 document file over 4 random PNGs, and a
+    teacher-features file covering every slice of the MMC4 documents."""
+    import numpy as np
+    from PIL import Image
+    import data as D
+    (tmp_path / "img").mkdir()
+    for k in range(4):
+        Image.fromarray(np.random.default_rng(k).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / f"img/{k}.png")
+    llava = [{"id": str(k), "image": f"img/{k}.png", "conversations": [
+        {"from": "human", "value": "<image>\nwhat colour is it?"}, {"from": "gpt", "value": "red"}]} for k in range(4)]
+    karpathy = {"images": [{"filename": f"img/{k}.png", "split": "train",
+                            "sentences": [{"raw": f"picture {k}."}, {"raw": f"a noisy picture number {k}."}]}
+                           for k in range(4)]}
+    texts = [["a first line.", "a second line."], ["another line.", "the last line."]]
+    docs = [{"text_list": t, "image_info": [{"image_name": f"img/{2 * i}.png", "matched_text_index": 0},
+                                            {"image_name": f"img/{2 * i + 1}.png", "matched_text_index": 1}]}
+            for i, t in enumerate(texts)]
+    paths = {"llava": tmp_path / "llava.json", "karpathy": tmp_path / "karpathy.json", "mmc4": tmp_path / "docs.jsonl",
+             "features": tmp_path / "feats.safetensors"}
+    paths["llava"].write_text(json.dumps(llava))
+    paths["karpathy"].write_text(json.dumps(karpathy))
+    paths["mmc4"].write_text("\n".join(json.dumps(d) for d in docs) + "\n")
+    unit = lambda k, d: torch.nn.functional.normalize(torch.randn(d, generator=torch.Generator().manual_seed(k)), dim=0)  # noqa: E731
+    feats = {D.feature_key("image", f"img/{k}.png"): (unit(k, 6), unit(10 + k, 4)) for k in range(4)}
+    feats.update({D.feature_key("text", s): (unit(20 + i, 6), unit(30 + i, 4)) for i, s in enumerate(sum(texts, []))})
+    D.save_features(paths["features"], feats)
+    return paths
+
+
+def test_user_files_train_and_evaluate(tmp_path):
+    p = write_user_files(tmp_path)
+    files = ",".join(str(p[k]) for k in ("llava", "karpathy", "mmc4"))
+    out = tmp_path / "user.pt"
+    train.main(SMOKE + ["--data", files, "--features", str(p["features"]), "--out", str(out)])
+    ckpt = train.load_checkpoint(out)
+    assert ckpt["done"] and ckpt["method"] == "unified"
+    assert all(math.isfinite(t["structure"]) and math.isfinite(t["contrastive"]) for t in ckpt["history"]["finetune"])
+    metrics = E.main(["--ckpt", str(out), "--data", str(p["karpathy"])])
+    assert 0 <= metrics["retrieval/t2i_r1"] <= 1 and metrics["retrieval/i2t_r10"] == 1.0  # 4 pairs: top-10 holds all
+    with pytest.raises(SystemExit, match="needs teacher features for every slice"):
+        train.main(SMOKE + ["--data", files, "--out", str(tmp_path / "nofeat.pt")])
+    with pytest.raises(SystemExit, match="needs image-caption pairs"):
+        train.main(SMOKE + ["--data", str(p["llava"]), "--method", "generative", "--out", str(tmp_path / "x.pt")])
