@@ -18,6 +18,8 @@ Metrics (the JSON keys):
   rag/acc, rag/acc_without_retrieval   name questions about test objects whose names never occur in training:
                                   answered with the top-k knowledge-base entries that the model's own embeddings
                                   retrieve (question text -> entry image), and with no context at all
+  rag/acc_oracle_context, rag/retrieval_r1   the two halves of rag/acc: answering with the right entry given,
+                                  and how often the right entry is retrieved first
 
 Run:
     python eval.py --ckpt out.pt                      # a table of every metric
@@ -279,10 +281,15 @@ def eval_rag(world: D.World, model: MLLM, tok: D.Tokenizer, emb: Embedder, kind:
                          + [D.text_seg(D.format_question(question), False)])
                 for n, (question, _) in enumerate(kb.questions)]
     without = [D.Sample([D.text_seg(D.format_question(question), False)]) for question, _ in kb.questions]
+    oracle = [D.Sample([D.text_seg(e.description, False), D.text_seg(D.format_question(question), False)])
+              for e, (question, _) in zip(kb.entries, kb.questions)]
     truth = [name for _, name in kb.questions]
-    answers = generate_answers(model, tok, with_ctx + without, device, batch, max_new_tokens=8, desc="rag")
-    return {"rag/acc": exact_match(answers[:len(truth)], truth),
-            "rag/acc_without_retrieval": exact_match(answers[len(truth):], truth)}
+    answers = generate_answers(model, tok, with_ctx + without + oracle, device, batch, max_new_tokens=8, desc="rag")
+    n = len(truth)
+    return {"rag/acc": exact_match(answers[:n], truth),
+            "rag/acc_without_retrieval": exact_match(answers[n:2 * n], truth),
+            "rag/acc_oracle_context": exact_match(answers[2 * n:], truth),
+            "rag/retrieval_r1": float(sum(top[i][0] == i for i in range(n)) / n)}
 
 
 def evaluate_world(model: MLLM, tok: D.Tokenizer, method: str, args: EvalArgs, device: torch.device) -> tuple[dict[str, float], dict[str, str]]:

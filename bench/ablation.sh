@@ -7,13 +7,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-runs}
 mkdir -p "$out"
-/usr/bin/time -f "%e s wall: python train.py --out $out/unified.pt" python train.py --out "$out/unified.pt" 2> >(tr '\r' '\n' | grep -v 'it/s\]' > "$out/unified.log")
+# a finished checkpoint is kept (re-running the script only re-evaluates)
+done_ckpt() { python -c "import sys, train; sys.exit(0 if train.load_checkpoint('$1')['done'] else 1)" 2>/dev/null; }
+done_ckpt "$out/unified.pt" || /usr/bin/time -f "%e s wall: python train.py --out $out/unified.pt" python train.py --out "$out/unified.pt" 2> >(tr '\r' '\n' | grep -v 'it/s\]' > "$out/unified.log")
 for m in generative vladva sugar; do
-  python train.py --method "$m" --init "$out/unified.base.pt" --out "$out/$m.pt" 2> >(tr '\r' '\n' | grep -v 'it/s\]' > "$out/$m.log")
+  done_ckpt "$out/$m.pt" || python train.py --method "$m" --init "$out/unified.base.pt" --out "$out/$m.pt" 2> >(tr '\r' '\n' | grep -v 'it/s\]' > "$out/$m.log")
 done
 for m in base unified generative vladva sugar; do
   ckpt="$out/$m.pt"; [ "$m" = base ] && ckpt="$out/unified.base.pt"
-  /usr/bin/time -f "%e s wall: python eval.py --ckpt $ckpt" python eval.py --ckpt "$ckpt" --json "$out/$m.json" > "$out/$m.eval.txt" 2> >(tr '\r' '\n' | grep -v 'it/s\]' >> "$out/$m.eval.log")
+  /usr/bin/time -f "%e s wall: python eval.py --ckpt $ckpt" python eval.py --ckpt "$ckpt" --json "$out/$m.json" > "$out/$m.eval.txt" 2> >(tr '\r' '\n' | grep -v 'it/s\]' > "$out/$m.eval.log")
 done
 python - "$out" <<'PY'
 import json, sys
