@@ -52,15 +52,20 @@ from unimllm import (LLMConfig, MLLM, MLLMConfig, VisionConfig, apply_lora, load
 
 CKPT_FORMAT = "unimllm-checkpoint-v1"
 METHODS = ("generative", "vladva", "sugar", "unified")
-# Fine-tuning trains LoRA plus what each method's losses reach (DDP needs every trainable tensor to get a gradient):
-# the image soft prompt sits in every image-caption sequence; the text prompt and temperature serve the
-# contrastive loss; the retrieval projector serves the structure loss.
-TRAINABLE = {
-    "generative": ["image_prompt"],
-    "vladva": ["image_prompt", "text_prompt", "logit_scale"],
-    "sugar": ["image_prompt", r"^projector\."],
-    "unified": ["image_prompt", "text_prompt", "logit_scale", r"^projector\."],
-}
+
+
+def losses_of(method: str, ft: "FinetuneArgs") -> tuple[bool, bool]:
+    """(contrastive on, structure on) for a fine-tuning method; a term whose lambda is 0 is not even computed."""
+    return (method in ("vladva", "unified") and ft.lambda_contrastive > 0,
+            method in ("sugar", "unified") and ft.lambda_structure > 0)
+
+
+def trainable_patterns(ft: "FinetuneArgs") -> list[str]:
+    """Fine-tuning trains LoRA plus what the method's losses reach (DDP needs every trainable tensor to get a
+    gradient): the image soft prompt sits in every image-caption sequence; the text prompt and the temperature
+    serve the contrastive loss; the retrieval projector serves the structure loss."""
+    use_c, use_s = losses_of(ft.method, ft)
+    return ["image_prompt"] + (["text_prompt", "logit_scale"] if use_c else []) + ([r"^projector\."] if use_s else [])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -504,8 +509,7 @@ class Trainer:
         self.pair_singles = pair_singles
         ft = cfg.finetune
         method = ft.method if stage == "finetune" else "generative"
-        self.use_c = method in ("vladva", "unified")
-        self.use_s = method in ("sugar", "unified")
+        self.use_c, self.use_s = losses_of(method, ft)
         self.use_lm = method != "vladva"
         self.weights = K.LossWeights(ntp=1.0, contrastive=ft.lambda_contrastive if self.use_c else 0.0,
                                      structure=ft.lambda_structure if self.use_s else 0.0)
@@ -768,7 +772,7 @@ def train(cfg: TrainConfig, d: Dist) -> TrainResult:
     if not in_finetune:
         add_lora(model, cfg.finetune)
         model.init_soft_prompts(*D.soft_prompt_ids(tok))
-    set_trainable(model, TRAINABLE[cfg.finetune.method])
+    set_trainable(model, trainable_patterns(cfg.finetune))
     opt = make_optimizer(model, cfg.finetune.finetune_lr, run.weight_decay)
     start = restore(resume, model, opt, history) if in_finetune else 0
     ft = cfg.finetune

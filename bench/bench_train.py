@@ -56,7 +56,7 @@ def main() -> None:
         model = MLLM(train.model_config(cfg.model, tok))
         train.add_lora(model, cfg.finetune)
         model.init_soft_prompts(*D.soft_prompt_ids(tok))
-        set_trainable(model, train.TRAINABLE[method])
+        set_trainable(model, train.trainable_patterns(cfg.finetune))
         opt = train.make_optimizer(model, 1e-4, 0.0)
         trainer = train.Trainer(model, model, tok, cfg, d, "finetune", corpus.pair_singles)
         times, gak_s, con_s = [], 0.0, 0.0
