@@ -13,7 +13,8 @@ Metrics (the JSON keys):
   compositional/<category>, compositional/mean   SugarCrepe-style: the image scores its caption above the negative
   winoground/{text,image,group}   two scenes whose captions differ by a swap (Thrush et al., CVPR 2022 scoring)
   interleaved/r{1,5}              story so far + next sentence -> the next frame among all test frames
-  vqa/acc                         exact match of the generated single-word answer
+  vqa/acc, vqa/<type>             exact match of the generated single-word answer (all; count, colour, shape,
+                                  size, relation questions)
   pope/{acc,f1,yes_ratio}         object-existence yes/no questions (POPE, Li et al., EMNLP 2023)
   rag/acc, rag/acc_without_retrieval   name questions about test objects whose names never occur in training:
                                   answered with the top-k knowledge-base entries that the model's own embeddings
@@ -25,6 +26,7 @@ Run:
     python eval.py --ckpt out.pt                      # a table of every metric
     python eval.py --ckpt out.pt --json metrics.json  # and a flat JSON object metric -> number
     python eval.py --ckpt out.pt --data sugarcrepe_replace_att.json   # a user's file (metrics its format allows)
+    python eval.py --ckpt out.pt --blank-images 1     # the same with black images: what the image contributes
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ class EvalArgs:
     batch: int = 64
     rag_k: int = 1            # knowledge-base entries put into the prompt
     embedding: str = "auto"   # auto (the checkpoint's method) | summary | prefix
+    blank_images: int = 0     # 1: every test image replaced by zeros (how much of each score comes from the image)
 
 
 def parse_args(argv: list[str] | None = None) -> EvalArgs:
@@ -260,11 +263,23 @@ def qa_prompt(image: Tensor, question: str) -> D.Sample:
     return D.Sample([D.image_seg(image), D.text_seg(D.format_question(question), False)])
 
 
+def question_type(question: str) -> str:
+    """The built-in world's VQA templates: how many / what colour / what shape / what size / a relation."""
+    for prefix, name in (("how many", "count"), ("what colour", "colour"), ("what shape", "shape"),
+                         ("what size", "size")):
+        if question.startswith(prefix):
+            return name
+    return "relation"
+
+
 def eval_vqa_pope(world: D.World, model: MLLM, tok: D.Tokenizer, device: torch.device, batch: int) -> dict[str, float]:
     vqa = [(s.image, q, a) for s in world.scenes for q, a in s.vqa]
     pope = [(s.image, q, a) for s in world.scenes for q, a in s.pope]
     answers = generate_answers(model, tok, [qa_prompt(i, q) for i, q, _ in vqa + pope], device, batch, desc="vqa+pope")
     out = {"vqa/acc": exact_match(answers[:len(vqa)], [a for *_, a in vqa])}
+    for kind in ("count", "colour", "shape", "size", "relation"):
+        idx = [k for k, (_, q, _) in enumerate(vqa) if question_type(q) == kind]
+        out[f"vqa/{kind}"] = exact_match([answers[k] for k in idx], [vqa[k][2] for k in idx])
     out.update({f"pope/{k}": v for k, v in yes_no_metrics(answers[len(vqa):], [a for *_, a in pope]).items()})
     return out
 
@@ -292,8 +307,23 @@ def eval_rag(world: D.World, model: MLLM, tok: D.Tokenizer, emb: Embedder, kind:
             "rag/retrieval_r1": float(sum(top[i][0] == i for i in range(n)) / n)}
 
 
+def blank_world_images(world: D.World) -> None:
+    """The diagnostic of --blank-images: every image of the test split becomes black."""
+    for s in world.scenes:
+        s.image = torch.zeros_like(s.image)
+    for st in world.stories:
+        for f in st.frames:
+            f.image = torch.zeros_like(f.image)
+    for w in world.winoground:
+        w.image_a, w.image_b = torch.zeros_like(w.image_a), torch.zeros_like(w.image_b)
+    for e in world.kb.entries:
+        e.image = torch.zeros_like(e.image)
+
+
 def evaluate_world(model: MLLM, tok: D.Tokenizer, method: str, args: EvalArgs, device: torch.device) -> tuple[dict[str, float], dict[str, str]]:
     world = D.make_world("test", args.n_test, args.test_seed, image_size=model.cfg.vision.image_size)
+    if args.blank_images:
+        blank_world_images(world)
     kinds = embedding_kinds(method, args.embedding)
     emb = Embedder(model, tok, args.batch, device)
     metrics: dict[str, float] = {}

@@ -90,3 +90,11 @@ def test_append_run():
     ids = torch.tensor([[5, 6, 7, 0], [5, 6, 0, 0]])
     out = E.append_run(ids, torch.tensor([3, 2]), 9, 2, 0)
     assert out.tolist() == [[5, 6, 7, 9, 9, 0], [5, 6, 9, 9, 0, 0]]
+
+
+def test_question_types_cover_the_world_templates():
+    import data as D
+    w = D.make_world("test", 30, 0)
+    kinds = {E.question_type(q): q for s in w.scenes for q, _ in s.vqa}
+    assert set(kinds) == {"count", "colour", "shape", "size", "relation"}
+    assert kinds["relation"].startswith("is the")
