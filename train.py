@@ -48,7 +48,8 @@ from tqdm import tqdm
 
 import data as D
 import kernel as K
-from unimllm import (LLMConfig, MLLM, MLLMConfig, VisionConfig, apply_lora, load_llm, load_vision, set_trainable)
+from unimllm import (LLMConfig, MLLM, MLLMConfig, VisionConfig, VisionEncoder, apply_lora, load_llm, load_vision,
+                     set_trainable)
 
 CKPT_FORMAT = "unimllm-checkpoint-v1"
 METHODS = ("generative", "vladva", "sugar", "unified")
@@ -375,10 +376,10 @@ def model_config(cfg: ModelArgs, tok: D.Tokenizer) -> MLLMConfig:
                       proj_dim=cfg.proj_dim)
 
 
-def model_from_hf(cfg: TrainConfig, tok: D.Tokenizer) -> MLLM:
+def model_from_hf(cfg: TrainConfig, tok: D.Tokenizer, vision: VisionEncoder) -> MLLM:
     """A real LLM + vision tower; the adapter, soft prompts and projector are new. Token ids our tokenizer added
     (<image>, soft-prompt markers) get new embedding rows at the mean embedding (our choice)."""
-    llm, vision = load_llm(cfg.run.llm), load_vision(cfg.run.vision)
+    llm = load_llm(cfg.run.llm)
     weights = llm.state_dict()
     vocab = max(tok.vocab_size, llm.cfg.vocab_size)
     for name in ("embed_tokens.weight", "lm_head.weight"):
@@ -728,17 +729,20 @@ class TrainResult:
 def train(cfg: TrainConfig, d: Dist) -> TrainResult:
     run, out = cfg.run, Path(cfg.run.out)
     torch.manual_seed(run.seed + d.rank)  # seeds offset by rank; the data order is shared by all ranks (Stream)
-    resume = load_checkpoint(out) if run.resume and out.exists() else None
-    if run.resume and resume is None and d.main:
-        print(f"train.py: --resume: {out} does not exist yet, starting from scratch", file=sys.stderr)
-    if resume is not None:
-        check_compatible(resume, cfg, str(out))
     init = load_checkpoint(run.init) if run.init else None
     if init is not None:
         if init["lora"] is not None:
             raise SystemExit(f"{run.init}: --init needs a pre-trained base (stage 'pretrain'); this checkpoint is "
                              f"already fine-tuned with LoRA (method {init['method']})")
         cfg.model = ModelArgs(**init["train_config"]["model"])  # the base fixes image size and context length
+    hf_vision = load_vision(run.vision) if run.llm else None
+    if hf_vision is not None:  # the vision tower fixes the size images are drawn / loaded at
+        cfg.model.image_size = hf_vision.cfg.image_size
+    resume = load_checkpoint(out) if run.resume and out.exists() else None
+    if run.resume and resume is None and d.main:
+        print(f"train.py: --resume: {out} does not exist yet, starting from scratch", file=sys.stderr)
+    if resume is not None:
+        check_compatible(resume, cfg, str(out))
     tok, corpus = tokenizer_and_corpus(cfg, resume or init)
     check_corpus(corpus, cfg, pretrain=init is None and not run.llm)
     streams = build_streams(corpus, run.seed)
@@ -746,13 +750,12 @@ def train(cfg: TrainConfig, d: Dist) -> TrainResult:
     stop = run.stop_after if run.stop_after > 0 else math.inf
 
     # --- stage 1: generative pre-training of all weights (skipped with --init / --llm, or when resuming past it)
-    in_finetune = resume is not None and resume["stage"] == "finetune"
-    if in_finetune:
+    if in_finetune(resume):
         model, _ = checkpoint_model(resume, str(out))
     elif init is not None:
         model, _ = checkpoint_model(init, run.init)
     elif run.llm:
-        model = model_from_hf(cfg, tok)
+        model = model_from_hf(cfg, tok, hf_vision)
     else:
         model = MLLM(model_config(cfg.model, tok)).to(d.device)
         pretrain_trainable(model)
@@ -769,17 +772,22 @@ def train(cfg: TrainConfig, d: Dist) -> TrainResult:
 
     # --- stage 2: fine-tuning of LoRA + soft prompts + projector + temperature, the method's losses
     model = model.to(d.device)
-    if not in_finetune:
+    if not in_finetune(resume):
         add_lora(model, cfg.finetune)
         model.init_soft_prompts(*D.soft_prompt_ids(tok))
     set_trainable(model, trainable_patterns(cfg.finetune))
     opt = make_optimizer(model, cfg.finetune.finetune_lr, run.weight_decay)
-    start = restore(resume, model, opt, history) if in_finetune else 0
+    start = restore(resume, model, opt, history) if in_finetune(resume) else 0
     ft = cfg.finetune
     stage = Stage("finetune", ft.finetune_steps, ft.finetune_lr, {"targets": ft.lora_targets, "r": ft.lora_r,
                                                                   "alpha": ft.lora_alpha})
     complete = run_stage(stage, model, tok, cfg, d, streams, corpus.pair_singles, opt, start, history, start + stop)
     return TrainResult(model, history, complete)
+
+
+def in_finetune(resume: dict[str, Any] | None) -> bool:
+    """Resuming a run that had reached fine-tuning (its checkpoint holds the LoRA model and tokenizer)."""
+    return resume is not None and resume["stage"] == "finetune"
 
 
 def restore(ckpt: dict[str, Any], model: MLLM, opt: torch.optim.Optimizer,

@@ -170,3 +170,32 @@ def test_user_files_train_and_evaluate(tmp_path):
         train.main(SMOKE + ["--data", files, "--out", str(tmp_path / "nofeat.pt")])
     with pytest.raises(SystemExit, match="needs image-caption pairs"):
         train.main(SMOKE + ["--data", str(p["llava"]), "--method", "generative", "--out", str(tmp_path / "x.pt")])
+
+
+def test_fine_tune_from_hugging_face_checkpoints(tmp_path):
+    """--llm/--vision: a tiny random Llama (its vocabulary smaller than the tokenizer, so our special tokens get
+    new rows) and a CLIP vision tower saved by transformers; fine-tuning runs, and the loaded weights are the ones
+    transformers saved."""
+    import transformers
+    import data as D
+    from unimllm import load_llm
+    world = D.make_world("train", 24, 0)
+    tok = D.train_tokenizer(D.world_texts(world), 400)
+    torch.manual_seed(0)
+    llm_cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                       tie_word_embeddings=False)
+    transformers.LlamaForCausalLM(llm_cfg).save_pretrained(tmp_path / "llm")
+    tok.save(tmp_path / "llm" / "tokenizer.json")
+    vis_cfg = transformers.CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                                            num_hidden_layers=2, num_attention_heads=2)
+    transformers.CLIPVisionModel(vis_cfg).save_pretrained(tmp_path / "vision")
+    result = run_single(tmp_path / "hf.pt", "--llm", str(tmp_path / "llm"), "--vision", str(tmp_path / "vision"))
+    assert result.complete and not result.history["pretrain"] and len(result.history["finetune"]) == 4
+    ckpt = train.load_checkpoint(tmp_path / "hf.pt")
+    assert ckpt["model_config"]["llm"]["vocab_size"] == tok.vocab_size > 300
+    reference = load_llm(tmp_path / "llm").state_dict()
+    model, _ = train.checkpoint_model(ckpt, "hf.pt")
+    # frozen during fine-tuning: the norm weights and the first 300 embedding rows are transformers' own
+    torch.testing.assert_close(model.llm.norm.weight, reference["norm.weight"])
+    torch.testing.assert_close(model.llm.embed_tokens.weight[:300], reference["embed_tokens.weight"])
