@@ -206,9 +206,10 @@ def cosine(a: Tensor, b: Tensor) -> Tensor:
     return a @ b.T  # embeddings are unit vectors
 
 
-def eval_retrieval(world: D.World, emb: Embedder, kind: str) -> dict[str, float]:
-    caps = [s.short_caption for s in world.scenes]
-    i = emb([img(s.image) for s in world.scenes], kind, "image")  # (N, d)
+def eval_retrieval(pairs: list, emb: Embedder, kind: str) -> dict[str, float]:
+    """Image <-> short-caption recall@K over data.Scene or data.Pair items (anything with .image, .short_caption)."""
+    caps = [s.short_caption for s in pairs]
+    i = emb([img(s.image) for s in pairs], kind, "image")  # (N, d)
     t = emb([txt(c) for c in caps], kind, "text")  # (N, d)
     same = torch.tensor([[a == b for b in caps] for a in caps])  # (N, N) identical captions are both correct
     out = {}
@@ -328,7 +329,7 @@ def evaluate_world(model: MLLM, tok: D.Tokenizer, method: str, args: EvalArgs, d
     emb = Embedder(model, tok, args.batch, device)
     metrics: dict[str, float] = {}
     t0 = time.perf_counter()
-    metrics.update(eval_retrieval(world, emb, kinds["pairs"]))
+    metrics.update(eval_retrieval(world.scenes, emb, kinds["pairs"]))
     metrics.update(eval_compositional(world, emb, kinds["pairs"]))
     metrics.update(eval_winoground(world, emb, kinds["pairs"]))
     metrics.update(eval_interleaved(world, emb, kinds["interleaved"]))
@@ -352,13 +353,7 @@ def evaluate_file(model: MLLM, tok: D.Tokenizer, method: str, args: EvalArgs, de
         neg = emb([txt(n.negative) for n in loaded.negatives], kinds["pairs"], "text")
         metrics["compositional/file"] = pairwise_accuracy((i * pos).sum(1), (i * neg).sum(1))
     if loaded.pairs:
-        caps = [p.short_caption for p in loaded.pairs]
-        i = emb([img(p.image) for p in loaded.pairs], kinds["pairs"], "image")
-        t = emb([txt(c) for c in caps], kinds["pairs"], "text")
-        same = torch.tensor([[a == b for b in caps] for a in caps])
-        for name, scores in (("i2t", cosine(i, t)), ("t2i", cosine(t, i))):
-            for k, v in recall_at_k(scores, same, (1, 5, 10)).items():
-                metrics[f"retrieval/{name}_r{k}"] = v
+        metrics.update(eval_retrieval(loaded.pairs, emb, kinds["pairs"]))
     if not metrics:
         raise SystemExit(f"eval.py: {args.data} ({loaded.format}) has no pairs or negatives to evaluate")
     return metrics, kinds

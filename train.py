@@ -198,9 +198,9 @@ def validate(cfg: TrainConfig) -> None:
                        ("--features", cfg.data.features)] + data_files:
         if path and not Path(path).exists():
             raise SystemExit(f"train.py: {flag} {path}: no such file or directory")
-    for name in ("pretrain_steps", "finetune_steps"):
-        if getattr(cfg.pretrain if name.startswith("pre") else ft, name) < 0:
-            raise SystemExit(f"train.py: --{name.replace('_', '-')} must be >= 0")
+    for flag, steps in (("--pretrain-steps", cfg.pretrain.pretrain_steps), ("--finetune-steps", ft.finetune_steps)):
+        if steps < 0:
+            raise SystemExit(f"train.py: {flag} must be >= 0")
     if run.grad_accum < 1:
         raise SystemExit("train.py: --grad-accum must be >= 1")
 
@@ -461,9 +461,9 @@ def make_checkpoint(model: MLLM, tok: D.Tokenizer, cfg: TrainConfig, stage: "Sta
 
 def check_compatible(ckpt: dict[str, Any], cfg: TrainConfig, where: str) -> None:
     """Resuming with other model or data settings would silently train something else: refuse."""
-    old = ckpt["train_config"]
+    old, new = ckpt["train_config"], asdict(cfg)
     for part in ("model", "data", "pretrain", "finetune"):
-        for key, value in asdict(getattr(cfg, part)).items():
+        for key, value in new[part].items():
             if old[part][key] != value:
                 raise SystemExit(f"{where}: written with {part}.{key}={old[part][key]!r}, but this run has "
                                  f"{value!r}; resume with the same flags or start a new --out")
