@@ -426,6 +426,8 @@ class WinoPair:
     graph_a: SceneGraph
     graph_b: SceneGraph
     kind: str                          # "swap_obj" (the two objects trade places) | "swap_att" (trade colours)
+    phrase_a: Phrase                   # the structures behind caption_a / caption_b (their teacher features)
+    phrase_b: Phrase
 
     def __iter__(self) -> Iterator:
         return iter((self.image_a, self.caption_a, self.image_b, self.caption_b))
@@ -529,12 +531,13 @@ def _make_wino(rng: random.Random, image_size: int, kind: str) -> WinoPair:
     rel = rng.choice(_relations_between(a, b))
     if kind == "swap_obj":  # the objects trade places; caption B names them in swapped order
         gb = SceneGraph([Obj(a.shape, a.colour, a.size, b.row, b.col), Obj(b.shape, b.colour, b.size, a.row, a.col)])
-        cap_b = Phrase(NP(b.colour, b.shape), rel, NP(a.colour, a.shape)).text()
+        phrase_b = Phrase(NP(b.colour, b.shape), rel, NP(a.colour, a.shape))
     else:  # the objects trade colours; caption B has the colour words swapped
         gb = SceneGraph([Obj(a.shape, b.colour, a.size, a.row, a.col), Obj(b.shape, a.colour, b.size, b.row, b.col)])
-        cap_b = Phrase(NP(b.colour, a.shape), rel, NP(a.colour, b.shape)).text()
-    cap_a = Phrase(NP(a.colour, a.shape), rel, NP(b.colour, b.shape)).text()
-    return WinoPair(render(ga, image_size), cap_a, render(gb, image_size), cap_b, ga, gb, kind)
+        phrase_b = Phrase(NP(b.colour, a.shape), rel, NP(a.colour, b.shape))
+    phrase_a = Phrase(NP(a.colour, a.shape), rel, NP(b.colour, b.shape))
+    return WinoPair(render(ga, image_size), phrase_a.text(), render(gb, image_size), phrase_b.text(), ga, gb, kind,
+                    phrase_a, phrase_b)
 
 
 def name_split(name: str) -> str:
@@ -879,17 +882,49 @@ def _pad(rows: list[list[int]], value: int) -> Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 # Sample builders for the built-in world
 # ----------------------------------------------------------------------------------------------------------------
+def turn_objects(graph: SceneGraph, question: str, answer: str) -> frozenset[int]:
+    """The scene objects a (question, answer) turn names: those whose colour or shape word occurs in either."""
+    words = set(f"{question} {answer}".replace("?", " ").split())
+    return frozenset(i for i, o in enumerate(graph.objects) if o.colour in words or o.shape in words)
+
+
+def conversations(graph: SceneGraph, qa: Sequence[tuple[str, str]], rng: random.Random,
+                  max_turns: int) -> list[list[tuple[str, str]]]:
+    """Pack (question, answer) turns into conversations of <= max_turns in which no two turns name the same object.
+
+    Why: a turn gives away what it names. After "what colour is the square? red", the turn "what shape is the red
+    object?" is answered by copying "square" from the context, and "is there a red square in the image?" by
+    seeing it named: the image is never needed, so the model never learns to read shape from it (and learns that
+    an object not yet named is absent, i.e. POPE always "no"). Evaluation asks one question at a time, so every
+    training turn must be answerable from the image and its own question only. Our choice; LLaVA's multi-turn
+    data has the same hazard, hidden by the variety of real conversations."""
+    turns = list(qa)
+    rng.shuffle(turns)
+    packed: list[tuple[set[int], list[tuple[str, str]]]] = []
+    for q, a in turns:
+        named = turn_objects(graph, q, a)
+        for used, conv in packed:
+            if len(conv) < max_turns and not used & named:
+                used |= named
+                conv.append((q, a))
+                break
+        else:
+            packed.append((set(named), [(q, a)]))
+    return [conv for _, conv in packed]
+
+
 def pretrain_samples(world: World, max_turns: int = 4) -> list[Sample]:
     """LLaVA-style: per scene one caption sample [image, short caption] and conversations of <= max_turns
-    (question, single-word answer) turns covering all VQA and POPE pairs; loss on captions and answers only."""
+    (question, single-word answer) turns covering all VQA and POPE pairs, packed so that no turn can be answered
+    from an earlier one (`conversations`); loss on captions and answers only."""
     out = []
-    for s in world.scenes:
+    for i, s in enumerate(world.scenes):
         img = image_seg(s.image, s.uni_image, s.cross_image)
         out.append(Sample([img, text_seg(s.short_caption, True, s.uni_short, s.cross_short)]))
-        qa = s.vqa + s.pope
-        for k in range(0, len(qa), max_turns):
+        rng = random.Random(f"conversations:{world.split}:{world.seed}:{i}")
+        for conv in conversations(s.graph, s.vqa + s.pope, rng, max_turns):
             segs = [image_seg(s.image, s.uni_image, s.cross_image)]
-            for q, a in qa[k:k + max_turns]:
+            for q, a in conv:
                 segs += [text_seg(format_question(q), False), text_seg(a, True)]
             out.append(Sample(segs))
     return out

@@ -21,6 +21,8 @@ Metrics (the JSON keys):
                                   retrieve (question text -> entry image), and with no context at all
   rag/acc_oracle_context, rag/retrieval_r1   the two halves of rag/acc: answering with the right entry given,
                                   and how often the right entry is retrieved first
+  oracle/<suite>/...              the retrieval, compositional, Winoground and interleaved suites scored with the
+                                  teacher features instead of the model (TeacherEmbedder): the ceiling on this world
 
 Run:
     python eval.py --ckpt out.pt                      # a table of every metric
@@ -147,6 +149,25 @@ class Embedder:
         return m.summary_embedding(hidden, (lengths + m.cfg.n_soft_tokens - 1).to(self.device)).cpu()
 
 
+class TeacherEmbedder:
+    """The oracle row: embeds a sample by the cross-modal teacher feature of its last segment, the exact featuriser
+    of the ground truth that Sugar's targets are built from (data.py: one fixed random vector per fact, summed and
+    normalised; an image's vector holds every fact of its scene, a caption's the facts it states). Its scores are
+    what the discriminative suites allow on this world when an embedding knows everything: a short caption truly
+    describes several images, so its retrieval recall stays below 1. The interleaved query's last segment is the
+    new sentence alone, so its row is what the sentence determines (the whole story determines the frame: 1.0)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self, samples: list[D.Sample], kind: str, side: str) -> Tensor:
+        last = [s.segments[-1].cross for s in samples]
+        if any(c is None for c in last):
+            raise ValueError("the teacher embedder needs samples whose last segment carries teacher features")
+        self.count += len(samples)
+        return torch.stack(last)  # (N, CROSS_DIM), unit vectors
+
+
 def append_run(ids: Tensor, lengths: Tensor, token: int, k: int, pad: int) -> Tensor:
     """Right-padded ids (B, T) -> (B, T + k) with k copies of `token` right after each row's last real token."""
     out = torch.full((ids.shape[0], ids.shape[1] + k), pad, dtype=ids.dtype)
@@ -194,12 +215,16 @@ def embedding_kinds(method: str, choice: str) -> dict[str, str]:
     return {"pairs": "summary", "interleaved": "summary"}
 
 
-def img(x: Tensor) -> D.Sample:
-    return D.Sample([D.image_seg(x)])
+def img(x: Tensor, cross: Tensor | None = None) -> D.Sample:
+    return D.Sample([D.image_seg(x, cross=cross)])
 
 
-def txt(x: str) -> D.Sample:
-    return D.Sample([D.text_seg(x, False)])
+def txt(x: str, cross: Tensor | None = None) -> D.Sample:
+    return D.Sample([D.text_seg(x, False, cross=cross)])
+
+
+def phrase_features(phrase: D.Phrase) -> Tensor:
+    return D.cross_features(D.cross_facts_phrase(phrase))
 
 
 def cosine(a: Tensor, b: Tensor) -> Tensor:
@@ -209,8 +234,9 @@ def cosine(a: Tensor, b: Tensor) -> Tensor:
 def eval_retrieval(pairs: list, emb: Embedder, kind: str) -> dict[str, float]:
     """Image <-> short-caption recall@K over data.Scene or data.Pair items (anything with .image, .short_caption)."""
     caps = [s.short_caption for s in pairs]
-    i = emb([img(s.image) for s in pairs], kind, "image")  # (N, d)
-    t = emb([txt(c) for c in caps], kind, "text")  # (N, d)
+    # teacher features ride along where the items have them (the built-in world; the oracle row reads them)
+    i = emb([img(s.image, getattr(s, "cross_image", None)) for s in pairs], kind, "image")  # (N, d)
+    t = emb([txt(s.short_caption, getattr(s, "cross_short", None)) for s in pairs], kind, "text")  # (N, d)
     same = torch.tensor([[a == b for b in caps] for a in caps])  # (N, N) identical captions are both correct
     out = {}
     for name, scores in (("i2t", cosine(i, t)), ("t2i", cosine(t, i))):
@@ -220,10 +246,10 @@ def eval_retrieval(pairs: list, emb: Embedder, kind: str) -> dict[str, float]:
 
 
 def eval_compositional(world: D.World, emb: Embedder, kind: str) -> dict[str, float]:
-    i = emb([img(s.image) for s in world.scenes], kind, "image")  # (N, d)
-    items = [(n, s.short_caption, neg, cat) for n, s in enumerate(world.scenes) for cat, neg in s.negatives.items()]
-    pos = emb([txt(p) for _, p, _, _ in items], kind, "text")
-    neg = emb([txt(q) for _, _, q, _ in items], kind, "text")
+    i = emb([img(s.image, s.cross_image) for s in world.scenes], kind, "image")  # (N, d)
+    items = [(n, s.phrase, neg, cat) for n, s in enumerate(world.scenes) for cat, neg in s.negative_phrases.items()]
+    pos = emb([txt(p.text(), phrase_features(p)) for _, p, _, _ in items], kind, "text")
+    neg = emb([txt(q.text(), phrase_features(q)) for _, _, q, _ in items], kind, "text")
     idx = torch.tensor([n for n, _, _, _ in items])
     pos_s, neg_s = (i[idx] * pos).sum(1), (i[idx] * neg).sum(1)
     out = {}
@@ -237,8 +263,10 @@ def eval_compositional(world: D.World, emb: Embedder, kind: str) -> dict[str, fl
 
 def eval_winoground(world: D.World, emb: Embedder, kind: str) -> dict[str, float]:
     pairs = world.winoground
-    ims = emb([img(x) for p in pairs for x in (p.image_a, p.image_b)], kind, "image").view(len(pairs), 2, -1)
-    caps = emb([txt(x) for p in pairs for x in (p.caption_a, p.caption_b)], kind, "text").view(len(pairs), 2, -1)
+    ims = emb([img(x, D.cross_features(D.cross_facts_graph(g))) for p in pairs
+               for x, g in ((p.image_a, p.graph_a), (p.image_b, p.graph_b))], kind, "image").view(len(pairs), 2, -1)
+    caps = emb([txt(ph.text(), phrase_features(ph)) for p in pairs for ph in (p.phrase_a, p.phrase_b)],
+               kind, "text").view(len(pairs), 2, -1)
     s = torch.einsum("nid,njd->nij", ims, caps)  # (N, 2, 2)
     return {f"winoground/{k}": v for k, v in winoground_scores(s).items()}
 
@@ -247,12 +275,13 @@ def eval_interleaved(world: D.World, emb: Embedder, kind: str) -> dict[str, floa
     """Query: frames 0..k-1 with their sentences, then sentence k; target: frame k, among every test frame (a frame
     with the same scene graph as the target counts as a hit too)."""
     frames = [f for st in world.stories for f in st.frames]
-    cands = emb([img(f.image) for f in frames], kind, "image")  # (F, d)
+    cands = emb([img(f.image, f.cross_image) for f in frames], kind, "image")  # (F, d)
     queries, targets = [], []
     for st in world.stories:
         for k in range(1, len(st)):
             segs = [seg for f in st.frames[:k] for seg in (D.image_seg(f.image), D.text_seg(f.sentence, False))]
-            queries.append(D.Sample(segs + [D.text_seg(st.frames[k].sentence, False)]))
+            nxt = st.frames[k]
+            queries.append(D.Sample(segs + [D.text_seg(nxt.sentence, False, nxt.uni_text, nxt.cross_text)]))
             targets.append(st.frames[k].graph)
     q = emb(queries, kind, "text")  # (Q, d)
     keys = [D._canonical(f.graph) for f in frames]
@@ -329,15 +358,20 @@ def evaluate_world(model: MLLM, tok: D.Tokenizer, method: str, args: EvalArgs, d
     emb = Embedder(model, tok, args.batch, device)
     metrics: dict[str, float] = {}
     t0 = time.perf_counter()
-    metrics.update(eval_retrieval(world.scenes, emb, kinds["pairs"]))
-    metrics.update(eval_compositional(world, emb, kinds["pairs"]))
-    metrics.update(eval_winoground(world, emb, kinds["pairs"]))
-    metrics.update(eval_interleaved(world, emb, kinds["interleaved"]))
+    metrics.update(eval_discriminative(world, emb, kinds))
     metrics.update(eval_rag(world, model, tok, emb, kinds["pairs"], args.rag_k, device, args.batch))
     t_emb = time.perf_counter() - t0
     metrics["speed/embeddings_per_s"] = emb.count / t_emb
     metrics.update(eval_vqa_pope(world, model, tok, device, args.batch))
+    # the oracle row: the same suites on the teacher features, the ceiling each score is read against
+    oracle = eval_discriminative(world, TeacherEmbedder(), {"pairs": "teacher", "interleaved": "teacher"})
+    metrics.update({f"oracle/{k}": v for k, v in oracle.items()})
     return metrics, kinds
+
+
+def eval_discriminative(world: D.World, emb: Embedder | TeacherEmbedder, kinds: dict[str, str]) -> dict[str, float]:
+    return {**eval_retrieval(world.scenes, emb, kinds["pairs"]), **eval_compositional(world, emb, kinds["pairs"]),
+            **eval_winoground(world, emb, kinds["pairs"]), **eval_interleaved(world, emb, kinds["interleaved"])}
 
 
 def evaluate_file(model: MLLM, tok: D.Tokenizer, method: str, args: EvalArgs, device: torch.device) -> tuple[dict[str, float], dict[str, str]]:
