@@ -16,7 +16,16 @@ n·m DP cells of every pair. Peak extra memory is the rise of the process's peak
 /proc/self/clear_refs) over the RSS just before the call, inputs already allocated; "floats/cell" divides it by
 (pairs · n · m · bytes per float). Speed ratio = tslearn time / dtw.py time (> 1: dtw.py is faster).
 
-Run: python bench/bench_dtw.py [--repeats 3]
+With --device cuda (issue: the Triton kernel) the soft-DTW workloads are, in float32 on the GPU,
+  (a) 65,536 pairs of length 8, (b) 64 pairs of length 128, (c) 8 pairs of length 512, (d) 512 pairs of length
+  256, (e) 4096 pairs of length 64, (f) 32 pairs of length 1024, (g) 4 pairs of length 2048,
+each from (pairs, n, 64) N(0,1) sequences, against pysdtw 0.0.5's numba CUDA kernel (`pysdtw.SoftDTW`, same
+squared-Euclidean cost) when pysdtw and numba-cuda are installed (optional; pysdtw's kernel is limited to 1024
+threads, so (f) and (g) report its failure), plus the GAK Gram matrix on the GPU against tslearn's cdist_gak on
+the CPU. GPU times synchronise the device; memory is the peak of torch.cuda's allocator over what was allocated
+before the call.
+
+Run: python bench/bench_dtw.py [--repeats 3] [--device cuda]
 """
 from __future__ import annotations
 
@@ -154,10 +163,124 @@ def bench_gak_gram(cfg: BenchConfig, dtype: torch.dtype) -> str:
                err)
 
 
+# ----------------------------------------------------------------------------- --device cuda
+CUDA_CASES = {"a": (65536, 8), "b": (64, 128), "c": (8, 512), "d": (512, 256), "e": (4096, 64), "f": (32, 1024),
+              "g": (4, 2048)}
+
+
+def cuda_best_times(fns: list[Callable[[], object]], repeats: int) -> list[float]:
+    """best_times with the device synchronised around each call."""
+    def synced(fn: Callable[[], object]) -> Callable[[], object]:
+        def run() -> object:
+            out = fn()
+            torch.cuda.synchronize()
+            return out
+        return run
+    torch.cuda.synchronize()
+    return best_times([synced(fn) for fn in fns], repeats)
+
+
+def cuda_peak_extra_bytes(fn: Callable[[], object]) -> int:
+    """Peak of torch.cuda's allocator while running fn, over what was allocated before."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
+def load_pysdtw():
+    """pysdtw's SoftDTW class, or None when pysdtw / numba-cuda are missing."""
+    np.row_stack = np.vstack  # removed in numpy 2.5; numba-cuda still imports it
+    try:
+        import pysdtw
+        return pysdtw
+    except Exception as err:  # noqa: BLE001 -- any import failure means "not installed here"
+        print(f"pysdtw unavailable ({type(err).__name__}: {err}); reporting dtw.py alone")
+        return None
+
+
+def bench_cuda_case(case: str, cfg: BenchConfig, pysdtw) -> str:
+    pairs, length = CUDA_CASES[case]
+    g = torch.Generator(device="cuda").manual_seed(cfg.seed)
+    x = torch.randn(pairs, length, cfg.dim, generator=g, device="cuda")
+    y = torch.randn(pairs, length, cfg.dim, generator=g, device="cuda")
+
+    def ours() -> Tensor:
+        xg = x.detach().requires_grad_(True)
+        dtw.soft_dtw(dtw.sq_euclidean(xg, y), cfg.gamma).sum().backward()
+        return xg.grad
+
+    t_o, = cuda_best_times([ours], cfg.repeats)
+    mem_o = cuda_peak_extra_bytes(ours)
+    cells = pairs * length * length
+    label = f"({case}) {pairs} pairs, len {length} f+b"
+    text = f"{label:<34} {t_o * 1e3:>9.2f} {cells / t_o / 1e6:>10.1f} {mem_o / 4 / cells:>6.2f}"
+    if pysdtw is None:
+        return text
+    try:
+        sdtw = pysdtw.SoftDTW(gamma=cfg.gamma, dist_func=pysdtw.distance.pairwise_l2_squared, use_cuda=True)
+
+        def ref() -> Tensor:
+            xg = x.detach().requires_grad_(True)
+            sdtw(xg, y).sum().backward()
+            return xg.grad
+
+        err = ((ours() - ref()).norm() / ref().norm()).item()
+        t_r, = cuda_best_times([ref], cfg.repeats)
+        mem_r = cuda_peak_extra_bytes(ref)
+        return text + f" {t_r * 1e3:>9.2f} {t_r / t_o:>7.2f}x {mem_r / 4 / cells:>6.2f} {err:>9.1e}"
+    except Exception as err:  # noqa: BLE001 -- e.g. its 1024-thread limit
+        return text + f"  pysdtw failed: {type(err).__name__}: {str(err)[:60]}"
+
+
+def bench_cuda_gak(cfg: BenchConfig) -> str:
+    g = torch.Generator().manual_seed(cfg.seed)
+    x64 = torch.randn(256, 8, cfg.gak_dim, generator=g, dtype=torch.float64)
+    sigma = float(np.sqrt(cfg.gak_dim))
+    rows = []
+    for dtype in (torch.float64, torch.float32):
+        x = x64.to(dtype).cuda()
+
+        def ours() -> Tensor:
+            with torch.no_grad():
+                return dtw.gak_gram(x, None, sigma)
+
+        ref = cdist_gak(x64.numpy(), sigma=sigma)
+        err = float(np.abs(ours().double().cpu().numpy() - ref).max())
+        t_o, = cuda_best_times([ours], cfg.repeats)
+        t_r, = best_times([lambda: cdist_gak(x64.numpy(), sigma=sigma)], 1)
+        name = {torch.float64: "float64", torch.float32: "float32"}[dtype]
+        rows.append(f"GAK Gram 256x8, d 1536, {name:<8} ours {t_o * 1e3:.2f} ms, tslearn cdist_gak (CPU) "
+                    f"{t_r * 1e3:.1f} ms, {t_r / t_o:.1f}x, max abs diff {err:.1e}")
+    return "\n".join(rows)
+
+
+def main_cuda(cfg: BenchConfig) -> None:
+    pysdtw = load_pysdtw()
+    print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}; gamma={cfg.gamma}, d={cfg.dim}, float32; "
+          f"best of {cfg.repeats} runs")
+    print(f"{'workload':<34} {'ours ms':>9} {'ours Mc/s':>10} {'fl/c':>6} {'pysdtw ms':>9} {'speed':>8} "
+          f"{'fl/c':>6} {'rel err':>9}")
+    for case in CUDA_CASES:
+        print(bench_cuda_case(case, cfg), flush=True)
+    print(bench_cuda_gak(cfg), flush=True)
+    print("speed = pysdtw time / dtw.py time; fl/c = peak extra GPU memory in floats per DP cell (inputs, cost "
+          "matrix and gradients included); rel err = relative L2 difference of the x gradients")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=BenchConfig.repeats)
-    cfg = BenchConfig(repeats=parser.parse_args().repeats)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    args = parser.parse_args()
+    cfg = BenchConfig(repeats=args.repeats)
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("bench_dtw.py: --device cuda needs a CUDA device")
+        main_cuda(cfg)
+        return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; gamma={cfg.gamma}; best of "
           f"{cfg.repeats} interleaved runs")
     print(f"{'workload':<34} {'ours ms':>9} {'ts ms':>9} {'speed':>8} {'ours Mc/s':>9} {'ts Mc/s':>9} "
