@@ -91,13 +91,14 @@ def _check_slices(names: tuple[str, str, str], uni: Tensor, cross: Tensor, is_im
 
 
 def _slice_matrix(
-    fn: Callable[[Tensor, Tensor], Tensor], uni_a: Tensor, cross_a: Tensor, is_img_a: Tensor, uni_b: Tensor, cross_b: Tensor, is_img_b: Tensor,
+    fn: Callable[[Tensor, Tensor], Tensor],
+    uni_a: Tensor, cross_a: Tensor, is_img_a: Tensor, uni_b: Tensor, cross_b: Tensor, is_img_b: Tensor,
     kernel: str = "triple",
 ) -> Tensor:
-    """fn (_sqdist or _cosine) between every slice of a and of b, each pair on the teacher features Sugar Eq. 4
-    picks, without checks. kernel="triple": uni-modal features for two slices of one modality, cross-modal for
-    an image-text pair, one block per modality pair (each entry costs one dot product over the features it
-    needs). kernel="cross" (Table 4b "w/o TK", the paper's "CLIP only"): cross-modal features everywhere."""
+    """fn (_sqdist or _cosine) between every slice of a and of b, each pair on the teacher features Sugar
+    Eq. 4 picks, without checks. kernel="triple": uni-modal features for two slices of one modality,
+    cross-modal for an image-text pair, one block per modality pair (each entry costs one dot product over
+    the features it needs). kernel="cross" (Table 4b "w/o TK", "CLIP only"): cross-modal features for all."""
     if kernel == "cross":
         return fn(cross_a, cross_b)
     out = uni_a.new_empty(uni_a.shape[0], uni_b.shape[0])  # (Sa, Sb)
@@ -160,24 +161,30 @@ def _median_distance(sq: Tensor) -> float:
     """The median positive distance between two different slices, from their (S, S) squared distances; 1.0
     when there is none (every phi is then 0 and any delta gives the same targets)."""
     upper = sq[torch.triu(torch.ones_like(sq, dtype=torch.bool), diagonal=1)]  # each slice pair once
-    positive = upper[upper > 0]
+    # Two identical slices (a caption or image that recurs) are 0 apart, but _sqdist's expansion leaves rounding
+    # noise of a few eps * |a|^2: a distance below that tolerance counts as 0.
+    tol = 64 * torch.finfo(sq.dtype).eps * float(upper.max()) if upper.numel() > 0 else 0.0
+    positive = upper[upper > tol]
     # sqrt is monotone and torch.median picks an element (the lower middle), so sqrt(median d^2) = median d
     return math.sqrt(float(positive.median())) if positive.numel() > 0 else 1.0
 
 
-def estimate_delta(slice_uni: Tensor, slice_cross: Tensor, slice_is_image: Tensor, kernel: str = "triple") -> float:
-    """Sugar's delta in sigma = delta * sqrt((n + m) / 2), "a fixed pre-defined hyperparameter" whose value the
-    paper does not give. Ours: Cuturi's heuristic (also tslearn.metrics.sigma_gak: sigma = the median distance
-    between elements times sqrt(the median length)), i.e. delta = the median distance between two different
-    slices under `kernel` (Eq. 4), over the slices given. train.py estimates it once, on a fixed sample of the
-    training slices, so a pair's target does not move from batch to batch.
+def estimate_delta(
+    slice_uni: Tensor, slice_cross: Tensor, slice_is_image: Tensor, kernel: str = "triple"
+) -> float:
+    """Sugar's delta in sigma = delta * sqrt((n + m) / 2), "a fixed pre-defined hyperparameter" whose value
+    the paper does not give. Ours: Cuturi's heuristic (also tslearn.metrics.sigma_gak: sigma = the median
+    distance between elements times sqrt(the median length)), i.e. delta = the median distance between two
+    different slices under `kernel` (Eq. 4), over the slices given. train.py estimates it once, on a fixed
+    sample of the training slices, so a pair's target does not move from batch to batch.
 
     slice_uni (S, Du), slice_cross (S, Dc), slice_is_image (S,)."""
     _check_kernel(kernel)
     _check_slices(("slice_uni", "slice_cross", "slice_is_image"), slice_uni, slice_cross, slice_is_image)
     dtype = torch.promote_types(slice_uni.dtype, torch.float32)
     uni, cross = slice_uni.to(dtype), slice_cross.to(dtype)
-    return _median_distance(_slice_matrix(_sqdist, uni, cross, slice_is_image, uni, cross, slice_is_image, kernel))
+    sq = _slice_matrix(_sqdist, uni, cross, slice_is_image, uni, cross, slice_is_image, kernel)  # (S, S)
+    return _median_distance(sq)
 
 
 def _log_gak(sq: Tensor, sigma: Tensor, x_lengths: Tensor, y_lengths: Tensor) -> Tensor:
@@ -205,7 +212,7 @@ def _cross_sample_pairs(prefix_batch: Tensor) -> tuple[Tensor, Tensor]:
     return i[keep], j[keep]
 
 
-SINGLES = ("cosine", "gak")  # one-slice pairs: Sugar §3.2's plain cosine, or the GAK value like any other pair
+SINGLES = ("cosine", "gak")  # one-slice pairs: Sugar §3.2's plain cosine, or the GAK value as any pair
 
 
 @torch.no_grad()
@@ -230,10 +237,11 @@ def gak_targets(
     sigma: a fixed GAK bandwidth; or delta: sigma = delta * sqrt((n + m) / 2) per pair (Sugar). Give at most
     one; with neither, delta is estimate_delta over this batch's slices.
     kernel: the slice distance inside phi_sigma, "triple" (Eq. 4) or "cross" (Table 4b "w/o TK").
-    single: a pair of two one-slice prefixes gets the GAK value ("gak": with one slice each the only alignment
-    is (1, 1), K~ = exp(-phi_sigma(d^2)) = e / (2 - e), e = exp(-d^2 / (2 sigma^2))), or ("cosine", Sugar §3.2,
-    which uses plain cosine similarity for a sample of one slice) the cosine of the two slices' teacher features,
-    the features `kernel` picks: uni-modal for two slices of one modality, cross-modal for an image and a text.
+    single: a pair of two one-slice prefixes gets the GAK value ("gak": with one slice each the only
+    alignment is (1, 1), K~ = exp(-phi_sigma(d^2)) = e / (2 - e), e = exp(-d^2 / (2 sigma^2))), or
+    ("cosine", Sugar §3.2, which uses plain cosine similarity for a sample of one slice) the cosine of the
+    two slices' teacher features, those `kernel` picks: uni-modal for two slices of one modality,
+    cross-modal for an image and a text.
     A one-slice prefix against a longer one keeps the GAK (our reading: the cosine has no sequence to align).
     The self terms use the pair's own sigma, so Cauchy-Schwarz for the (positive definite) GAK keeps K~ <= 1
     even when sigma differs between pairs."""
@@ -303,8 +311,9 @@ def mean_targets(
     """Sugar Table 4b "w/o GAK": M_l (P, P) as the average slice similarity instead of the alignment kernel,
     M_l[i, j] = (1 / (n m)) sum_a sum_b cos(f_a, f_b) over the n slices a of prefix i and the m slices b of
     prefix j, every slice against every slice, order ignored; 1 for two prefixes of the same sample, as
-    gak_targets. f: the teacher features `kernel` picks (Eq. 4, or "cross"). The paper does not say which slice
-    similarity it averages; the teachers' cosine is ours: it makes a one-slice pair Sugar §3.2's plain cosine.
+    gak_targets. f: the teacher features `kernel` picks (Eq. 4, or "cross"). The paper does not say which
+    slice similarity it averages; the teachers' cosine is ours: it makes a one-slice pair Sugar §3.2's
+    plain cosine.
     Arguments as gak_targets. A target: no gradient."""
     _check_kernel(kernel)
     _check_slices(("slice_uni", "slice_cross", "slice_is_image"), slice_uni, slice_cross, slice_is_image)

@@ -286,7 +286,8 @@ def test_single_slice_cosine_and_kernel_switch_match_loops(seed, kernel_name):
         for j, y in enumerate(seqs):
             if int(pb[i]) == int(pb[j]):
                 continue
-            ref_gak[i, j] = naive_gak_kernel(uni, cross, img, x, y, 0.7 * math.sqrt((len(x) + len(y)) / 2), kernel_name)
+            sigma = 0.7 * math.sqrt((len(x) + len(y)) / 2)
+            ref_gak[i, j] = naive_gak_kernel(uni, cross, img, x, y, sigma, kernel_name)
             ref[i, j] = ref_gak[i, j]
             if len(x) == len(y) == 1:
                 ref[i, j] = naive_cos(*naive_feats(uni, cross, img, x[0], y[0], kernel_name))
@@ -318,12 +319,30 @@ def test_estimate_delta_is_median_slice_distance(kernel_name):
     assert got == pytest.approx(sorted(d)[(len(d) - 1) // 2], rel=1e-12)  # torch's median: the lower middle
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_estimate_delta_ignores_repeated_slices(dtype):
+    """A slice that recurs (the same caption in two samples) is 0 away from its copy; the matmul expansion's
+    rounding noise must not turn that 0 into a tiny positive distance that shifts the median."""
+    gen = torch.Generator().manual_seed(15)
+    uni, cross, img = unit(30, 384, gen), unit(30, 256, gen), torch.rand(30, generator=gen) < 0.5  # BLAS-sized
+    rep = torch.tensor(list(range(30)) + [0] * 30)  # slice 0 recurs 30 times: 465 pairs 0 apart
+    uni, cross, img = uni[rep], cross[rep], img[rep]
+    u, c, i = uni.numpy(), cross.numpy(), img.numpy()
+    d_all = np.where(i[:, None] == i[None, :], np.linalg.norm(u[:, None] - u[None], axis=-1),  # differences,
+                     np.linalg.norm(c[:, None] - c[None], axis=-1))  # not the expansion: copies are exactly 0
+    d = np.sort(d_all[np.triu_indices(len(rep), 1)])
+    d = d[d > 0]
+    got = kernel.estimate_delta(uni.to(dtype), cross.to(dtype), img)
+    assert got == pytest.approx(d[(len(d) - 1) // 2], rel=1e-6 if dtype == torch.float32 else 1e-12)
+
+
 @settings(max_examples=20, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), n_prefixes=st.integers(1, 9), max_len=st.integers(1, 5),
        kernel_name=st.sampled_from(["triple", "cross"]))
 def test_mean_targets_properties(seed, n_prefixes, max_len, kernel_name):
     """Symmetric, 1 within a sample, a mean of cosines in [-1, 1]; one-slice pairs equal the cosine rule."""
-    uni, cross, img, ps, pl, pb = make_batch(seed, n_slices=8, n_prefixes=n_prefixes, max_len=max_len, n_samples=5)
+    uni, cross, img, ps, pl, pb = make_batch(seed, n_slices=8, n_prefixes=n_prefixes, max_len=max_len,
+                                             n_samples=5)
     m = kernel.mean_targets(uni, cross, img, ps, pl, pb, kernel=kernel_name)
     assert torch.equal(m, m.T)
     assert torch.all(m[pb[:, None] == pb[None, :]] == 1)
