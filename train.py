@@ -2,7 +2,8 @@
 train.py — the one training entry point of unimllm: generative pre-training of a small MLLM from scratch
 (LLaVA-style), then unified fine-tuning with LoRA + soft prompts + Sugar's retrieval projector.
 
-Fine-tuning objective (DESIGN "Combined"):  L = lambda_ntp * L_ntp + lambda_c * L_contrastive + lambda_s * L_structure
+Fine-tuning objective (DESIGN "Combined"):
+    L = lambda_ntp * L_ntp + lambda_c * L_contrastive + lambda_s * L_structure
 - L_ntp: next-token loss on answers, captions, story sentences and long captions (never on image tokens).
 - L_contrastive: VladVA's symmetric InfoNCE between last-token summaries of an image (+ image soft prompt) and of
   its short caption (+ text soft prompt) (Ouali et al., CVPR 2025, arXiv 2412.04378).

@@ -614,8 +614,8 @@ class MLLM(nn.Module):
                           seg_is_image: Tensor, prefix_seg: Tensor, pool: str = "mean") -> Tensor:
         """Sugar: for each prefix, the vector of its last segment (mean over an image's tokens, the last token of a
         text segment; causal attention makes it a summary of the whole prefix), through the retrieval projector,
-        L2-normalised. hidden (B, T, D) -> (P, proj_dim). pool="last" (Sugar Table 4b "w/o AvgPool"): an image's
-        last token instead of the mean over its tokens; text segments are unchanged."""
+        L2-normalised. hidden (B, T, D) -> (P, proj_dim). pool="last" (Sugar Table 4b "w/o AvgPool"): an
+        image's last token instead of the mean over its tokens; text segments are unchanged."""
         if pool not in ("mean", "last"):
             raise ValueError(f"prefix_embeddings: pool must be 'mean' or 'last', got {pool!r}")
         B, T, D = hidden.shape
@@ -729,16 +729,17 @@ def merge_lora(model: nn.Module) -> None:
 
 
 def set_trainable(model: nn.Module, patterns: list[str], lora: bool = True) -> list[str]:
-    """Freeze everything except LoRA A/B (unless lora=False: VladVA's soft-prompt-only adaptation) and parameters
-    whose name matches a regex (re.search). Returns the names of the trainable parameters; raises for a pattern
-    that matches no parameter."""
+    """Freeze everything except LoRA A/B (unless lora=False: VladVA's soft-prompt-only adaptation) and
+    parameters whose name matches a regex (re.search). Returns the names of the trainable parameters; raises
+    for a pattern that matches no parameter."""
     names = [n for n, _ in model.named_parameters()]
     for p in patterns:
         if not any(re.search(p, n) for n in names):
             raise ValueError(f"set_trainable pattern {p!r} matches no parameter")
     trainable = []
     for n, param in model.named_parameters():
-        param.requires_grad_((lora and n.endswith(("lora_A", "lora_B"))) or any(re.search(p, n) for p in patterns))
+        is_lora = lora and n.endswith(("lora_A", "lora_B"))
+        param.requires_grad_(is_lora or any(re.search(p, n) for p in patterns))
         if param.requires_grad:
             trainable.append(n)
     return trainable
