@@ -120,10 +120,12 @@ def exact_match(pred: list[str], truth: list[str]) -> float:
 
 
 class Embedder:
-    """Embeds data.py samples with one of the two methods' embeddings, in batches, without gradient."""
+    """Embeds data.py samples with one of the two methods' embeddings, in batches, without gradient. pool:
+    how a prefix embedding pools an image's tokens, as the checkpoint was trained (train.py --sugar-pool)."""
 
-    def __init__(self, model: MLLM, tok: D.Tokenizer, batch: int, device: torch.device) -> None:
-        self.model, self.tok, self.batch, self.device = model, tok, batch, device
+    def __init__(self, model: MLLM, tok: D.Tokenizer, batch: int, device: torch.device,
+                 pool: str = "mean") -> None:
+        self.model, self.tok, self.batch, self.device, self.pool = model, tok, batch, device, pool
         self.count = 0  # embeddings computed (the throughput figure)
 
     @torch.no_grad()
@@ -141,8 +143,9 @@ class Embedder:
         images = None if b["images"] is None else b["images"].to(self.device)
         if kind == "prefix":
             _, hidden = m(ids.to(self.device), images)
-            return m.prefix_embeddings(hidden, *(b[k].to(self.device) for k in
-                                                 ("seg_batch", "seg_start", "seg_end", "seg_is_image", "prefix_seg"))).cpu()
+            keys = ("seg_batch", "seg_start", "seg_end", "seg_is_image", "prefix_seg")
+            segs = (b[k].to(self.device) for k in keys)
+            return m.prefix_embeddings(hidden, *segs, self.pool).cpu()
         soft = tok.soft_image_id if side == "image" else tok.soft_text_id
         ids = append_run(ids, lengths, soft, m.cfg.n_soft_tokens, tok.pad_id)
         _, hidden = m(ids.to(self.device), images)
@@ -350,12 +353,13 @@ def blank_world_images(world: D.World) -> None:
         e.image = torch.zeros_like(e.image)
 
 
-def evaluate_world(model: MLLM, tok: D.Tokenizer, method: str, args: EvalArgs, device: torch.device) -> tuple[dict[str, float], dict[str, str]]:
+def evaluate_world(model: MLLM, tok: D.Tokenizer, method: str, args: EvalArgs, device: torch.device,
+                   pool: str = "mean") -> tuple[dict[str, float], dict[str, str]]:
     world = D.make_world("test", args.n_test, args.test_seed, image_size=model.cfg.vision.image_size)
     if args.blank_images:
         blank_world_images(world)
     kinds = embedding_kinds(method, args.embedding)
-    emb = Embedder(model, tok, args.batch, device)
+    emb = Embedder(model, tok, args.batch, device, pool)
     metrics: dict[str, float] = {}
     t0 = time.perf_counter()
     metrics.update(eval_discriminative(world, emb, kinds))
@@ -374,12 +378,13 @@ def eval_discriminative(world: D.World, emb: Embedder | TeacherEmbedder, kinds: 
             **eval_winoground(world, emb, kinds["pairs"]), **eval_interleaved(world, emb, kinds["interleaved"])}
 
 
-def evaluate_file(model: MLLM, tok: D.Tokenizer, method: str, args: EvalArgs, device: torch.device) -> tuple[dict[str, float], dict[str, str]]:
+def evaluate_file(model: MLLM, tok: D.Tokenizer, method: str, args: EvalArgs, device: torch.device,
+                  pool: str = "mean") -> tuple[dict[str, float], dict[str, str]]:
     """A user's file: SugarCrepe-style negatives give compositional accuracy, Karpathy pairs give retrieval."""
     loaded = D.load_dataset(args.data, tok=tok, n_image_tokens=model.n_image_tokens,
                             max_len=model.cfg.llm.max_seq_len, image_size=model.cfg.vision.image_size)
     kinds = embedding_kinds(method, args.embedding)
-    emb = Embedder(model, tok, args.batch, device)
+    emb = Embedder(model, tok, args.batch, device, pool)
     metrics: dict[str, float] = {}
     if loaded.negatives:
         i = emb([img(n.image) for n in loaded.negatives], kinds["pairs"], "image")
@@ -408,13 +413,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     model, tok = checkpoint_model(ckpt, args.ckpt)
     model = model.to(device).eval()
     method = ckpt["method"] if ckpt["stage"] == "finetune" else "generative"
+    finetuned = ckpt["stage"] == "finetune"
+    pool = ckpt["train_config"]["finetune"].get("sugar_pool", "mean") if finetuned else "mean"
     if args.data:
         try:
-            metrics, kinds = evaluate_file(model, tok, method, args, device)
+            metrics, kinds = evaluate_file(model, tok, method, args, device, pool)
         except ValueError as e:  # data.py's DataError lists every problem of the file
             raise SystemExit(f"eval.py: {e}") from e
     else:
-        metrics, kinds = evaluate_world(model, tok, method, args, device)
+        metrics, kinds = evaluate_world(model, tok, method, args, device, pool)
     print_table(metrics, kinds, args.ckpt, method)
     if args.json:
         Path(args.json).write_text(json.dumps(metrics, indent=1) + "\n")

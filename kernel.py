@@ -3,10 +3,13 @@
 What lives here (see ../shared/DESIGN.md, "Kernels and losses"):
 - `triple_kernel_sqdist`: Sugar's triple kernel (Chow et al., NeurIPS 2024, arXiv 2411.00304, Eq. 4) as
   squared distances between slices (images / sentences) from frozen teacher features: uni-modal features for
-  two slices of the same modality, cross-modal features for an image-text pair.
+  two slices of the same modality, cross-modal features for an image-text pair (kernel="cross": the
+  cross-modal features for every pair, Sugar Table 4b "w/o TK").
 - `gak_targets`: the normalised global alignment kernel (GAK; Cuturi et al., ICASSP 2007; Sugar Eq. 2)
   Gram matrix M_l between the slice sequences that a batch of prefix embeddings summarise, computed batched
-  through `dtw.soft_dtw` (log K = -soft-DTW with gamma = 1 and cost phi_sigma(d^2)).
+  through `dtw.soft_dtw` (log K = -soft-DTW with gamma = 1 and cost phi_sigma(d^2)); single="cosine" gives
+  one-slice pairs Sugar §3.2's plain cosine instead. `estimate_delta`: the GAK scale delta from data.
+- `mean_targets`: Sugar Table 4b "w/o GAK", M_l as the average slice similarity, no alignment.
 - `structure_loss`: Sugar Eq. 3, L = (1/n) sum_ij (cos(r_i, r_j) - M_l[i, j])^2.
 - `contrastive_loss` / `ContrastiveLoss`: VladVA's (Ouali et al., CVPR 2025, arXiv 2412.04378) symmetric
   InfoNCE between image and short-caption summaries, learnable temperature (CLIP's), gathered across ranks
@@ -17,6 +20,7 @@ Run the tests:  .venv/bin/python -m pytest tests/test_kernel.py -x -q
 Benchmark:      .venv/bin/python bench/bench_kernel.py
 """
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -54,10 +58,23 @@ def _check_positive(name: str, value: float) -> None:
 # Sugar Eq. 4: the triple kernel
 
 
+KERNELS = ("triple", "cross")  # Sugar Eq. 4, and its Table 4b ablation "w/o TK" (cross-modal features only)
+
+
+def _check_kernel(kernel: str) -> None:
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel.py: kernel must be one of {KERNELS}, got {kernel!r}")
+
+
 def _sqdist(a: Tensor, b: Tensor) -> Tensor:
     """All-pairs squared Euclidean distances from one matmul: |a|^2 + |b|^2 - 2 a.b, (Sa, D) x (Sb, D) -> (Sa, Sb)."""
     sq = a.pow(2).sum(-1)[:, None] + b.pow(2).sum(-1)[None, :] - 2.0 * (a @ b.T)  # (Sa, Sb)
     return sq.clamp_min(0.0)  # the expansion can dip below 0 by rounding
+
+
+def _cosine(a: Tensor, b: Tensor) -> Tensor:
+    """All-pairs cosine similarities, (Sa, D) x (Sb, D) -> (Sa, Sb) (0 against an all-zero row)."""
+    return F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T
 
 
 def _check_slices(names: tuple[str, str, str], uni: Tensor, cross: Tensor, is_img: Tensor) -> None:
@@ -73,11 +90,17 @@ def _check_slices(names: tuple[str, str, str], uni: Tensor, cross: Tensor, is_im
     _check_finite(names[1], cross)
 
 
-def _triple_sqdist(
-    uni_a: Tensor, cross_a: Tensor, is_img_a: Tensor, uni_b: Tensor, cross_b: Tensor, is_img_b: Tensor
+def _slice_matrix(
+    fn: Callable[[Tensor, Tensor], Tensor],
+    uni_a: Tensor, cross_a: Tensor, is_img_a: Tensor, uni_b: Tensor, cross_b: Tensor, is_img_b: Tensor,
+    kernel: str = "triple",
 ) -> Tensor:
-    """Sugar Eq. 4 without checks, one block per modality pair: each entry costs one dot product over the
-    features it needs (half the work of computing both distances everywhere and selecting)."""
+    """fn (_sqdist or _cosine) between every slice of a and of b, each pair on the teacher features Sugar
+    Eq. 4 picks, without checks. kernel="triple": uni-modal features for two slices of one modality,
+    cross-modal for an image-text pair, one block per modality pair (each entry costs one dot product over
+    the features it needs). kernel="cross" (Table 4b "w/o TK", "CLIP only"): cross-modal features for all."""
+    if kernel == "cross":
+        return fn(cross_a, cross_b)
     out = uni_a.new_empty(uni_a.shape[0], uni_b.shape[0])  # (Sa, Sb)
     img_a, txt_a = is_img_a.bool().nonzero()[:, 0], (~is_img_a.bool()).nonzero()[:, 0]
     img_b, txt_b = is_img_b.bool().nonzero()[:, 0], (~is_img_b.bool()).nonzero()[:, 0]
@@ -88,24 +111,27 @@ def _triple_sqdist(
         (txt_a, img_b, cross_a, cross_b),  # text-image: cross-modal
     ):
         if rows.numel() > 0 and cols.numel() > 0:
-            out[rows[:, None], cols[None, :]] = _sqdist(feat_a[rows], feat_b[cols])
+            out[rows[:, None], cols[None, :]] = fn(feat_a[rows], feat_b[cols])
     return out
 
 
 def triple_kernel_sqdist(
-    uni_a: Tensor, cross_a: Tensor, is_img_a: Tensor, uni_b: Tensor, cross_b: Tensor, is_img_b: Tensor
+    uni_a: Tensor, cross_a: Tensor, is_img_a: Tensor, uni_b: Tensor, cross_b: Tensor, is_img_b: Tensor,
+    kernel: str = "triple",
 ) -> Tensor:
     """Sugar Eq. 4 as squared distances: (Sa, Sb) with |u_a - u_b|^2 where the two slices share a modality
     (image-image: DINOv2 in the paper, text-text: BGE) and |c_a - c_b|^2 (CLIP) for an image-text pair.
+    kernel="cross" (Sugar Table 4b "w/o TK"): |c_a - c_b|^2 for every pair.
 
     uni_* (S, Du), cross_* (S, Dc), is_img_* (S,) bool."""
+    _check_kernel(kernel)
     _check_slices(("uni_a", "cross_a", "is_img_a"), uni_a, cross_a, is_img_a)
     _check_slices(("uni_b", "cross_b", "is_img_b"), uni_b, cross_b, is_img_b)
     if uni_a.shape[1] != uni_b.shape[1]:
         raise ValueError(f"kernel.py: uni-modal feature widths differ: {uni_a.shape[1]} vs {uni_b.shape[1]}")
     if cross_a.shape[1] != cross_b.shape[1]:
         raise ValueError(f"kernel.py: cross-modal feature widths differ: {cross_a.shape[1]} vs {cross_b.shape[1]}")
-    return _triple_sqdist(uni_a, cross_a, is_img_a, uni_b, cross_b, is_img_b)
+    return _slice_matrix(_sqdist, uni_a, cross_a, is_img_a, uni_b, cross_b, is_img_b, kernel)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -131,15 +157,34 @@ def _check_prefixes(prefix_slices: Tensor, prefix_len: Tensor, prefix_batch: Ten
         raise ValueError(f"kernel.py: prefix_slices must index the {n_slices} slices, got values outside [0, {n_slices})")
 
 
-def _default_delta(sq: Tensor) -> float:
-    """Our choice (Sugar gives no delta): Cuturi's heuristic, also tslearn.metrics.sigma_gak — sigma = median
-    distance between elements times sqrt(median length) — which is Sugar's delta*sqrt((n+m)/2) with delta
-    the median positive slice-to-slice distance of the batch. Without any positive distance every phi is 0 and
-    any delta gives the same targets."""
+def _median_distance(sq: Tensor) -> float:
+    """The median positive distance between two different slices, from their (S, S) squared distances; 1.0
+    when there is none (every phi is then 0 and any delta gives the same targets)."""
     upper = sq[torch.triu(torch.ones_like(sq, dtype=torch.bool), diagonal=1)]  # each slice pair once
-    positive = upper[upper > 0]
+    # Two identical slices (a caption or image that recurs) are 0 apart, but _sqdist's expansion leaves rounding
+    # noise of a few eps * |a|^2: a distance below that tolerance counts as 0.
+    tol = 64 * torch.finfo(sq.dtype).eps * float(upper.max()) if upper.numel() > 0 else 0.0
+    positive = upper[upper > tol]
     # sqrt is monotone and torch.median picks an element (the lower middle), so sqrt(median d^2) = median d
     return math.sqrt(float(positive.median())) if positive.numel() > 0 else 1.0
+
+
+def estimate_delta(
+    slice_uni: Tensor, slice_cross: Tensor, slice_is_image: Tensor, kernel: str = "triple"
+) -> float:
+    """Sugar's delta in sigma = delta * sqrt((n + m) / 2), "a fixed pre-defined hyperparameter" whose value
+    the paper does not give. Ours: Cuturi's heuristic (also tslearn.metrics.sigma_gak: sigma = the median
+    distance between elements times sqrt(the median length)), i.e. delta = the median distance between two
+    different slices under `kernel` (Eq. 4), over the slices given. train.py estimates it once, on a fixed
+    sample of the training slices, so a pair's target does not move from batch to batch.
+
+    slice_uni (S, Du), slice_cross (S, Dc), slice_is_image (S,)."""
+    _check_kernel(kernel)
+    _check_slices(("slice_uni", "slice_cross", "slice_is_image"), slice_uni, slice_cross, slice_is_image)
+    dtype = torch.promote_types(slice_uni.dtype, torch.float32)
+    uni, cross = slice_uni.to(dtype), slice_cross.to(dtype)
+    sq = _slice_matrix(_sqdist, uni, cross, slice_is_image, uni, cross, slice_is_image, kernel)  # (S, S)
+    return _median_distance(sq)
 
 
 def _log_gak(sq: Tensor, sigma: Tensor, x_lengths: Tensor, y_lengths: Tensor) -> Tensor:
@@ -158,6 +203,18 @@ def _pair_sigma(n: Tensor, m: Tensor, sigma: float | None, delta: float) -> Tens
     return delta * ((n + m).double() / 2.0).sqrt()
 
 
+def _cross_sample_pairs(prefix_batch: Tensor) -> tuple[Tensor, Tensor]:
+    """Prefix pairs i < j from different samples (Q,), (Q,): the only targets to compute; the rest are 1
+    (same sample) or the mirror image."""
+    n_prefixes = prefix_batch.shape[0]
+    i, j = torch.triu_indices(n_prefixes, n_prefixes, offset=1, device=prefix_batch.device)  # (Q,), (Q,)
+    keep = prefix_batch[i] != prefix_batch[j]
+    return i[keep], j[keep]
+
+
+SINGLES = ("cosine", "gak")  # one-slice pairs: Sugar §3.2's plain cosine, or the GAK value as any pair
+
+
 @torch.no_grad()
 def gak_targets(
     slice_uni: Tensor,
@@ -168,6 +225,8 @@ def gak_targets(
     prefix_batch: Tensor,
     sigma: float | None = None,
     delta: float | None = None,
+    kernel: str = "triple",
+    single: str = "gak",
 ) -> Tensor:
     """Target Gram matrix M_l (P, P) of Sugar Eq. 3: M_l[i, j] = normalised GAK between the slice sequences of
     prefixes i and j, log K~(x, y) = log K(x, y) - (log K(x, x) + log K(y, y)) / 2, so K~ in (0, 1], K~(x, x) = 1;
@@ -176,7 +235,14 @@ def gak_targets(
     slice_uni (S, Du), slice_cross (S, Dc), slice_is_image (S,): teacher features of every slice.
     prefix_slices (P, L): slice indices of each prefix in order, padded; prefix_len (P,); prefix_batch (P,).
     sigma: a fixed GAK bandwidth; or delta: sigma = delta * sqrt((n + m) / 2) per pair (Sugar). Give at most
-    one; with neither, delta is the batch's median slice distance (see _default_delta).
+    one; with neither, delta is estimate_delta over this batch's slices.
+    kernel: the slice distance inside phi_sigma, "triple" (Eq. 4) or "cross" (Table 4b "w/o TK").
+    single: a pair of two one-slice prefixes gets the GAK value ("gak": with one slice each the only
+    alignment is (1, 1), K~ = exp(-phi_sigma(d^2)) = e / (2 - e), e = exp(-d^2 / (2 sigma^2))), or
+    ("cosine", Sugar §3.2, which uses plain cosine similarity for a sample of one slice) the cosine of the
+    two slices' teacher features, those `kernel` picks: uni-modal for two slices of one modality,
+    cross-modal for an image and a text.
+    A one-slice prefix against a longer one keeps the GAK (our reading: the cosine has no sequence to align).
     The self terms use the pair's own sigma, so Cauchy-Schwarz for the (positive definite) GAK keeps K~ <= 1
     even when sigma differs between pairs."""
     if sigma is not None and delta is not None:
@@ -185,23 +251,29 @@ def gak_targets(
         _check_positive("sigma", float(sigma))
     if delta is not None:
         _check_positive("delta", float(delta))
+    _check_kernel(kernel)
+    if single not in SINGLES:
+        raise ValueError(f"kernel.py: single must be one of {SINGLES}, got {single!r}")
     _check_slices(("slice_uni", "slice_cross", "slice_is_image"), slice_uni, slice_cross, slice_is_image)
     _check_prefixes(prefix_slices, prefix_len, prefix_batch, slice_uni.shape[0])
     dtype = torch.promote_types(slice_uni.dtype, torch.float32)  # bf16 features would lose the GAK's precision
     uni, cross = slice_uni.to(dtype), slice_cross.to(dtype)
-    sq_all = _triple_sqdist(uni, cross, slice_is_image, uni, cross, slice_is_image)  # (S, S), gathered per pair below
+    slices = (uni, cross, slice_is_image, uni, cross, slice_is_image)
+    sq_all = _slice_matrix(_sqdist, *slices, kernel)  # (S, S), gathered per pair below
     n_prefixes = prefix_slices.shape[0]
     targets = torch.ones(n_prefixes, n_prefixes, dtype=dtype, device=slice_uni.device)  # (P, P)
     if n_prefixes == 0:
         return targets
-    delta = delta if (delta is not None or sigma is not None) else _default_delta(sq_all)
+    delta = delta if (delta is not None or sigma is not None) else _median_distance(sq_all)
     idx = prefix_slices.long()  # (P, L)
     lengths = prefix_len.long()  # (P,)
-
-    # Only pairs i < j from different samples need a DTW: the rest are 1 (same sample) or the mirror image.
-    i, j = torch.triu_indices(n_prefixes, n_prefixes, offset=1, device=idx.device)  # (Q,), (Q,)
-    keep = prefix_batch[i] != prefix_batch[j]
-    i, j = i[keep], j[keep]
+    i, j = _cross_sample_pairs(prefix_batch)  # (Q,), (Q,)
+    if single == "cosine":
+        one = (lengths[i] == 1) & (lengths[j] == 1)
+        cos = _slice_matrix(_cosine, *slices, kernel)[idx[i[one], 0], idx[j[one], 0]]  # Sugar §3.2
+        targets[i[one], j[one]] = cos
+        targets[j[one], i[one]] = cos
+        i, j = i[~one], j[~one]
     if i.numel() == 0:
         return targets
     pair_sigma = _pair_sigma(lengths[i], lengths[j], sigma, delta).to(dtype)  # (Q,)
@@ -221,6 +293,42 @@ def gak_targets(
     log_norm = log_k_xy - 0.5 * (log_k_self[i, col_i] + log_k_self[j, col_j])  # (Q,)
     # <= 0 by Cauchy-Schwarz up to rounding; the floor keeps an underflowing exp inside (0, 1].
     values = log_norm.clamp_max(0.0).exp().clamp_min(torch.finfo(dtype).tiny)  # (Q,)
+    targets[i, j] = values
+    targets[j, i] = values
+    return targets
+
+
+@torch.no_grad()
+def mean_targets(
+    slice_uni: Tensor,
+    slice_cross: Tensor,
+    slice_is_image: Tensor,
+    prefix_slices: Tensor,
+    prefix_len: Tensor,
+    prefix_batch: Tensor,
+    kernel: str = "triple",
+) -> Tensor:
+    """Sugar Table 4b "w/o GAK": M_l (P, P) as the average slice similarity instead of the alignment kernel,
+    M_l[i, j] = (1 / (n m)) sum_a sum_b cos(f_a, f_b) over the n slices a of prefix i and the m slices b of
+    prefix j, every slice against every slice, order ignored; 1 for two prefixes of the same sample, as
+    gak_targets. f: the teacher features `kernel` picks (Eq. 4, or "cross"). The paper does not say which
+    slice similarity it averages; the teachers' cosine is ours: it makes a one-slice pair Sugar §3.2's
+    plain cosine.
+    Arguments as gak_targets. A target: no gradient."""
+    _check_kernel(kernel)
+    _check_slices(("slice_uni", "slice_cross", "slice_is_image"), slice_uni, slice_cross, slice_is_image)
+    _check_prefixes(prefix_slices, prefix_len, prefix_batch, slice_uni.shape[0])
+    dtype = torch.promote_types(slice_uni.dtype, torch.float32)
+    uni, cross = slice_uni.to(dtype), slice_cross.to(dtype)
+    cos_all = _slice_matrix(_cosine, uni, cross, slice_is_image, uni, cross, slice_is_image, kernel)  # (S, S)
+    n_prefixes, width = prefix_slices.shape
+    targets = torch.ones(n_prefixes, n_prefixes, dtype=dtype, device=slice_uni.device)  # (P, P)
+    idx, lengths = prefix_slices.long(), prefix_len.long()  # (P, L), (P,)
+    i, j = _cross_sample_pairs(prefix_batch)  # (Q,), (Q,)
+    valid = torch.arange(width, device=idx.device) < lengths[:, None]  # (P, L): not padding
+    mask = valid[i][:, :, None] & valid[j][:, None, :]  # (Q, L, L)
+    block = cos_all[idx[i][:, :, None], idx[j][:, None, :]]  # (Q, L, L)
+    values = (block * mask).sum((1, 2)) / (lengths[i] * lengths[j]).to(dtype)  # (Q,)
     targets[i, j] = values
     targets[j, i] = values
     return targets
@@ -262,6 +370,9 @@ def _gather_with_grad(x: Tensor) -> tuple[Tensor, int]:
 def contrastive_loss(img: Tensor, txt: Tensor, logit_scale: Tensor, max_scale: float = MAX_LOGIT_SCALE) -> Tensor:
     """VladVA's symmetric InfoNCE (CLIP form): mean of cross-entropy image->text and text->image over the
     cosine logits exp(logit_scale) * <img_i, txt_j>, with exp(logit_scale) clamped at max_scale (CLIP's 100).
+    The mean, not the sum, of the two directions: VladVA writes no formula; the mean is CLIP's pseudo-code
+    ((loss_i + loss_t) / 2) and open_clip's ClipLoss, so lambda_c weighs the loss a CLIP reader expects and a
+    loss of log(B) means chance. The summed form is the same loss with lambda_c doubled.
     img, txt (B, d) summaries of matching pairs, row k of each a positive pair; logit_scale a scalar (the log
     of the inverse temperature, init log(1/0.07)). Inputs are L2-normalised here (a no-op on unit vectors).
 

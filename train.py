@@ -2,7 +2,8 @@
 train.py — the one training entry point of unimllm: generative pre-training of a small MLLM from scratch
 (LLaVA-style), then unified fine-tuning with LoRA + soft prompts + Sugar's retrieval projector.
 
-Fine-tuning objective (DESIGN "Combined"):  L = L_ntp + lambda_c * L_contrastive + lambda_s * L_structure
+Fine-tuning objective (DESIGN "Combined"):
+    L = lambda_ntp * L_ntp + lambda_c * L_contrastive + lambda_s * L_structure
 - L_ntp: next-token loss on answers, captions, story sentences and long captions (never on image tokens).
 - L_contrastive: VladVA's symmetric InfoNCE between last-token summaries of an image (+ image soft prompt) and of
   its short caption (+ text soft prompt) (Ouali et al., CVPR 2025, arXiv 2412.04378).
@@ -62,11 +63,42 @@ def losses_of(method: str, ft: "FinetuneArgs") -> tuple[bool, bool]:
 
 
 def trainable_patterns(ft: "FinetuneArgs") -> list[str]:
-    """Fine-tuning trains LoRA plus what the method's losses reach (DDP needs every trainable tensor to get a
-    gradient): the image soft prompt sits in every image-caption sequence; the text prompt and the temperature
-    serve the contrastive loss; the retrieval projector serves the structure loss."""
+    """What fine-tuning trains (for set_trainable with lora=False): --adapt picks the adaptation, LoRA and/or
+    the VladVA soft prompts (VladVA Table 4: prompts only, LoRA only, both); the losses add their own heads.
+    Only tensors some loss reaches (DDP needs every trainable tensor to get a gradient): the image soft prompt
+    sits in every image-caption sequence, reached by the next-token loss on its long caption and by the
+    contrastive loss; the text prompt and the temperature serve the contrastive loss; the retrieval projector
+    the structure loss. A frozen soft prompt stays the handcrafted prompt it was initialised from."""
     use_c, use_s = losses_of(ft.method, ft)
-    return ["image_prompt"] + (["text_prompt", "logit_scale"] if use_c else []) + ([r"^projector\."] if use_s else [])
+    lora = [r"\.lora_[AB]$"] if ft.adapt in ("lora", "both") else []
+    prompts = ft.adapt in ("prompt", "both")
+    image_prompt = ["image_prompt"] if prompts and (use_c or ft.lambda_ntp > 0) else []
+    text_prompt = ["text_prompt"] if prompts and use_c else []
+    heads = (["logit_scale"] if use_c else []) + ([r"^projector\."] if use_s else [])
+    return lora + image_prompt + text_prompt + heads
+
+
+# Each method's recipe: what a FinetuneArgs field left at None becomes (validate() resolves it, the
+# checkpoint stores the resolved value). The papers' values where they give one, scaled where our model is
+# too small for them (ours):
+# - LoRA targets, r, alpha: VladVA r = 16, alpha = 16 on every projection. Sugar r = 128, alpha = 256 on W_q,
+#   W_v: our r = 64, alpha = 128, because a rank above min(d_in, d_out) adds nothing and v_proj of the
+#   default decoder has 64 outputs (2 KV heads x 32); alpha / r = 2 as the paper: the update's scale is kept.
+# - lr: both papers use 1e-4 over thousands of steps (VladVA: 8.1M samples at batch 1024, ~8k steps); our
+#   fine-tuning has 200. Adam moves each weight about lr per step, so 1e-4 x 200 steps moves a zero-init
+#   LoRA B at most 0.02 where the papers' runs allow ~0.8: we scale the lr by 10 to 1e-3, for every method.
+# - adapt: VladVA trains soft prompts + LoRA; Sugar has no soft prompts (LoRA + its retrieval projector), so
+#   its image prompt stays the frozen handcrafted prompt it was initialised from.
+# generative and unified (ours) take VladVA's LoRA and lr: they differ from vladva / sugar only in losses.
+LORA_ALL = r"llm\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+LORA_QV = r"llm\.layers\.\d+\.self_attn\.(q|v)_proj"
+RECIPES: dict[str, dict[str, Any]] = {
+    "generative": dict(lora_targets=LORA_ALL, lora_r=16, lora_alpha=16.0, finetune_lr=1e-3, adapt="lora"),
+    "vladva": dict(lora_targets=LORA_ALL, lora_r=16, lora_alpha=16.0, finetune_lr=1e-3, adapt="both"),
+    "sugar": dict(lora_targets=LORA_QV, lora_r=64, lora_alpha=128.0, finetune_lr=1e-3, adapt="lora"),
+    "unified": dict(lora_targets=LORA_ALL, lora_r=16, lora_alpha=16.0, finetune_lr=1e-3, adapt="both"),
+}
+RECIPE = {"help": "default: the --method's recipe (train.RECIPES)"}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -114,13 +146,20 @@ class FinetuneArgs:
     lm_batch: int = 16              # global caption / VQA / RAG sequences per step
     pair_batch: int = 32            # global image-caption pairs per step (VladVA; Sugar's singles come from them)
     story_batch: int = 4            # global interleaved stories per step
-    finetune_lr: float = 1e-3
-    lora_r: int = 16                # VladVA's r and alpha; Sugar uses r=128, alpha=256 on a 7B model
-    lora_alpha: float = 16.0
-    lora_targets: str = r"llm\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+    finetune_lr: float | None = field(default=None, metadata=RECIPE)
+    lora_r: int | None = field(default=None, metadata=RECIPE)
+    lora_alpha: float | None = field(default=None, metadata=RECIPE)
+    lora_targets: str | None = field(default=None, metadata=RECIPE)  # a regex over module names
     lambda_contrastive: float = 1.0  # neither paper gives the loss weights: ours
     lambda_structure: float = 1.0
-    gak_delta: float = 0.0          # Sugar's sigma = delta * sqrt((n+m)/2); 0 = the batch median distance
+    # Sugar's sigma = delta * sqrt((n+m)/2); None: estimated once from the training data (estimate_gak_delta)
+    gak_delta: float | None = field(default=None, metadata={"help": "default: estimated from the data"})
+    lambda_ntp: float = 1.0         # L = lambda_ntp * L_ntp + ...; 0: VladVA Table 4 without NTP
+    adapt: str | None = field(default=None, metadata=RECIPE)  # lora | prompt | both (VladVA Table 4)
+    sugar_alignment: str = "gak"    # Sugar Eq. 2 | mean: average slice similarity (Table 4b "w/o GAK")
+    sugar_kernel: str = "triple"    # Sugar Eq. 4 | cross: cross-modal features only (Table 4b "w/o TK")
+    sugar_pool: str = "mean"        # an image's prefix vector: mean of its tokens | last ("w/o AvgPool")
+    sugar_single: str = "cosine"    # two one-slice prefixes: Sugar §3.2's cosine | gak: the GAK value e/(2-e)
 
 
 @dataclass
@@ -166,9 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
             if f.type == "bool":
                 g.add_argument(flag, dest=f.name, action="store_true", default=argparse.SUPPRESS)
             else:
-                typ = {"int": int, "float": float, "str": str}[f.type]
-                g.add_argument(flag, dest=f.name, type=typ, default=argparse.SUPPRESS, metavar=f.type.upper(),
-                               help=f"default {f.default!r}")
+                name = f.type.removesuffix(" | None")  # None: resolved by validate()
+                typ = {"int": int, "float": float, "str": str}[name]
+                g.add_argument(flag, dest=f.name, type=typ, default=argparse.SUPPRESS, metavar=name.upper(),
+                               help=f.metadata.get("help", f"default {f.default!r}"))
     return p
 
 
@@ -203,6 +243,25 @@ def validate(cfg: TrainConfig) -> None:
             raise SystemExit(f"train.py: {flag} must be >= 0")
     if run.grad_accum < 1:
         raise SystemExit("train.py: --grad-accum must be >= 1")
+    for flag, value, allowed in (("--adapt", ft.adapt, ("lora", "prompt", "both", None)),
+                                 ("--sugar-alignment", ft.sugar_alignment, ("gak", "mean")),
+                                 ("--sugar-kernel", ft.sugar_kernel, K.KERNELS),
+                                 ("--sugar-pool", ft.sugar_pool, ("mean", "last")),
+                                 ("--sugar-single", ft.sugar_single, K.SINGLES)):
+        if value not in allowed:
+            names = ", ".join(a for a in allowed if a)
+            raise SystemExit(f"train.py: {flag} must be one of {names}, got {value!r}")
+    for flag, value in (("--lambda-ntp", ft.lambda_ntp), ("--lambda-contrastive", ft.lambda_contrastive),
+                        ("--lambda-structure", ft.lambda_structure)):
+        if not (math.isfinite(value) and value >= 0):
+            raise SystemExit(f"train.py: {flag} must be a finite number >= 0, got {value}")
+    if ft.lambda_ntp == 0 and not any(losses_of(ft.method, ft)):
+        raise SystemExit(f"train.py: --lambda-ntp 0 leaves --method {ft.method} no loss to fine-tune with")
+    if ft.gak_delta is not None and not (math.isfinite(ft.gak_delta) and ft.gak_delta > 0):
+        raise SystemExit(f"train.py: --gak-delta must be a finite number > 0, got {ft.gak_delta}")
+    for key, value in RECIPES[ft.method].items():  # fields left at None take the method's recipe
+        if getattr(ft, key) is None:
+            setattr(ft, key, value)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -464,8 +523,9 @@ def check_compatible(ckpt: dict[str, Any], cfg: TrainConfig, where: str) -> None
     old, new = ckpt["train_config"], asdict(cfg)
     for part in ("model", "data", "pretrain", "finetune"):
         for key, value in new[part].items():
-            if old[part][key] != value:
-                raise SystemExit(f"{where}: written with {part}.{key}={old[part][key]!r}, but this run has "
+            old_value = old[part].get(key, "(absent)")
+            if old_value != value:
+                raise SystemExit(f"{where}: written with {part}.{key}={old_value!r}, but this run has "
                                  f"{value!r}; resume with the same flags or start a new --out")
 
 
@@ -512,7 +572,8 @@ class Trainer:
         method = ft.method if stage == "finetune" else "generative"
         self.use_c, self.use_s = losses_of(method, ft)
         self.use_lm = method != "vladva"
-        self.weights = K.LossWeights(ntp=1.0, contrastive=ft.lambda_contrastive if self.use_c else 0.0,
+        self.weights = K.LossWeights(ntp=ft.lambda_ntp if stage == "finetune" else 1.0,
+                                     contrastive=ft.lambda_contrastive if self.use_c else 0.0,
                                      structure=ft.lambda_structure if self.use_s else 0.0)
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if d.device.type == "cuda" else nullcontext())
 
@@ -570,7 +631,8 @@ class Trainer:
 
     def prefix(self, batch: dict[str, Tensor], hidden: Tensor) -> Tensor:
         return self.model.prefix_embeddings(hidden, batch["seg_batch"], batch["seg_start"], batch["seg_end"],
-                                            batch["seg_is_image"], batch["prefix_seg"])
+                                            batch["seg_is_image"], batch["prefix_seg"],
+                                            self.cfg.finetune.sugar_pool)
 
     def combine(self, ntp_parts: list[tuple[Tensor, Tensor]], embeds: dict[str, Tensor],
                 b: StepBatches) -> tuple[Tensor, dict[str, float]]:
@@ -605,9 +667,13 @@ class Trainer:
         DDP divides by W, so the applied gradient is the single-process one."""
         r = torch.cat([gather_rows(embeds[k]) for k in ("story", "single") if k in embeds])  # (P, proj_dim)
         g = to_device(glob, r.device)
-        delta = self.cfg.finetune.gak_delta or None
-        targets = K.gak_targets(g["slice_uni"], g["slice_cross"], g["seg_is_image"], g["prefix_slices"],
-                                g["prefix_len"], g["prefix_batch"], delta=delta)  # (P, P) Sugar Eq. 2 + 4
+        ft = self.cfg.finetune
+        args = (g["slice_uni"], g["slice_cross"], g["seg_is_image"], g["prefix_slices"], g["prefix_len"],
+                g["prefix_batch"])
+        if ft.sugar_alignment == "mean":  # Sugar Table 4b "w/o GAK"
+            targets = K.mean_targets(*args, kernel=ft.sugar_kernel)  # (P, P)
+        else:  # Sugar Eq. 2 + 4
+            targets = K.gak_targets(*args, delta=ft.gak_delta, kernel=ft.sugar_kernel, single=ft.sugar_single)
         return K.structure_loss(r.float(), targets)
 
 
@@ -742,6 +808,8 @@ def train(cfg: TrainConfig, d: Dist) -> TrainResult:
     if run.resume and resume is None and d.main:
         print(f"train.py: --resume: {out} does not exist yet, starting from scratch", file=sys.stderr)
     if resume is not None:
+        if cfg.finetune.gak_delta is None:  # estimated when the run's fine-tuning began: keep that value
+            cfg.finetune.gak_delta = resume["train_config"]["finetune"].get("gak_delta")
         check_compatible(resume, cfg, str(out))
     tok, corpus = tokenizer_and_corpus(cfg, resume or init)
     check_corpus(corpus, cfg, pretrain=init is None and not run.llm)
@@ -775,14 +843,38 @@ def train(cfg: TrainConfig, d: Dist) -> TrainResult:
     if not in_finetune(resume):
         add_lora(model, cfg.finetune)
         model.init_soft_prompts(*D.soft_prompt_ids(tok))
-    set_trainable(model, trainable_patterns(cfg.finetune))
-    opt = make_optimizer(model, cfg.finetune.finetune_lr, run.weight_decay)
-    start = restore(resume, model, opt, history) if in_finetune(resume) else 0
     ft = cfg.finetune
+    if ft.gak_delta is None and losses_of(ft.method, ft)[1] and ft.sugar_alignment == "gak":
+        ft.gak_delta = estimate_gak_delta(corpus, streams, ft, d)
+    set_trainable(model, trainable_patterns(ft), lora=False)
+    opt = make_optimizer(model, ft.finetune_lr, run.weight_decay)
+    start = restore(resume, model, opt, history) if in_finetune(resume) else 0
     stage = Stage("finetune", ft.finetune_steps, ft.finetune_lr, {"targets": ft.lora_targets, "r": ft.lora_r,
                                                                   "alpha": ft.lora_alpha})
     complete = run_stage(stage, model, tok, cfg, d, streams, corpus.pair_singles, opt, start, history, start + stop)
     return TrainResult(model, history, complete)
+
+
+DELTA_SAMPLE = 256  # stories and image-caption pairs whose slices estimate_gak_delta reads
+
+
+def estimate_gak_delta(corpus: Corpus, streams: dict[str, Stream], ft: FinetuneArgs, d: Dist) -> float:
+    """Sugar's delta, once before the first fine-tuning step: the median distance between two slices (Cuturi's
+    heuristic, kernel.estimate_delta) over the slices of a fixed sample of the training data, the first
+    DELTA_SAMPLE stories and pairs of the training order (the same on every rank), under --sugar-kernel."""
+    n_stories, n_pairs = (min(DELTA_SAMPLE, len(streams[k].items)) for k in ("stories", "pairs"))
+    samples = streams["stories"].batch(0, n_stories)
+    if corpus.pair_singles:
+        samples += singles(streams["pairs"].batch(0, n_pairs))
+    segs = [seg for smp in samples for seg in smp.segments]
+    delta = K.estimate_delta(torch.stack([seg.uni for seg in segs]).double(),  # float64: a one-off estimate
+                             torch.stack([seg.cross for seg in segs]).double(),
+                             torch.tensor([seg.kind == "image" for seg in segs]), kernel=ft.sugar_kernel)
+    if d.main:
+        print(f"train.py: GAK delta {delta:.4f}: the median slice distance ({ft.sugar_kernel} kernel) over "
+              f"the {len(segs)} slices of {len(samples)} training samples (--gak-delta overrides)",
+              file=sys.stderr)
+    return delta
 
 
 def in_finetune(resume: dict[str, Any] | None) -> bool:

@@ -611,10 +611,13 @@ class MLLM(nn.Module):
         return F.normalize(hidden[torch.arange(hidden.shape[0], device=hidden.device), pos].float(), dim=-1)
 
     def prefix_embeddings(self, hidden: Tensor, seg_batch: Tensor, seg_start: Tensor, seg_end: Tensor,
-                          seg_is_image: Tensor, prefix_seg: Tensor) -> Tensor:
+                          seg_is_image: Tensor, prefix_seg: Tensor, pool: str = "mean") -> Tensor:
         """Sugar: for each prefix, the vector of its last segment (mean over an image's tokens, the last token of a
         text segment; causal attention makes it a summary of the whole prefix), through the retrieval projector,
-        L2-normalised. hidden (B, T, D) -> (P, proj_dim)."""
+        L2-normalised. hidden (B, T, D) -> (P, proj_dim). pool="last" (Sugar Table 4b "w/o AvgPool"): an
+        image's last token instead of the mean over its tokens; text segments are unchanged."""
+        if pool not in ("mean", "last"):
+            raise ValueError(f"prefix_embeddings: pool must be 'mean' or 'last', got {pool!r}")
         B, T, D = hidden.shape
         b, s, e, img = seg_batch[prefix_seg], seg_start[prefix_seg], seg_end[prefix_seg], seg_is_image[prefix_seg].bool()
         if bool(((e <= s) | (s < 0) | (e > T)).any()):
@@ -622,7 +625,8 @@ class MLLM(nn.Module):
         t = torch.arange(T, device=hidden.device)
         in_seg = (t >= s[:, None]) & (t < e[:, None])  # (P, T)
         last = t == (e - 1)[:, None]  # (P, T)
-        w = torch.where(img[:, None], in_seg.float() / (e - s)[:, None].float(), last.float())  # (P, T)
+        img_w = in_seg.float() / (e - s)[:, None].float() if pool == "mean" else last.float()  # (P, T)
+        w = torch.where(img[:, None], img_w, last.float())  # (P, T)
         w_full = hidden.new_zeros(len(prefix_seg), B, T)
         w_full[torch.arange(len(prefix_seg), device=hidden.device), b] = w.to(hidden.dtype)
         vec = w_full.view(-1, B * T) @ hidden.reshape(B * T, D)  # (P, D) segment vectors
@@ -724,16 +728,18 @@ def merge_lora(model: nn.Module) -> None:
         setattr(owner, child, getattr(owner, child).to_linear())
 
 
-def set_trainable(model: nn.Module, patterns: list[str]) -> list[str]:
-    """Freeze everything except LoRA A/B and parameters whose name matches a regex (re.search). Returns the names of
-    the trainable parameters; raises for a pattern that matches no parameter."""
+def set_trainable(model: nn.Module, patterns: list[str], lora: bool = True) -> list[str]:
+    """Freeze everything except LoRA A/B (unless lora=False: VladVA's soft-prompt-only adaptation) and
+    parameters whose name matches a regex (re.search). Returns the names of the trainable parameters; raises
+    for a pattern that matches no parameter."""
     names = [n for n, _ in model.named_parameters()]
     for p in patterns:
         if not any(re.search(p, n) for n in names):
             raise ValueError(f"set_trainable pattern {p!r} matches no parameter")
     trainable = []
     for n, param in model.named_parameters():
-        param.requires_grad_(n.endswith(("lora_A", "lora_B")) or any(re.search(p, n) for p in patterns))
+        is_lora = lora and n.endswith(("lora_A", "lora_B"))
+        param.requires_grad_(is_lora or any(re.search(p, n) for p in patterns))
         if param.requires_grad:
             trainable.append(n)
     return trainable

@@ -1,32 +1,58 @@
 #!/usr/bin/env bash
-# The README's ablation: one generative base, four fine-tunings with the same budget, each evaluated.
-#   bash bench/ablation.sh [OUTDIR]      (about 40 minutes on 2 CPU cores)
-# The default `python train.py` pre-trains the base (OUTDIR/unified.base.pt) and fine-tunes `unified`; the other
-# methods fine-tune from that same base with the same flags.
+# The README's ablations: one generative base, every fine-tuning from it with the same steps and the same data
+# order (same --seed, the batch of step s a pure function of it), each evaluated.
+#   bash bench/ablation.sh [OUTDIR]      (about 80 minutes on 2 CPU cores)
+# The default `python train.py` pre-trains the base (OUTDIR/unified.base.pt) and fine-tunes `unified`; every other
+# run fine-tunes from that same base, each method with its own recipe (train.RECIPES), one switch changed per row:
+#   methods:  generative, vladva, sugar, and unified without the structure loss (the README's diagnostic)
+#   Sugar Table 4b:  w/o GAK (--sugar-alignment mean), w/o TK (--sugar-kernel cross),
+#                    w/o AvgPool (--sugar-pool last); and one-slice pairs by the GAK value (--sugar-single gak)
+#   VladVA Table 4:  w/o NTP (--lambda-ntp 0), soft prompts only (--adapt prompt), LoRA only (--adapt lora)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-runs}
 mkdir -p "$out"
 # a finished checkpoint is kept (re-running the script only re-evaluates)
 done_ckpt() { python -c "import sys, train; sys.exit(0 if train.load_checkpoint('$1')['done'] else 1)" 2>/dev/null; }
-done_ckpt "$out/unified.pt" || /usr/bin/time -f "%e s wall: python train.py --out $out/unified.pt" python train.py --out "$out/unified.pt" 2> >(tr '\r' '\n' | grep -v 'it/s\]' > "$out/unified.log")
-for m in generative vladva sugar; do
-  done_ckpt "$out/$m.pt" || python train.py --method "$m" --init "$out/unified.base.pt" --out "$out/$m.pt" 2> >(tr '\r' '\n' | grep -v 'it/s\]' > "$out/$m.log")
-done
-# the diagnostic of the README: unified without the structure loss
-done_ckpt "$out/unified_nostruct.pt" || python train.py --method unified --lambda-structure 0 --init "$out/unified.base.pt" --out "$out/unified_nostruct.pt" 2> >(tr '\r' '\n' | grep -v 'it/s\]' > "$out/unified_nostruct.log")
-for m in base unified generative vladva sugar unified_nostruct; do
+log() { tr '\r' '\n' | grep -v 'it/s\]' > "$1"; }
+done_ckpt "$out/unified.pt" || /usr/bin/time -f "%e s wall: python train.py --out $out/unified.pt" python train.py --out "$out/unified.pt" 2> >(log "$out/unified.log")
+# finetune NAME METHOD [FLAGS...]: fine-tune the shared base with METHOD's recipe and FLAGS into OUTDIR/NAME.pt
+finetune() {
+  local name=$1 method=$2
+  shift 2
+  done_ckpt "$out/$name.pt" || python train.py --method "$method" "$@" --init "$out/unified.base.pt" --out "$out/$name.pt" 2> >(log "$out/$name.log")
+}
+finetune generative generative
+finetune vladva vladva
+finetune sugar sugar
+finetune unified_nostruct unified --lambda-structure 0
+finetune sugar_no_gak sugar --sugar-alignment mean
+finetune sugar_no_tk sugar --sugar-kernel cross
+finetune sugar_no_avgpool sugar --sugar-pool last
+finetune sugar_single_gak sugar --sugar-single gak
+finetune vladva_no_ntp vladva --lambda-ntp 0
+finetune vladva_prompt_only vladva --adapt prompt
+finetune vladva_lora_only vladva --adapt lora
+runs="base unified generative vladva sugar unified_nostruct sugar_no_gak sugar_no_tk sugar_no_avgpool sugar_single_gak
+      vladva_no_ntp vladva_prompt_only vladva_lora_only"
+for m in $runs; do
   ckpt="$out/$m.pt"; [ "$m" = base ] && ckpt="$out/unified.base.pt"
-  /usr/bin/time -f "%e s wall: python eval.py --ckpt $ckpt" python eval.py --ckpt "$ckpt" --json "$out/$m.json" > "$out/$m.eval.txt" 2> >(tr '\r' '\n' | grep -v 'it/s\]' > "$out/$m.eval.log")
+  /usr/bin/time -f "%e s wall: python eval.py --ckpt $ckpt" python eval.py --ckpt "$ckpt" --json "$out/$m.json" > "$out/$m.eval.txt" 2> >(log "$out/$m.eval.log")
 done
 python - "$out" <<'PY'
 import json, sys
 out = sys.argv[1]
-runs = ["base", "generative", "vladva", "sugar", "unified", "unified_nostruct"]
-m = {r: json.load(open(f"{out}/{r}.json")) for r in runs}
-keys = [k for k in m["unified"] if not k.startswith("speed/")]
-print("| metric | " + " | ".join(runs) + " |")
-print("|---|" + "---:|" * len(runs))
-for k in keys:
-    print(f"| {k} | " + " | ".join(f"{m[r][k]:.3f}" for r in runs) + " |")
+tables = {
+    "Methods": ["base", "generative", "vladva", "sugar", "unified", "unified_nostruct"],
+    "Sugar Table 4b (method sugar)": ["sugar", "sugar_no_gak", "sugar_no_tk", "sugar_no_avgpool", "sugar_single_gak"],
+    "VladVA Table 4 (method vladva)": ["vladva", "vladva_no_ntp", "vladva_prompt_only", "vladva_lora_only"],
+}
+for title, runs in tables.items():
+    m = {r: json.load(open(f"{out}/{r}.json")) for r in runs}
+    keys = [k for k in m[runs[0]] if not k.startswith("speed/")]
+    print(f"\n{title}\n")
+    print("| metric | " + " | ".join(runs) + " |")
+    print("|---|" + "---:|" * len(runs))
+    for k in keys:
+        print(f"| {k} | " + " | ".join(f"{m[r][k]:.3f}" for r in runs) + " |")
 PY

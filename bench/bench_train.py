@@ -51,12 +51,12 @@ def main() -> None:
     gak, con = Timed(K, "gak_targets"), Timed(K, "contrastive_loss")
     rows = []
     for method in train.METHODS:
-        cfg.finetune.method = method
+        cfg = train.parse_args(["--n-train", str(args.n_train), "--method", method])  # the method's recipe
         torch.manual_seed(0)
         model = MLLM(train.model_config(cfg.model, tok))
         train.add_lora(model, cfg.finetune)
         model.init_soft_prompts(*D.soft_prompt_ids(tok))
-        set_trainable(model, train.trainable_patterns(cfg.finetune))
+        set_trainable(model, train.trainable_patterns(cfg.finetune), lora=False)
         opt = train.make_optimizer(model, 1e-4, 0.0)
         trainer = train.Trainer(model, model, tok, cfg, d, "finetune", corpus.pair_singles)
         times, gak_s, con_s = [], 0.0, 0.0

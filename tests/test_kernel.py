@@ -198,6 +198,171 @@ def test_targets_empty_batch():
 
 
 # ----------------------------------------------------------------------------------------------------------
+# the ablation switches (Sugar Table 4b) and the single-slice rule (Sugar §3.2)
+
+
+def naive_feats(uni, cross, img, a: int, b: int, kernel: str):
+    """The teacher features Eq. 4 compares for slices a and b: uni-modal for one modality, cross-modal for an
+    image and a text; kernel "cross" (w/o TK): cross-modal for every pair."""
+    if kernel == "triple" and bool(img[a]) == bool(img[b]):
+        return [float(x) for x in uni[a]], [float(x) for x in uni[b]]
+    return [float(x) for x in cross[a]], [float(x) for x in cross[b]]
+
+
+def naive_cos(u, v) -> float:
+    return sum(x * y for x, y in zip(u, v)) / math.sqrt(sum(x * x for x in u) * sum(y * y for y in v))
+
+
+def naive_gak_kernel(uni, cross, img, x, y, sigma, kernel) -> float:
+    def sq(p, q):
+        out = np.zeros((len(p), len(q)))
+        for a in range(len(p)):
+            for b in range(len(q)):
+                fa, fb = naive_feats(uni, cross, img, p[a], q[b], kernel)
+                out[a, b] = sum((s - t) ** 2 for s, t in zip(fa, fb))
+        return out
+
+    return naive_gak(sq(x, y), sigma) / math.sqrt(naive_gak(sq(x, x), sigma) * naive_gak(sq(y, y), sigma))
+
+
+def prefix_lists(ps, pl):
+    return [[int(s) for s in ps[p][: int(pl[p])]] for p in range(len(pl))]
+
+
+@pytest.mark.parametrize("kernel_name", ["triple", "cross"])
+def test_cross_kernel_sqdist_matches_loops(kernel_name):
+    gen = torch.Generator().manual_seed(11)
+    ua, ca, ia = unit(5, 6, gen), unit(5, 3, gen), torch.tensor([1, 0, 1, 0, 0], dtype=torch.bool)
+    ub, cb, ib = unit(4, 6, gen), unit(4, 3, gen), torch.tensor([0, 1, 1, 0], dtype=torch.bool)
+    got = kernel.triple_kernel_sqdist(ua, ca, ia, ub, cb, ib, kernel=kernel_name)
+    ref = np.zeros((5, 4))
+    for a in range(5):
+        for b in range(4):
+            fa = ua[a] if kernel_name == "triple" and ia[a] == ib[b] else ca[a]
+            fb = ub[b] if kernel_name == "triple" and ia[a] == ib[b] else cb[b]
+            ref[a, b] = sum((float(x) - float(y)) ** 2 for x, y in zip(fa, fb))
+    np.testing.assert_allclose(got.numpy(), ref, atol=1e-12)
+    if kernel_name == "cross":  # w/o TK changes exactly the same-modality pairs
+        triple = kernel.triple_kernel_sqdist(ua, ca, ia, ub, cb, ib)
+        differ = ia[:, None] != ib[None, :]
+        assert torch.equal(got[differ], triple[differ]) and not torch.equal(got[~differ], triple[~differ])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("kernel_name", ["triple", "cross"])
+def test_mean_targets_match_loops(seed, kernel_name):
+    """w/o GAK: the mean over every slice pair of the cosine of the teacher features, by explicit loops; the
+    features are rescaled rows, so a dot product of unnormalised features would be caught."""
+    uni, cross, img, ps, pl, pb = make_batch(seed, max_len=5)
+    gen = torch.Generator().manual_seed(seed + 100)
+    uni = uni * (0.5 + torch.rand(uni.shape[0], 1, generator=gen, dtype=torch.float64))
+    cross = cross * (0.5 + torch.rand(cross.shape[0], 1, generator=gen, dtype=torch.float64))
+    got = kernel.mean_targets(uni, cross, img, ps, pl, pb, kernel=kernel_name)
+    seqs = prefix_lists(ps, pl)
+    ref = np.ones((len(seqs), len(seqs)))
+    for i, x in enumerate(seqs):
+        for j, y in enumerate(seqs):
+            if int(pb[i]) != int(pb[j]):
+                sims = [naive_cos(*naive_feats(uni, cross, img, a, b, kernel_name)) for a in x for b in y]
+                ref[i, j] = sum(sims) / len(sims)
+    assert got.dtype == torch.float64 and not got.requires_grad
+    np.testing.assert_allclose(got.numpy(), ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("kernel_name", ["triple", "cross"])
+def test_single_slice_cosine_and_kernel_switch_match_loops(seed, kernel_name):
+    """single="cosine": two one-slice prefixes get the cosine of the features Eq. 4 picks (uni-modal within a
+    modality, cross-modal across; cross-modal only for kernel "cross"); every other pair keeps the GAK with
+    that kernel's distances. Both against loops."""
+    uni, cross, img, ps, pl, pb = make_batch(seed, n_prefixes=9, max_len=3)
+    pl[:4] = 1  # several one-slice prefixes (of different samples with high probability)
+    got = kernel.gak_targets(uni, cross, img, ps, pl, pb, delta=0.7, kernel=kernel_name, single="cosine")
+    gak = kernel.gak_targets(uni, cross, img, ps, pl, pb, delta=0.7, kernel=kernel_name, single="gak")
+    seqs = prefix_lists(ps, pl)
+    ref, ref_gak = np.ones((len(seqs), len(seqs))), np.ones((len(seqs), len(seqs)))
+    n_single_pairs = 0
+    for i, x in enumerate(seqs):
+        for j, y in enumerate(seqs):
+            if int(pb[i]) == int(pb[j]):
+                continue
+            sigma = 0.7 * math.sqrt((len(x) + len(y)) / 2)
+            ref_gak[i, j] = naive_gak_kernel(uni, cross, img, x, y, sigma, kernel_name)
+            ref[i, j] = ref_gak[i, j]
+            if len(x) == len(y) == 1:
+                ref[i, j] = naive_cos(*naive_feats(uni, cross, img, x[0], y[0], kernel_name))
+                n_single_pairs += 1
+    assert n_single_pairs > 0
+    np.testing.assert_allclose(got.numpy(), ref, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(gak.numpy(), ref_gak, rtol=1e-9, atol=1e-12)
+
+
+def test_single_slice_gak_is_e_over_two_minus_e():
+    """The "gak" form of a one-slice pair in closed form: e / (2 - e), e = exp(-d^2 / (2 sigma^2))."""
+    gen = torch.Generator().manual_seed(12)
+    uni, cross, img = unit(2, 4, gen), unit(2, 3, gen), torch.tensor([True, False])
+    ps, pl, pb = torch.tensor([[0], [1]]), torch.tensor([1, 1]), torch.tensor([0, 1])
+    got = kernel.gak_targets(uni, cross, img, ps, pl, pb, delta=0.9, single="gak")[0, 1].item()
+    d2 = float((cross[0] - cross[1]).pow(2).sum())  # image-text: cross-modal features
+    e = math.exp(-d2 / (2 * 0.9**2))  # sigma = delta * sqrt((1 + 1) / 2)
+    assert got == pytest.approx(e / (2 - e), rel=1e-12)
+    cos = kernel.gak_targets(uni, cross, img, ps, pl, pb, delta=0.9, single="cosine")[0, 1].item()
+    assert cos == pytest.approx(float(cross[0] @ cross[1]), rel=1e-12)
+
+
+@pytest.mark.parametrize("kernel_name", ["triple", "cross"])
+def test_estimate_delta_is_median_slice_distance(kernel_name):
+    uni, cross, img, _, _, _ = make_batch(13, n_slices=15)
+    d = [math.sqrt(sum((s - t) ** 2 for s, t in zip(*naive_feats(uni, cross, img, a, b, kernel_name))))
+         for a in range(15) for b in range(a + 1, 15)]
+    got = kernel.estimate_delta(uni, cross, img, kernel=kernel_name)
+    assert got == pytest.approx(sorted(d)[(len(d) - 1) // 2], rel=1e-12)  # torch's median: the lower middle
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_estimate_delta_ignores_repeated_slices(dtype):
+    """A slice that recurs (the same caption in two samples) is 0 away from its copy; the matmul expansion's
+    rounding noise must not turn that 0 into a tiny positive distance that shifts the median."""
+    gen = torch.Generator().manual_seed(15)
+    uni, cross, img = unit(30, 384, gen), unit(30, 256, gen), torch.rand(30, generator=gen) < 0.5  # BLAS-sized
+    rep = torch.tensor(list(range(30)) + [0] * 30)  # slice 0 recurs 30 times: 465 pairs 0 apart
+    uni, cross, img = uni[rep], cross[rep], img[rep]
+    u, c, i = uni.numpy(), cross.numpy(), img.numpy()
+    d_all = np.where(i[:, None] == i[None, :], np.linalg.norm(u[:, None] - u[None], axis=-1),  # differences,
+                     np.linalg.norm(c[:, None] - c[None], axis=-1))  # not the expansion: copies are exactly 0
+    d = np.sort(d_all[np.triu_indices(len(rep), 1)])
+    d = d[d > 0]
+    got = kernel.estimate_delta(uni.to(dtype), cross.to(dtype), img)
+    assert got == pytest.approx(d[(len(d) - 1) // 2], rel=1e-6 if dtype == torch.float32 else 1e-12)
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n_prefixes=st.integers(1, 9), max_len=st.integers(1, 5),
+       kernel_name=st.sampled_from(["triple", "cross"]))
+def test_mean_targets_properties(seed, n_prefixes, max_len, kernel_name):
+    """Symmetric, 1 within a sample, a mean of cosines in [-1, 1]; one-slice pairs equal the cosine rule."""
+    uni, cross, img, ps, pl, pb = make_batch(seed, n_slices=8, n_prefixes=n_prefixes, max_len=max_len,
+                                             n_samples=5)
+    m = kernel.mean_targets(uni, cross, img, ps, pl, pb, kernel=kernel_name)
+    assert torch.equal(m, m.T)
+    assert torch.all(m[pb[:, None] == pb[None, :]] == 1)
+    assert torch.all(m.abs() <= 1 + 1e-12)
+    g = kernel.gak_targets(uni, cross, img, ps, pl, pb, delta=1.0, kernel=kernel_name, single="cosine")
+    one = (pl[:, None] == 1) & (pl[None, :] == 1)
+    torch.testing.assert_close(m[one], g[one], rtol=1e-12, atol=1e-12)
+
+
+def test_ablation_switches_reject_unknown_names():
+    uni, cross, img, ps, pl, pb = make_batch(14)
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        kernel.gak_targets(uni, cross, img, ps, pl, pb, delta=1.0, kernel="clip")
+    with pytest.raises(ValueError, match="single must be one of"):
+        kernel.gak_targets(uni, cross, img, ps, pl, pb, delta=1.0, single="dot")
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        kernel.mean_targets(uni, cross, img, ps, pl, pb, kernel="uni")
+
+
+# ----------------------------------------------------------------------------------------------------------
 # structure loss
 
 

@@ -425,6 +425,34 @@ def test_summary_and_prefix_embeddings_match_loops() -> None:
             torch.testing.assert_close(r[p], want / want.norm())
 
 
+def test_prefix_embeddings_last_image_token_pool_matches_loop() -> None:
+    """pool="last" (Sugar Table 4b "w/o AvgPool") takes an image's last token instead of the mean over its
+    tokens and leaves text segments (their last token) as they are."""
+    m = tiny_mllm()
+    hidden = torch.randn(2, 10, 48, generator=torch.Generator().manual_seed(7))
+    seg_batch, seg_start = torch.tensor([0, 0, 0, 1, 1]), torch.tensor([0, 2, 6, 0, 4])
+    seg_end, seg_is_image = torch.tensor([2, 6, 9, 4, 7]), torch.tensor([False, True, False, True, False])
+    prefix_seg = torch.tensor([0, 1, 2, 3, 4])
+    segs = (seg_batch, seg_start, seg_end, seg_is_image, prefix_seg)
+    with torch.no_grad():
+        last = m.prefix_embeddings(hidden, *segs, pool="last")
+        mean = m.prefix_embeddings(hidden, *segs, pool="mean")
+        for p, s_i in enumerate(prefix_seg.tolist()):
+            want = m.projector(hidden[int(seg_batch[s_i]), int(seg_end[s_i]) - 1])
+            torch.testing.assert_close(last[p], want / want.norm())
+            assert torch.equal(last[p], mean[p]) != bool(seg_is_image[s_i])  # only image prefixes change
+    with pytest.raises(ValueError, match="pool must be"):
+        m.prefix_embeddings(hidden, seg_batch, seg_start, seg_end, seg_is_image, prefix_seg, pool="max")
+
+
+def test_set_trainable_without_lora_freezes_lora() -> None:
+    m = tiny_mllm()
+    um.apply_lora(m, [r"llm\.layers\.\d+\.self_attn\.(q|v)_proj$"], r=2, alpha=2)
+    trainable = um.set_trainable(m, ["image_prompt"], lora=False)
+    assert trainable == ["image_prompt"]
+    assert {n for n, p in m.named_parameters() if p.requires_grad} == {"image_prompt"}
+
+
 def test_mllm_forward_and_generate_with_images() -> None:
     m = tiny_mllm()
     ids, images = interleaved_ids()[:1, :12], torch.rand(1, 3, 8, 8)
