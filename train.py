@@ -192,11 +192,12 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 AT_LEAST = {"n_train": 1, "rag_kbs": 1, "pretrain_steps": 0, "pretrain_batch": 1, "finetune_steps": 0,
             "lm_batch": 1, "pair_batch": 1, "story_batch": 1, "lora_r": 1, "lambda_contrastive": 0.0,
             "lambda_structure": 0.0, "gak_delta": 0.0, "grad_accum": 1, "warmup_frac": 0.0,
-            "weight_decay": 0.0, "grad_clip": 0.0, "log_every": 1, "ckpt_every": 1, "stop_after": 0}
+            "weight_decay": 0.0, "grad_clip": 0.0, "log_every": 1, "ckpt_every": 1, "stop_after": 0,
+            "max_len": 1, "proj_dim": 1}
 ABOVE = {"pretrain_lr": 0.0, "finetune_lr": 0.0, "lora_alpha": 0.0}
 MODEL_AT_LEAST = {"image_size": 12, "patch_size": 1, "vision_width": 1, "vision_layers": 1, "vision_heads": 1,
                   "llm_width": 1, "llm_layers": 1, "llm_heads": 1, "llm_kv_heads": 1, "llm_mlp": 1,
-                  "vocab_size": 1, "max_len": 1, "proj_dim": 1}
+                  "vocab_size": 1}
 
 
 def flag_of(name: str) -> str:
@@ -230,6 +231,8 @@ def validate(cfg: TrainConfig) -> None:
         raise SystemExit("train.py: --llm and --vision go together (a Hugging Face LLM and vision tower)")
     if run.init and run.llm:
         raise SystemExit("train.py: give --init (our checkpoint) or --llm/--vision (Hugging Face), not both")
+    if cfg.data.features and not cfg.data.data:
+        raise SystemExit("train.py: --features gives teacher features to --data files; no --data is given")
     values = {f.name: getattr(part, f.name) for part in (cfg.model, cfg.data, cfg.pretrain, ft, run)
               for f in fields(part)}
     for name, value in values.items():
