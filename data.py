@@ -637,6 +637,14 @@ class Tokenizer:
                                  f"segments, not as text: {text[:80]!r}")
         return self.tk.encode(text, add_special_tokens=False).ids
 
+    def count(self, texts: Sequence[str]) -> list[int]:
+        """len(encode(t)) for each text, each distinct text encoded once, in one batched call (length checks
+        over a whole corpus, whose questions and captions repeat)."""
+        distinct = list(dict.fromkeys(texts))
+        encoded = self.tk.encode_batch(distinct, add_special_tokens=False)
+        n = {t: len(e.ids) for t, e in zip(distinct, encoded)}
+        return [n[t] for t in texts]
+
     def decode(self, ids: Sequence[int]) -> str:
         return self.tk.decode(list(ids), skip_special_tokens=True)
 
@@ -1133,6 +1141,7 @@ def read_karpathy(ctx: _Ctx, root: object, split: str | None = None) -> LoadedDa
     `split` keeps the records of one split ("train" takes "restval" too); None or "all" keeps every record."""
     data = LoadedData("karpathy")
     images = _need(ctx, root, "<file>", "images", list)
+    wanted = None if split in (None, "all") else split
     found: dict[str, int] = {}  # records per split, for the message when the wanted split has none
     for i, rec in enumerate(images or []):
         fn = _need(ctx, rec, i, "filename", str)
@@ -1144,7 +1153,7 @@ def read_karpathy(ctx: _Ctx, root: object, split: str | None = None) -> LoadedDa
             ctx.bad(i, "split", f"a string (train, restval, val or test), got {_json_type(rec_split)}")
             continue
         found[rec_split] = found.get(rec_split, 0) + 1
-        if split not in (None, "all") and rec_split.replace("restval", "train") != split:
+        if wanted is not None and rec_split.replace("restval", "train") != wanted:
             continue
         rel = f"{rec['filepath']}/{fn}" if isinstance(rec.get("filepath"), str) else fn
         img = ctx.image(i, "filename", rel)
@@ -1160,7 +1169,6 @@ def read_karpathy(ctx: _Ctx, root: object, split: str | None = None) -> LoadedDa
         data.pair_records.append(i)
         for c in caps:
             data.add_sample(i, Sample([image_seg(img), text_seg(c, True)]))
-    wanted = split.replace("restval", "train") if split not in (None, "all") else None
     if found and wanted is not None and not any(k.replace("restval", "train") == wanted for k in found):
         have = ", ".join(f"{n} {k or '(no split field)'}" for k, n in sorted(found.items()))
         ctx.bad("<file>", "split", f"records of split {wanted!r}, found {have} (train.py / eval.py "
@@ -1336,32 +1344,35 @@ def _attach_features(ctx: _Ctx, data: LoadedData, feats: Features) -> None:
                 seg.uni, seg.cross = hit
 
 
-def sample_length(smp: Sample, tok: Tokenizer, n_image_tokens: int) -> int:
-    """The tokens `collate` gives a sample: <s>, each segment, one </s> per answer turn."""
-    n = 1 + sum(n_image_tokens if s.kind == "image" else
-                len(tok.encode(segment_text(s.text, k > 0 and smp.segments[k - 1].kind == "text")))
-                for k, s in enumerate(smp.segments))
-    return n + sum(ends_turn(smp.segments, k) for k in range(len(smp.segments)))
+def sample_lengths(samples: Sequence[Sample], tok: Tokenizer, n_image_tokens: int) -> list[int]:
+    """The tokens `collate` gives each sample: <s>, each segment, one </s> per answer turn."""
+    texts = [segment_text(s.text, k > 0 and smp.segments[k - 1].kind == "text")
+             for smp in samples for k, s in enumerate(smp.segments) if s.kind == "text"]
+    n_text = iter(tok.count(texts))
+    out = []
+    for smp in samples:
+        n = 1 + sum(n_image_tokens if s.kind == "image" else next(n_text) for s in smp.segments)
+        out.append(n + sum(ends_turn(smp.segments, k) for k in range(len(smp.segments))))
+    return out
 
 
-def pair_length(item: object, tok: Tokenizer, n_image_tokens: int) -> int:
-    """The longer of the two sequences `collate_pairs` gives a pair: the image side (with its long caption) or
-    the text side."""
-    _, short, long_ = _pair_fields(item)
-    n_soft = n_soft_tokens(tok)
-    return max(1 + n_image_tokens + n_soft + len(tok.encode(long_)) + 1, 1 + len(tok.encode(short)) + n_soft)
+def pair_lengths(items: Sequence[object], tok: Tokenizer, n_image_tokens: int) -> list[int]:
+    """The longer of the two sequences `collate_pairs` gives each pair: the image side (with its long caption)
+    or the text side."""
+    parts = [_pair_fields(item) for item in items]
+    k = n_soft_tokens(tok)
+    return [max(1 + n_image_tokens + k + n_long + 1, 1 + n_short + k)
+            for n_short, n_long in zip(tok.count([p[1] for p in parts]), tok.count([p[2] for p in parts]))]
 
 
 def length_problems(data: LoadedData, tok: Tokenizer, n_image_tokens: int, max_len: int) -> list[Problem]:
     """Samples and pairs of a read file that do not fit a context of max_len tokens (nothing is truncated)."""
-    out = []
-    for i, smp in zip(data.sample_records, data.samples):
-        if (n := sample_length(smp, tok, n_image_tokens)) > max_len:
-            out.append(Problem(i, "<sample>", f"at most {max_len} tokens (the context), has {n}"))
-    for i, p in zip(data.pair_records, data.pairs):
-        if (n := pair_length(p, tok, n_image_tokens)) > max_len:
-            out.append(Problem(i, "<pair>", f"at most {max_len} tokens with its long caption, has {n}"))
-    return out
+    samples = zip(data.sample_records, sample_lengths(data.samples, tok, n_image_tokens))
+    pairs = zip(data.pair_records, pair_lengths(data.pairs, tok, n_image_tokens))
+    return ([Problem(i, "<sample>", f"at most {max_len} tokens (the context), has {n}")
+             for i, n in samples if n > max_len]
+            + [Problem(i, "<pair>", f"at most {max_len} tokens with its long caption, has {n}")
+               for i, n in pairs if n > max_len])
 
 
 def load_dataset(path: str | Path, tok: Tokenizer | None = None, n_image_tokens: int = N_IMAGE_TOKENS,

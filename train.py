@@ -546,7 +546,7 @@ def process_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:  # it exists, owned by someone else
-        return True
+        pass
     return True
 
 
@@ -882,8 +882,8 @@ def train(cfg: TrainConfig, d: Dist) -> TrainResult:
     if resume is not None:
         check_compatible(resume, cfg, str(out))
     tok, corpus = tokenizer_and_corpus(cfg, resume or init)
-    vision_cfg = hf_vision.cfg if hf_vision is not None else None
-    n_img = vision_cfg.num_patches if vision_cfg else (cfg.model.image_size // cfg.model.patch_size) ** 2
+    n_img = (hf_vision.cfg.num_patches if hf_vision is not None  # the model's tokens per image
+             else (cfg.model.image_size // cfg.model.patch_size) ** 2)
     check_corpus(corpus, cfg, tok, n_img, pretrain=init is None and not run.llm)
     streams = build_streams(corpus, run.seed)
     history: dict[str, list[dict[str, float]]] = {"pretrain": [], "finetune": []}
