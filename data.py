@@ -15,8 +15,9 @@ The built-in world (`make_world`) is deterministic per seed and needs no downloa
 so "the red square" always names exactly one object and every hard negative below is provably false).
 
 Run:
-    python data.py check PATH [--tokenizer tokenizer.json] [--max-len 512] [--n-image-tokens 16]
-        validates a LLaVA / Karpathy / MMC4 / SugarCrepe / teacher-features file, reporting every problem at once.
+    python data.py check PATH [--tokenizer tokenizer.json] [--max-len 192] [--n-image-tokens 16]
+        validates a LLaVA / Karpathy / MMC4 / SugarCrepe / teacher-features file, reporting every problem at
+        once; the defaults are train.py's default context and image tokens.
     python data.py demo       prints one scene of the built-in world.
 """
 from __future__ import annotations
@@ -65,6 +66,9 @@ SPECIALS = ("<pad>", "<s>", "</s>", "<image>", "<soft_image>", "<soft_text>")
 IMAGE_PROMPT = "Summarize above image in one word:"
 TEXT_PROMPT = "Summarize above sentence in one word:"
 IMAGE_TOKEN = "<image>"
+MAX_LEN = 192  # train.py's default context (--max-len); `check` measures samples against it by default
+N_IMAGE_TOKENS = 16  # image tokens of train.py's default vision tower (32x32 images, 8x8 patches)
+KARPATHY_SPLITS = ("train", "val", "test", "all")  # "train" takes restval too (Karpathy's extra train images)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -636,6 +640,14 @@ class Tokenizer:
                                  f"segments, not as text: {text[:80]!r}")
         return self.tk.encode(text, add_special_tokens=False).ids
 
+    def count(self, texts: Sequence[str]) -> list[int]:
+        """len(encode(t)) for each text, each distinct text encoded once, in one batched call (length checks
+        over a whole corpus, whose questions and captions repeat)."""
+        distinct = list(dict.fromkeys(texts))
+        encoded = self.tk.encode_batch(distinct, add_special_tokens=False)
+        n = {t: len(e.ids) for t, e in zip(distinct, encoded)}
+        return [n[t] for t in texts]
+
     def decode(self, ids: Sequence[int]) -> str:
         return self.tk.decode(list(ids), skip_special_tokens=True)
 
@@ -1007,13 +1019,15 @@ class LoadedData:
 
 
 def load_image(path: Path, image_size: int) -> Tensor:
-    """(3, image_size, image_size) in [0, 1]; ValueError saying missing / unreadable / corrupt."""
+    """(3, image_size, image_size) in [0, 1]; ValueError saying missing / unreadable / corrupt / too large."""
     if not path.exists():
         raise ValueError(f"missing image file {path}")
     try:
         with Image.open(path) as im:
             im.load()
-            rgb = im.convert("RGB")
+            rgb = _to_rgb(im)
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"image {path} is too large to decode safely ({e})") from e
     except UnidentifiedImageError as e:
         raise ValueError(f"corrupt image {path} (not a decodable image): {e}") from e
     except (OSError, SyntaxError) as e:
@@ -1023,20 +1037,34 @@ def load_image(path: Path, image_size: int) -> Tensor:
     return pil_to_tensor(rgb.resize((image_size, image_size), Image.BICUBIC)).clamp(0, 1)
 
 
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """8-bit RGB. Pillow opens 16-bit greyscale PNGs in the integer modes "I;16*" / "I", whose convert("RGB")
+    clips every value above 255 to white: those are scaled from 0..65535 to 0..255 first."""
+    if im.mode.startswith("I"):
+        grey = np.asarray(im, dtype=np.float64) / 257.0  # (H, W) 65535 -> 255
+        im = Image.fromarray(np.clip(grey, 0, 255).round().astype(np.uint8), "L")
+    return im.convert("RGB")
+
+
 class _Ctx:
     """Shared state of one read: where images live, the problem list, and an image cache."""
 
     def __init__(self, path: Path, image_root: Path | None, image_size: int) -> None:
         self.path, self.root, self.image_size = path, image_root or path.parent, image_size
         self.problems: list[Problem] = []
+        self.seen: set[tuple[str, str, str]] = set()
         self.cache: dict[str, Tensor] = {}
 
     def bad(self, index: int | str, fld: str, expected: str) -> None:
-        self.problems.append(Problem(index, fld, expected))
+        """Record a problem once (a record that is not an object fails every field lookup the same way)."""
+        key = (str(index), fld, expected)
+        if key not in self.seen:
+            self.seen.add(key)
+            self.problems.append(Problem(index, fld, expected))
 
     def image(self, index: int | str, fld: str, rel: object) -> Tensor | None:
         if not isinstance(rel, str) or not rel:
-            self.bad(index, fld, f"a non-empty image path string, got {type(rel).__name__}")
+            self.bad(index, fld, f"a non-empty image path string, got {_json_type(rel)}")
             return None
         if rel not in self.cache:
             try:
@@ -1048,7 +1076,7 @@ class _Ctx:
 
     def text(self, index: int | str, fld: str, value: object) -> str | None:
         if not isinstance(value, str):
-            self.bad(index, fld, f"a string, got {type(value).__name__}")
+            self.bad(index, fld, f"a string, got {_json_type(value)}")
             return None
         if not value.strip():
             self.bad(index, fld, "non-empty text")
@@ -1060,17 +1088,27 @@ class _Ctx:
         return value
 
 
+JSON_TYPES = {dict: "object", list: "list", str: "string", int: "integer", float: "number", bool: "boolean",
+              type(None): "null"}
+
+
+def _json_type(value: object) -> str:
+    """A value's type as the JSON file spells it (null, not NoneType)."""
+    return JSON_TYPES.get(type(value), type(value).__name__)
+
+
 def _need(ctx: _Ctx, rec: object, index: int | str, key: str, typ: type) -> object | None:
     if not isinstance(rec, dict):
-        ctx.bad(index, "<record>", f"a JSON object, got {type(rec).__name__}")
+        ctx.bad(index, "<record>", f"a JSON object, got {_json_type(rec)}")
         return None
     if key not in rec:
         ctx.bad(index, key, f"a required field {key!r} (missing)")
         return None
-    if not isinstance(rec[key], typ):
-        ctx.bad(index, key, f"type {typ.__name__}, got {type(rec[key]).__name__}")
+    value = rec[key]
+    if not isinstance(value, typ) or typ is int and isinstance(value, bool):  # JSON true is not an index
+        ctx.bad(index, key, f"type {JSON_TYPES[typ]}, got {_json_type(value)}")
         return None
-    return rec[key]
+    return value
 
 
 def _split_image_text(text: str) -> list[str | None]:
@@ -1098,7 +1136,7 @@ def read_llava(ctx: _Ctx, records: object) -> LoadedData:
         paths = rec.get("image", [])
         paths = [paths] if isinstance(paths, str) else paths
         if not isinstance(paths, list):
-            ctx.bad(i, "image", f"a path string or a list of paths, got {type(paths).__name__}")
+            ctx.bad(i, "image", f"a path string or a list of paths, got {_json_type(paths)}")
             continue
         imgs = [ctx.image(i, f"image[{k}]", p) for k, p in enumerate(paths)]
         segs: list[Segment] = []
@@ -1134,21 +1172,28 @@ def read_llava(ctx: _Ctx, records: object) -> LoadedData:
 
 def read_karpathy(ctx: _Ctx, root: object, split: str | None = None) -> LoadedData:
     """COCO/Flickr Karpathy JSON: {"images": [{"filename", "filepath"?, "split", "sentences": [{"raw"}...]}]}.
-    Samples: one [image, caption] per sentence; pairs: (image, first sentence, all sentences joined)."""
+    Samples: one [image, caption] per sentence; pairs: (image, first sentence, all sentences joined).
+    `split` keeps the records of one split ("train" takes "restval" too); None or "all" keeps every record."""
     data = LoadedData("karpathy")
     images = _need(ctx, root, "<file>", "images", list)
+    wanted = None if split in (None, "all") else split
+    found: dict[str, int] = {}  # records per split, for the message when the wanted split has none
     for i, rec in enumerate(images or []):
         fn = _need(ctx, rec, i, "filename", str)
         sents = _need(ctx, rec, i, "sentences", list)
         if fn is None or sents is None:
             continue
         rec_split = rec.get("split", "")
-        if split is not None and rec_split.replace("restval", "train") != split:
+        if not isinstance(rec_split, str):
+            ctx.bad(i, "split", f"a string (train, restval, val or test), got {_json_type(rec_split)}")
+            continue
+        found[rec_split] = found.get(rec_split, 0) + 1
+        if wanted is not None and rec_split.replace("restval", "train") != wanted:
             continue
         rel = f"{rec['filepath']}/{fn}" if isinstance(rec.get("filepath"), str) else fn
         img = ctx.image(i, "filename", rel)
-        caps = [ctx.text(i, f"sentences[{k}].raw", _need(ctx, s, f"{i}.sentences[{k}]", "raw", str))
-                for k, s in enumerate(sents)]
+        raws = [_need(ctx, s, f"{i}.sentences[{k}]", "raw", str) for k, s in enumerate(sents)]
+        caps = [None if r is None else ctx.text(i, f"sentences[{k}].raw", r) for k, r in enumerate(raws)]
         if not sents:
             ctx.bad(i, "sentences", "at least one sentence")
         if img is None or not sents or any(c is None for c in caps):
@@ -1159,6 +1204,10 @@ def read_karpathy(ctx: _Ctx, root: object, split: str | None = None) -> LoadedDa
         data.pair_records.append(i)
         for c in caps:
             data.add_sample(i, Sample([image_seg(img), text_seg(c, True)]))
+    if found and wanted is not None and not any(k.replace("restval", "train") == wanted for k in found):
+        have = ", ".join(f"{n} {k or '(no split field)'}" for k, n in sorted(found.items()))
+        ctx.bad("<file>", "split", f"records of split {wanted!r}, found {have} (train.py / eval.py "
+                                   f"--data-split picks another: {', '.join(KARPATHY_SPLITS)})")
     return data
 
 
@@ -1166,7 +1215,7 @@ def read_mmc4(ctx: _Ctx, lines: list[str]) -> LoadedData:
     """MMC4-style JSONL: one document per line, {"text_list": [str], "image_info": [{"image_name",
     "matched_text_index"}]}; each image goes right before its matched sentence; every segment ends a prefix."""
     data = LoadedData("mmc4")
-    for i, line in enumerate(lines):
+    for i, line in enumerate(lines, 1):  # records are numbered by line, from 1 as editors do
         if not line.strip():
             continue
         try:
@@ -1278,7 +1327,8 @@ def read_features(ctx: _Ctx) -> LoadedData:
             ctx.bad(name, part, "a finite unit-norm vector (D,)")
             continue
         (uni if part == "uni" else cross)[key] = t
-    for k in set(uni) ^ set(cross):
+    rejected = {str(p.index).rpartition(".")[0] for p in ctx.problems}  # a bad vector is reported once, above
+    for k in (set(uni) ^ set(cross)) - rejected:
         ctx.bad(k, "uni" if k not in uni else "cross", "both a .uni and a .cross vector")
     for name, d in (("uni", uni), ("cross", cross)):
         widths = {t.shape[0] for t in d.values()}
@@ -1329,32 +1379,54 @@ def _attach_features(ctx: _Ctx, data: LoadedData, feats: Features) -> None:
                 seg.uni, seg.cross = hit
 
 
-def _check_lengths(ctx: _Ctx, data: LoadedData, tok: Tokenizer, n_image_tokens: int, max_len: int) -> None:
-    for i, smp in zip(data.sample_records, data.samples):
-        n = 1 + sum(n_image_tokens if s.kind == "image" else
-                    len(tok.encode(segment_text(s.text, k > 0 and smp.segments[k - 1].kind == "text")))
-                    for k, s in enumerate(smp.segments))
-        n += sum(ends_turn(smp.segments, k) for k in range(len(smp.segments)))  # one </s> per answer turn
-        if n > max_len:
-            ctx.bad(i, "<sample>", f"at most {max_len} tokens (the context), has {n}")
-    for i, p in zip(data.pair_records, data.pairs):
-        n = 2 + n_image_tokens + len(tok.encode(p.long_caption))
-        if n > max_len:
-            ctx.bad(i, "<pair>", f"at most {max_len} tokens with its long caption, has {n}")
+def sample_lengths(samples: Sequence[Sample], tok: Tokenizer, n_image_tokens: int) -> list[int]:
+    """The tokens `collate` gives each sample: <s>, each segment, one </s> per answer turn."""
+    texts = [segment_text(s.text, k > 0 and smp.segments[k - 1].kind == "text")
+             for smp in samples for k, s in enumerate(smp.segments) if s.kind == "text"]
+    n_text = iter(tok.count(texts))
+    out = []
+    for smp in samples:
+        n = 1 + sum(n_image_tokens if s.kind == "image" else next(n_text) for s in smp.segments)
+        out.append(n + sum(ends_turn(smp.segments, k) for k in range(len(smp.segments))))
+    return out
 
 
-def load_dataset(path: str | Path, tok: Tokenizer | None = None, n_image_tokens: int = 16, max_len: int = 512,
-                 image_size: int = 32, image_root: str | Path | None = None, features: str | Path | None = None,
-                 split: str | None = None) -> LoadedData:
+def pair_lengths(items: Sequence[object], tok: Tokenizer, n_image_tokens: int) -> list[int]:
+    """The longer of the two sequences `collate_pairs` gives each pair: the image side (with its long caption)
+    or the text side."""
+    parts = [_pair_fields(item) for item in items]
+    k = n_soft_tokens(tok)
+    return [max(1 + n_image_tokens + k + n_long + 1, 1 + n_short + k)
+            for n_short, n_long in zip(tok.count([p[1] for p in parts]), tok.count([p[2] for p in parts]))]
+
+
+def length_problems(data: LoadedData, tok: Tokenizer, n_image_tokens: int, max_len: int) -> list[Problem]:
+    """Samples and pairs of a read file that do not fit a context of max_len tokens (nothing is truncated)."""
+    samples = zip(data.sample_records, sample_lengths(data.samples, tok, n_image_tokens))
+    pairs = zip(data.pair_records, pair_lengths(data.pairs, tok, n_image_tokens))
+    return ([Problem(i, "<sample>", f"at most {max_len} tokens (the context), has {n}")
+             for i, n in samples if n > max_len]
+            + [Problem(i, "<pair>", f"at most {max_len} tokens with its long caption, has {n}")
+               for i, n in pairs if n > max_len])
+
+
+def load_dataset(path: str | Path, tok: Tokenizer | None = None, n_image_tokens: int = N_IMAGE_TOKENS,
+                 max_len: int = MAX_LEN, image_size: int = 32, image_root: str | Path | None = None,
+                 features: "str | Path | Features | None" = None, split: str | None = None) -> LoadedData:
     """Detect the format of `path` and read it (train.py --data). Every problem in the file is collected and raised
     together as one DataError; nothing is dropped or truncated silently. With `tok`, samples longer than max_len
-    are problems too. `features`: a teacher-features safetensors file (see feature_key) attached to text slices and
-    to image slices by path."""
+    are problems too. `features`: teacher features (a safetensors file, see feature_key, or its loaded
+    Features) attached to text slices and to image slices by path. `split`: which Karpathy records to keep
+    (read_karpathy)."""
+    if split is not None and split not in KARPATHY_SPLITS:
+        raise ValueError(f"split must be one of {', '.join(KARPATHY_SPLITS)}, got {split!r}")
     data, ctx = _read_any(Path(path), tok, n_image_tokens, max_len, image_size, image_root, split)
     if ctx.problems:
         raise DataError(path, ctx.problems)
     if features is not None:
-        feats = load_dataset(features).features
+        feats = features if isinstance(features, Features) else load_dataset(features).features
+        if feats is None:
+            raise ValueError(f"{features}: not a teacher-features file (expected .safetensors, see data.py)")
         _attach_features(ctx, data, feats)
         data.features = feats
     return data
@@ -1367,7 +1439,10 @@ def _read_any(path: Path, tok: Tokenizer | None, n_image_tokens: int, max_len: i
     fmt = detect_format(path)
     ctx = _Ctx(path, Path(image_root) if image_root else None, image_size)
     if fmt == "features":
-        return read_features(ctx), ctx
+        data = read_features(ctx)
+        if not ctx.problems and not data.features.uni:
+            ctx.bad("<file>", "<root>", "at least one feature vector (the file has none)")
+        return data, ctx
     if fmt == "mmc4":
         try:
             lines = path.read_text().splitlines()
@@ -1380,8 +1455,10 @@ def _read_any(path: Path, tok: Tokenizer | None, n_image_tokens: int, max_len: i
         data = read_karpathy(ctx, _read_json(path), split)
     else:
         data = read_sugarcrepe(ctx, _read_json(path), path.stem if path.stem in CATEGORIES else "unknown")
+    if not ctx.problems and not (data.samples or data.pairs or data.negatives):
+        ctx.bad("<file>", "<root>", "at least one record (the file has none)")
     if tok is not None:
-        _check_lengths(ctx, data, tok, n_image_tokens, max_len)
+        ctx.problems += length_problems(data, tok, n_image_tokens, max_len)
     return data, ctx
 
 
@@ -1390,20 +1467,21 @@ def data_texts(data: LoadedData) -> list[str]:
     return out + [t for n in data.negatives for t in (n.positive, n.negative)]
 
 
-def check(path: str | Path, tok: Tokenizer | None = None, n_image_tokens: int = 16, max_len: int = 512,
-          image_size: int = 32, image_root: str | Path | None = None) -> list[Problem]:
-    """Every problem of a data file (empty list: the file is fine). Without `tok`, lengths are measured with a
-    byte-level BPE trained on the file's own text plus the built-in world, as a from-scratch run would."""
+def check(path: str | Path, tok: Tokenizer | None = None, n_image_tokens: int = N_IMAGE_TOKENS,
+          max_len: int = MAX_LEN, image_size: int = 32,
+          image_root: str | Path | None = None) -> list[Problem]:
+    """Every problem of a data file (empty list: the file is fine), every record whatever its split. Without
+    `tok`, lengths are measured with the byte-level BPE a from-scratch `train.py --data FILE` trains (on the
+    file's own text, train.py's default vocabulary)."""
     p = Path(path)
     try:
         data, ctx = _read_any(p, None, n_image_tokens, max_len, image_size, image_root, None)
     except ValueError as e:
         return [Problem("<file>", "<file>", str(e))]
     if tok is None and data.format != "features":
-        texts = data_texts(data) + [t for t in world_texts(make_world("train", 32, 0))]
-        tok = train_tokenizer(texts)
-    if tok is not None:
-        _check_lengths(ctx, data, tok, n_image_tokens, max_len)
+        tok = train_tokenizer(data_texts(data))
+    if tok is not None and data.format != "features":
+        ctx.problems += length_problems(data, tok, n_image_tokens, max_len)
     return ctx.problems
 
 
@@ -1413,8 +1491,8 @@ def _main(argv: list[str]) -> int:
     c = sub.add_parser("check", help="validate a data file and report every problem")
     c.add_argument("path")
     c.add_argument("--tokenizer", default=None, help="tokenizer.json used to measure lengths")
-    c.add_argument("--max-len", type=int, default=512)
-    c.add_argument("--n-image-tokens", type=int, default=16)
+    c.add_argument("--max-len", type=int, default=MAX_LEN)
+    c.add_argument("--n-image-tokens", type=int, default=N_IMAGE_TOKENS)
     c.add_argument("--image-size", type=int, default=32)
     c.add_argument("--image-root", default=None)
     sub.add_parser("demo", help="print one scene of the built-in world")

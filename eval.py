@@ -28,6 +28,7 @@ Run:
     python eval.py --ckpt out.pt                      # a table of every metric
     python eval.py --ckpt out.pt --json metrics.json  # and a flat JSON object metric -> number
     python eval.py --ckpt out.pt --data sugarcrepe_replace_att.json   # a user's file (metrics its format allows)
+    python eval.py --ckpt out.pt --data coco_karpathy.json --data-split val   # a Karpathy file's val records
     python eval.py --ckpt out.pt --blank-images 1     # the same with black images: what the image contributes
 """
 
@@ -46,7 +47,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 import data as D
-from train import checkpoint_model, load_checkpoint
+from train import checkpoint_model, load_checkpoint, output_problem
 from unimllm import MLLM
 
 
@@ -55,6 +56,7 @@ class EvalArgs:
     ckpt: str = "out.pt"
     json: str = ""
     data: str = ""            # a user's file; empty: the built-in world's test split
+    data_split: str = "test"  # the Karpathy records of --data scored: test | val | train (+ restval) | all
     n_test: int = 200         # built-in world: test scenes (stories, Winoground pairs and the KB scale with it)
     test_seed: int = 1
     batch: int = 64
@@ -71,6 +73,17 @@ def parse_args(argv: list[str] | None = None) -> EvalArgs:
     args = EvalArgs(**vars(p.parse_args(argv)))
     if args.embedding not in ("auto", "summary", "prefix"):
         raise SystemExit(f"eval.py: --embedding must be auto, summary or prefix, got {args.embedding!r}")
+    if args.data_split not in D.KARPATHY_SPLITS:
+        raise SystemExit(f"eval.py: --data-split must be one of {', '.join(D.KARPATHY_SPLITS)}, "
+                         f"got {args.data_split!r}")
+    for name in ("n_test", "batch", "rag_k"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"eval.py: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.blank_images not in (0, 1):
+        raise SystemExit(f"eval.py: --blank-images must be 0 or 1, got {args.blank_images}")
+    why = output_problem(Path(args.json)) if args.json else None
+    if why:  # checked now, not after the whole evaluation
+        raise SystemExit(f"eval.py: --json {args.json} {why}")
     return args
 
 
@@ -78,11 +91,24 @@ def parse_args(argv: list[str] | None = None) -> EvalArgs:
 # Metrics on score matrices (pure functions; tests/test_eval.py checks each on cases with known answers)
 
 
+class NonFiniteError(ValueError):
+    """NaN / inf embeddings or scores: every comparison with NaN is False, so a ranking built on them would
+    count each query as a hit; no metric is computed from them."""
+
+
+def require_finite(what: str, *xs: Tensor) -> None:
+    for x in xs:
+        bad = int((~torch.isfinite(x)).sum())
+        if bad:
+            raise NonFiniteError(f"{what}: {bad} of {x.numel()} values are NaN or infinite")
+
+
 def recall_at_k(scores: Tensor, positive: Tensor, ks: tuple[int, ...]) -> dict[int, float]:
     """scores (Q, C), positive (Q, C) bool -> {k: fraction of queries with a positive among their top k}.
     Ties are broken against the query (a positive tied with a negative counts as ranked below it)."""
     if scores.shape != positive.shape or not bool(positive.any(1).all()):
         raise ValueError("recall_at_k: scores and positive must match in shape and every query needs a positive")
+    require_finite("recall_at_k: scores", scores)
     best_pos = scores.masked_fill(~positive, -math.inf).max(1).values  # (Q,)
     n_neg_above = ((scores >= best_pos[:, None]) & ~positive).sum(1)  # (Q,) negatives ranked above the best hit
     return {k: float((n_neg_above < k).float().mean()) for k in ks}
@@ -90,12 +116,14 @@ def recall_at_k(scores: Tensor, positive: Tensor, ks: tuple[int, ...]) -> dict[i
 
 def pairwise_accuracy(pos: Tensor, neg: Tensor) -> float:
     """Fraction of items whose positive strictly outscores its negative (SugarCrepe)."""
+    require_finite("pairwise_accuracy: scores", pos, neg)
     return float((pos > neg).float().mean())
 
 
 def winoground_scores(s: Tensor) -> dict[str, float]:
     """s (N, 2, 2): s[n, i, j] = score(image i, caption j) of pair n; caption i matches image i.
     text: each image prefers its caption; image: each caption prefers its image; group: both (Thrush et al.)."""
+    require_finite("winoground_scores: scores", s)
     text = (s[:, 0, 0] > s[:, 0, 1]) & (s[:, 1, 1] > s[:, 1, 0])
     image = (s[:, 0, 0] > s[:, 1, 0]) & (s[:, 1, 1] > s[:, 0, 1])
     return {"text": float(text.float().mean()), "image": float(image.float().mean()),
@@ -130,9 +158,11 @@ class Embedder:
 
     @torch.no_grad()
     def __call__(self, samples: list[D.Sample], kind: str, side: str) -> Tensor:
-        out = [self._batch(samples[i:i + self.batch], kind, side) for i in range(0, len(samples), self.batch)]
+        out = torch.cat([self._batch(samples[i:i + self.batch], kind, side)
+                         for i in range(0, len(samples), self.batch)])  # (N, d)
+        require_finite(f"{kind} embeddings of {len(samples)} {side} samples", out)  # guards RAG's top-k too
         self.count += len(samples)
-        return torch.cat(out)
+        return out
 
     def _batch(self, samples: list[D.Sample], kind: str, side: str) -> Tensor:
         m, tok = self.model, self.tok
@@ -381,8 +411,12 @@ def eval_discriminative(world: D.World, emb: Embedder | TeacherEmbedder, kinds: 
 def evaluate_file(model: MLLM, tok: D.Tokenizer, method: str, args: EvalArgs, device: torch.device,
                   pool: str = "mean") -> tuple[dict[str, float], dict[str, str]]:
     """A user's file: SugarCrepe-style negatives give compositional accuracy, Karpathy pairs give retrieval."""
-    loaded = D.load_dataset(args.data, tok=tok, n_image_tokens=model.n_image_tokens,
-                            max_len=model.cfg.llm.max_seq_len, image_size=model.cfg.vision.image_size)
+    try:
+        loaded = D.load_dataset(args.data, tok=tok, n_image_tokens=model.n_image_tokens,
+                                max_len=model.cfg.llm.max_seq_len, image_size=model.cfg.vision.image_size,
+                                split=args.data_split)
+    except ValueError as e:  # data.py's DataError lists every problem of the file
+        raise SystemExit(f"eval.py: {e}") from e
     kinds = embedding_kinds(method, args.embedding)
     emb = Embedder(model, tok, args.batch, device, pool)
     metrics: dict[str, float] = {}
@@ -415,16 +449,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     method = ckpt["method"] if ckpt["stage"] == "finetune" else "generative"
     finetuned = ckpt["stage"] == "finetune"
     pool = ckpt["train_config"]["finetune"].get("sugar_pool", "mean") if finetuned else "mean"
-    if args.data:
-        try:
-            metrics, kinds = evaluate_file(model, tok, method, args, device, pool)
-        except ValueError as e:  # data.py's DataError lists every problem of the file
-            raise SystemExit(f"eval.py: {e}") from e
-    else:
-        metrics, kinds = evaluate_world(model, tok, method, args, device, pool)
+    try:
+        metrics, kinds = (evaluate_file if args.data else evaluate_world)(model, tok, method, args, device, pool)
+    except NonFiniteError as e:
+        raise SystemExit(f"eval.py: {args.ckpt}: the model's outputs are not finite ({e}); its weights are "
+                         f"probably broken (a diverged run?), so no metric is reported") from e
     print_table(metrics, kinds, args.ckpt, method)
     if args.json:
-        Path(args.json).write_text(json.dumps(metrics, indent=1) + "\n")
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(metrics, indent=1) + "\n")
     return metrics
 
 

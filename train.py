@@ -28,6 +28,7 @@ Run:
 from __future__ import annotations
 
 import argparse
+import glob
 import math
 import os
 import random
@@ -119,7 +120,7 @@ class ModelArgs:
     llm_kv_heads: int = 2
     llm_mlp: int = 512
     vocab_size: int = 1024
-    max_len: int = 192
+    max_len: int = D.MAX_LEN
     proj_dim: int = 128
 
 
@@ -130,6 +131,7 @@ class DataArgs:
     n_train: int = 3000     # built-in world: training scenes (stories and the KB scale with it)
     data_seed: int = 0
     rag_kbs: int = 20       # built-in world: training knowledge bases of 48 made-up names each
+    data_split: str = "train"  # Karpathy records trained on: train (+ restval) | val | test | all
 
 
 @dataclass
@@ -201,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     for group in (ModelArgs, DataArgs, PretrainArgs, FinetuneArgs, RunArgs):
         g = p.add_argument_group(group.__name__)
         for f in fields(group):
-            flag = "--" + f.name.replace("_", "-")
+            flag = flag_of(f.name)
             if f.type == "bool":
                 g.add_argument(flag, dest=f.name, action="store_true", default=argparse.SUPPRESS)
             else:
@@ -225,24 +227,99 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     return cfg
 
 
+# The smallest value of each numeric flag (">" marks a strict bound); every float flag must also be finite.
+# Model sizes are checked only when the model is built from them (not with --init or --llm/--vision).
+AT_LEAST = {"n_train": 1, "rag_kbs": 1, "pretrain_steps": 0, "pretrain_batch": 1, "finetune_steps": 0,
+            "lm_batch": 1, "pair_batch": 1, "story_batch": 1, "lora_r": 1, "lambda_contrastive": 0.0,
+            "lambda_structure": 0.0, "gak_delta": 0.0, "grad_accum": 1, "warmup_frac": 0.0,
+            "weight_decay": 0.0, "grad_clip": 0.0, "log_every": 1, "ckpt_every": 1, "stop_after": 0,
+            "max_len": 1, "proj_dim": 1}
+ABOVE = {"pretrain_lr": 0.0, "finetune_lr": 0.0, "lora_alpha": 0.0}
+MODEL_AT_LEAST = {"image_size": 12, "patch_size": 1, "vision_width": 1, "vision_layers": 1, "vision_heads": 1,
+                  "llm_width": 1, "llm_layers": 1, "llm_heads": 1, "llm_kv_heads": 1, "llm_mlp": 1,
+                  "vocab_size": 1}
+
+
+def flag_of(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def output_problem(path: Path) -> str | None:
+    """Why a file cannot be written at `path` (parent directories are created as needed), or None; nothing is
+    created. Run before any work, so a bad path fails in a second, not at the first checkpoint."""
+    if path.is_dir():
+        return "is a directory (give a file name)"
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"cannot be created: {parent} is not a directory"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"cannot be created: no permission to write in {parent}"
+    return None
+
+
 def validate(cfg: TrainConfig) -> None:
+    """Every flag, before any data is read or any step runs: ranges, sizes that must divide, paths."""
     ft, run = cfg.finetune, cfg.run
     if ft.method not in METHODS:
         raise SystemExit(f"train.py: --method must be one of {', '.join(METHODS)}, got {ft.method!r}")
+    if cfg.data.data_split not in D.KARPATHY_SPLITS:
+        raise SystemExit(f"train.py: --data-split must be one of {', '.join(D.KARPATHY_SPLITS)}, "
+                         f"got {cfg.data.data_split!r}")
     if bool(run.llm) != bool(run.vision):
         raise SystemExit("train.py: --llm and --vision go together (a Hugging Face LLM and vision tower)")
     if run.init and run.llm:
         raise SystemExit("train.py: give --init (our checkpoint) or --llm/--vision (Hugging Face), not both")
+    if cfg.data.features and not cfg.data.data:
+        raise SystemExit("train.py: --features gives teacher features to --data files; no --data is given")
+    for key, value in RECIPES[ft.method].items():  # fields left at None take the method's recipe
+        if getattr(ft, key) is None:
+            setattr(ft, key, value)
+    values = {f.name: getattr(part, f.name) for part in (cfg.model, cfg.data, cfg.pretrain, ft, run)
+              for f in fields(part)}
+    for name, value in values.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise SystemExit(f"train.py: {flag_of(name)} must be a finite number, got {value}")
+    bounds = [(n, lo, ">=") for n, lo in AT_LEAST.items()] + [(n, lo, ">") for n, lo in ABOVE.items()]
+    if not (run.init or run.llm):
+        bounds += [(n, lo, ">=") for n, lo in MODEL_AT_LEAST.items()]
+    for name, lo, op in bounds:
+        if values[name] is None:  # gak_delta: estimated from the training data
+            continue
+        if (values[name] <= lo) if op == ">" else (values[name] < lo):
+            raise SystemExit(f"train.py: {flag_of(name)} must be {op} {lo}, got {values[name]}")
+    if run.warmup_frac > 1:
+        raise SystemExit(f"train.py: --warmup-frac is a fraction of the steps (0..1), got {run.warmup_frac}")
+    if not (run.init or run.llm):
+        m = cfg.model
+        for big, small in (("image_size", "patch_size"), ("vision_width", "vision_heads"),
+                           ("llm_width", "llm_heads"), ("llm_heads", "llm_kv_heads")):
+            if values[big] % values[small]:
+                raise SystemExit(f"train.py: {flag_of(big)} {values[big]} must be a multiple of "
+                                 f"{flag_of(small)} {values[small]}")
+        if m.llm_width // m.llm_heads % 2:
+            raise SystemExit(f"train.py: --llm-width / --llm-heads = {m.llm_width // m.llm_heads} (the head "
+                             f"size) must be even for rotary position embeddings")
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun
+    for name in ("pretrain_batch", "lm_batch", "pair_batch", "story_batch"):
+        if values[name] % world:
+            raise SystemExit(f"train.py: {flag_of(name)} {values[name]} (a global batch) does not split over "
+                             f"{world} ranks")
     data_files = [("--data", p) for p in cfg.data.data.split(",") if cfg.data.data]
-    for flag, path in [("--init", run.init), ("--llm", run.llm), ("--vision", run.vision),
+    for name, path in [("--init", run.init), ("--llm", run.llm), ("--vision", run.vision),
                        ("--features", cfg.data.features)] + data_files:
         if path and not Path(path).exists():
-            raise SystemExit(f"train.py: {flag} {path}: no such file or directory")
-    for flag, steps in (("--pretrain-steps", cfg.pretrain.pretrain_steps), ("--finetune-steps", ft.finetune_steps)):
-        if steps < 0:
-            raise SystemExit(f"train.py: {flag} must be >= 0")
-    if run.grad_accum < 1:
-        raise SystemExit("train.py: --grad-accum must be >= 1")
+            raise SystemExit(f"train.py: {name} {path}: no such file or directory")
+    for name, path, need in (("--llm", run.llm, ("config.json", "tokenizer.json")),
+                             ("--vision", run.vision, ("config.json",))):
+        missing = [f for f in need if path and not (Path(path) / f).is_file()]
+        if missing:
+            raise SystemExit(f"train.py: {name} {path}: not a Hugging Face model directory (no {missing[0]})")
+    for out in (Path(run.out), base_path(Path(run.out))):
+        why = output_problem(out)
+        if why:
+            raise SystemExit(f"train.py: --out {run.out}: {out} {why}")
     for flag, value, allowed in (("--adapt", ft.adapt, ("lora", "prompt", "both", None)),
                                  ("--sugar-alignment", ft.sugar_alignment, ("gak", "mean")),
                                  ("--sugar-kernel", ft.sugar_kernel, K.KERNELS),
@@ -259,9 +336,6 @@ def validate(cfg: TrainConfig) -> None:
         raise SystemExit(f"train.py: --lambda-ntp 0 leaves --method {ft.method} no loss to fine-tune with")
     if ft.gak_delta is not None and not (math.isfinite(ft.gak_delta) and ft.gak_delta > 0):
         raise SystemExit(f"train.py: --gak-delta must be a finite number > 0, got {ft.gak_delta}")
-    for key, value in RECIPES[ft.method].items():  # fields left at None take the method's recipe
-        if getattr(ft, key) is None:
-            setattr(ft, key, value)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -349,6 +423,7 @@ class Corpus:
     pairs: list         # data.Scene or data.Pair (image, short caption, long caption)
     texts: list[str]    # for the tokenizer
     pair_singles: bool  # pairs carry teacher features, so they also enter the structure loss (see `singles`)
+    files: list[tuple[str, D.LoadedData]] = field(default_factory=list)  # --data files as read
 
 
 def long_caption_samples(items: list) -> list[D.Sample]:
@@ -381,27 +456,42 @@ def rag_corpus(cfg: TrainConfig) -> list[D.Sample]:
     return [s for w in worlds for s in D.rag_samples(w)]
 
 
-def file_corpus(cfg: TrainConfig, tok: D.Tokenizer | None) -> Corpus:
+def file_corpus(cfg: TrainConfig) -> Corpus:
     """A user's files (comma-separated, any mix of formats): conversations feed the "lm" stream, interleaved samples
-    with prefixes (MMC4) the stories, Karpathy captions the pairs. User pairs carry no teacher features, so only the
-    stories enter Sugar's structure loss."""
-    lm, stories, pairs, texts = [], [], [], []
+    with prefixes (MMC4) the stories, Karpathy captions the pairs (the records of --data-split only). User
+    pairs carry no teacher features, so only the stories enter Sugar's structure loss."""
+    feats = load_features(cfg.data.features) if cfg.data.features else None
+    lm, stories, pairs, texts, files = [], [], [], [], []
     for path in cfg.data.data.split(","):
         try:
-            loaded = D.load_dataset(path, tok=tok, max_len=cfg.model.max_len, image_size=cfg.model.image_size,
-                                    features=cfg.data.features or None)
+            loaded = D.load_dataset(path, image_size=cfg.model.image_size, features=feats,
+                                    split=cfg.data.data_split)
         except ValueError as e:  # data.DataError lists every problem of the file
             raise SystemExit(f"train.py: --data {e}") from e
         stories += [s for s in loaded.samples if s.prefixes]
         lm += [s for s in loaded.samples if not s.prefixes]
         pairs += loaded.pairs
         texts += D.data_texts(loaded)
+        files.append((path, loaded))
     return Corpus(lm=lm, long=long_caption_samples(pairs), stories=stories, pairs=pairs, texts=texts,
-                  pair_singles=False)
+                  pair_singles=False, files=files)
 
 
-def check_corpus(corpus: Corpus, cfg: TrainConfig, pretrain: bool) -> None:
-    """Refuse, before any step, a corpus that lacks what the chosen stages need."""
+def load_features(path: str) -> D.Features:
+    try:
+        loaded = D.load_dataset(path)
+    except ValueError as e:  # data.DataError lists every problem of the file
+        raise SystemExit(f"train.py: --features {e}") from e
+    if loaded.features is None:
+        raise SystemExit(f"train.py: --features {path}: a {loaded.format} file, not teacher features "
+                         f"(a .safetensors file, see data.py)")
+    return loaded.features
+
+
+def check_corpus(corpus: Corpus, cfg: TrainConfig, tok: D.Tokenizer, n_image_tokens: int,
+                 pretrain: bool) -> None:
+    """Refuse, before any step, a corpus that lacks what the chosen stages need or holds a sample longer than
+    the context (measured with the tokenizer training will use, so a run never meets one hours in)."""
     where = f"--data {cfg.data.data}" if cfg.data.data else "the built-in world"
     method = cfg.finetune.method
     if pretrain and not (corpus.lm or corpus.long or corpus.stories):
@@ -417,6 +507,18 @@ def check_corpus(corpus: Corpus, cfg: TrainConfig, pretrain: bool) -> None:
         if bare:
             raise SystemExit(f"train.py: the {method} structure loss needs teacher features for every slice; "
                              f"{bare} slices of {where} have none (give --features FILE)")
+    max_len = cfg.model.max_len
+    for path, loaded in corpus.files:
+        problems = D.length_problems(loaded, tok, n_image_tokens, max_len)
+        if problems:
+            raise SystemExit(f"train.py: --data {D.DataError(path, problems)}\n(the context is --max-len "
+                             f"{max_len}; nothing is truncated)")
+    if not corpus.files:
+        longest = max(D.sample_lengths(corpus.lm + corpus.stories, tok, n_image_tokens)
+                      + D.pair_lengths(corpus.pairs, tok, n_image_tokens))
+        if longest > max_len:
+            raise SystemExit(f"train.py: {where} has samples of up to {longest} tokens, more than --max-len "
+                             f"{max_len} (nothing is truncated)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -438,7 +540,7 @@ def model_config(cfg: ModelArgs, tok: D.Tokenizer) -> MLLMConfig:
 def model_from_hf(cfg: TrainConfig, tok: D.Tokenizer, vision: VisionEncoder) -> MLLM:
     """A real LLM + vision tower; the adapter, soft prompts and projector are new. Token ids our tokenizer added
     (<image>, soft-prompt markers) get new embedding rows at the mean embedding (our choice)."""
-    llm = load_llm(cfg.run.llm)
+    llm = load_hf("--llm", load_llm, cfg.run.llm)
     weights = llm.state_dict()
     vocab = max(tok.vocab_size, llm.cfg.vocab_size)
     for name in ("embed_tokens.weight", "lm_head.weight"):
@@ -453,6 +555,15 @@ def model_from_hf(cfg: TrainConfig, tok: D.Tokenizer, vision: VisionEncoder) -> 
     model.llm.load_state_dict(weights)
     model.vision.load_state_dict(vision.state_dict())
     return model
+
+
+def load_hf(flag: str, loader: Any, path: str | Path) -> Any:
+    """A Hugging Face directory's model or tokenizer; its problems (missing files, unsupported configs) as a
+    one-line error naming the flag."""
+    try:
+        return loader(path)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"train.py: {flag} {e}") from e
 
 
 def pretrain_trainable(model: MLLM) -> None:
@@ -471,11 +582,38 @@ def add_lora(model: MLLM, ft: FinetuneArgs) -> None:
 
 
 def save_checkpoint(path: Path, obj: dict[str, Any]) -> None:
-    """Atomic: a crash mid-write never leaves a truncated file where a good checkpoint was."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Atomic: a crash mid-write never leaves a truncated file where a good checkpoint was. A failed or
+    interrupted write removes its temporary file; one left by a killed writer (its process is gone) is removed
+    by the next good save of the same path."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):  # a full disk, a path turned unwritable since the start
+            raise SystemExit(f"train.py: cannot write the checkpoint {path}: {e}") from e
+        raise
+    for orphan in path.parent.glob(glob.escape(path.name) + ".tmp*"):
+        pid = orphan.name[len(path.name) + len(".tmp"):]
+        if pid.isdigit() and not process_alive(int(pid)):
+            orphan.unlink(missing_ok=True)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by someone else
+        pass
+    return True
+
+
+# The fields make_checkpoint writes and loading reads: a dict with the right "format" but not all is refused
+CKPT_FIELDS = ("stage", "step", "done", "method", "train_config", "model_config", "tokenizer", "model",
+               "lora", "optimizer", "rng", "history")
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -489,6 +627,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise SystemExit(f"{p}: not a readable unimllm checkpoint (truncated or foreign file?): {e}") from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
         raise SystemExit(f"{p}: not a unimllm checkpoint (expected a dict with format={CKPT_FORMAT!r})")
+    missing = [k for k in CKPT_FIELDS if k not in ckpt]
+    if missing:
+        raise SystemExit(f"{p}: an incomplete unimllm checkpoint: no {', '.join(missing)} (edited, or "
+                         f"written by another version?)")
     return ckpt
 
 
@@ -523,10 +665,10 @@ def check_compatible(ckpt: dict[str, Any], cfg: TrainConfig, where: str) -> None
     old, new = ckpt["train_config"], asdict(cfg)
     for part in ("model", "data", "pretrain", "finetune"):
         for key, value in new[part].items():
-            old_value = old[part].get(key, "(absent)")
-            if old_value != value:
-                raise SystemExit(f"{where}: written with {part}.{key}={old_value!r}, but this run has "
-                                 f"{value!r}; resume with the same flags or start a new --out")
+            was = old[part].get(key, "<not recorded>")  # a flag added after the checkpoint was written
+            if was != value:
+                raise SystemExit(f"{where}: written with {part}.{key}={was!r}, but this run has {value!r}; "
+                                 f"resume with the same flags or start a new --out")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -771,14 +913,11 @@ def build_streams(corpus: Corpus, seed: int) -> dict[str, Stream]:
 
 def tokenizer_and_corpus(cfg: TrainConfig, source: dict[str, Any] | None) -> tuple[D.Tokenizer, Corpus]:
     """The tokenizer of the checkpoint we continue, of the real LLM, or trained on the training text."""
-    corpus_of = (lambda tok: file_corpus(cfg, tok)) if cfg.data.data else (lambda tok: builtin_corpus(cfg))
+    corpus = file_corpus(cfg) if cfg.data.data else builtin_corpus(cfg)
     if source is not None:
-        tok = D.Tokenizer.from_str(source["tokenizer"])
-        return tok, corpus_of(tok)
+        return D.Tokenizer.from_str(source["tokenizer"]), corpus
     if cfg.run.llm:
-        tok = D.load_tokenizer(Path(cfg.run.llm) / "tokenizer.json")
-        return tok, corpus_of(tok)
-    corpus = corpus_of(None)
+        return load_hf("--llm", D.load_tokenizer, Path(cfg.run.llm) / "tokenizer.json"), corpus
     tok_json = [D.train_tokenizer(corpus.texts, cfg.model.vocab_size).to_str()]
     if dist.is_initialized():  # one tokenizer for all ranks, whatever BPE training's tie-breaking does
         dist.broadcast_object_list(tok_json, src=0)
@@ -801,7 +940,7 @@ def train(cfg: TrainConfig, d: Dist) -> TrainResult:
             raise SystemExit(f"{run.init}: --init needs a pre-trained base (stage 'pretrain'); this checkpoint is "
                              f"already fine-tuned with LoRA (method {init['method']})")
         cfg.model = ModelArgs(**init["train_config"]["model"])  # the base fixes image size and context length
-    hf_vision = load_vision(run.vision) if run.llm else None
+    hf_vision = load_hf("--vision", load_vision, run.vision) if run.llm else None
     if hf_vision is not None:  # the vision tower fixes the size images are drawn / loaded at
         cfg.model.image_size = hf_vision.cfg.image_size
     resume = load_checkpoint(out) if run.resume and out.exists() else None
@@ -812,7 +951,9 @@ def train(cfg: TrainConfig, d: Dist) -> TrainResult:
             cfg.finetune.gak_delta = resume["train_config"]["finetune"].get("gak_delta")
         check_compatible(resume, cfg, str(out))
     tok, corpus = tokenizer_and_corpus(cfg, resume or init)
-    check_corpus(corpus, cfg, pretrain=init is None and not run.llm)
+    n_img = (hf_vision.cfg.num_patches if hf_vision is not None  # the model's tokens per image
+             else (cfg.model.image_size // cfg.model.patch_size) ** 2)
+    check_corpus(corpus, cfg, tok, n_img, pretrain=init is None and not run.llm)
     streams = build_streams(corpus, run.seed)
     history: dict[str, list[dict[str, float]]] = {"pretrain": [], "finetune": []}
     stop = run.stop_after if run.stop_after > 0 else math.inf

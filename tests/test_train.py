@@ -164,15 +164,15 @@ def test_user_files_train_and_evaluate(tmp_path):
     ckpt = train.load_checkpoint(out)
     assert ckpt["done"] and ckpt["method"] == "unified"
     assert all(math.isfinite(t["structure"]) and math.isfinite(t["contrastive"]) for t in ckpt["history"]["finetune"])
-    metrics = E.main(["--ckpt", str(out), "--data", str(p["karpathy"])])
+    metrics = E.main(["--ckpt", str(out), "--data", str(p["karpathy"]), "--data-split", "train"])
     assert 0 <= metrics["retrieval/t2i_r1"] <= 1 and metrics["retrieval/i2t_r10"] == 1.0  # 4 pairs: top-10 holds all
     bad = tmp_path / "bad_karpathy.json"
     bad.write_text(json.dumps({"images": [{"filename": "img/missing.png", "sentences": [{"raw": "a cat."}]},
                                           {"filename": "img/0.png", "sentences": []}]}))
     with pytest.raises(SystemExit, match=r"bad_karpathy.json: 2 problem"):
-        E.main(["--ckpt", str(out), "--data", str(bad)])
+        E.main(["--ckpt", str(out), "--data", str(bad), "--data-split", "all"])
     with pytest.raises(SystemExit, match=r"missing.png"):
-        train.main(SMOKE + ["--data", str(bad), "--out", str(tmp_path / "bad.pt")])
+        train.main(SMOKE + ["--data", str(bad), "--data-split", "all", "--out", str(tmp_path / "bad.pt")])
     with pytest.raises(SystemExit, match="needs teacher features for every slice"):
         train.main(SMOKE + ["--data", files, "--out", str(tmp_path / "nofeat.pt")])
     with pytest.raises(SystemExit, match="needs image-caption pairs"):
