@@ -136,9 +136,12 @@ class DataArgs:
 
 @dataclass
 class PretrainArgs:
+    vision_steps: int = 600         # stage 0: distil the vision tower from the teacher's image features (0: skip)
+    vision_batch: int = 64          # images per stage-0 step
+    vision_lr: float = 1e-3
     pretrain_steps: int = 600
     pretrain_batch: int = 32        # global sequences per step
-    pretrain_lr: float = 6e-4       # 2e-3 taught the LLM text priors while the from-scratch vision path collapsed
+    pretrain_lr: float = 6e-4       # peak lr; ~1e-3 and above let the adapter's image tokens collapse
 
 
 @dataclass
@@ -192,8 +195,8 @@ class TrainConfig:
 
 
 # --smoke: a tiny configuration of the same code path (flags given explicitly still win)
-SMOKE = dict(vision_width=32, vision_layers=2, vision_heads=2, llm_width=64, llm_layers=2, llm_heads=2,
-             llm_kv_heads=1, llm_mlp=128, vocab_size=600, proj_dim=32, n_train=48, rag_kbs=1, pretrain_steps=6,
+SMOKE = dict(vision_steps=4, vision_width=32, vision_layers=2, vision_heads=2, llm_width=64, llm_layers=2,
+             llm_heads=2, llm_kv_heads=1, llm_mlp=128, vocab_size=600, proj_dim=32, n_train=48, rag_kbs=1, pretrain_steps=6,
              pretrain_batch=8, finetune_steps=6, lm_batch=4, pair_batch=4, story_batch=2, log_every=2,
              ckpt_every=4)
 
@@ -229,12 +232,13 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 
 # The smallest value of each numeric flag (">" marks a strict bound); every float flag must also be finite.
 # Model sizes are checked only when the model is built from them (not with --init or --llm/--vision).
-AT_LEAST = {"n_train": 1, "rag_kbs": 1, "pretrain_steps": 0, "pretrain_batch": 1, "finetune_steps": 0,
+AT_LEAST = {"n_train": 1, "rag_kbs": 1, "vision_steps": 0, "vision_batch": 1, "pretrain_steps": 0,
+            "pretrain_batch": 1, "finetune_steps": 0,
             "lm_batch": 1, "pair_batch": 1, "story_batch": 1, "lora_r": 1, "lambda_contrastive": 0.0,
             "lambda_structure": 0.0, "gak_delta": 0.0, "grad_accum": 1, "warmup_frac": 0.0,
             "weight_decay": 0.0, "grad_clip": 0.0, "log_every": 1, "ckpt_every": 1, "stop_after": 0,
             "max_len": 1, "proj_dim": 1}
-ABOVE = {"pretrain_lr": 0.0, "finetune_lr": 0.0, "lora_alpha": 0.0}
+ABOVE = {"vision_lr": 0.0, "pretrain_lr": 0.0, "finetune_lr": 0.0, "lora_alpha": 0.0}
 MODEL_AT_LEAST = {"image_size": 12, "patch_size": 1, "vision_width": 1, "vision_layers": 1, "vision_heads": 1,
                   "llm_width": 1, "llm_layers": 1, "llm_heads": 1, "llm_kv_heads": 1, "llm_mlp": 1,
                   "vocab_size": 1}
@@ -566,15 +570,64 @@ def load_hf(flag: str, loader: Any, path: str | Path) -> Any:
         raise SystemExit(f"train.py: {flag} {e}") from e
 
 
-def pretrain_trainable(model: MLLM) -> None:
+def pretrain_trainable(model: MLLM, vision_frozen: bool) -> None:
     """Pre-training trains every weight the next-token loss reaches: not the soft prompts, the projector or the
     temperature (fine-tuning's), nor the vision layers after LLaVA's feature layer (DDP needs every trainable
-    tensor to receive a gradient)."""
+    tensor to receive a gradient), nor the vision tower at all once stage 0 has distilled it (LLaVA keeps its
+    CLIP tower frozen)."""
     first_unused = model.vision.layer_index(model.cfg.feature_layer)
     unused = [r"^(image_prompt|text_prompt|logit_scale)$", r"^projector\.", r"^vision\.post_layernorm\."]
+    unused += [r"^vision\."] if vision_frozen else []
     unused += [rf"^vision\.encoder\.layers\.{i}\." for i in range(first_unused, model.cfg.vision.num_layers)]
     for name, p in model.named_parameters():
         p.requires_grad_(not any(re.search(u, name) for u in unused))
+
+
+def teacher_images(corpus: Corpus) -> tuple[Tensor, Tensor] | None:
+    """Every distinct training image that carries a cross-modal teacher feature: (N, 3, H, W), (N, C), or None."""
+    seen: dict[int, tuple[Tensor, Tensor]] = {}
+    for sample in corpus.lm + corpus.stories:
+        for seg in sample.segments:
+            if seg.kind == "image" and seg.cross is not None:
+                seen.setdefault(id(seg.image), (seg.image, seg.cross))
+    if not seen:
+        return None
+    images, feats = zip(*seen.values())
+    return torch.stack(images).float(), torch.stack(feats).float()
+
+
+def distil_vision(model: MLLM, images: Tensor, targets: Tensor, cfg: TrainConfig, d: Dist) -> None:
+    """Stage 0: train the vision tower to predict each image's cross-modal teacher feature from its mean-pooled
+    patch features (a linear head, discarded afterwards), maximising their cosine similarity.
+
+    Why: LLaVA starts from a CLIP tower that already sees; trained from scratch through the LLM's next-token loss
+    alone, our tower never learns shape: the image-dependent part of the image tokens stays tiny, the LLM learns
+    the answers' prior instead, and the gradient reaching the tower dies out (tests/test_learning.py trains the
+    same path at a small scale). The teacher feature is the stand-in for CLIP's image embedding (data.py: the
+    exact featuriser of the scene, whose facts are objects, their colours, shapes, sizes, cells and relations), so
+    this is feature distillation from the frozen teacher, the loss a mean over the batch of 1 - cos. Our choice;
+    neither paper trains a tower. Every rank runs the same steps on the same images (seeded), so the replicas
+    stay identical without communication. images (N, 3, H, W), targets (N, C) from `teacher_images`."""
+    pc = cfg.pretrain
+    head = torch.nn.Linear(model.cfg.vision.hidden_size, targets.shape[1]).to(d.device)
+    params = list(model.vision.parameters()) + list(head.parameters())  # layers past feature_layer get no grad
+    opt = torch.optim.AdamW(params, lr=pc.vision_lr, betas=(0.9, 0.95))
+    g = torch.Generator().manual_seed(cfg.run.seed)
+    for step in tqdm(range(pc.vision_steps), desc="vision", disable=not d.main, dynamic_ncols=True, file=sys.stderr):
+        t0 = time.perf_counter()
+        lr = lr_at(step, pc.vision_steps, pc.vision_lr, cfg.run.warmup_frac)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        idx = torch.randint(len(images), (pc.vision_batch,), generator=g)
+        pooled = model.vision_features(images[idx].to(d.device)).mean(1)  # (B, Dv)
+        loss = (1 - F.cosine_similarity(head(pooled), targets[idx].to(d.device), dim=-1)).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if d.main and (step % cfg.run.log_every == 0 or step == pc.vision_steps - 1):
+            dt = time.perf_counter() - t0
+            tqdm.write(f"vision step {step:5d} | 1-cos {loss.item():.4f} | lr {lr:.2e} | {dt * 1000:.0f} ms | "
+                       f"{pc.vision_batch / dt:.1f} images/s", file=sys.stderr)
 
 
 def add_lora(model: MLLM, ft: FinetuneArgs) -> None:
@@ -967,7 +1020,13 @@ def train(cfg: TrainConfig, d: Dist) -> TrainResult:
         model = model_from_hf(cfg, tok, hf_vision)
     else:
         model = MLLM(model_config(cfg.model, tok)).to(d.device)
-        pretrain_trainable(model)
+        teacher = teacher_images(corpus) if cfg.pretrain.vision_steps > 0 else None
+        if teacher is not None and resume is None:  # --- stage 0 (a resumed run has the tower in its weights)
+            distil_vision(model, *teacher, cfg, d)
+        elif cfg.pretrain.vision_steps > 0 and teacher is None and d.main:
+            print("train.py: no training image has teacher features (give --features): no vision stage, the "
+                  "tower is trained by the next-token loss", file=sys.stderr)
+        pretrain_trainable(model, vision_frozen=teacher is not None)
         opt = make_optimizer(model, cfg.pretrain.pretrain_lr, run.weight_decay)
         start = 0
         if resume is not None:

@@ -559,14 +559,16 @@ class MLLM(nn.Module):
     def n_image_tokens(self) -> int:
         return self.cfg.vision.num_patches
 
-    def image_tokens(self, images: Tensor) -> Tensor:
-        """images (N, 3, H, W) -> adapter tokens (N, P, D): LLaVA features from `feature_layer`, CLS dropped."""
+    def vision_features(self, images: Tensor) -> Tensor:
+        """images (N, 3, H, W) in [0, 1] -> LLaVA's patch features (N, P, Dv) from `feature_layer`, CLS dropped."""
         mean = torch.tensor(self.cfg.image_mean, dtype=images.dtype, device=images.device)[:, None, None]
         std = torch.tensor(self.cfg.image_std, dtype=images.dtype, device=images.device)[:, None, None]
         feats = self.vision((images - mean) / std, layer=self.cfg.feature_layer)  # (N, P(+1), Dv)
-        if self.cfg.vision.use_cls:
-            feats = feats[:, 1:]
-        return self.adapter(feats)
+        return feats[:, 1:] if self.cfg.vision.use_cls else feats
+
+    def image_tokens(self, images: Tensor) -> Tensor:
+        """images (N, 3, H, W) -> adapter tokens (N, P, D)."""
+        return self.adapter(self.vision_features(images))
 
     def embed(self, input_ids: Tensor, images: Tensor | None = None) -> Tensor:
         x = self.llm.embed_tokens(input_ids)  # (B, T, D)
