@@ -329,27 +329,28 @@ class LossWeights:
 
 def combined_loss(
     ntp: Tensor | None, contrastive: Tensor | None, structure: Tensor | None, weights: LossWeights
-) -> tuple[Tensor, dict[str, float]]:
+) -> tuple[Tensor, dict[str, Tensor]]:
     """L = L_ntp + lambda_c * L_contrastive + lambda_s * L_structure. A term whose weight is 0 is skipped (it
     may be None and never enters the total); a term with a positive weight must be given. Returns the total
-    and a dict of floats for logging: every given term under its name, plus "total"."""
+    and, for logging, every given term under its name plus "total", as detached 0-d tensors on the terms' device
+    (no host sync: train.py reads them on log steps only, and its NaN guard covers non-finite terms there)."""
     terms = {"ntp": (ntp, weights.ntp), "contrastive": (contrastive, weights.contrastive), "structure": (structure, weights.structure)}
     total: Tensor | None = None
-    logged: dict[str, float] = {}
+    logged: dict[str, Tensor] = {}
     for name, (value, weight) in terms.items():
         if value is not None:
             if value.numel() != 1:
                 raise ValueError(f"kernel.py: combined_loss term {name!r} must be a scalar, got shape {tuple(value.shape)}")
-            logged[name] = float(value.detach())
+            logged[name] = value.detach().reshape(())
         if weight == 0:
             continue
         if value is None:
             raise ValueError(f"kernel.py: combined_loss term {name!r} has weight {weight} but was not given (None)")
-        if not math.isfinite(logged[name]):
-            raise ValueError(f"kernel.py: combined_loss term {name!r} is {logged[name]}; expected a finite loss")
+        if value.device.type == "cpu" and not math.isfinite(logged[name]):  # free on the CPU; see above for others
+            raise ValueError(f"kernel.py: combined_loss term {name!r} is {float(logged[name])}; expected a finite loss")
         contribution = weight * value.reshape(())
         total = contribution if total is None else total + contribution
     if total is None:
         raise ValueError("kernel.py: combined_loss has every weight at 0; nothing to optimise")
-    logged["total"] = float(total.detach())
+    logged["total"] = total.detach()
     return total, logged

@@ -114,16 +114,47 @@ def test_non_finite_loss_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     out = tmp_path / "a.pt"
     run_single(out, "--stop-after", "2")
     before = out.read_bytes()
-    real = train.Trainer.step_loss
+    real = train.compute_loss
 
-    def poisoned(self, batches):
-        loss, terms = real(self, batches)
-        return loss * math.nan, {**terms, "total": math.nan}
+    def poisoned(*args):
+        loss, terms = real(*args)
+        return loss * math.nan, {**terms, "total": terms["total"] * math.nan}
 
-    monkeypatch.setattr(train.Trainer, "step_loss", poisoned)
+    monkeypatch.setattr(train, "compute_loss", poisoned)
     with pytest.raises(SystemExit, match="the loss is nan"):
         run_single(out, "--resume")
     assert out.read_bytes() == before
+
+
+def test_non_finite_gradient_with_a_finite_loss_is_never_written(tmp_path, monkeypatch):
+    """A finite loss whose gradient is NaN (d sqrt(x)/dx at 0, times 0) must stop the run before the next
+    checkpoint, even one due at that very step."""
+    out = tmp_path / "a.pt"
+    run_single(out, "--stop-after", "2")
+    before = out.read_bytes()
+    real = train.compute_loss
+
+    def nan_gradient(model, *args):
+        loss, terms = real(model, *args)
+        w = next(p for p in model.parameters() if p.requires_grad)
+        return loss + (w.sum() * 0).sqrt(), terms
+
+    monkeypatch.setattr(train, "compute_loss", nan_gradient)
+    with pytest.raises(SystemExit, match="step 2: the gradient norm is nan"):
+        run_single(out, "--resume", "--ckpt-every", "1")
+    assert out.read_bytes() == before
+
+
+def test_diverging_run_never_writes_non_finite_tensors(tmp_path):
+    """lr 1e3 diverges within a few steps; with a checkpoint after every step, whatever was written must hold only
+    finite weights and optimizer state (the guard once checked the loss alone: a finite loss with non-finite
+    gradients wrote a checkpoint with 45 non-finite tensors)."""
+    out = tmp_path / "l.pt"
+    with pytest.raises(SystemExit, match="stopping without writing"):
+        train.main(["--smoke", "--pretrain-lr", "1e3", "--ckpt-every", "1", "--out", str(out)])
+    ckpt = torch.load(out, weights_only=True)
+    tensors = list(ckpt["model"].values()) + [v for s in ckpt["optimizer"]["state"].values() for v in s.values()]
+    assert all(torch.isfinite(t).all() for t in tensors if t.is_floating_point())
 
 
 def write_user_files(tmp_path: Path) -> dict[str, Path]:
