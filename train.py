@@ -22,6 +22,11 @@ Run:
     python train.py --method vladva --init out.base.pt --out vladva.pt    # fine-tune only, from a saved base
     torchrun --nproc_per_node 8 train.py            # DDP, same flags (gloo on CPU, nccl on CUDA)
     python train.py --resume                        # continue exactly where the run writing --out stopped
+    python train.py --preset gpu                    # a larger model and schedule for one GPU
+
+One step (train_stage): lr, then per micro-batch a batch from the data thread (Prefetch), forward +
+compute_loss + backward, then clip, AdamW, and on log / checkpoint steps only, one device->host read of the
+loss terms and gradient norms (StepLog), where the NaN guard stops a run before anything bad is written.
 """
 
 from __future__ import annotations
@@ -134,7 +139,7 @@ class RunArgs:
     vision: str = ""        # Hugging Face CLIP / SigLIP vision directory
     resume: bool = False    # continue exactly where the run writing --out stopped
     smoke: bool = False     # a tiny configuration of the same code path (flags given explicitly still win)
-    preset: str = "cpu"     # cpu: the defaults below (2 CPU cores); gpu: a larger model and schedule for one GPU
+    preset: str = "cpu"     # cpu: the defaults below (2 CPU cores); gpu: a larger model and schedule, one GPU
     seed: int = 0
     grad_accum: int = 1     # micro-batches per step (DDP syncs gradients on the last)
     warmup_frac: float = 0.03  # share of a stage's steps in linear warm-up (Sugar: 3%), then cosine to 0
@@ -161,8 +166,9 @@ SMOKE = dict(vision_width=32, vision_layers=2, vision_heads=2, llm_width=64, llm
              pretrain_batch=8, finetune_steps=6, lm_batch=4, pair_batch=4, story_batch=2, log_every=2,
              ckpt_every=4)
 
-# --preset: sizes for a machine (below --smoke and explicit flags). "gpu" is our estimate of what one H100 trains
-# end to end in about 10 minutes (25M parameters; not timed on a GPU yet): 4x the world, 8x the tokens per step.
+# --preset: sizes for a machine (below --smoke and explicit flags). "gpu" is our estimate of what one H100
+# trains end to end in about 10 minutes (25M parameters; not timed on a GPU yet): 4x the world, 8x the tokens
+# per step.
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {},
     "gpu": dict(vision_width=256, vision_layers=7, vision_heads=8, llm_width=512, llm_layers=8, llm_heads=8,
@@ -173,7 +179,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def field_help(cls: type) -> dict[str, str]:
-    """Each field's trailing `# ...` comment in the dataclass source, so --help shows why a default is what it is."""
+    """Each field's trailing `# ...` comment in the dataclass source: --help shows why a default is so."""
     helps: dict[str, str] = {}
     for line in inspect.getsource(cls).splitlines():
         m = re.match(r"\s+(\w+): [^=]+=.*?  # (.*)$", line)
@@ -185,7 +191,7 @@ def field_help(cls: type) -> dict[str, str]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     for group in (ModelArgs, DataArgs, PretrainArgs, FinetuneArgs, RunArgs):
-        own_doc = group.__doc__ if not group.__doc__.startswith(group.__name__ + "(") else None  # not dataclass's
+        own_doc = None if group.__doc__.startswith(group.__name__ + "(") else group.__doc__  # not dataclass's
         g = p.add_argument_group(group.__name__, own_doc)
         helps = field_help(group)
         for f in fields(group):
@@ -201,8 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    """Flags given explicitly override --smoke's values, which override --preset's, which override the dataclass
-    defaults."""
+    """Flags given explicitly override --smoke's values, which override --preset's, which override the
+    dataclass defaults."""
     given = vars(build_parser().parse_args(argv))
     preset = given.get("preset", RunArgs.preset)
     if preset not in PRESETS:
@@ -292,8 +298,8 @@ def gather_rows(x: Tensor) -> Tensor:
 
 
 class Stream:
-    """An endless, reshuffled-every-epoch sequence of items; `batch(step, n)` needs no state. The permutation of
-    the current epoch is cached, so drawing an item costs O(1)."""
+    """An endless, reshuffled-every-epoch sequence of items; `batch(step, n)` needs no state. The permutation
+    of the current epoch is cached, so drawing an item costs O(1)."""
 
     def __init__(self, name: str, items: list, seed: int) -> None:
         self.name, self.items, self.seed = name, items, seed
@@ -403,8 +409,8 @@ def build_streams(corpus: Corpus, seed: int) -> dict[str, Stream]:
 
 @dataclass
 class Objective:
-    """Which terms of L = L_ntp + lambda_c * L_contrastive + lambda_s * L_structure a stage trains. Pre-training:
-    L_ntp alone; fine-tuning: the terms of --method (a term whose lambda is 0 is not even computed)."""
+    """Which terms of L = L_ntp + lambda_c * L_contrastive + lambda_s * L_structure a stage trains.
+    Pre-training: L_ntp alone; fine-tuning: the terms of --method (a term whose lambda is 0 is skipped)."""
     weights: K.LossWeights
     lm: bool            # L_ntp on the "lm" stream and the stories too (every method but vladva)
     contrastive: bool
@@ -422,12 +428,12 @@ def objective_of(stage: str, ft: FinetuneArgs) -> Objective:
 @dataclass
 class Batch:
     """One rank's share of one micro-step: collated CPU tensors (pinned on CUDA), and the Sugar targets of the
-    whole global batch, which depend on the data alone and are therefore built here, off the training thread."""
+    whole global batch, which depend on the data alone and so are built here, off the training thread."""
     lm: dict | None = None
     pairs: dict | None = None
     stories: dict | None = None
     singles: dict | None = None
-    sugar_targets: Tensor | None = None  # (P, P) Sugar Eq. 2 + 4 over the global prefixes: stories, then singles
+    sugar_targets: Tensor | None = None  # (P, P) Sugar Eq. 2 + 4, global prefixes: stories, then singles
     n_sequences: int = 0                 # this rank's samples (a pair counts once), for samples/s
 
     def map(self, fn: Any) -> "Batch":
@@ -441,8 +447,8 @@ class Batch:
 
 @dataclass
 class Batches:
-    """The batch of micro-step k of one stage on one rank: a pure function of (seed, stage, k) — the streams are
-    stateless — so resuming is exact, and DDP ranks take contiguous shards of the same global batch."""
+    """The batch of micro-step k of one stage on one rank: a pure function of (seed, stage, k) (the streams
+    are stateless), so resuming is exact, and DDP ranks take contiguous shards of the same global batch."""
     stage: str
     streams: dict[str, Stream]
     cfg: TrainConfig
@@ -479,16 +485,17 @@ class Batches:
                 out.sugar_targets = K.gak_targets(g["slice_uni"], g["slice_cross"], g["seg_is_image"],
                                                   g["prefix_slices"], g["prefix_len"], g["prefix_batch"],
                                                   delta=ft.gak_delta or None)  # (P, P)
-        out.n_sequences = sum(b["input_ids"].shape[0] for b in (out.lm, out.stories, out.singles) if b is not None)
-        out.n_sequences += out.pairs["img_ids"].shape[0]  # a pair is one sample (its caption side rides along)
+        rows = [b["input_ids"] for b in (out.lm, out.stories, out.singles) if b is not None]
+        rows.append(out.pairs["img_ids"])  # a pair is one sample (its caption side rides along)
+        out.n_sequences = sum(r.shape[0] for r in rows)
         return out
 
 
 class Prefetch:
-    """Builds the batches of micro-steps `ks` on a background thread, `depth` ahead of the training loop, so data
-    never sits on the critical path; on CUDA it pins them, so the loop's copies to the device are asynchronous.
-    The batches are pure functions of k, so the thread changes no number. Errors (a bad sample, an empty stream)
-    reach the loop at the micro-step that needed the batch."""
+    """Builds the batches of micro-steps `ks` on a background thread, `depth` ahead of the training loop, so
+    data never sits on the critical path; on CUDA it pins them, so the loop's copies to the device are
+    asynchronous. The batches are pure functions of k, so the thread changes no number. Errors (a bad sample,
+    an empty stream) reach the loop at the micro-step that needed the batch."""
 
     def __init__(self, make: Batches, ks: range, pin: bool, depth: int = 3) -> None:
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
@@ -575,13 +582,13 @@ def add_lora(model: MLLM, ft: FinetuneArgs) -> None:
 
 
 def save_checkpoint(path: Path, obj: dict[str, Any]) -> None:
-    """Atomic: a crash mid-write never leaves a truncated file where a good checkpoint was. The last line of the
-    NaN guard (see StepLog): non-finite weights are never written."""
+    """Atomic: a crash mid-write never leaves a truncated file where a good checkpoint was. The last line of
+    the NaN guard (see StepLog): non-finite weights are never written."""
     bad = [k for k, v in obj["model"].items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
-        raise SystemExit(f"train.py: {obj['stage']} step {obj['step']}: {len(bad)} weight tensors are not finite "
-                         f"({', '.join(bad[:3])}...); stopping without writing {path} (the last good one, if any, "
-                         f"stays there)")
+        raise SystemExit(f"train.py: {obj['stage']} step {obj['step']}: {len(bad)} weight tensors are not "
+                         f"finite ({', '.join(bad[:3])}...); stopping without writing {path} (the last good "
+                         f"one, if any, stays there)")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     torch.save(obj, tmp)
@@ -651,7 +658,7 @@ def ntp_sum(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def unwrap(model: torch.nn.Module) -> MLLM:
-    """The MLLM inside DDP / torch.compile wrappers (forward passes go through the wrappers, the rest does not)."""
+    """The MLLM inside DDP / torch.compile wrappers (forward passes go through the wrappers, the rest not)."""
     while not isinstance(model, MLLM):
         model = model.module if isinstance(model, DDP) else model._orig_mod
     return model
@@ -662,12 +669,14 @@ def prefix_embeddings(model: MLLM, batch: dict[str, Tensor], hidden: Tensor) -> 
                                    batch["seg_is_image"], batch["prefix_seg"])
 
 
-def compute_loss(model: torch.nn.Module, b: Batch, obj: Objective, world: int) -> tuple[Tensor, dict[str, Tensor]]:
-    """L = L_ntp + lambda_c * L_contrastive + lambda_s * L_structure (DESIGN "Combined") for this rank's share of
-    one micro-batch, on the device; `model` is the MLLM or its DDP / compiled wrapper. Returns the loss to
-    back-propagate and the terms to log (0-d tensors, this rank's: their mean over ranks is the global batch's)."""
+def compute_loss(model: torch.nn.Module, b: Batch, obj: Objective,
+                 world: int) -> tuple[Tensor, dict[str, Tensor]]:
+    """L = L_ntp + lambda_c * L_contrastive + lambda_s * L_structure (DESIGN "Combined") for this rank's share
+    of one micro-batch, on the device; `model` is the MLLM or its DDP / compiled wrapper. Returns the loss to
+    back-propagate and the terms to log (0-d tensors, this rank's; their mean over ranks is the global
+    batch's)."""
     core = unwrap(model)
-    # Forward passes, each batch once: logits for L_ntp, hidden states for the summaries and prefix embeddings.
+    # Forward passes, each batch once: logits for L_ntp, hidden states for the summaries and prefix vectors.
     ntp_parts = []
     if b.lm is not None:  # captions, VQA, RAG (pre-training: every sample)
         logits, _ = model(b.lm["input_ids"], b.lm["images"])
@@ -675,7 +684,7 @@ def compute_loss(model: torch.nn.Module, b: Batch, obj: Objective, world: int) -
     if b.pairs is not None:  # [image][soft image prompt][long caption]
         logits, img_hidden = model(b.pairs["img_ids"], b.pairs["images"])
         ntp_parts.append(ntp_sum(logits, b.pairs["img_labels"]))
-        if obj.contrastive:  # VladVA: last-token summaries of the image side and of [short caption][soft text prompt]
+        if obj.contrastive:  # VladVA: last-token summaries of the image side and [short caption][text prompt]
             _, txt_hidden = model(b.pairs["txt_ids"], None)
             img_emb = core.summary_embedding(img_hidden, b.pairs["img_pos"])  # (B, D)
             txt_emb = core.summary_embedding(txt_hidden, b.pairs["txt_pos"])  # (B, D)
@@ -689,17 +698,17 @@ def compute_loss(model: torch.nn.Module, b: Batch, obj: Objective, world: int) -
         _, hidden = model(b.singles["input_ids"], b.singles["images"])
         prefixes.append(prefix_embeddings(core, b.singles, hidden))  # (P_single, proj_dim)
 
-    # L_ntp: a mean over every predicted token of the GLOBAL batch: each rank sums its own tokens and divides by the
-    # global count; DDP's gradient average (1/W) is undone by the factor W, so the gradient equals a single
-    # process's on the whole batch (checked by tests/test_train.py).
+    # L_ntp: a mean over every predicted token of the GLOBAL batch: each rank sums its own tokens and divides
+    # by the global count; DDP's gradient average (1/W) is undone by the factor W, so the gradient equals a
+    # single process's on the whole batch (checked by tests/test_train.py).
     ntp = sum(p[0] for p in ntp_parts) / all_sum(sum(p[1] for p in ntp_parts).float()).clamp_min(1) * world
 
-    # L_contrastive: VladVA's symmetric InfoNCE, each rank's rows against every rank's (kernel.contrastive_loss).
+    # L_contrastive: VladVA's symmetric InfoNCE, this rank's rows against every rank's (kernel.py).
     contrastive = K.contrastive_loss(img_emb, txt_emb, core.logit_scale) if obj.contrastive else None
 
-    # L_structure: Sugar Eq. 3 over the prefixes of the whole global batch against the GAK targets (Eq. 2 + 4).
-    # Every rank computes the same full loss on the gathered embeddings; the gather's backward sums the W identical
-    # gradients into each rank's own rows and DDP divides by W, so the applied gradient is the single-process one.
+    # L_structure: Sugar Eq. 3 over the prefixes of the whole global batch against the GAK targets (Eq. 2, 4).
+    # Every rank computes the same full loss on the gathered embeddings; the gather's backward sums the W
+    # identical gradients into each rank's own rows and DDP divides by W: the single-process gradient.
     structure = None
     if obj.structure:
         r = torch.cat([gather_rows(e) for e in prefixes])  # (P, proj_dim)
@@ -721,7 +730,7 @@ def lr_at(step: int, total: int, peak: float, warmup_frac: float) -> float:
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW; fused into one kernel per step on CUDA (on the CPU the plain loop, whose numbers the tests pin)."""
+    """AdamW; fused into one kernel per step on CUDA (on the CPU the plain loop, as the tests pin it)."""
     params = [p for p in model.parameters() if p.requires_grad]
     fused = bool(params) and params[0].device.type == "cuda"
     return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay, fused=fused or None)
@@ -737,11 +746,12 @@ class Stage:
 
 
 class StepLog:
-    """The loss terms and gradient norm of every step, kept on the device and brought to the host in one transfer
-    (after one all-reduce over ranks) only on log and checkpoint steps: no step waits for the device otherwise.
+    """The loss terms and gradient norm of every step, kept on the device and brought to the host in one
+    transfer (after one all-reduce over ranks) on log and checkpoint steps only: no other step waits for the
+    device.
 
-    The NaN guard (our design): `flush` reads every step since the last flush, in order, and stops the run at the
-    first one whose loss or gradient norm is not finite; the loop flushes before every checkpoint and
+    The NaN guard (our design): `flush` reads every step since the last flush, in order, and stops the run at
+    the first one whose loss or gradient norm is not finite; the loop flushes before every checkpoint and
     save_checkpoint refuses non-finite weights, so a step that went wrong never reaches a file."""
 
     def __init__(self, stage: str, world: int, out: Path) -> None:
@@ -756,7 +766,7 @@ class StepLog:
         if not self.pending:
             return []
         names = list(self.pending[0][1][0])
-        rows = torch.stack([torch.stack([t[k].float() for t in micro for k in names] + [norm.float().reshape(())])
+        rows = torch.stack([torch.stack([t[k].float() for t in micro for k in names] + [norm.float()])
                             for _, micro, norm in self.pending])  # (steps, micro * terms + 1)
         rows = (all_sum(rows) / self.world).tolist()  # the only device -> host transfer of the loop
         done = []
@@ -771,8 +781,8 @@ class StepLog:
             elif not math.isfinite(row[-1]):
                 what = f"the gradient norm is {row[-1]} (the loss {terms['total']:.4f} was finite)"
             if what is not None:
-                raise SystemExit(f"train.py: {self.stage} step {step}: {what}; stopping without writing a checkpoint "
-                                 f"(the last good one, if any, stays at {self.out})")
+                raise SystemExit(f"train.py: {self.stage} step {step}: {what}; stopping without writing a "
+                                 f"checkpoint (the last good one, if any, stays at {self.out})")
             done.append((step, terms, row[-1]))
         self.pending.clear()
         return done
@@ -787,28 +797,29 @@ class LoopTimes:
     log_s: list[float] = field(default_factory=list)
 
 
-def train_stage(stage: Stage, model: MLLM, opt: torch.optim.Optimizer, batches: Batches, history: dict[str, list],
-                start: int, stop: float, times: LoopTimes | None = None) -> bool:
+def train_stage(stage: Stage, model: MLLM, opt: torch.optim.Optimizer, batches: Batches,
+                history: dict[str, list], start: int, stop: float, times: LoopTimes | None = None) -> bool:
     """Steps start..min(total, stop)-1 of one stage, appending each step's global loss terms to history[stage].
     Returns True when the stage is complete (False: --stop-after ended this invocation; --resume continues)."""
     cfg, d = batches.cfg, batches.d
     run, out, end = cfg.run, Path(cfg.run.out), min(stage.total, stop)
-    net = DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None) if d.world > 1 else model
-    net = torch.compile(net) if run.compile else net
     cuda = d.device.type == "cuda"
+    net = DDP(model, device_ids=[d.device.index] if cuda else None) if d.world > 1 else model
+    net = torch.compile(net) if run.compile else net
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
     params = [p for p in model.parameters() if p.requires_grad]
     n_acc, log = run.grad_accum, StepLog(stage.name, d.world, out)
     data = Prefetch(batches, range(start * n_acc, end * n_acc), pin=cuda)
     t_log, n_steps, n_samples = time.perf_counter(), 0, 0
     try:
-        for step in tqdm(range(start, end), desc=stage.name, disable=not d.main, dynamic_ncols=True, file=sys.stderr):
+        bar = tqdm(range(start, end), stage.name, disable=not d.main, dynamic_ncols=True, file=sys.stderr)
+        for step in bar:
             t0 = time.perf_counter()
             lr = lr_at(step, stage.total, stage.peak_lr, run.warmup_frac)
             for group in opt.param_groups:
                 group["lr"] = lr
             micro_terms, wait = [], 0.0
-            for micro in range(n_acc):  # forward + backward per micro-batch; DDP syncs gradients on the last only
+            for micro in range(n_acc):  # forward + backward per micro-batch; DDP syncs gradients on the last
                 t_wait = time.perf_counter()
                 b = data.next().map(lambda t: t.to(d.device, non_blocking=True))
                 wait += time.perf_counter() - t_wait
@@ -818,11 +829,12 @@ def train_stage(stage: Stage, model: MLLM, opt: torch.optim.Optimizer, batches: 
                         try:
                             loss, terms = compute_loss(net, b, batches.objective, d.world)
                         except ValueError as e:  # kernel.py refuses non-finite losses and features
-                            raise SystemExit(f"train.py: {stage.name} step {step}: {e}; stopping without writing a "
-                                             f"checkpoint (the last good one, if any, stays at {out})") from e
+                            raise SystemExit(f"train.py: {stage.name} step {step}: {e}; stopping without "
+                                             f"writing a checkpoint (the last good one, if any, stays at "
+                                             f"{out})") from e
                     (loss / n_acc).backward()
                 micro_terms.append(terms)
-            max_norm = run.grad_clip if run.grad_clip > 0 else math.inf  # inf: the norm alone, for the NaN guard
+            max_norm = run.grad_clip if run.grad_clip > 0 else math.inf  # inf: only the norm, for the guard
             grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -837,9 +849,9 @@ def train_stage(stage: Stage, model: MLLM, opt: torch.optim.Optimizer, batches: 
                 if d.main and (step % run.log_every == 0 or last):
                     elapsed, t_log = time.perf_counter() - t_log, time.perf_counter()
                     shown = " ".join(f"{k} {v:.4f}" for k, v in step_terms.items())
-                    tqdm.write(f"{stage.name} step {step:5d} | {shown} | grad norm {norm:.3g} | lr {lr:.2e} | "
-                               f"{elapsed / n_steps * 1000:.0f} ms/step | {n_samples / elapsed:.1f} samples/s",
-                               file=sys.stderr)
+                    tqdm.write(f"{stage.name} step {step:5d} | {shown} | grad norm {norm:.3g} | lr {lr:.2e} "
+                               f"| {elapsed / n_steps * 1000:.0f} ms/step | {n_samples / elapsed:.1f} "
+                               f"samples/s", file=sys.stderr)
                     n_steps = n_samples = 0
             if d.main and ckpt:
                 save_checkpoint(out, make_checkpoint(model, batches.tok, cfg, stage, step + 1, opt, history))
@@ -903,11 +915,12 @@ def train(cfg: TrainConfig, d: Dist) -> TrainResult:
     streams = build_streams(corpus, run.seed)
     history: dict[str, list[dict[str, float]]] = {"pretrain": [], "finetune": []}
     stop = run.stop_after if run.stop_after > 0 else math.inf
-    if d.device.type == "cuda":  # TF32 for the float32 matmuls that bf16 autocast leaves (the losses, the GAK)
+    if d.device.type == "cuda":  # TF32 for the float32 matmuls that bf16 autocast leaves (the losses)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
     def batches(stage: str, model: MLLM) -> Batches:
-        return Batches(stage, streams, cfg, d, tok, model.cfg, objective_of(stage, cfg.finetune), corpus.pair_singles)
+        return Batches(stage, streams, cfg, d, tok, model.cfg, objective_of(stage, cfg.finetune),
+                       corpus.pair_singles)
 
     # --- stage 1: generative pre-training of all weights (skipped with --init / --llm, or when resuming past it)
     if in_finetune(resume):
@@ -948,8 +961,9 @@ def train(cfg: TrainConfig, d: Dist) -> TrainResult:
 def announce(cfg: TrainConfig, d: Dist) -> None:
     """The first log line: which preset, on what."""
     if d.main:
-        print(f"train.py: preset {cfg.run.preset}{' + smoke' if cfg.run.smoke else ''} | {d.world} x {d.device} | "
-              f"torch.compile {'on' if cfg.run.compile else 'off'} | --out {cfg.run.out}", file=sys.stderr)
+        print(f"train.py: preset {cfg.run.preset}{' + smoke' if cfg.run.smoke else ''} | {d.world} x "
+              f"{d.device} | torch.compile {'on' if cfg.run.compile else 'off'} | --out {cfg.run.out}",
+              file=sys.stderr)
 
 
 def in_finetune(resume: dict[str, Any] | None) -> bool:
