@@ -504,6 +504,8 @@ class Prefetch:
         self.thread.start()
 
     def _fill(self, make: Batches, ks: range, pin: bool) -> None:
+        if not pin:  # training on the CPU: its ops use every core; a second thread team would oversubscribe
+            torch.set_num_threads(1)  # (per thread: this one only)
         for k in ks:
             try:
                 item: Batch | BaseException = make(k).map(Tensor.pin_memory) if pin else make(k)

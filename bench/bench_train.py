@@ -4,7 +4,7 @@ fine-tuning method, at the sizes of each --preset, measured in the same run. Per
 
   ms/step      median wall time of one step of the training thread (the first step, which warms up allocators
                and caches, and the last, which writes a checkpoint, are left out)
-  samples/s    sequences per step / mean step time (a pair counts once)
+  samples/s    sequences per step / median step time (a pair counts once)
   build ms     time to build one batch on the data thread (collation + Sugar GAK targets), overlapping steps
   data wait    share of the step the training thread spent blocked on the data thread
   log          share spent flushing the loss terms (one device->host transfer), logging and checking for NaN;
@@ -57,7 +57,8 @@ def measure(cfg: train.TrainConfig, corpus: train.Corpus, tok: D.Tokenizer, stag
     train.train_stage(stage, model, opt, batches, {stage_name: []}, 0, steps + 2, times)
     step, wait, log = (times.step_s[1:-1], times.data_wait_s[1:-1], times.log_s[1:-1])
     total = sum(step)
-    ms, per_s = statistics.median(step) * 1e3, n_seq / (total / len(step))
+    median = statistics.median(step)
+    ms, per_s = median * 1e3, n_seq / median
     return ms, per_s, build * 1e3, sum(wait) / total, sum(log) / total
 
 
