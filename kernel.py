@@ -40,7 +40,9 @@ MAX_LOGIT_SCALE = 100.0  # CLIP clamps exp(logit_scale) at 100 (Radford et al. 2
 
 
 def _check_finite(name: str, t: Tensor) -> None:
-    if not bool(torch.isfinite(t).all()):
+    # Reading a value makes the host wait for an accelerator, every call: checked on the CPU only (train.py's
+    # NaN guard catches a non-finite loss on log and checkpoint steps instead).
+    if t.device.type == "cpu" and not bool(torch.isfinite(t).all()):
         raise ValueError(f"kernel.py: {name} contains non-finite values (NaN or inf); expected finite numbers")
 
 
@@ -440,27 +442,29 @@ class LossWeights:
 
 def combined_loss(
     ntp: Tensor | None, contrastive: Tensor | None, structure: Tensor | None, weights: LossWeights
-) -> tuple[Tensor, dict[str, float]]:
+) -> tuple[Tensor, dict[str, Tensor]]:
     """L = L_ntp + lambda_c * L_contrastive + lambda_s * L_structure. A term whose weight is 0 is skipped (it
     may be None and never enters the total); a term with a positive weight must be given. Returns the total
-    and a dict of floats for logging: every given term under its name, plus "total"."""
+    and, for logging, every given term under its name plus "total", as detached 0-d tensors on the terms'
+    device (no host sync: train.py reads them on log steps only; its NaN guard covers non-finite terms)."""
     terms = {"ntp": (ntp, weights.ntp), "contrastive": (contrastive, weights.contrastive), "structure": (structure, weights.structure)}
     total: Tensor | None = None
-    logged: dict[str, float] = {}
+    logged: dict[str, Tensor] = {}
     for name, (value, weight) in terms.items():
         if value is not None:
             if value.numel() != 1:
                 raise ValueError(f"kernel.py: combined_loss term {name!r} must be a scalar, got shape {tuple(value.shape)}")
-            logged[name] = float(value.detach())
+            logged[name] = value.detach().reshape(())
         if weight == 0:
             continue
         if value is None:
             raise ValueError(f"kernel.py: combined_loss term {name!r} has weight {weight} but was not given (None)")
-        if not math.isfinite(logged[name]):
-            raise ValueError(f"kernel.py: combined_loss term {name!r} is {logged[name]}; expected a finite loss")
+        if value.device.type == "cpu" and not math.isfinite(logged[name]):  # as _check_finite
+            raise ValueError(f"kernel.py: combined_loss term {name!r} is {float(logged[name])}; "
+                             f"expected a finite loss")
         contribution = weight * value.reshape(())
         total = contribution if total is None else total + contribution
     if total is None:
         raise ValueError("kernel.py: combined_loss has every weight at 0; nothing to optimise")
-    logged["total"] = float(total.detach())
+    logged["total"] = total.detach()
     return total, logged

@@ -23,17 +23,25 @@ Run:
     python train.py --method vladva --init out.base.pt --out vladva.pt    # fine-tune only, from a saved base
     torchrun --nproc_per_node 8 train.py            # DDP, same flags (gloo on CPU, nccl on CUDA)
     python train.py --resume                        # continue exactly where the run writing --out stopped
+    python train.py --preset gpu                    # a larger model and schedule for one GPU
+
+One step (train_stage): lr, then per micro-batch a batch from the data thread (Prefetch), forward +
+compute_loss + backward, then clip, AdamW, and on log / checkpoint steps only, one device->host read of the
+loss terms and gradient norms (StepLog), where the NaN guard stops a run before anything bad is written.
 """
 
 from __future__ import annotations
 
 import argparse
 import glob
+import inspect
 import math
 import os
 import random
 import re
+import queue
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
@@ -146,7 +154,7 @@ class PretrainArgs:
 
 @dataclass
 class FinetuneArgs:
-    method: str = "unified"
+    method: str = "unified"         # generative | vladva | sugar | unified: which fine-tuning losses
     finetune_steps: int = 200
     lm_batch: int = 16              # global caption / VQA / RAG sequences per step
     pair_batch: int = 32            # global image-caption pairs per step (VladVA; Sugar's singles come from them)
@@ -173,16 +181,18 @@ class RunArgs:
     init: str = ""          # start the fine-tuning from this checkpoint (skips pre-training)
     llm: str = ""           # Hugging Face LLM directory (with --vision; skips pre-training)
     vision: str = ""        # Hugging Face CLIP / SigLIP vision directory
-    resume: bool = False
-    smoke: bool = False
+    resume: bool = False    # continue exactly where the run writing --out stopped
+    smoke: bool = False     # a tiny configuration of the same code path (flags given explicitly still win)
+    preset: str = "cpu"     # cpu: the defaults below (2 CPU cores); gpu: a larger model and schedule, one GPU
     seed: int = 0
-    grad_accum: int = 1
-    warmup_frac: float = 0.03
+    grad_accum: int = 1     # micro-batches per step (DDP syncs gradients on the last)
+    warmup_frac: float = 0.03  # share of a stage's steps in linear warm-up (Sugar: 3%), then cosine to 0
     weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    log_every: int = 10
-    ckpt_every: int = 100
+    grad_clip: float = 1.0  # max global gradient norm; 0: no clipping
+    log_every: int = 10     # log (and check the losses and gradients for NaN) every N steps
+    ckpt_every: int = 100   # write --out every N steps (atomically, after the NaN guard)
     stop_after: int = 0     # end this invocation after N steps, with a checkpoint (0: run to the end); --resume continues
+    compile: bool = False   # torch.compile the model (unmeasured on a GPU, so off by default)
 
 
 @dataclass
@@ -200,27 +210,56 @@ SMOKE = dict(vision_steps=4, vision_width=32, vision_layers=2, vision_heads=2, l
              pretrain_batch=8, finetune_steps=6, lm_batch=4, pair_batch=4, story_batch=2, log_every=2,
              ckpt_every=4)
 
+# --preset: sizes for a machine (below --smoke and explicit flags). "gpu" is our estimate of what one H100
+# trains end to end in about 10 minutes (25M parameters; not timed on a GPU yet): 4x the world, 8x the tokens
+# per step.
+PRESETS: dict[str, dict[str, Any]] = {
+    "cpu": {},
+    "gpu": dict(vision_width=256, vision_layers=7, vision_heads=8, llm_width=512, llm_layers=8, llm_heads=8,
+                llm_kv_heads=4, llm_mlp=1408, vocab_size=2048, proj_dim=256, n_train=12000, rag_kbs=80,
+                pretrain_steps=3000, pretrain_batch=128, finetune_steps=1000, lm_batch=32, pair_batch=64,
+                story_batch=8, pretrain_lr=3e-4, finetune_lr=5e-4, log_every=50, ckpt_every=500),
+}
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """Each field's trailing `# ...` comment in the dataclass source: --help shows why a default is so."""
+    helps: dict[str, str] = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s+(\w+): [^=]+=.*?  # (.*)$", line)
+        if m:
+            helps[m[1]] = m[2]
+    return helps
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     for group in (ModelArgs, DataArgs, PretrainArgs, FinetuneArgs, RunArgs):
-        g = p.add_argument_group(group.__name__)
+        own_doc = None if group.__doc__.startswith(group.__name__ + "(") else group.__doc__  # not dataclass's
+        g = p.add_argument_group(group.__name__, own_doc)
+        helps = field_help(group)
         for f in fields(group):
             flag = flag_of(f.name)
+            text = helps.get(f.name, "").replace("%", "%%")
             if f.type == "bool":
-                g.add_argument(flag, dest=f.name, action="store_true", default=argparse.SUPPRESS)
+                g.add_argument(flag, dest=f.name, action="store_true", default=argparse.SUPPRESS, help=text)
             else:
                 name = f.type.removesuffix(" | None")  # None: resolved by validate()
                 typ = {"int": int, "float": float, "str": str}[name]
+                default = f.metadata.get("help", f"default {f.default!r}")
                 g.add_argument(flag, dest=f.name, type=typ, default=argparse.SUPPRESS, metavar=name.upper(),
-                               help=f.metadata.get("help", f"default {f.default!r}"))
+                               help=f"{text} ({default})".strip())
     return p
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    """Flags given explicitly override --smoke's values, which override the dataclass defaults."""
+    """Flags given explicitly override --smoke's values, which override --preset's, which override the
+    dataclass defaults."""
     given = vars(build_parser().parse_args(argv))
-    values = {**(SMOKE if given.get("smoke") else {}), **given}
+    preset = given.get("preset", RunArgs.preset)
+    if preset not in PRESETS:
+        raise SystemExit(f"train.py: --preset must be one of {', '.join(PRESETS)}, got {preset!r}")
+    values = {**PRESETS[preset], **(SMOKE if given.get("smoke") else {}), **given}
     cfg = TrainConfig()
     for part in (cfg.model, cfg.data, cfg.pretrain, cfg.finetune, cfg.run):
         for f in fields(part):
@@ -397,10 +436,12 @@ def gather_rows(x: Tensor) -> Tensor:
 
 
 class Stream:
-    """An endless, reshuffled-every-epoch sequence of items; `batch(step, n)` needs no state."""
+    """An endless, reshuffled-every-epoch sequence of items; `batch(step, n)` needs no state. The permutation
+    of the current epoch is cached, so drawing an item costs O(1)."""
 
     def __init__(self, name: str, items: list, seed: int) -> None:
         self.name, self.items, self.seed = name, items, seed
+        self._cached: tuple[int, list[int]] = (-1, [])
 
     def batch(self, step: int, n: int) -> list:
         if not self.items:
@@ -408,14 +449,15 @@ class Stream:
         out, start = [], step * n
         for k in range(start, start + n):
             epoch, i = divmod(k, len(self.items))
-            perm = self._perm(epoch)
-            out.append(self.items[perm[i]])
+            out.append(self.items[self._perm(epoch)[i]])
         return out
 
     def _perm(self, epoch: int) -> list[int]:
-        order = list(range(len(self.items)))
-        random.Random(f"{self.name}:{self.seed}:{epoch}").shuffle(order)
-        return order
+        if self._cached[0] != epoch:
+            order = list(range(len(self.items)))
+            random.Random(f"{self.name}:{self.seed}:{epoch}").shuffle(order)
+            self._cached = (epoch, order)
+        return self._cached[1]
 
 
 @dataclass
@@ -523,6 +565,143 @@ def check_corpus(corpus: Corpus, cfg: TrainConfig, tok: D.Tokenizer, n_image_tok
         if longest > max_len:
             raise SystemExit(f"train.py: {where} has samples of up to {longest} tokens, more than --max-len "
                              f"{max_len} (nothing is truncated)")
+
+
+def build_streams(corpus: Corpus, seed: int) -> dict[str, Stream]:
+    return {"pretrain": Stream("pretrain", corpus.lm + corpus.long + corpus.stories, seed),
+            "lm": Stream("lm", corpus.lm, seed), "stories": Stream("stories", corpus.stories, seed),
+            "pairs": Stream("pairs", corpus.pairs, seed)}
+
+
+@dataclass
+class Objective:
+    """Which terms of L = L_ntp + lambda_c * L_contrastive + lambda_s * L_structure a stage trains.
+    Pre-training: L_ntp alone; fine-tuning: the terms of --method (a term whose lambda is 0 is skipped)."""
+    weights: K.LossWeights
+    lm: bool            # L_ntp on the "lm" stream and the stories too (every method but vladva)
+    contrastive: bool
+    structure: bool
+    pool: str           # Sugar's image-segment vector: mean of its tokens | last token (Table 4b "w/o AvgPool")
+
+
+def objective_of(stage: str, ft: FinetuneArgs) -> Objective:
+    method = ft.method if stage == "finetune" else "generative"
+    use_c, use_s = losses_of(method, ft)
+    return Objective(K.LossWeights(ntp=ft.lambda_ntp if stage == "finetune" else 1.0,
+                                   contrastive=ft.lambda_contrastive if use_c else 0.0,
+                                   structure=ft.lambda_structure if use_s else 0.0),
+                     lm=method != "vladva", contrastive=use_c, structure=use_s, pool=ft.sugar_pool)
+
+
+@dataclass
+class Batch:
+    """One rank's share of one micro-step: collated CPU tensors (pinned on CUDA), and the Sugar targets of the
+    whole global batch, which depend on the data alone and so are built here, off the training thread."""
+    lm: dict | None = None
+    pairs: dict | None = None
+    stories: dict | None = None
+    singles: dict | None = None
+    sugar_targets: Tensor | None = None  # (P, P) Sugar Eq. 2 + 4, global prefixes: stories, then singles
+    n_sequences: int = 0                 # this rank's samples (a pair counts once), for samples/s
+
+    def map(self, fn: Any) -> "Batch":
+        """The same batch with `fn` applied to every tensor (pin_memory, a copy to the device)."""
+        def each(x: Any) -> Any:
+            if isinstance(x, dict):
+                return {k: each(v) for k, v in x.items()}
+            return fn(x) if isinstance(x, Tensor) else x
+        return Batch(**{f.name: each(getattr(self, f.name)) for f in fields(self)})
+
+
+@dataclass
+class Batches:
+    """The batch of micro-step k of one stage on one rank: a pure function of (seed, stage, k) (the streams
+    are stateless), so resuming is exact, and DDP ranks take contiguous shards of the same global batch."""
+    stage: str
+    streams: dict[str, Stream]
+    cfg: TrainConfig
+    d: Dist
+    tok: D.Tokenizer
+    model_cfg: MLLMConfig
+    objective: Objective
+    pair_singles: bool  # pairs carry teacher features, so they also enter the structure loss (see `singles`)
+
+    def __call__(self, k: int) -> Batch:
+        cfg, d, tok, L = self.cfg, self.d, self.tok, self.cfg.model.max_len
+        n_img = self.model_cfg.vision.num_patches
+        if self.stage == "pretrain":
+            items = self.streams["pretrain"].batch(k, cfg.pretrain.pretrain_batch)
+            lm = D.collate(shard(items, cfg.pretrain.pretrain_batch, d), tok, n_img, L)
+            return Batch(lm=lm, n_sequences=lm["input_ids"].shape[0])
+        ft, obj, out = cfg.finetune, self.objective, Batch()
+        pairs = self.streams["pairs"].batch(k, ft.pair_batch)
+        local_pairs = shard(pairs, ft.pair_batch, d)
+        out.pairs = D.collate_pairs(local_pairs, tok, n_img, self.model_cfg.n_soft_tokens, L)
+        if obj.lm and self.streams["lm"].items:
+            out.lm = D.collate(shard(self.streams["lm"].batch(k, ft.lm_batch), ft.lm_batch, d), tok, n_img, L)
+        if obj.lm and self.streams["stories"].items:
+            stories = self.streams["stories"].batch(k, ft.story_batch)
+            out.stories = D.collate(shard(stories, ft.story_batch, d), tok, n_img, L)
+            if obj.structure:
+                # every rank builds the global targets' inputs in the gathered order: stories, then singles
+                ranks = [Dist(r, d.world, d.device) for r in range(d.world)]
+                glob = [s for r in ranks for s in shard(stories, ft.story_batch, r)]
+                if self.pair_singles:
+                    out.singles = D.collate(singles(local_pairs), tok, n_img, L)
+                    glob += [s for r in ranks for s in singles(shard(pairs, ft.pair_batch, r))]
+                g = D.collate(glob, tok, n_img, L)
+                args = (g["slice_uni"], g["slice_cross"], g["seg_is_image"], g["prefix_slices"], g["prefix_len"],
+                        g["prefix_batch"])
+                if ft.sugar_alignment == "mean":  # Sugar Table 4b "w/o GAK"
+                    out.sugar_targets = K.mean_targets(*args, kernel=ft.sugar_kernel)  # (P, P)
+                else:  # Sugar Eq. 2 + 4
+                    out.sugar_targets = K.gak_targets(*args, delta=ft.gak_delta, kernel=ft.sugar_kernel,
+                                                      single=ft.sugar_single)  # (P, P)
+        rows = [b["input_ids"] for b in (out.lm, out.stories, out.singles) if b is not None]
+        rows.append(out.pairs["img_ids"])  # a pair is one sample (its caption side rides along)
+        out.n_sequences = sum(r.shape[0] for r in rows)
+        return out
+
+
+class Prefetch:
+    """Builds the batches of micro-steps `ks` on a background thread, `depth` ahead of the training loop, so
+    data never sits on the critical path; on CUDA it pins them, so the loop's copies to the device are
+    asynchronous. The batches are pure functions of k, so the thread changes no number. Errors (a bad sample,
+    an empty stream) reach the loop at the micro-step that needed the batch."""
+
+    def __init__(self, make: Batches, ks: range, pin: bool, depth: int = 3) -> None:
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.closed = threading.Event()
+        self.thread = threading.Thread(target=self._fill, args=(make, ks, pin), daemon=True)
+        self.thread.start()
+
+    def _fill(self, make: Batches, ks: range, pin: bool) -> None:
+        if not pin:  # training on the CPU: its ops use every core; a second thread team would oversubscribe
+            torch.set_num_threads(1)  # (per thread: this one only)
+        for k in ks:
+            try:
+                item: Batch | BaseException = make(k).map(Tensor.pin_memory) if pin else make(k)
+            except BaseException as e:  # noqa: BLE001 — handed to the loop, which raises it
+                item = e
+            while not self.closed.is_set():
+                try:
+                    self.queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if isinstance(item, BaseException) or self.closed.is_set():
+                return
+
+    def next(self) -> Batch:
+        item = self.queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self.closed.set()
+        self.thread.join()
+
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -638,6 +817,11 @@ def save_checkpoint(path: Path, obj: dict[str, Any]) -> None:
     """Atomic: a crash mid-write never leaves a truncated file where a good checkpoint was. A failed or
     interrupted write removes its temporary file; one left by a killed writer (its process is gone) is removed
     by the next good save of the same path."""
+    bad = [k for k, v in obj["model"].items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:  # the last line of the NaN guard (see StepLog): non-finite weights are never written
+        raise SystemExit(f"train.py: {obj['stage']} step {obj['step']}: {len(bad)} weight tensors are not "
+                         f"finite ({', '.join(bad[:3])}...); stopping without writing {path} (the last good "
+                         f"one, if any, stays there)")
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -725,7 +909,7 @@ def check_compatible(ckpt: dict[str, Any], cfg: TrainConfig, where: str) -> None
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Losses of one step
+# The loss of one micro-batch
 
 
 def ntp_sum(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -736,140 +920,64 @@ def ntp_sum(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     return loss, (target != -100).sum()
 
 
-def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in batch.items()}
+def unwrap(model: torch.nn.Module) -> MLLM:
+    """The MLLM inside DDP / torch.compile wrappers (forward passes go through the wrappers, the rest not)."""
+    while not isinstance(model, MLLM):
+        model = model.module if isinstance(model, DDP) else model._orig_mod
+    return model
 
 
-@dataclass
-class StepBatches:
-    """One rank's share of one step, plus the global Sugar metadata every rank needs for the targets."""
-    lm: dict | None = None
-    pairs: dict | None = None
-    stories: dict | None = None
-    singles: dict | None = None
-    sugar_global: dict | None = None
-
-    def n_sequences(self) -> int:
-        rows = [b["input_ids"] for b in (self.lm, self.stories, self.singles) if b is not None]
-        if self.pairs is not None:
-            rows.append(self.pairs["img_ids"])  # a pair is one sample (its caption side rides along)
-        return sum(r.shape[0] for r in rows)
+def prefix_embeddings(model: MLLM, batch: dict[str, Tensor], hidden: Tensor, pool: str) -> Tensor:
+    return model.prefix_embeddings(hidden, batch["seg_batch"], batch["seg_start"], batch["seg_end"],
+                                   batch["seg_is_image"], batch["prefix_seg"], pool)
 
 
-class Trainer:
-    """Holds what every step needs; `step_loss` is the objective of DESIGN "Combined" for one micro-batch."""
+def compute_loss(model: torch.nn.Module, b: Batch, obj: Objective,
+                 world: int) -> tuple[Tensor, dict[str, Tensor]]:
+    """L = L_ntp + lambda_c * L_contrastive + lambda_s * L_structure (DESIGN "Combined") for this rank's share
+    of one micro-batch, on the device; `model` is the MLLM or its DDP / compiled wrapper. Returns the loss to
+    back-propagate and the terms to log (0-d tensors, this rank's; their mean over ranks is the global
+    batch's)."""
+    core = unwrap(model)
+    # Forward passes, each batch once: logits for L_ntp, hidden states for the summaries and prefix vectors.
+    ntp_parts = []
+    if b.lm is not None:  # captions, VQA, RAG (pre-training: every sample)
+        logits, _ = model(b.lm["input_ids"], b.lm["images"])
+        ntp_parts.append(ntp_sum(logits, b.lm["labels"]))
+    if b.pairs is not None:  # [image][soft image prompt][long caption]
+        logits, img_hidden = model(b.pairs["img_ids"], b.pairs["images"])
+        ntp_parts.append(ntp_sum(logits, b.pairs["img_labels"]))
+        if obj.contrastive:  # VladVA: last-token summaries of the image side and [short caption][text prompt]
+            _, txt_hidden = model(b.pairs["txt_ids"], None)
+            img_emb = core.summary_embedding(img_hidden, b.pairs["img_pos"])  # (B, D)
+            txt_emb = core.summary_embedding(txt_hidden, b.pairs["txt_pos"])  # (B, D)
+    prefixes = []  # Sugar: one embedding per prefix, stories then singles (the order of b.sugar_targets)
+    if b.stories is not None:
+        logits, hidden = model(b.stories["input_ids"], b.stories["images"])
+        ntp_parts.append(ntp_sum(logits, b.stories["labels"]))
+        if obj.structure:
+            prefixes.append(prefix_embeddings(core, b.stories, hidden, obj.pool))  # (P_story, proj_dim)
+    if b.singles is not None:
+        _, hidden = model(b.singles["input_ids"], b.singles["images"])
+        prefixes.append(prefix_embeddings(core, b.singles, hidden, obj.pool))  # (P_single, proj_dim)
 
-    def __init__(self, model: MLLM, ddp_model: torch.nn.Module, tok: D.Tokenizer, cfg: TrainConfig, d: Dist,
-                 stage: str, pair_singles: bool) -> None:
-        self.model, self.ddp_model, self.tok, self.cfg, self.d, self.stage = model, ddp_model, tok, cfg, d, stage
-        self.pair_singles = pair_singles
-        ft = cfg.finetune
-        method = ft.method if stage == "finetune" else "generative"
-        self.use_c, self.use_s = losses_of(method, ft)
-        self.use_lm = method != "vladva"
-        self.weights = K.LossWeights(ntp=ft.lambda_ntp if stage == "finetune" else 1.0,
-                                     contrastive=ft.lambda_contrastive if self.use_c else 0.0,
-                                     structure=ft.lambda_structure if self.use_s else 0.0)
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if d.device.type == "cuda" else nullcontext())
+    # L_ntp: a mean over every predicted token of the GLOBAL batch: each rank sums its own tokens and divides
+    # by the global count; DDP's gradient average (1/W) is undone by the factor W, so the gradient equals a
+    # single process's on the whole batch (checked by tests/test_train.py).
+    ntp = sum(p[0] for p in ntp_parts) / all_sum(sum(p[1] for p in ntp_parts).float()).clamp_min(1) * world
 
-    def collect(self, corpus_streams: dict[str, Stream], step: int) -> StepBatches:
-        cfg, d, tok, n_img, L = self.cfg, self.d, self.tok, self.model.n_image_tokens, self.cfg.model.max_len
-        if self.stage == "pretrain":
-            items = corpus_streams["pretrain"].batch(step, cfg.pretrain.pretrain_batch)
-            return StepBatches(lm=D.collate(shard(items, cfg.pretrain.pretrain_batch, d), tok, n_img, L))
-        ft, out = cfg.finetune, StepBatches()
-        pairs = corpus_streams["pairs"].batch(step, ft.pair_batch)
-        local_pairs = shard(pairs, ft.pair_batch, d)
-        out.pairs = D.collate_pairs(local_pairs, tok, n_img, self.model.cfg.n_soft_tokens, L)
-        if self.use_lm and corpus_streams["lm"].items:
-            out.lm = D.collate(shard(corpus_streams["lm"].batch(step, ft.lm_batch), ft.lm_batch, d), tok, n_img, L)
-        if self.use_lm and corpus_streams["stories"].items:
-            stories = corpus_streams["stories"].batch(step, ft.story_batch)
-            out.stories = D.collate(shard(stories, ft.story_batch, d), tok, n_img, L)
-            if self.use_s:
-                # every rank builds the global targets' inputs in the gathered order: stories, then singles
-                ranks = [Dist(r, d.world, d.device) for r in range(d.world)]
-                glob = [s for r in ranks for s in shard(stories, ft.story_batch, r)]
-                if self.pair_singles:
-                    out.singles = D.collate(singles(local_pairs), tok, n_img, L)
-                    glob += [s for r in ranks for s in singles(shard(pairs, ft.pair_batch, r))]
-                out.sugar_global = D.collate(glob, tok, n_img, L)
-        return out
+    # L_contrastive: VladVA's symmetric InfoNCE, this rank's rows against every rank's (kernel.py).
+    contrastive = K.contrastive_loss(img_emb, txt_emb, core.logit_scale) if obj.contrastive else None
 
-    def step_loss(self, b: StepBatches) -> tuple[Tensor, dict[str, float]]:
-        model, dev = self.ddp_model, self.d.device
-        ntp_parts, embeds = [], {}
-        with self.autocast:
-            if b.lm is not None:
-                lm = to_device(b.lm, dev)
-                logits, _ = model(lm["input_ids"], lm["images"])
-                ntp_parts.append(ntp_sum(logits, lm["labels"]))
-            if b.pairs is not None:
-                p = to_device(b.pairs, dev)
-                logits, hidden = model(p["img_ids"], p["images"])
-                ntp_parts.append(ntp_sum(logits, p["img_labels"]))
-                if self.use_c:
-                    _, txt_hidden = model(p["txt_ids"], None)
-                    embeds["img"] = self.model.summary_embedding(hidden, p["img_pos"])  # (B, D)
-                    embeds["txt"] = self.model.summary_embedding(txt_hidden, p["txt_pos"])  # (B, D)
-            if b.stories is not None:
-                s = to_device(b.stories, dev)
-                logits, hidden = model(s["input_ids"], s["images"])
-                ntp_parts.append(ntp_sum(logits, s["labels"]))
-                if self.use_s:
-                    embeds["story"] = self.prefix(s, hidden)
-            if b.singles is not None:
-                s1 = to_device(b.singles, dev)
-                _, hidden = model(s1["input_ids"], s1["images"])
-                embeds["single"] = self.prefix(s1, hidden)
-        return self.combine(ntp_parts, embeds, b)
+    # L_structure: Sugar Eq. 3 over the prefixes of the whole global batch against the GAK targets (Eq. 2, 4).
+    # Every rank computes the same full loss on the gathered embeddings; the gather's backward sums the W
+    # identical gradients into each rank's own rows and DDP divides by W: the single-process gradient.
+    structure = None
+    if obj.structure:
+        r = torch.cat([gather_rows(e) for e in prefixes])  # (P, proj_dim)
+        structure = K.structure_loss(r.float(), b.sugar_targets)
 
-    def prefix(self, batch: dict[str, Tensor], hidden: Tensor) -> Tensor:
-        return self.model.prefix_embeddings(hidden, batch["seg_batch"], batch["seg_start"], batch["seg_end"],
-                                            batch["seg_is_image"], batch["prefix_seg"],
-                                            self.cfg.finetune.sugar_pool)
-
-    def combine(self, ntp_parts: list[tuple[Tensor, Tensor]], embeds: dict[str, Tensor],
-                b: StepBatches) -> tuple[Tensor, dict[str, float]]:
-        # L_ntp is a mean over every predicted token of the GLOBAL batch: each rank sums its own tokens and divides
-        # by the global count; DDP's gradient average (1/W) is undone by the factor W, so the gradient equals a
-        # single process's on the whole batch (checked by tests/test_train.py).
-        loss_sum = sum(p[0] for p in ntp_parts)
-        count = all_sum(sum(p[1] for p in ntp_parts).float())
-        ntp = loss_sum / count.clamp_min(1) * self.d.world
-        contrastive = structure = None
-        if self.use_c:
-            contrastive = K.contrastive_loss(embeds["img"], embeds["txt"], self.model.logit_scale)
-        if self.use_s:
-            structure = self.structure(embeds, b.sugar_global)
-        total, _ = K.combined_loss(ntp, contrastive, structure, self.weights)
-        return total, self.global_terms(ntp, contrastive, structure)
-
-    def global_terms(self, ntp: Tensor, contrastive: Tensor | None, structure: Tensor | None) -> dict[str, float]:
-        """The loss terms of the whole global batch, for logging: the mean over ranks of each rank's term is the
-        global value (ntp: each rank holds W x its share; contrastive: local rows; structure: the same on all)."""
-        names = ["ntp"] + (["contrastive"] if contrastive is not None else []) + (["structure"] if structure is not None else [])
-        local = torch.stack([t.detach().float().reshape(()) for t in (ntp, contrastive, structure) if t is not None])
-        values = (all_sum(local) / self.d.world).tolist()
-        terms = dict(zip(names, values))
-        w = {"ntp": self.weights.ntp, "contrastive": self.weights.contrastive, "structure": self.weights.structure}
-        terms["total"] = sum(w[k] * v for k, v in terms.items())
-        return terms
-
-    def structure(self, embeds: dict[str, Tensor], glob: dict[str, Tensor]) -> Tensor:
-        """Sugar Eq. 3 over the prefixes of the whole global batch. Every rank computes the same full loss on the
-        gathered embeddings; the gather's backward sums the W identical gradients into each rank's own rows and
-        DDP divides by W, so the applied gradient is the single-process one."""
-        r = torch.cat([gather_rows(embeds[k]) for k in ("story", "single") if k in embeds])  # (P, proj_dim)
-        g = to_device(glob, r.device)
-        ft = self.cfg.finetune
-        args = (g["slice_uni"], g["slice_cross"], g["seg_is_image"], g["prefix_slices"], g["prefix_len"],
-                g["prefix_batch"])
-        if ft.sugar_alignment == "mean":  # Sugar Table 4b "w/o GAK"
-            targets = K.mean_targets(*args, kernel=ft.sugar_kernel)  # (P, P)
-        else:  # Sugar Eq. 2 + 4
-            targets = K.gak_targets(*args, delta=ft.gak_delta, kernel=ft.sugar_kernel, single=ft.sugar_single)
-        return K.structure_loss(r.float(), targets)
+    return K.combined_loss(ntp, contrastive, structure, obj.weights)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -885,8 +993,10 @@ def lr_at(step: int, total: int, peak: float, warmup_frac: float) -> float:
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW; fused into one kernel per step on CUDA (on the CPU the plain loop, as the tests pin it)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
+    fused = bool(params) and params[0].device.type == "cuda"
+    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay, fused=fused or None)
 
 
 @dataclass
@@ -898,70 +1008,128 @@ class Stage:
     lora: dict[str, Any] | None
 
 
-def run_stage(stage: Stage, model: MLLM, tok: D.Tokenizer, cfg: TrainConfig, d: Dist, streams: dict[str, Stream],
-              pair_singles: bool, opt: torch.optim.Optimizer, start: int, history: dict[str, list[dict[str, float]]],
-              stop: int) -> bool:
+class StepLog:
+    """The loss terms and gradient norm of every step, kept on the device and brought to the host in one
+    transfer (after one all-reduce over ranks) on log and checkpoint steps only: no other step waits for the
+    device.
+
+    The NaN guard (our design): `flush` reads every step since the last flush, in order, and stops the run at
+    the first one whose loss or gradient norm is not finite; the loop flushes before every checkpoint and
+    save_checkpoint refuses non-finite weights, so a step that went wrong never reaches a file."""
+
+    def __init__(self, stage: str, world: int, out: Path) -> None:
+        self.stage, self.world, self.out = stage, world, out
+        self.pending: list[tuple[int, list[dict[str, Tensor]], Tensor]] = []
+
+    def add(self, step: int, micro_terms: list[dict[str, Tensor]], grad_norm: Tensor) -> None:
+        self.pending.append((step, micro_terms, grad_norm))
+
+    def flush(self) -> list[tuple[int, dict[str, float], float]]:
+        """(step, global loss terms averaged over micro-steps, gradient norm) of every pending step."""
+        if not self.pending:
+            return []
+        names = list(self.pending[0][1][0])
+        rows = torch.stack([torch.stack([t[k].float() for t in micro for k in names] + [norm.float()])
+                            for _, micro, norm in self.pending])  # (steps, micro * terms + 1)
+        rows = (all_sum(rows) / self.world).tolist()  # the only device -> host transfer of the loop
+        done = []
+        for (step, micro, _), row in zip(self.pending, rows):
+            terms = dict.fromkeys(names, 0.0)
+            for m in range(len(micro)):
+                for i, k in enumerate(names):
+                    terms[k] += row[m * len(names) + i] / len(micro)
+            what = None
+            if not all(math.isfinite(row[i]) for i in range(len(row) - 1)):
+                what = f"the loss is {terms['total']} ({terms})"
+            elif not math.isfinite(row[-1]):
+                what = f"the gradient norm is {row[-1]} (the loss {terms['total']:.4f} was finite)"
+            if what is not None:
+                raise SystemExit(f"train.py: {self.stage} step {step}: {what}; stopping without writing a "
+                                 f"checkpoint (the last good one, if any, stays at {self.out})")
+            done.append((step, terms, row[-1]))
+        self.pending.clear()
+        return done
+
+
+@dataclass
+class LoopTimes:
+    """Where the training thread's wall time went, per step: waiting for a batch, and flushing / logging /
+    checkpointing (bench/bench_train.py reports their share)."""
+    step_s: list[float] = field(default_factory=list)
+    data_wait_s: list[float] = field(default_factory=list)
+    log_s: list[float] = field(default_factory=list)
+
+
+def train_stage(stage: Stage, model: MLLM, opt: torch.optim.Optimizer, batches: Batches,
+                history: dict[str, list], start: int, stop: float, times: LoopTimes | None = None) -> bool:
     """Steps start..min(total, stop)-1 of one stage, appending each step's global loss terms to history[stage].
     Returns True when the stage is complete (False: --stop-after ended this invocation; --resume continues)."""
-    ddp_model = DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None) if d.world > 1 else model
-    trainer = Trainer(model, ddp_model, tok, cfg, d, stage.name, pair_singles)
+    cfg, d = batches.cfg, batches.d
     run, out, end = cfg.run, Path(cfg.run.out), min(stage.total, stop)
-    for step in tqdm(range(start, end), desc=stage.name, disable=not d.main, dynamic_ncols=True, file=sys.stderr):
-        t0 = time.perf_counter()
-        lr = lr_at(step, stage.total, stage.peak_lr, run.warmup_frac)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        terms, n_samples = accumulate(trainer, ddp_model, streams, step, cfg, d)
-        if run.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], run.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        dt = time.perf_counter() - t0
-        history[stage.name].append(terms)
-        if d.main and (step % run.log_every == 0 or step == stage.total - 1):
-            shown = " ".join(f"{k} {v:.4f}" for k, v in terms.items())
-            tqdm.write(f"{stage.name} step {step:5d} | {shown} | lr {lr:.2e} | {dt * 1000:.0f} ms | "
-                       f"{n_samples / dt:.1f} samples/s", file=sys.stderr)
-        if d.main and ((step + 1) % run.ckpt_every == 0 or step + 1 == end):
-            save_checkpoint(out, make_checkpoint(model, tok, cfg, stage, step + 1, opt, history))
+    cuda = d.device.type == "cuda"
+    net = DDP(model, device_ids=[d.device.index] if cuda else None) if d.world > 1 else model
+    net = torch.compile(net) if run.compile else net
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
+    params = [p for p in model.parameters() if p.requires_grad]
+    n_acc, log = run.grad_accum, StepLog(stage.name, d.world, out)
+    data = Prefetch(batches, range(start * n_acc, end * n_acc), pin=cuda)
+    t_log, n_steps, n_samples = time.perf_counter(), 0, 0
+    try:
+        bar = tqdm(range(start, end), stage.name, disable=not d.main, dynamic_ncols=True, file=sys.stderr)
+        for step in bar:
+            t0 = time.perf_counter()
+            lr = lr_at(step, stage.total, stage.peak_lr, run.warmup_frac)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            micro_terms, wait = [], 0.0
+            for micro in range(n_acc):  # forward + backward per micro-batch; DDP syncs gradients on the last
+                t_wait = time.perf_counter()
+                b = data.next().map(lambda t: t.to(d.device, non_blocking=True))
+                wait += time.perf_counter() - t_wait
+                n_samples += b.n_sequences * d.world
+                with nullcontext() if micro == n_acc - 1 or d.world == 1 else net.no_sync():
+                    with autocast:
+                        try:
+                            loss, terms = compute_loss(net, b, batches.objective, d.world)
+                        except ValueError as e:  # kernel.py refuses non-finite losses and features
+                            raise SystemExit(f"train.py: {stage.name} step {step}: {e}; stopping without "
+                                             f"writing a checkpoint (the last good one, if any, stays at "
+                                             f"{out})") from e
+                    (loss / n_acc).backward()
+                micro_terms.append(terms)
+            max_norm = run.grad_clip if run.grad_clip > 0 else math.inf  # inf: only the norm, for the guard
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            log.add(step, micro_terms, grad_norm)
+            n_steps += 1
+
+            t_host = time.perf_counter()
+            last, ckpt = step == stage.total - 1, (step + 1) % run.ckpt_every == 0 or step + 1 == end
+            if step % run.log_every == 0 or last or ckpt:
+                for s, step_terms, norm in log.flush():  # waits for the device; stops on a non-finite step
+                    history[stage.name].append(step_terms)
+                if d.main and (step % run.log_every == 0 or last):
+                    elapsed, t_log = time.perf_counter() - t_log, time.perf_counter()
+                    shown = " ".join(f"{k} {v:.4f}" for k, v in step_terms.items())
+                    tqdm.write(f"{stage.name} step {step:5d} | {shown} | grad norm {norm:.3g} | lr {lr:.2e} "
+                               f"| {elapsed / n_steps * 1000:.0f} ms/step | {n_samples / elapsed:.1f} "
+                               f"samples/s", file=sys.stderr)
+                    n_steps = n_samples = 0
+            if d.main and ckpt:
+                save_checkpoint(out, make_checkpoint(model, batches.tok, cfg, stage, step + 1, opt, history))
+            if times is not None:
+                times.step_s.append(time.perf_counter() - t0)
+                times.data_wait_s.append(wait)
+                times.log_s.append(time.perf_counter() - t_host)
+    finally:
+        data.close()
     return end == stage.total
-
-
-def accumulate(trainer: Trainer, ddp_model: torch.nn.Module, streams: dict[str, Stream], step: int,
-               cfg: TrainConfig, d: Dist) -> tuple[dict[str, float], int]:
-    """Forward + backward of grad_accum micro-batches (DDP syncs gradients on the last only). A failing or
-    non-finite loss stops the run before anything is written, so no good checkpoint is replaced by a bad one."""
-    n_acc, out = cfg.run.grad_accum, Path(cfg.run.out)
-    terms_acc: dict[str, float] = {}
-    n_samples = 0
-    for micro in range(n_acc):
-        batches = trainer.collect(streams, step * n_acc + micro)
-        sync = micro == n_acc - 1 or d.world == 1
-        with (nullcontext() if sync else ddp_model.no_sync()):
-            try:
-                loss, terms = trainer.step_loss(batches)
-            except ValueError as e:  # kernel.py refuses non-finite losses and features
-                raise SystemExit(f"train.py: {trainer.stage} step {step}: {e}; stopping without writing a "
-                                 f"checkpoint (the last good one, if any, stays at {out})") from e
-            if not math.isfinite(terms["total"]):
-                raise SystemExit(f"train.py: {trainer.stage} step {step}: the loss is {terms['total']} ({terms}); "
-                                 f"stopping without writing a checkpoint (the last good one, if any, stays at {out})")
-            (loss / n_acc).backward()
-        for k, v in terms.items():
-            terms_acc[k] = terms_acc.get(k, 0.0) + v / n_acc
-        n_samples += batches.n_sequences() * d.world
-    return terms_acc, n_samples
 
 
 def base_path(out: Path) -> Path:
     """Where the pre-trained base goes: out.pt -> out.base.pt (the --init of other methods' fine-tuning)."""
     return out.with_name(out.stem + ".base" + out.suffix)
-
-
-def build_streams(corpus: Corpus, seed: int) -> dict[str, Stream]:
-    return {"pretrain": Stream("pretrain", corpus.lm + corpus.long + corpus.stories, seed),
-            "lm": Stream("lm", corpus.lm, seed), "stories": Stream("stories", corpus.stories, seed),
-            "pairs": Stream("pairs", corpus.pairs, seed)}
 
 
 def tokenizer_and_corpus(cfg: TrainConfig, source: dict[str, Any] | None) -> tuple[D.Tokenizer, Corpus]:
@@ -986,6 +1154,7 @@ class TrainResult:
 
 def train(cfg: TrainConfig, d: Dist) -> TrainResult:
     run, out = cfg.run, Path(cfg.run.out)
+    announce(cfg, d)
     torch.manual_seed(run.seed + d.rank)  # seeds offset by rank; the data order is shared by all ranks (Stream)
     init = load_checkpoint(run.init) if run.init else None
     if init is not None:
@@ -1010,6 +1179,12 @@ def train(cfg: TrainConfig, d: Dist) -> TrainResult:
     streams = build_streams(corpus, run.seed)
     history: dict[str, list[dict[str, float]]] = {"pretrain": [], "finetune": []}
     stop = run.stop_after if run.stop_after > 0 else math.inf
+    if d.device.type == "cuda":  # TF32 for the float32 matmuls that bf16 autocast leaves (the losses)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+    def batches(stage: str, model: MLLM) -> Batches:
+        return Batches(stage, streams, cfg, d, tok, model.cfg, objective_of(stage, cfg.finetune),
+                       corpus.pair_singles)
 
     # --- stage 1: generative pre-training of all weights (skipped with --init / --llm, or when resuming past it)
     if in_finetune(resume):
@@ -1032,7 +1207,7 @@ def train(cfg: TrainConfig, d: Dist) -> TrainResult:
         if resume is not None:
             start = restore(resume, model, opt, history)
         stage = Stage("pretrain", cfg.pretrain.pretrain_steps, cfg.pretrain.pretrain_lr, None)
-        if not run_stage(stage, model, tok, cfg, d, streams, corpus.pair_singles, opt, start, history, start + stop):
+        if not train_stage(stage, model, opt, batches("pretrain", model), history, start, start + stop):
             return TrainResult(model, history, False)
         stop -= stage.total - start
         if d.main:
@@ -1051,7 +1226,7 @@ def train(cfg: TrainConfig, d: Dist) -> TrainResult:
     start = restore(resume, model, opt, history) if in_finetune(resume) else 0
     stage = Stage("finetune", ft.finetune_steps, ft.finetune_lr, {"targets": ft.lora_targets, "r": ft.lora_r,
                                                                   "alpha": ft.lora_alpha})
-    complete = run_stage(stage, model, tok, cfg, d, streams, corpus.pair_singles, opt, start, history, start + stop)
+    complete = train_stage(stage, model, opt, batches("finetune", model), history, start, start + stop)
     return TrainResult(model, history, complete)
 
 
@@ -1075,6 +1250,14 @@ def estimate_gak_delta(corpus: Corpus, streams: dict[str, Stream], ft: FinetuneA
               f"the {len(segs)} slices of {len(samples)} training samples (--gak-delta overrides)",
               file=sys.stderr)
     return delta
+
+
+def announce(cfg: TrainConfig, d: Dist) -> None:
+    """The first log line: which preset, on what."""
+    if d.main:
+        print(f"train.py: preset {cfg.run.preset}{' + smoke' if cfg.run.smoke else ''} | {d.world} x "
+              f"{d.device} | torch.compile {'on' if cfg.run.compile else 'off'} | --out {cfg.run.out}",
+              file=sys.stderr)
 
 
 def in_finetune(resume: dict[str, Any] | None) -> bool:

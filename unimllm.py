@@ -500,19 +500,18 @@ class DecodeSlots:
         self.lengths, self.prompt_len, self.total = lengths, prompt_len, prompt_len + max_new
         self.padded = bool((lengths < prompt_len).any())
         j = torch.arange(self.total, device=device)
-        self.slot = j
         self.pos = torch.where(j < prompt_len, j, lengths[:, None] + j - prompt_len)  # (B, total)
-        self.valid = (j < lengths[:, None]) | (j >= prompt_len)  # (B, total)
+        valid = (j < lengths[:, None]) | (j >= prompt_len)  # (B, total)
+        # built once, so a decode step slices a view instead of allocating its mask
+        causal = j[None, :] <= j[:, None]  # (total, total)
+        self.full_mask = (causal[None] & valid[:, None, :])[:, None] if self.padded else None  # (B,1,Tt,Tt)
 
     def positions(self, start: int, end: int) -> Tensor:
         return self.pos[:, start:end]  # (B, end - start)
 
     def mask(self, start: int, end: int) -> Tensor | None:
         """Queries in slots start..end-1 over keys in slots 0..end-1; None (plain causal) when nothing is padded."""
-        if not self.padded:
-            return None
-        causal = self.slot[None, :end] <= self.slot[start:end, None]  # (Tq, Tk)
-        return (causal[None] & self.valid[:, None, :end])[:, None]  # (B, 1, Tq, Tk)
+        return None if self.full_mask is None else self.full_mask[:, :, start:end, :end]  # (B, 1, Tq, Tk)
 
 
 def next_token(logits: Tensor, temperature: float, generator: torch.Generator | None) -> Tensor:

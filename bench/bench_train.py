@@ -1,15 +1,25 @@
 """
-bench/bench_train.py — one fine-tuning step of each method, measured in the same run: time per step, its ratio to
-the generative-only step, and the share taken by the Sugar GAK targets (dtw.py through kernel.gak_targets) and by
-the VladVA contrastive loss. The goal (issue 6): the unified step costs at most 1.3x the generative step.
+bench/bench_train.py — training steps through train.py's own loop (train.train_stage): pre-training and each
+fine-tuning method, at the sizes of each --preset, measured in the same run. Per configuration:
+
+  ms/step      median wall time of one step of the training thread (the first step, which warms up allocators
+               and caches, and the last, which writes a checkpoint, are left out)
+  samples/s    sequences per step / median step time (a pair counts once)
+  build ms     time to build one batch on the data thread (collation + Sugar GAK targets), overlapping steps
+  data wait    share of the step the training thread spent blocked on the data thread
+  log          share spent flushing the loss terms (one device->host transfer), logging and checking for NaN;
+               on CUDA this is also where the thread waits for the device, every --log-every steps
+
+Goal (2 CPU cores): data wait + log <= 5% of a step.
 
 Run:
-    python bench/bench_train.py                 # default model sizes and per-step batches of train.py
-    python bench/bench_train.py --steps 5 --threads 2
+    python bench/bench_train.py                             # the cpu preset (the gpu one: --presets cpu,gpu)
+    python bench/bench_train.py --device cuda --presets cpu,gpu
 """
 import argparse
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -17,68 +27,67 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data as D  # noqa: E402
-import kernel as K  # noqa: E402
 import train  # noqa: E402
 from unimllm import MLLM, set_trainable  # noqa: E402
 
 
-class Timed:
-    """Wraps a function of module `mod` and accumulates its wall time (the benchmark's only instrumentation)."""
-
-    def __init__(self, mod, name: str) -> None:
-        self.mod, self.name, self.fn, self.seconds = mod, name, getattr(mod, name), 0.0
-        setattr(mod, name, self)
-
-    def __call__(self, *args, **kwargs):
-        t0 = time.perf_counter()
-        out = self.fn(*args, **kwargs)
-        self.seconds += time.perf_counter() - t0
-        return out
+def measure(cfg: train.TrainConfig, corpus: train.Corpus, tok: D.Tokenizer, stage_name: str, steps: int,
+            device: torch.device) -> tuple[float, float, float, float, float]:
+    """(ms/step, samples/s, build ms, data-wait share, log share) of `steps` measured steps of one stage."""
+    d = train.Dist(0, 1, device)
+    torch.manual_seed(0)
+    model = MLLM(train.model_config(cfg.model, tok)).to(device)
+    if stage_name == "pretrain":
+        train.pretrain_trainable(model)
+        lr = cfg.pretrain.pretrain_lr
+    else:
+        train.add_lora(model, cfg.finetune)
+        model.init_soft_prompts(*D.soft_prompt_ids(tok))
+        set_trainable(model, train.trainable_patterns(cfg.finetune))
+        lr = cfg.finetune.finetune_lr
+    opt = train.make_optimizer(model, lr, 0.0)
+    streams = train.build_streams(corpus, 0)
+    objective = train.objective_of(stage_name, cfg.finetune)
+    batches = train.Batches(stage_name, streams, cfg, d, tok, model.cfg, objective, corpus.pair_singles)
+    t0 = time.perf_counter()
+    n_seq = sum(batches(k).n_sequences for k in range(3)) / 3
+    build = (time.perf_counter() - t0) / 3
+    times = train.LoopTimes()
+    stage = train.Stage(stage_name, steps + 2, lr, None)
+    train.train_stage(stage, model, opt, batches, {stage_name: []}, 0, steps + 2, times)
+    step, wait, log = (times.step_s[1:-1], times.data_wait_s[1:-1], times.log_s[1:-1])
+    total = sum(step)
+    median = statistics.median(step)
+    ms, per_s = median * 1e3, n_seq / median
+    return ms, per_s, build * 1e3, sum(wait) / total, sum(log) / total
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--steps", type=int, default=4, help="measured steps per method (after one warm-up step)")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--n-train", type=int, default=300)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--presets", default="cpu", help="comma-separated --preset values")
+    p.add_argument("--steps", type=int, default=10, help="measured steps per configuration")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--n-train", type=int, default=300, help="world scenes (batches: the preset's)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    cfg = train.parse_args(["--n-train", str(args.n_train)])
-    corpus = train.builtin_corpus(cfg)
-    tok = D.train_tokenizer(corpus.texts, cfg.model.vocab_size)
-    streams = train.build_streams(corpus, 0)
-    d = train.Dist(0, 1, torch.device("cpu"))
-    gak, con = Timed(K, "gak_targets"), Timed(K, "contrastive_loss")
-    rows = []
-    for method in train.METHODS:
-        cfg = train.parse_args(["--n-train", str(args.n_train), "--method", method])  # the method's recipe
-        torch.manual_seed(0)
-        model = MLLM(train.model_config(cfg.model, tok))
-        train.add_lora(model, cfg.finetune)
-        model.init_soft_prompts(*D.soft_prompt_ids(tok))
-        set_trainable(model, train.trainable_patterns(cfg.finetune), lora=False)
-        opt = train.make_optimizer(model, 1e-4, 0.0)
-        trainer = train.Trainer(model, model, tok, cfg, d, "finetune", corpus.pair_singles)
-        times, gak_s, con_s = [], 0.0, 0.0
-        for step in range(args.steps + 1):
-            gak.seconds = con.seconds = 0.0
-            t0 = time.perf_counter()
-            batches = trainer.collect(streams, step)
-            loss, _ = trainer.step_loss(batches)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if step:  # the first step warms up allocators and caches
-                times.append(time.perf_counter() - t0)
-                gak_s += gak.seconds
-                con_s += con.seconds
-        n = len(times)
-        rows.append((method, statistics.median(times), gak_s / n, con_s / n, batches.n_sequences()))
-    base = rows[0][1]
-    print(f"one fine-tuning step, default sizes, {args.threads} threads, median of {args.steps} steps")
-    print(f"{'method':<11} {'ms/step':>8} {'x generative':>12} {'GAK targets':>12} {'contrastive':>12} {'samples':>8}")
-    for method, t, g, c, n in rows:
-        print(f"{method:<11} {t * 1e3:8.0f} {t / base:12.2f} {g / t:11.1%} {c / t:11.1%} {n:8d}")
+    device = torch.device(args.device)
+    print(f"device {device}, {args.threads} threads, median of {args.steps} steps through train.train_stage")
+    print(f"{'preset':<7} {'stage / method':<20} {'ms/step':>8} {'samples/s':>10} {'build ms':>9} "
+          f"{'data wait':>10} {'log':>7}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for preset in args.presets.split(","):
+            argv = ["--preset", preset, "--n-train", str(args.n_train), "--out", str(Path(tmp) / "bench.pt"),
+                    "--ckpt-every", "1000000"]
+            cfg = train.parse_args(argv)
+            corpus = train.builtin_corpus(cfg)
+            tok = D.train_tokenizer(corpus.texts, cfg.model.vocab_size)
+            for stage_name, method in [("pretrain", "generative")] + [("finetune", m) for m in train.METHODS]:
+                cfg.finetune.method = method
+                ms, sps, build, wait, log = measure(cfg, corpus, tok, stage_name, args.steps, device)
+                what = "pretrain" if stage_name == "pretrain" else f"finetune {method}"
+                print(f"{preset:<7} {what:<20} {ms:8.0f} {sps:10.1f} {build:9.1f} {wait:10.1%} {log:7.1%}",
+                      flush=True)
 
 
 if __name__ == "__main__":

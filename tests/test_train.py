@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -81,6 +83,34 @@ def test_smoke_checkpoint_evaluates(tmp_path):
     assert ckpt["method"] == "vladva" and ckpt["stage"] == "finetune" and ckpt["done"]
 
 
+@settings(max_examples=40, deadline=None)
+@given(n_items=st.integers(1, 12), n=st.integers(1, 9), step=st.integers(0, 30))
+def test_stream_batch_equals_reshuffling_per_item(n_items, n, step):
+    """The cached epoch permutation draws exactly what reshuffling the whole list for every item would."""
+    import random
+    items = [f"item{i}" for i in range(n_items)]
+    stream = train.Stream("s", items, 3)
+    expected = []
+    for k in range(step * n, step * n + n):
+        order = list(range(n_items))
+        random.Random(f"s:3:{k // n_items}").shuffle(order)
+        expected.append(items[order[k % n_items]])
+    assert stream.batch(step, n) == expected
+
+
+def test_help_presets_and_explicit_flags(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "global image-caption pairs per step" in shown and "(default 32)" in shown  # a field's own comment
+    gpu = train.parse_args(["--preset", "gpu"])
+    assert gpu.run.preset == "gpu" and gpu.model.llm_width == train.PRESETS["gpu"]["llm_width"] != 192
+    assert train.parse_args(["--preset", "gpu", "--llm-width", "96"]).model.llm_width == 96
+    assert train.parse_args(["--preset", "gpu", "--smoke"]).model.llm_width == train.SMOKE["llm_width"]
+    with pytest.raises(SystemExit, match="--preset must be one of"):
+        train.parse_args(["--preset", "tpu"])
+
+
 def test_bad_flags_stop_with_a_message(tmp_path):
     with pytest.raises(SystemExit, match="--method must be one of"):
         train.parse_args(["--method", "clip"])
@@ -114,16 +144,48 @@ def test_non_finite_loss_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     out = tmp_path / "a.pt"
     run_single(out, "--stop-after", "2")
     before = out.read_bytes()
-    real = train.Trainer.step_loss
+    real = train.compute_loss
 
-    def poisoned(self, batches):
-        loss, terms = real(self, batches)
-        return loss * math.nan, {**terms, "total": math.nan}
+    def poisoned(*args):
+        loss, terms = real(*args)
+        return loss * math.nan, {**terms, "total": terms["total"] * math.nan}
 
-    monkeypatch.setattr(train.Trainer, "step_loss", poisoned)
+    monkeypatch.setattr(train, "compute_loss", poisoned)
     with pytest.raises(SystemExit, match="the loss is nan"):
         run_single(out, "--resume")
     assert out.read_bytes() == before
+
+
+def test_non_finite_gradient_with_a_finite_loss_is_never_written(tmp_path, monkeypatch):
+    """A finite loss whose gradient is NaN (d sqrt(x)/dx at 0, times 0) must stop the run before the next
+    checkpoint, even one due at that very step."""
+    out = tmp_path / "a.pt"
+    run_single(out, "--stop-after", "2")
+    before = out.read_bytes()
+    real = train.compute_loss
+
+    def nan_gradient(model, *args):
+        loss, terms = real(model, *args)
+        w = next(p for p in model.parameters() if p.requires_grad)
+        return loss + (w.sum() * 0).sqrt(), terms
+
+    monkeypatch.setattr(train, "compute_loss", nan_gradient)
+    with pytest.raises(SystemExit, match="step 2: the gradient norm is nan"):
+        run_single(out, "--resume", "--ckpt-every", "1")
+    assert out.read_bytes() == before
+
+
+def test_diverging_run_never_writes_non_finite_tensors(tmp_path):
+    """lr 1e3 diverges within a few steps; with a checkpoint after every step, whatever was written must hold
+    only finite weights and optimizer state (the guard once checked the loss alone: a finite loss with
+    non-finite gradients wrote a checkpoint with 45 non-finite tensors)."""
+    out = tmp_path / "l.pt"
+    with pytest.raises(SystemExit, match="stopping without writing"):
+        train.main(["--smoke", "--pretrain-lr", "1e3", "--ckpt-every", "1", "--out", str(out)])
+    ckpt = torch.load(out, weights_only=True)
+    tensors = list(ckpt["model"].values())
+    tensors += [v for state in ckpt["optimizer"]["state"].values() for v in state.values()]
+    assert all(torch.isfinite(t).all() for t in tensors if t.is_floating_point())
 
 
 def write_user_files(tmp_path: Path) -> dict[str, Path]:
