@@ -45,7 +45,7 @@ SHAPES = ("square", "circle", "triangle", "cross")
 COLOURS = {"red": (230, 40, 40), "green": (40, 190, 60), "blue": (50, 90, 240), "yellow": (235, 215, 40),
            "purple": (160, 60, 210), "cyan": (40, 220, 220)}
 SIZES = ("small", "large")
-GRID = 3  # a 3x3 grid of cells keeps shapes ~9 px (large) / ~6 px (small) wide at 32x32
+GRID = 3  # a 3x3 grid: shapes ~14 px (large) / ~9 px (small) wide at train.py's 48x48, one 16-px patch per cell
 POSITIONS = {(0, 0): "top left", (0, 1): "top", (0, 2): "top right", (1, 0): "left", (1, 1): "center",
              (1, 2): "right", (2, 0): "bottom left", (2, 1): "bottom", (2, 2): "bottom right"}
 REL_WORDS = {"left": "to the left of", "right": "to the right of", "above": "above", "below": "below"}

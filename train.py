@@ -117,8 +117,8 @@ RECIPE = {"help": "default: the --method's recipe (train.RECIPES)"}
 @dataclass
 class ModelArgs:
     """Sizes of the from-scratch MLLM (ignored with --llm/--vision, which bring their own)."""
-    image_size: int = 32
-    patch_size: int = 8
+    image_size: int = 48    # with 16-px patches each cell of the world's 3x3 grid is one image token
+    patch_size: int = 16
     vision_width: int = 128
     vision_layers: int = 3
     vision_heads: int = 4
@@ -147,7 +147,7 @@ class PretrainArgs:
     vision_steps: int = 600         # stage 0: distil the vision tower from the teacher's image features (0: skip)
     vision_batch: int = 64          # images per stage-0 step
     vision_lr: float = 1e-3
-    pretrain_steps: int = 600
+    pretrain_steps: int = 700
     pretrain_batch: int = 32        # global sequences per step
     pretrain_lr: float = 6e-4       # peak lr; ~1e-3 and above let the adapter's image tokens collapse
 
@@ -817,7 +817,8 @@ def save_checkpoint(path: Path, obj: dict[str, Any]) -> None:
     """Atomic: a crash mid-write never leaves a truncated file where a good checkpoint was. A failed or
     interrupted write removes its temporary file; one left by a killed writer (its process is gone) is removed
     by the next good save of the same path."""
-    bad = [k for k, v in obj["model"].items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    weights = obj.get("model", {})
+    bad = [k for k, v in weights.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:  # the last line of the NaN guard (see StepLog): non-finite weights are never written
         raise SystemExit(f"train.py: {obj['stage']} step {obj['step']}: {len(bad)} weight tensors are not "
                          f"finite ({', '.join(bad[:3])}...); stopping without writing {path} (the last good "

@@ -14,4 +14,5 @@ if __name__ == "__main__":
     d = train.setup_dist()
     result = train.train(cfg, d)
     torch.save({"model": result.model.state_dict(), "history": result.history}, Path(outdir) / f"rank{d.rank}.pt")
-    torch.distributed.destroy_process_group()
+    if torch.distributed.is_initialized():  # also run without torchrun: one process
+        torch.distributed.destroy_process_group()

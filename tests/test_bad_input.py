@@ -90,7 +90,7 @@ def test_nan_checkpoint_gives_no_metric_and_names_the_checkpoint(ckpt, tmp_path)
     (["--lambda-contrastive", "-0.5"], "--lambda-contrastive must be >= 0"),
     (["--stop-after", "-2"], "--stop-after must be >= 0"),  # it used to be ignored
     (["--warmup-frac", "2"], "--warmup-frac is a fraction"),
-    (["--image-size", "30"], "--image-size 30 must be a multiple of --patch-size 8"),
+    (["--image-size", "30"], "--image-size 30 must be a multiple of --patch-size 16"),
     (["--llm-heads", "5"], "--llm-width 64 must be a multiple of --llm-heads 5"),
     (["--data-split", "dev"], "--data-split must be one of"),
     (["--features", "f.safetensors"], "no --data is given"),

@@ -45,12 +45,19 @@ def test_ddp_two_ranks_match_one_process(tmp_path):
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert_same_weights(r0["model"], r1["model"])  # DDP kept the replicas identical
 
-    single = run_single(tmp_path / "single.pt")
-    ddp_terms, one_terms = flat(r0["history"]), flat(single.history)
+    # the one-process run in a fresh process too, like the ranks: nothing earlier tests left in this process
+    # (threads, global state) can touch it
+    one = tmp_path / "one"
+    one.mkdir()
+    cmd = [sys.executable, str(ROOT / "tests" / "ddp_worker.py"), *SMOKE, "--out", str(one / "single.pt"), str(one)]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    single = torch.load(one / "rank0.pt", weights_only=True)
+    ddp_terms, one_terms = flat(r0["history"]), flat(single["history"])
     assert [t[:2] for t in ddp_terms] == [t[:2] for t in one_terms]
     assert {k for _, k, _ in ddp_terms} >= {"ntp", "contrastive", "structure"}
     torch.testing.assert_close(torch.tensor([t[2] for t in ddp_terms]), torch.tensor([t[2] for t in one_terms]))
-    for k, v in single.model.state_dict().items():
+    for k, v in single["model"].items():
         torch.testing.assert_close(r0["model"][k], v, msg=k)
 
 
