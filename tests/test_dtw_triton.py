@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dtw  # noqa: E402
 
-pytest.importorskip("triton")
+pytestmark = pytest.mark.reference("triton", "tslearn.metrics")  # tests/conftest.py
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 if not INTERPRETED:

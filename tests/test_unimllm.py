@@ -20,8 +20,12 @@ from safetensors.torch import load_file, save_file
 
 import unimllm as um
 
-transformers = pytest.importorskip("transformers")
-transformers.logging.set_verbosity_error()
+try:
+    import transformers
+    transformers.logging.set_verbosity_error()
+except ImportError:  # only the tests marked TRANSFORMERS use it (tests/conftest.py skips them, or fails them under CI)
+    transformers = None
+TRANSFORMERS = pytest.mark.reference("transformers")
 
 VOCAB = 97
 
@@ -74,6 +78,7 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, tor
 LLM_NAMES = ["llama_tied", "llama_untied", "llama3_rope", "qwen2_sharded"]
 
 
+@TRANSFORMERS
 @pytest.mark.parametrize("name", LLM_NAMES)
 def test_llm_logits_and_hidden_match_transformers(saved, name: str) -> None:
     path, hf = saved[name]
@@ -89,6 +94,7 @@ def test_llm_logits_and_hidden_match_transformers(saved, name: str) -> None:
     torch.testing.assert_close(hidden, ref_hidden)
 
 
+@TRANSFORMERS
 @pytest.mark.parametrize("name", LLM_NAMES)
 def test_kv_cache_chunks_match_transformers(saved, name: str) -> None:
     path, hf = saved[name]
@@ -102,6 +108,7 @@ def test_kv_cache_chunks_match_transformers(saved, name: str) -> None:
     torch.testing.assert_close(torch.cat(chunks, dim=1), ref)
 
 
+@TRANSFORMERS
 @pytest.mark.parametrize("name", LLM_NAMES)
 def test_greedy_generate_matches_transformers(saved, name: str) -> None:
     path, hf = saved[name]
@@ -114,6 +121,7 @@ def test_greedy_generate_matches_transformers(saved, name: str) -> None:
     assert torch.equal(llm.generate(ids, max_new_tokens=20, use_cache=False), ref)
 
 
+@TRANSFORMERS
 @pytest.mark.parametrize("use_cache", [True, False])
 def test_right_padded_batch_generate_matches_rows_alone(saved, use_cache: bool) -> None:
     path, hf = saved["qwen2_sharded"]
@@ -130,6 +138,7 @@ def test_right_padded_batch_generate_matches_rows_alone(saved, use_cache: bool) 
         llm.generate(ids, lengths=torch.tensor([9, 0, 6]))
 
 
+@TRANSFORMERS
 def test_greedy_generate_eos_matches_transformers(saved) -> None:
     path, hf = saved["llama_untied"]
     llm = um.load_llm(path)
@@ -141,6 +150,7 @@ def test_greedy_generate_eos_matches_transformers(saved) -> None:
     assert torch.equal(llm.generate(ids, max_new_tokens=20, eos_id=eos), ref)
 
 
+@TRANSFORMERS
 def test_sampling_is_seeded_and_in_vocab(saved) -> None:
     llm = um.load_llm(saved["llama_tied"][0])
     ids = torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(4))
@@ -200,6 +210,7 @@ def hf_vision_hidden(name: str, model: torch.nn.Module, x: torch.Tensor):
     return vm(pixel_values=x, output_hidden_states=True)
 
 
+@TRANSFORMERS
 @pytest.mark.parametrize("name", ["clip", "siglip", "clip_full", "siglip_full"])
 def test_vision_hidden_states_match_transformers(vision_saved, name: str) -> None:
     path, hf = vision_saved[name]
@@ -218,6 +229,7 @@ def test_vision_hidden_states_match_transformers(vision_saved, name: str) -> Non
         torch.testing.assert_close(pooled[:, 0], ref.pooler_output)  # CLIP: post_layernorm on CLS only
 
 
+@TRANSFORMERS
 def test_vision_rejects_bad_layer_and_shape(vision_saved) -> None:
     enc = um.load_vision(vision_saved["clip"][0])
     with pytest.raises(ValueError, match="out of range"):
@@ -243,6 +255,7 @@ def edit_weights(path: Path, fn) -> None:
     save_file(sd, path / "model.safetensors")
 
 
+@TRANSFORMERS
 def test_loader_missing_tensor(saved, tmp_path: Path) -> None:
     p = copy_dir(saved["llama_untied"][0], tmp_path / "m")
     edit_weights(p, lambda sd: sd.pop("model.layers.1.mlp.up_proj.weight"))
@@ -250,6 +263,7 @@ def test_loader_missing_tensor(saved, tmp_path: Path) -> None:
         um.load_llm(p)
 
 
+@TRANSFORMERS
 def test_loader_extra_tensor(saved, tmp_path: Path) -> None:
     p = copy_dir(saved["llama_tied"][0], tmp_path / "m")
     edit_weights(p, lambda sd: sd.__setitem__("model.layers.0.self_attn.q_proj.bias", torch.zeros(64)))
@@ -257,6 +271,7 @@ def test_loader_extra_tensor(saved, tmp_path: Path) -> None:
         um.load_llm(p)
 
 
+@TRANSFORMERS
 def test_loader_untied_lm_head_in_tied_model_is_extra(saved, tmp_path: Path) -> None:
     p = copy_dir(saved["llama_tied"][0], tmp_path / "m")
     edit_weights(p, lambda sd: sd.__setitem__("lm_head.weight", torch.randn(VOCAB, 64)))
@@ -264,12 +279,14 @@ def test_loader_untied_lm_head_in_tied_model_is_extra(saved, tmp_path: Path) -> 
         um.load_llm(p)
 
 
+@TRANSFORMERS
 def test_loader_tied_duplicate_lm_head_is_accepted(saved, tmp_path: Path) -> None:
     p = copy_dir(saved["llama_tied"][0], tmp_path / "m")
     edit_weights(p, lambda sd: sd.__setitem__("lm_head.weight", sd["model.embed_tokens.weight"].clone()))
     torch.testing.assert_close(um.load_llm(p)(torch.arange(5)[None]), saved["llama_tied"][1](torch.arange(5)[None]).logits)
 
 
+@TRANSFORMERS
 def test_loader_wrong_shape(saved, tmp_path: Path) -> None:
     p = copy_dir(saved["llama_untied"][0], tmp_path / "m")
     edit_weights(p, lambda sd: sd.__setitem__("model.norm.weight", torch.ones(63)))
@@ -277,6 +294,7 @@ def test_loader_wrong_shape(saved, tmp_path: Path) -> None:
         um.load_llm(p)
 
 
+@TRANSFORMERS
 def test_loader_vision_missing_and_extra(vision_saved, tmp_path: Path) -> None:
     p = copy_dir(vision_saved["clip"][0], tmp_path / "m")
     edit_weights(p, lambda sd: sd.pop("pre_layrnorm.weight"))
@@ -288,6 +306,7 @@ def test_loader_vision_missing_and_extra(vision_saved, tmp_path: Path) -> None:
         um.load_vision(p)
 
 
+@TRANSFORMERS
 def test_loader_unsupported_model_type(saved, tmp_path: Path) -> None:
     p = copy_dir(saved["llama_tied"][0], tmp_path / "m")
     cfg = json.loads((p / "config.json").read_text())
@@ -299,6 +318,7 @@ def test_loader_unsupported_model_type(saved, tmp_path: Path) -> None:
         um.load_vision(p)
 
 
+@TRANSFORMERS
 def test_loader_rope_theta_top_level(saved, tmp_path: Path) -> None:
     p = copy_dir(saved["llama_tied"][0], tmp_path / "m")
     cfg = json.loads((p / "config.json").read_text())
@@ -312,6 +332,7 @@ def test_loader_rope_theta_top_level(saved, tmp_path: Path) -> None:
         um.load_llm(p)
 
 
+@TRANSFORMERS
 def test_loader_missing_files(saved, tmp_path: Path) -> None:
     p = copy_dir(saved["llama_tied"][0], tmp_path / "m")
     (p / "model.safetensors").unlink()

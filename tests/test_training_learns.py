@@ -1,0 +1,136 @@
+"""train.py learns: a few dozen optimizer steps on one fixed smoke-size batch lower every active loss term, for
+pre-training and for each fine-tuning method, and move exactly the method's trainable tensors; the next-token
+label shift of ntp_sum on a batch whose answer token is known; gradient accumulation against one larger batch,
+through the real loop (train_stage) with plain SGD, whose update is the gradient itself."""
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import data as D  # noqa: E402
+import train as T  # noqa: E402
+
+CPU = T.Dist(0, 1, torch.device("cpu"))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Smoke-size ops are too small for two thread teams on a shared 2-core machine (and 10x slower with them)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def setup(method: str, out: Path, *flags: str):
+    """The smoke run's tokenizer, streams and freshly initialised model, as train.train builds them."""
+    cfg = T.parse_args(["--smoke", "--method", method, "--out", str(out), *flags])
+    tok, corpus = T.tokenizer_and_corpus(cfg, None)
+    streams = T.build_streams(corpus, cfg.run.seed)
+    torch.manual_seed(0)
+    model = T.MLLM(T.model_config(cfg.model, tok))
+    return cfg, tok, corpus, streams, model
+
+
+def batches(stage: str, cfg, tok, corpus, streams, model) -> T.Batches:
+    return T.Batches(stage, streams, cfg, CPU, tok, model.cfg, T.objective_of(stage, cfg.finetune),
+                     corpus.pair_singles)
+
+
+def fit(model, batch: T.Batch, obj: T.Objective, steps: int, lr: float) -> list[dict[str, float]]:
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    history = []
+    for _ in range(steps):
+        loss, terms = T.compute_loss(model, batch, obj, 1)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        history.append({k: float(v) for k, v in terms.items()})
+    return history
+
+
+def test_ntp_sum_predicts_the_label_from_the_previous_position():
+    # labels[t] is the token at t, predicted by position t - 1: only position 2 carries the answer token 7
+    V = 11
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 5, V, generator=g, dtype=torch.float64)
+    labels = torch.tensor([[-100, -100, 7, -100, -100]])
+    loss, count = T.ntp_sum(logits, labels)
+    assert int(count) == 1
+    want = -math.log(math.exp(logits[0, 1, 7].item()) / sum(math.exp(logits[0, 1, v].item()) for v in range(V)))
+    assert float(loss) == pytest.approx(want, rel=1e-6)  # ntp_sum computes in float32
+    # a model that puts the answer at the position predicting it has (almost) zero loss; one step off, not
+    right, off = torch.zeros(1, 5, V), torch.zeros(1, 5, V)
+    right[0, 1, 7] = off[0, 2, 7] = 30.0
+    assert float(T.ntp_sum(right, labels)[0]) < 1e-6
+    assert float(T.ntp_sum(off, labels)[0]) == pytest.approx(math.log(V), rel=1e-6)
+
+
+def test_pretraining_fits_a_fixed_batch(tmp_path):
+    cfg, tok, corpus, streams, model = setup("unified", tmp_path / "p.pt")
+    pb = batches("pretrain", cfg, tok, corpus, streams, model)
+    history = fit(model, pb(0), pb.objective, 30, 1e-3)
+    assert history[-1]["ntp"] < 0.6 * history[0]["ntp"], (history[0], history[-1])
+
+
+@pytest.mark.parametrize("method", T.METHODS)
+def test_finetuning_fits_a_fixed_batch_and_moves_only_its_trainable_set(method, tmp_path):
+    cfg, tok, corpus, streams, model = setup(method, tmp_path / "f.pt")
+    pb = batches("pretrain", cfg, tok, corpus, streams, model)
+    fit(model, pb(0), pb.objective, 30, 1e-3)  # a base that has seen the data (LoRA on a random base barely moves)
+    T.add_lora(model, cfg.finetune)
+    model.init_soft_prompts(*D.soft_prompt_ids(tok))
+    ft = cfg.finetune
+    if T.losses_of(method, ft)[1]:
+        ft.gak_delta = T.estimate_gak_delta(corpus, streams, ft, CPU)
+    trainable = set(T.set_trainable(model, T.trainable_patterns(ft), lora=False))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    fb = batches("finetune", cfg, tok, corpus, streams, model)
+    history = fit(model, fb(0), fb.objective, 40, 1e-2)
+    active = {"ntp"} | ({"contrastive"} if fb.objective.contrastive else set()) \
+        | ({"structure"} if fb.objective.structure else set())
+    assert active <= set(history[0]), history[0]
+    first, last = history[0], history[-1]
+    # measured at smoke size: the total falls 12-22% over the 40 steps; Sugar's next-token term only ~2% (its
+    # LoRA sits on W_q, W_v alone and the structure term dominates the gradient)
+    assert last["total"] < 0.9 * first["total"], (method, first, last)
+    for k in active:  # and every term the method trains
+        assert last[k] < 0.99 * first[k], (method, k, first, last)
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    assert moved == trainable, (method, sorted(moved ^ trainable))
+    # what the method's recipe says it adapts (train.RECIPES): LoRA in every method, soft prompts in vladva and
+    # unified only, the temperature with the contrastive loss, the retrieval projector with the structure loss
+    assert any(".lora_B" in n for n in trainable)
+    assert ("image_prompt" in trainable) == (method in ("vladva", "unified"))
+    assert ("logit_scale" in trainable) == fb.objective.contrastive
+    assert any(n.startswith("projector.") for n in trainable) == fb.objective.structure
+
+
+def sgd_step(tmp_path: Path, n_acc: int, batch: int) -> dict[str, torch.Tensor]:
+    """The parameter change of one real pre-training step (train_stage) with SGD at lr 1, no clipping: minus
+    the step's gradient."""
+    cfg, tok, corpus, streams, model = setup("unified", tmp_path / f"a{n_acc}.pt", "--grad-accum", str(n_acc),
+                                              "--pretrain-batch", str(batch), "--grad-clip", "0",
+                                              "--warmup-frac", "0")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    stage = T.Stage("pretrain", 1, 1.0, None)
+    history = {"pretrain": [], "finetune": []}
+    assert T.train_stage(stage, model, opt, batches("pretrain", cfg, tok, corpus, streams, model), history, 0, 1)
+    return {n: p.detach() - before[n] for n, p in model.named_parameters()}
+
+
+@pytest.mark.xfail(strict=True, reason="train_stage averages the per-micro-batch token means (loss / n_acc); "
+                   "micro-batches with different numbers of answer tokens weigh their tokens differently from "
+                   "one batch of the same samples")
+def test_grad_accumulation_equals_one_batch_of_k_times_the_size(tmp_path):
+    # micro-batches 0 and 1 of size 4 are the samples of batch 0 of size 8 (Stream.batch is contiguous)
+    one, two = sgd_step(tmp_path, 1, 8), sgd_step(tmp_path, 2, 4)
+    for n in one:
+        torch.testing.assert_close(two[n], one[n], rtol=1e-4, atol=1e-6, msg=n)
