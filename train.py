@@ -24,6 +24,7 @@ Run:
     torchrun --nproc_per_node 8 train.py            # DDP, same flags (gloo on CPU, nccl on CUDA)
     python train.py --resume                        # continue exactly where the run writing --out stopped
     python train.py --preset gpu                    # a larger model and schedule for one GPU
+    python train.py export --ckpt out.pt --out hf/  # LoRA merged; transformers loads hf/ (unimllm.export_hf)
 
 One step (train_stage): lr, then per micro-batch a batch from the data thread (Prefetch), forward +
 compute_loss + backward, then clip, AdamW, and on log / checkpoint steps only, one device->host read of the
@@ -58,8 +59,8 @@ from tqdm import tqdm
 
 import data as D
 import kernel as K
-from unimllm import (LLMConfig, MLLM, MLLMConfig, VisionConfig, VisionEncoder, apply_lora, load_llm, load_vision,
-                     set_trainable)
+from unimllm import (EXPORT_MANIFEST, EXPORT_REST, LLMConfig, MLLM, MLLMConfig, VisionConfig, VisionEncoder,
+                     apply_lora, export_hf, load_llm, load_vision, set_trainable)
 
 CKPT_FORMAT = "unimllm-checkpoint-v1"
 METHODS = ("generative", "vladva", "sugar", "unified")
@@ -1276,7 +1277,26 @@ def restore(ckpt: dict[str, Any], model: MLLM, opt: torch.optim.Optimizer,
     return ckpt["step"]
 
 
+def export(argv: list[str]) -> None:
+    """`train.py export --ckpt out.pt --out DIR`: the checkpoint's model as Hugging Face files (unimllm.export_hf)."""
+    p = argparse.ArgumentParser(prog="train.py export", description=export.__doc__)
+    p.add_argument("--ckpt", required=True, help="a checkpoint written by train.py")
+    p.add_argument("--out", required=True, help="the directory to write (created; existing files are replaced)")
+    a = p.parse_args(argv)
+    if Path(a.out).exists() and not Path(a.out).is_dir():
+        raise SystemExit(f"train.py export: --out {a.out} exists and is not a directory")
+    model, tok = checkpoint_model(load_checkpoint(a.ckpt), a.ckpt)
+    ids = {"bos": tok.bos_id, "eos": tok.eos_id, "pad": tok.pad_id, "image": tok.image_id,
+           "soft_image": tok.soft_image_id, "soft_text": tok.soft_text_id}
+    export_hf(model, tok.to_str(), a.out, ids)
+    print(f"train.py export: wrote {a.out} (LoRA merged; config.json, model.safetensors, tokenizer.json, "
+          f"{EXPORT_REST}, {EXPORT_MANIFEST})", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["export"]:
+        return export(argv[1:])
     cfg = parse_args(argv)
     d = setup_dist()
     try:

@@ -372,3 +372,32 @@ def test_lambda_ntp_delta_and_switches_in_the_checkpoint(tmp_path, capsys):
     d = np.sort(d[d > 0])
     assert ft["gak_delta"] == pytest.approx(d[(len(d) - 1) // 2], rel=1e-9)  # torch's median: the lower middle
     assert f"GAK delta {ft['gak_delta']:.4f}" in capsys.readouterr().err
+
+
+def test_export_cli_writes_what_transformers_loads(tmp_path):
+    """`train.py export` on a checkpoint holding a LoRA model: transformers' Llama gives the checkpoint model's
+    logits; a missing checkpoint or a file as --out stops with a message."""
+    import transformers
+    import data as D
+    from unimllm import apply_lora
+    model = tiny_model().eval()
+    lora = {"targets": r"llm\..*(q_proj|v_proj)", "r": 4, "alpha": 8.0}
+    apply_lora(model, [lora["targets"]], lora["r"], lora["alpha"])
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("lora_B"):
+                p.normal_(0, 0.1)
+    tok = D.train_tokenizer(["a red cube.", "a blue ball."] * 3, 300)
+    ckpt = {k: None for k in train.CKPT_FIELDS} | {"format": train.CKPT_FORMAT, "model_config": model.cfg.to_dict(),
+                                                   "tokenizer": tok.to_str(), "model": model.state_dict(), "lora": lora}
+    torch.save(ckpt, tmp_path / "c.pt")
+    train.main(["export", "--ckpt", str(tmp_path / "c.pt"), "--out", str(tmp_path / "hf")])
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    x = torch.randint(0, 40, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, model.llm(x))
+    assert json.loads((tmp_path / "hf" / "mllm.json").read_text())["token_ids"]["image"] == tok.image_id
+    with pytest.raises(SystemExit, match="no such checkpoint"):
+        train.main(["export", "--ckpt", str(tmp_path / "none.pt"), "--out", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="not a directory"):
+        train.main(["export", "--ckpt", str(tmp_path / "c.pt"), "--out", str(tmp_path / "c.pt")])
