@@ -374,26 +374,41 @@ def test_lambda_ntp_delta_and_switches_in_the_checkpoint(tmp_path, capsys):
     assert f"GAK delta {ft['gak_delta']:.4f}" in capsys.readouterr().err
 
 
+def tiny_checkpoint(path, texts, lora: dict | None = None):
+    """A checkpoint file as train.py writes one, without training: a tiny random model sized to a tokenizer
+    trained on `texts` (32-px images: 16 image tokens)."""
+    import data as D
+    from unimllm import LLMConfig, MLLM, MLLMConfig, VisionConfig, apply_lora
+    tok = D.train_tokenizer(texts, 300)
+    torch.manual_seed(0)
+    cfg = MLLMConfig(VisionConfig(image_size=32, patch_size=8, hidden_size=32, num_layers=2, intermediate_size=64),
+                     LLMConfig(vocab_size=tok.vocab_size, hidden_size=48, intermediate_size=96, num_layers=2,
+                               max_seq_len=96),
+                     image_token_id=tok.image_id, soft_image_token_id=tok.soft_image_id,
+                     soft_text_token_id=tok.soft_text_id, n_soft_tokens=D.n_soft_tokens(tok), proj_dim=16)
+    model = MLLM(cfg).eval()
+    if lora:
+        apply_lora(model, [lora["targets"]], lora["r"], lora["alpha"])
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n.endswith("lora_B"):
+                    p.normal_(0, 0.1)
+    ckpt = {k: None for k in train.CKPT_FIELDS} | {"format": train.CKPT_FORMAT, "model_config": cfg.to_dict(),
+                                                   "tokenizer": tok.to_str(), "model": model.state_dict(),
+                                                   "lora": lora, "stage": "pretrain", "method": "generative"}
+    torch.save(ckpt, path)
+    return model, tok
+
+
 def test_export_cli_writes_what_transformers_loads(tmp_path):
     """`train.py export` on a checkpoint holding a LoRA model: transformers' Llama gives the checkpoint model's
     logits; a missing checkpoint or a file as --out stops with a message."""
     import transformers
-    import data as D
-    from unimllm import apply_lora
-    model = tiny_model().eval()
     lora = {"targets": r"llm\..*(q_proj|v_proj)", "r": 4, "alpha": 8.0}
-    apply_lora(model, [lora["targets"]], lora["r"], lora["alpha"])
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n.endswith("lora_B"):
-                p.normal_(0, 0.1)
-    tok = D.train_tokenizer(["a red cube.", "a blue ball."] * 3, 300)
-    ckpt = {k: None for k in train.CKPT_FIELDS} | {"format": train.CKPT_FORMAT, "model_config": model.cfg.to_dict(),
-                                                   "tokenizer": tok.to_str(), "model": model.state_dict(), "lora": lora}
-    torch.save(ckpt, tmp_path / "c.pt")
+    model, tok = tiny_checkpoint(tmp_path / "c.pt", ["a red cube.", "a blue ball."] * 3, lora)
     train.main(["export", "--ckpt", str(tmp_path / "c.pt"), "--out", str(tmp_path / "hf")])
     hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
-    x = torch.randint(0, 40, (2, 9), generator=torch.Generator().manual_seed(0))
+    x = torch.randint(0, tok.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(hf(x).logits, model.llm(x))
     assert json.loads((tmp_path / "hf" / "mllm.json").read_text())["token_ids"]["image"] == tok.image_id
@@ -401,3 +416,46 @@ def test_export_cli_writes_what_transformers_loads(tmp_path):
         train.main(["export", "--ckpt", str(tmp_path / "none.pt"), "--out", str(tmp_path / "x")])
     with pytest.raises(SystemExit, match="not a directory"):
         train.main(["export", "--ckpt", str(tmp_path / "c.pt"), "--out", str(tmp_path / "c.pt")])
+
+
+def test_eval_on_llava_and_pope_files(tmp_path, monkeypatch):
+    """--data llava.json,pope.jsonl: the union of vqa/* and pope/*. With the model's real greedy answers every
+    metric is a fraction; with answers fixed per prompt, each metric equals the count worked out by hand, and
+    each prompt is the conversation before its answer."""
+    p = write_user_files(tmp_path)
+    recs = [{"image": f"img/{k}.png", "type": t, "conversations": [
+        {"from": "human", "value": f"<image>\nquestion {k}?"}, {"from": "gpt", "value": a},
+        {"from": "human", "value": f"follow-up {k}?"}, {"from": "gpt", "value": "two"}]}
+        for k, (t, a) in enumerate([("colour", "red"), ("colour", "the blue."), ("shape", "square")])]
+    llava = tmp_path / "llava_test.json"
+    llava.write_text(json.dumps(recs))
+    pope = tmp_path / "pope.jsonl"
+    labels = ["yes", "no", "yes", "no"]
+    pope.write_text("".join(json.dumps({"question_id": k, "image": f"img/{k}.png", "text": f"is there {k}?",
+                                        "label": lab}) + "\n" for k, lab in enumerate(labels)))
+    tiny_checkpoint(tmp_path / "c.pt", ["question follow-up is there red blue square two yes no"] * 3)
+    args = ["--ckpt", str(tmp_path / "c.pt"), "--data", f"{llava},{pope}"]
+    real = E.main(args)
+    assert set(real) == {"vqa/acc", "vqa/colour", "vqa/shape", "pope/acc", "pope/precision", "pope/recall",
+                         "pope/f1", "pope/yes_ratio"} and all(0 <= v <= 1 for v in real.values())
+    fixed = {"question 0?": "Red", "question 1?": "blue", "question 2?": "circle", "follow-up 0?": "2",
+             "follow-up 1?": "three", "follow-up 2?": "Two!", "is there 0?": "yes", "is there 1?": "yes",
+             "is there 2?": "no", "is there 3?": "No."}
+    seen = []
+
+    def answers(model, tok, prompts, device, batch, max_new_tokens=6, desc=""):
+        seen.extend([[s.text for s in q.segments] for q in prompts])
+        return [fixed[q.segments[-1].text] for q in prompts]
+    monkeypatch.setattr(E, "generate_answers", answers)
+    m = E.main(args)
+    assert seen[1] == [None, "question 0?", "red", "follow-up 0?"]
+    # vqa: red ok, 2 ok | blue ok, three wrong | circle wrong, Two! ok -> 4 of 6; colour 3 of 4; shape 1 of 2
+    assert (m["vqa/acc"], m["vqa/colour"], m["vqa/shape"]) == (pytest.approx(4 / 6), 0.75, 0.5)
+    # pope: tp 1 (0), fp 1 (1), fn 1 (2), tn 1 (3)
+    assert m["pope/acc"] == m["pope/precision"] == m["pope/recall"] == m["pope/f1"] == m["pope/yes_ratio"] == 0.5
+    both = E.main(["--ckpt", str(tmp_path / "c.pt"), "--data", f"{pope},{p['karpathy']}", "--data-split", "all"])
+    assert "pope/acc" in both and "retrieval/t2i_r1" in both
+    (tmp_path / "pope_b.jsonl").write_text(pope.read_text())
+    twice = E.main(["--ckpt", str(tmp_path / "c.pt"), "--data", f"{pope},{llava},{tmp_path / 'pope_b.jsonl'}"])
+    assert twice["pope/acc@pope"] == twice["pope/acc@pope_b"] == 0.5 and "pope/acc" not in twice
+    assert twice["vqa/acc"] == m["vqa/acc"]
