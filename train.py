@@ -536,20 +536,28 @@ def load_features(path: str) -> D.Features:
 
 
 def check_corpus(corpus: Corpus, cfg: TrainConfig, tok: D.Tokenizer, n_image_tokens: int,
-                 pretrain: bool) -> None:
+                 pretrain: bool, finetune: bool) -> None:
     """Refuse, before any step, a corpus that lacks what the chosen stages need or holds a sample longer than
     the context (measured with the tokenizer training will use, so a run never meets one hours in)."""
     where = f"--data {cfg.data.data}" if cfg.data.data else "the built-in world"
     method = cfg.finetune.method
+    if not (pretrain or finetune):
+        raise SystemExit("train.py: --finetune-steps 0 with --init or --llm (no pre-training) trains nothing")
     if pretrain and not (corpus.lm or corpus.long or corpus.stories):
         raise SystemExit(f"train.py: {where} has no samples to pre-train on")
-    if not corpus.pairs:
-        raise SystemExit(f"train.py: fine-tuning ({method}) needs image-caption pairs (a Karpathy-style file); "
-                         f"{where} has none")
-    if method in ("sugar", "unified"):
+    # VladVA's losses (contrastive, and its next-token loss on long captions) read image-caption pairs alone
+    if finetune and not corpus.pairs and (losses_of(method, cfg.finetune)[0] or method == "vladva"):
+        raise SystemExit(f"train.py: fine-tuning ({method}) needs image-caption pairs: add a Karpathy-style "
+                         f"captions file to --data (comma-separated; see data.py); {where} has none. Or use "
+                         f"--method generative, or --finetune-steps 0 to pre-train only")
+    if finetune and not (corpus.pairs or corpus.lm or corpus.stories):
+        raise SystemExit(f"train.py: {where} has no samples to fine-tune on")
+    if finetune and method in ("sugar", "unified"):
         if not corpus.stories:
-            raise SystemExit(f"train.py: the {method} structure loss needs interleaved samples with prefixes "
-                             f"(an MMC4-style file); {where} has none")
+            raise SystemExit(f"train.py: the {method} structure loss needs interleaved samples with prefixes: "
+                             f"add an MMC4-style .jsonl to --data and its teacher features with --features "
+                             f"(see data.py); {where} has none. Or use --method generative, or "
+                             f"--finetune-steps 0 to pre-train only")
         bare = sum(seg.uni is None or seg.cross is None for s in corpus.stories for seg in s.segments)
         if bare:
             raise SystemExit(f"train.py: the {method} structure loss needs teacher features for every slice; "
@@ -635,9 +643,10 @@ class Batches:
             lm = D.collate(shard(items, cfg.pretrain.pretrain_batch, d), tok, n_img, L)
             return Batch(lm=lm, n_sequences=lm["input_ids"].shape[0])
         ft, obj, out = cfg.finetune, self.objective, Batch()
-        pairs = self.streams["pairs"].batch(k, ft.pair_batch)
+        pairs = self.streams["pairs"].batch(k, ft.pair_batch) if self.streams["pairs"].items else []
         local_pairs = shard(pairs, ft.pair_batch, d)
-        out.pairs = D.collate_pairs(local_pairs, tok, n_img, self.model_cfg.n_soft_tokens, L)
+        if pairs:  # a conversations-only corpus fine-tunes generatively without them (check_corpus)
+            out.pairs = D.collate_pairs(local_pairs, tok, n_img, self.model_cfg.n_soft_tokens, L)
         if obj.lm and self.streams["lm"].items:
             out.lm = D.collate(shard(self.streams["lm"].batch(k, ft.lm_batch), ft.lm_batch, d), tok, n_img, L)
         if obj.lm and self.streams["stories"].items:
@@ -659,7 +668,8 @@ class Batches:
                     out.sugar_targets = K.gak_targets(*args, delta=ft.gak_delta, kernel=ft.sugar_kernel,
                                                       single=ft.sugar_single)  # (P, P)
         rows = [b["input_ids"] for b in (out.lm, out.stories, out.singles) if b is not None]
-        rows.append(out.pairs["img_ids"])  # a pair is one sample (its caption side rides along)
+        if out.pairs is not None:
+            rows.append(out.pairs["img_ids"])  # a pair is one sample (its caption side rides along)
         out.n_sequences = sum(r.shape[0] for r in rows)
         return out
 
@@ -1176,7 +1186,8 @@ def train(cfg: TrainConfig, d: Dist) -> TrainResult:
     tok, corpus = tokenizer_and_corpus(cfg, resume or init)
     n_img = (hf_vision.cfg.num_patches if hf_vision is not None  # the model's tokens per image
              else (cfg.model.image_size // cfg.model.patch_size) ** 2)
-    check_corpus(corpus, cfg, tok, n_img, pretrain=init is None and not run.llm)
+    check_corpus(corpus, cfg, tok, n_img, pretrain=init is None and not run.llm,
+                 finetune=cfg.finetune.finetune_steps > 0)
     streams = build_streams(corpus, run.seed)
     history: dict[str, list[dict[str, float]]] = {"pretrain": [], "finetune": []}
     stop = run.stop_after if run.stop_after > 0 else math.inf
@@ -1213,6 +1224,10 @@ def train(cfg: TrainConfig, d: Dist) -> TrainResult:
         stop -= stage.total - start
         if d.main:
             save_checkpoint(base_path(out), make_checkpoint(model, tok, cfg, stage, stage.total, opt, history))
+            if cfg.finetune.finetune_steps == 0:  # pre-training only: the base is the result
+                save_checkpoint(out, make_checkpoint(model, tok, cfg, stage, stage.total, opt, history))
+        if cfg.finetune.finetune_steps == 0:
+            return TrainResult(model, history, True)
 
     # --- stage 2: fine-tuning of LoRA + soft prompts + projector + temperature, the method's losses
     model = model.to(d.device)

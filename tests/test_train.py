@@ -237,8 +237,32 @@ def test_user_files_train_and_evaluate(tmp_path):
         train.main(SMOKE + ["--data", str(bad), "--data-split", "all", "--out", str(tmp_path / "bad.pt")])
     with pytest.raises(SystemExit, match="needs teacher features for every slice"):
         train.main(SMOKE + ["--data", files, "--out", str(tmp_path / "nofeat.pt")])
-    with pytest.raises(SystemExit, match="needs image-caption pairs"):
-        train.main(SMOKE + ["--data", str(p["llava"]), "--method", "generative", "--out", str(tmp_path / "x.pt")])
+
+
+def test_a_llava_file_alone_trains(tmp_path):
+    """Conversations only: generative pre-training + fine-tuning on the supervised turns, pre-training alone with
+    --finetune-steps 0 (whatever the method), and the methods that need pairs or stories say what to add."""
+    p = write_user_files(tmp_path)
+    llava = ["--data", str(p["llava"])]
+    out = tmp_path / "gen.pt"
+    result = train.train(train.parse_args(SMOKE + llava + ["--method", "generative", "--out", str(out)]),
+                         train.Dist(0, 1, torch.device("cpu")))
+    assert result.complete and len(result.history["pretrain"]) == len(result.history["finetune"]) == 4
+    assert all(set(t) >= {"ntp"} and math.isfinite(t["ntp"]) for t in result.history["finetune"])
+    assert train.load_checkpoint(out)["stage"] == "finetune"
+    metrics = E.main(["--ckpt", str(out), "--data", str(p["llava"])])
+    assert set(metrics) == {"vqa/acc"} and 0 <= metrics["vqa/acc"] <= 1
+    only = tmp_path / "pre.pt"
+    train.main(SMOKE + llava + ["--finetune-steps", "0", "--out", str(only)])  # unified: its needs don't apply
+    ckpt = train.load_checkpoint(only)
+    assert ckpt["stage"] == "pretrain" and ckpt["done"] and not ckpt["history"]["finetune"]
+    with pytest.raises(SystemExit, match="needs image-caption pairs: add a Karpathy-style captions file"):
+        train.main(SMOKE + llava + ["--method", "vladva", "--out", str(tmp_path / "x.pt")])
+    with pytest.raises(SystemExit, match="add an MMC4-style .jsonl to --data and its teacher features"):
+        train.main(SMOKE + llava + ["--data", f"{p['llava']},{p['karpathy']}", "--method", "sugar",
+                                    "--out", str(tmp_path / "x.pt")])
+    with pytest.raises(SystemExit, match="trains nothing"):
+        train.main(SMOKE + llava + ["--finetune-steps", "0", "--init", str(only), "--out", str(tmp_path / "y.pt")])
 
 
 def test_fine_tune_from_hugging_face_checkpoints(tmp_path):
