@@ -60,7 +60,7 @@ from tqdm import tqdm
 import data as D
 import kernel as K
 from unimllm import (EXPORT_MANIFEST, EXPORT_REST, LLMConfig, MLLM, MLLMConfig, VisionConfig, VisionEncoder,
-                     apply_lora, export_hf, load_llm, load_vision, set_trainable)
+                     apply_lora, export_hf, load_llm, load_vision, resolve_model_path, set_trainable)
 
 CKPT_FORMAT = "unimllm-checkpoint-v1"
 METHODS = ("generative", "vladva", "sugar", "unified")
@@ -180,8 +180,8 @@ class FinetuneArgs:
 class RunArgs:
     out: str = "out.pt"
     init: str = ""          # start the fine-tuning from this checkpoint (skips pre-training)
-    llm: str = ""           # Hugging Face LLM directory (with --vision; skips pre-training)
-    vision: str = ""        # Hugging Face CLIP / SigLIP vision directory
+    llm: str = ""           # Hugging Face LLM directory or Hub id (with --vision; skips pre-training)
+    vision: str = ""        # Hugging Face CLIP / SigLIP vision directory or Hub id
     resume: bool = False    # continue exactly where the run writing --out stopped
     smoke: bool = False     # a tiny configuration of the same code path (flags given explicitly still win)
     preset: str = "cpu"     # cpu: the defaults below (2 CPU cores); gpu: a larger model and schedule, one GPU
@@ -350,6 +350,12 @@ def validate(cfg: TrainConfig) -> None:
         if values[name] % world:
             raise SystemExit(f"train.py: {flag_of(name)} {values[name]} (a global batch) does not split over "
                              f"{world} ranks")
+    for flag, name in (("--llm", "llm"), ("--vision", "vision")):
+        if getattr(run, name):  # a Hugging Face id becomes the local snapshot directory
+            try:
+                setattr(run, name, str(resolve_model_path(getattr(run, name))))
+            except ValueError as e:
+                raise SystemExit(f"train.py: {flag} {e}") from e
     data_files = [("--data", p) for p in cfg.data.data.split(",") if cfg.data.data]
     for name, path in [("--init", run.init), ("--llm", run.llm), ("--vision", run.vision),
                        ("--features", cfg.data.features)] + data_files:

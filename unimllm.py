@@ -878,6 +878,31 @@ def check_and_load(model: nn.Module, tensors: dict[str, Tensor], where: Path, dt
     model.load_state_dict({k: v.to(dtype) for k, v in tensors.items()}, strict=True, assign=True)
 
 
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")  # owner/name
+HUB_FILES = ["*.json", "*.safetensors"]  # configs, tokenizer, weights (and shard index): all the loaders read
+
+
+def resolve_model_path(name: str | Path) -> Path:
+    """A local path as it is; otherwise a Hugging Face Hub id (`owner/name`) fetched into, or found in, the
+    Hugging Face cache by `huggingface_hub.snapshot_download` (an optional dependency). With HF_HUB_OFFLINE=1 only
+    the cache is read. ValueError, saying which, when it is neither."""
+    if Path(name).exists():
+        return Path(name)
+    if not HUB_ID.match(str(name)):
+        raise ValueError(f"{name}: no such file or directory (nor a Hugging Face id of the form owner/name)")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as e:
+        raise ValueError(f"{name}: no such local directory; to fetch it as a Hugging Face id, install "
+                         f"huggingface_hub (pip install huggingface_hub)") from e
+    try:
+        return Path(snapshot_download(str(name), allow_patterns=HUB_FILES))
+    except Exception as e:  # huggingface_hub's errors (offline, unknown or gated id, network) share no base class
+        raise ValueError(f"{name}: not a local directory, and the Hugging Face Hub could not provide it (offline, "
+                         f"or HF_HUB_OFFLINE=1 and not in the cache, or no such model?): {type(e).__name__}: "
+                         f"{e}") from e
+
+
 def load_llm(path: str | Path, dtype: torch.dtype = torch.float32) -> LLM:
     """A Llama / Qwen2 / SmolLM Hugging Face directory -> LLM (with `.cfg`)."""
     path = Path(path)

@@ -294,6 +294,57 @@ def test_fine_tune_from_hugging_face_checkpoints(tmp_path):
     torch.testing.assert_close(model.llm.embed_tokens.weight[:300], reference["embed_tokens.weight"])
 
 
+
+def hub_cache(root: Path, repo: str, files: Path) -> Path:
+    """A Hugging Face cache entry by hand, in huggingface_hub's layout: models--owner--name/refs/main holds the
+    commit, snapshots/<commit>/ the files."""
+    entry = root / ("models--" + repo.replace("/", "--"))
+    (entry / "refs").mkdir(parents=True)
+    (entry / "refs" / "main").write_text("0123456789abcdef0123456789abcdef01234567")
+    snap = entry / "snapshots" / "0123456789abcdef0123456789abcdef01234567"
+    snap.mkdir(parents=True)
+    for f in files.iterdir():
+        (snap / f.name).write_bytes(f.read_bytes())
+    return snap
+
+
+def test_hugging_face_ids_resolve_offline_from_the_cache(tmp_path, monkeypatch):
+    """--llm / --vision owner/name: found in a hand-built cache with HF_HUB_OFFLINE=1 (no network); an id not in
+    the cache, a missing huggingface_hub and a path that is no id each stop with a message naming the flag."""
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    import transformers
+    import data as D
+    from unimllm import load_llm
+    tok = D.train_tokenizer(["a red cube.", "a blue ball."] * 3, 300)
+    torch.manual_seed(0)
+    llm_cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128)
+    hf = transformers.LlamaForCausalLM(llm_cfg).eval()
+    hf.save_pretrained(tmp_path / "llm")
+    tok.save(tmp_path / "llm" / "tokenizer.json")
+    vis_cfg = transformers.CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                                            num_hidden_layers=1, num_attention_heads=2)
+    transformers.CLIPVisionModel(vis_cfg).save_pretrained(tmp_path / "vision")
+    cache = tmp_path / "hub"
+    snaps = {r: hub_cache(cache, r, tmp_path / d) for r, d in (("tiny/llm", "llm"), ("tiny/vision", "vision"))}
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import, so set both
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    ids = SMOKE + ["--llm", "tiny/llm", "--vision", "tiny/vision", "--out", str(tmp_path / "o.pt")]
+    cfg = train.parse_args(ids)
+    assert (Path(cfg.run.llm), Path(cfg.run.vision)) == (snaps["tiny/llm"], snaps["tiny/vision"])
+    x = torch.randint(0, 300, (1, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(load_llm(cfg.run.llm)(x), hf(x).logits)
+    with pytest.raises(SystemExit, match=r"--llm tiny/absent: not a local directory, and the Hugging Face Hub"):
+        train.parse_args(SMOKE + ["--llm", "tiny/absent", "--vision", "tiny/vision"])
+    with pytest.raises(SystemExit, match=r"--vision no/such/dir: no such file or directory"):
+        train.parse_args(SMOKE + ["--llm", "tiny/llm", "--vision", "no/such/dir"])
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # as if not installed
+    with pytest.raises(SystemExit, match=r"--llm tiny/llm: no such local directory; .*install huggingface_hub"):
+        train.parse_args(ids)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # each method's recipe, and the switches of the papers' ablations
 
