@@ -244,7 +244,8 @@ def generate_answers(model: MLLM, tok: D.Tokenizer, prompts: list[D.Sample], dev
         ids = torch.cat([rows[i]["input_ids"] for i in idx]).to(device)
         imgs = [rows[i]["images"] for i in idx if rows[i]["images"] is not None]
         images = torch.cat(imgs).to(device) if imgs else None
-        new = model.generate(ids, images, max_new_tokens=max_new_tokens, eos_id=tok.eos_id).cpu()
+        room = model.cfg.llm.max_seq_len - ids.shape[1]  # >= 1: a file's prompt is shorter than its checked sample
+        new = model.generate(ids, images, max_new_tokens=min(max_new_tokens, room), eos_id=tok.eos_id).cpu()
         for i, row in zip(idx, new.tolist()):
             row = row[:row.index(tok.eos_id)] if tok.eos_id in row else row
             answers[i] = tok.decode(row).strip()

@@ -534,3 +534,19 @@ def test_eval_on_llava_and_pope_files(tmp_path, monkeypatch):
     twice = E.main(["--ckpt", str(tmp_path / "c.pt"), "--data", f"{pope},{llava},{tmp_path / 'pope_b.jsonl'}"])
     assert twice["pope/acc@pope"] == twice["pope/acc@pope_b"] == 0.5 and "pope/acc" not in twice
     assert twice["vqa/acc"] == m["vqa/acc"]
+
+
+def test_eval_answers_a_prompt_near_the_context_end(tmp_path):
+    """A question whose sample fits the context exactly but leaves fewer free positions than the answer budget:
+    the answer is cut at the context's end instead of generation refusing."""
+    import data as D
+    write_user_files(tmp_path)
+    _, tok = tiny_checkpoint(tmp_path / "c.pt", ["question follow-up is there red blue square two yes no"] * 3)
+    question = " ".join(["red"] * 70)
+    rec = {"image": "img/0.png", "conversations": [{"from": "human", "value": f"<image>\n{question}"},
+                                                   {"from": "gpt", "value": "blue"}]}
+    (tmp_path / "long.json").write_text(json.dumps([rec]))
+    n = D.sample_lengths(D.load_dataset(tmp_path / "long.json").samples, tok, 16)[0]
+    assert 96 - 16 < n - 2 < 96  # the prompt (the sample less answer and </s>) leaves under 16 positions
+    metrics = E.main(["--ckpt", str(tmp_path / "c.pt"), "--data", str(tmp_path / "long.json")])
+    assert set(metrics) == {"vqa/acc"}
