@@ -16,9 +16,28 @@ so "the red square" always names exactly one object and every hard negative belo
 
 Run:
     python data.py check PATH [--tokenizer tokenizer.json] [--max-len 192] [--n-image-tokens 16]
-        validates a LLaVA / Karpathy / MMC4 / SugarCrepe / teacher-features file, reporting every problem at
-        once; the defaults are train.py's default context and image tokens.
+        validates a LLaVA / Karpathy / MMC4 / SugarCrepe / POPE / teacher-features file, reporting every problem
+        at once; the defaults are train.py's default context and image tokens.
     python data.py demo       prints one scene of the built-in world.
+
+User formats (found by suffix and content; image paths are relative to the file; eval.py's metrics for each):
+  LLaVA conversations .json (train; eval: vqa/acc, vqa/<type> from the optional "type"):
+      [{"id": "0", "image": "img/0.png", "type": "colour", "conversations": [
+        {"from": "human", "value": "<image>\nwhat colour is it?"}, {"from": "gpt", "value": "red"}]}]
+  Karpathy captions .json (train; eval: retrieval/*):
+      {"images": [{"filename": "img/0.png", "split": "test",
+                   "sentences": [{"raw": "a red square."}, {"raw": "one red square in the middle."}]}]}
+  MMC4 documents .jsonl, one per line (train):
+      {"text_list": ["a first line.", "a second line."],
+       "image_info": [{"image_name": "img/0.png", "matched_text_index": 0}]}
+  SugarCrepe .json, the category from "category" or the file name (eval: compositional/file):
+      {"0": {"filename": "img/0.png", "caption": "a red square.",
+             "negative_caption": "a blue square."}}
+  POPE questions .jsonl, one per line (train; eval: pope/acc|precision|recall|f1|yes_ratio):
+      {"question_id": 1, "image": "img/0.png", "text": "Is there a red square in the image?", "label": "yes"}
+      {"question_id": 2, "image": "img/0.png", "text": "Is there a cat in the image?", "label": "no"}
+  Teacher features .safetensors (train --features): tensors "image:<path>.uni|cross", "text:<sha256>.uni|cross"
+      written by save_features({feature_key("image", "img/0.png"): (uni, cross), ...}).
 """
 from __future__ import annotations
 
@@ -1004,11 +1023,22 @@ class NegativeItem:
 
 
 @dataclass
+class Question:
+    """A question with one reference answer, for eval.py: `prompt` is everything the model sees before answering
+    (a LLaVA conversation up to a supervised turn; a POPE image + question); kind: "vqa" | "pope"."""
+    prompt: Sample
+    answer: str
+    kind: str
+    type: str | None = None  # the record's question type, where the file gives one (vqa/<type>)
+
+
+@dataclass
 class LoadedData:
-    format: str                                               # llava | karpathy | mmc4 | sugarcrepe | features
+    format: str                                               # llava | karpathy | mmc4 | sugarcrepe | pope | features
     samples: list[Sample] = field(default_factory=list)       # for collate (NTP / Sugar)
     pairs: list[Pair] = field(default_factory=list)           # for collate_pairs (VladVA); Karpathy only
     negatives: list[NegativeItem] = field(default_factory=list)  # SugarCrepe-style evaluation items
+    questions: list[Question] = field(default_factory=list)   # LLaVA turns and POPE lines (eval.py: vqa/, pope/)
     features: "Features | None" = None
     sample_records: list[int | str] = field(default_factory=list)  # file record of each sample (for messages)
     pair_records: list[int | str] = field(default_factory=list)
@@ -1123,8 +1153,9 @@ def _split_image_text(text: str) -> list[str | None]:
 
 
 def read_llava(ctx: _Ctx, records: object) -> LoadedData:
-    """LLaVA conversation JSON: [{"id", "image": path | [paths] (optional), "conversations": [{"from": "human"|
-    "gpt", "value": str}, ...]}]; <image> placeholders in human turns mark where images go, in order."""
+    """LLaVA conversation JSON: [{"id", "image": path | [paths] (optional), "type": str (optional), "conversations":
+    [{"from": "human"|"gpt", "value": str}, ...]}]; <image> placeholders in human turns mark where images go, in
+    order. Every supervised (gpt) turn is also a Question: the conversation before it, its text the answer."""
     data = LoadedData("llava")
     if not isinstance(records, list):
         ctx.bad("<file>", "<root>", "a JSON list of conversation records")
@@ -1165,8 +1196,14 @@ def read_llava(ctx: _Ctx, records: object) -> LoadedData:
             ctx.bad(i, "conversations", f"{len(paths)} <image> placeholder(s) for {len(paths)} image(s), "
                                         f"found {n_slots}")
             ok = False
+        qtype = rec.get("type")
+        if qtype is not None and (not isinstance(qtype, str) or not qtype.strip()):
+            ctx.bad(i, "type", f"a non-empty question type string, got {_json_type(qtype)}")
+            ok = False
         if ok and all(im is not None for im in imgs):
             data.add_sample(i, Sample(segs))
+            data.questions += [Question(Sample(segs[:k]), seg.text, "vqa", qtype) for k, seg in enumerate(segs)
+                               if seg.loss and k > 0 and not segs[k - 1].loss]
     return data
 
 
@@ -1257,6 +1294,37 @@ def read_mmc4(ctx: _Ctx, lines: list[str]) -> LoadedData:
     return data
 
 
+POPE_LABELS = ("yes", "no")
+
+
+def read_pope(ctx: _Ctx, lines: list[str]) -> LoadedData:
+    """POPE question JSONL (Li et al., EMNLP 2023): one {"question_id", "image", "text", "label": "yes"|"no"} per
+    line. Each line is a Question (kind "pope") and a training sample [image, question, answer]."""
+    data = LoadedData("pope")
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            ctx.bad(i, "<line>", f"valid JSON ({e.msg})")
+            continue
+        name, text, label = (_need(ctx, rec, i, k, str) for k in ("image", "text", "label"))
+        if "question_id" not in rec:
+            _need(ctx, rec, i, "question_id", int)
+        if label is not None and label.strip().lower() not in POPE_LABELS:
+            ctx.bad(i, "label", f"'yes' or 'no', got {label!r}")
+            label = None
+        img = ctx.image(i, "image", name) if name is not None else None
+        text = ctx.text(i, "text", text) if text is not None else None
+        if img is None or text is None or label is None:
+            continue
+        prompt = [image_seg(img), text_seg(text.strip(), False)]
+        data.questions.append(Question(Sample(prompt), label.strip().lower(), "pope"))
+        data.add_sample(i, Sample(prompt + [text_seg(label.strip().lower(), True)]))
+    return data
+
+
 def read_sugarcrepe(ctx: _Ctx, root: object, category: str) -> LoadedData:
     """SugarCrepe JSON: {"0": {"filename", "caption", "negative_caption"}, ...} (or a list of such records); the
     category comes from each record's "category" field, else from the file name (e.g. swap_att.json)."""
@@ -1341,7 +1409,7 @@ def detect_format(path: Path) -> str:
     if path.suffix == ".safetensors":
         return "features"
     if path.suffix == ".jsonl":
-        return "mmc4"
+        return "pope" if _first_jsonl_keys(path) >= {"question_id", "text", "label"} else "mmc4"
     if path.suffix != ".json":
         raise ValueError(f"{path}: unknown format (expected .json, .jsonl or .safetensors)")
     root = _read_json(path)
@@ -1355,6 +1423,17 @@ def detect_format(path: Path) -> str:
         return "sugarcrepe"
     raise ValueError(f"{path}: cannot tell the format: expected LLaVA records with 'conversations', a Karpathy "
                      f"object with 'images', or SugarCrepe records with 'negative_caption'")
+
+
+def _first_jsonl_keys(path: Path) -> set[str]:
+    """The keys of a JSONL file's first record (empty when it is not an object): POPE and MMC4 share .jsonl."""
+    try:
+        with open(path) as f:
+            first = next((line for line in f if line.strip()), "")
+        rec = json.loads(first) if first else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return set()
+    return set(rec) if isinstance(rec, dict) else set()
 
 
 def _read_json(path: Path) -> object:
@@ -1443,12 +1522,12 @@ def _read_any(path: Path, tok: Tokenizer | None, n_image_tokens: int, max_len: i
         if not ctx.problems and not data.features.uni:
             ctx.bad("<file>", "<root>", "at least one feature vector (the file has none)")
         return data, ctx
-    if fmt == "mmc4":
+    if fmt in ("mmc4", "pope"):
         try:
             lines = path.read_text().splitlines()
         except (OSError, UnicodeDecodeError) as e:
             raise ValueError(f"{path}: unreadable: {e}") from e
-        data = read_mmc4(ctx, lines)
+        data = (read_pope if fmt == "pope" else read_mmc4)(ctx, lines)
     elif fmt == "llava":
         data = read_llava(ctx, _read_json(path))
     elif fmt == "karpathy":

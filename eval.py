@@ -13,9 +13,9 @@ Metrics (the JSON keys):
   compositional/<category>, compositional/mean   SugarCrepe-style: the image scores its caption above the negative
   winoground/{text,image,group}   two scenes whose captions differ by a swap (Thrush et al., CVPR 2022 scoring)
   interleaved/r{1,5}              story so far + next sentence -> the next frame among all test frames
-  vqa/acc, vqa/<type>             exact match of the generated single-word answer (all; count, colour, shape,
-                                  size, relation questions)
-  pope/{acc,f1,yes_ratio}         object-existence yes/no questions (POPE, Li et al., EMNLP 2023)
+  vqa/acc, vqa/<type>             exact match of the generated answer after normalize_answer (all; count,
+                                  colour, shape, size, relation questions, or a LLaVA file's "type")
+  pope/{acc,precision,recall,f1,yes_ratio}   object-existence yes/no questions (POPE, Li et al., EMNLP 2023)
   rag/acc, rag/acc_without_retrieval   name questions about test objects whose names never occur in training:
                                   answered with the top-k knowledge-base entries that the model's own embeddings
                                   retrieve (question text -> entry image), and with no context at all
@@ -29,6 +29,7 @@ Run:
     python eval.py --ckpt out.pt --json metrics.json  # and a flat JSON object metric -> number
     python eval.py --ckpt out.pt --data sugarcrepe_replace_att.json   # a user's file (metrics its format allows)
     python eval.py --ckpt out.pt --data coco_karpathy.json --data-split val   # a Karpathy file's val records
+    python eval.py --ckpt out.pt --data llava_test.json,pope_random.jsonl     # vqa/* and pope/* of two files
     python eval.py --ckpt out.pt --blank-images 1     # the same with black images: what the image contributes
 """
 
@@ -37,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 import time
 from dataclasses import dataclass, fields
@@ -131,16 +133,33 @@ def winoground_scores(s: Tensor) -> dict[str, float]:
 
 
 def yes_no_metrics(pred: list[str], truth: list[str]) -> dict[str, float]:
-    """POPE: accuracy, F1 with "yes" as the positive class, and the share of "yes" answers (0.5 is unbiased)."""
+    """POPE: accuracy, precision, recall and F1 with "yes" as the positive class, and the share of "yes" answers
+    (0.5 is unbiased), on normalised answers (so "Yes." is a yes). An answer that is neither yes nor no is wrong
+    for the accuracy and a "no" for the other four."""
+    pred, truth = [normalize_answer(x) for x in pred], [normalize_answer(x) for x in truth]
     p = torch.tensor([x == "yes" for x in pred])
     t = torch.tensor([x == "yes" for x in truth])
     tp, fp, fn = float((p & t).sum()), float((p & ~t).sum()), float((~p & t).sum())
     f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
-    return {"acc": sum(a == b for a, b in zip(pred, truth)) / len(truth), "f1": f1, "yes_ratio": float(p.float().mean())}
+    return {"acc": sum(a == b for a, b in zip(pred, truth)) / len(truth), "precision": tp / (tp + fp) if tp + fp else 0.0,
+            "recall": tp / (tp + fn) if tp + fn else 0.0, "f1": f1, "yes_ratio": float(p.float().mean())}
+
+
+NUMBER_WORDS = {w: str(n) for n, w in enumerate(("zero", "one", "two", "three", "four", "five", "six", "seven",
+                                                 "eight", "nine", "ten"))}
+PUNCTUATION = re.compile(r"[^\w\s]")
+
+
+def normalize_answer(answer: str) -> str:
+    """The VQA answer normalisation (Antol et al., ICCV 2015), simplified (our rules): lower case, punctuation
+    removed, the articles a / an / the dropped, number words zero..ten written as digits, whitespace collapsed."""
+    words = PUNCTUATION.sub("", answer.lower()).split()
+    return " ".join(NUMBER_WORDS.get(w, w) for w in words if w not in ("a", "an", "the"))
 
 
 def exact_match(pred: list[str], truth: list[str]) -> float:
-    return sum(a.strip().lower() == b.strip().lower() for a, b in zip(pred, truth)) / len(truth)
+    """The share of predictions equal to their reference after normalize_answer."""
+    return sum(normalize_answer(a) == normalize_answer(b) for a, b in zip(pred, truth)) / len(truth)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -225,7 +244,8 @@ def generate_answers(model: MLLM, tok: D.Tokenizer, prompts: list[D.Sample], dev
         ids = torch.cat([rows[i]["input_ids"] for i in idx]).to(device)
         imgs = [rows[i]["images"] for i in idx if rows[i]["images"] is not None]
         images = torch.cat(imgs).to(device) if imgs else None
-        new = model.generate(ids, images, max_new_tokens=max_new_tokens, eos_id=tok.eos_id).cpu()
+        room = model.cfg.llm.max_seq_len - ids.shape[1]  # >= 1: a file's prompt is shorter than its checked sample
+        new = model.generate(ids, images, max_new_tokens=min(max_new_tokens, room), eos_id=tok.eos_id).cpu()
         for i, row in zip(idx, new.tolist()):
             row = row[:row.index(tok.eos_id)] if tok.eos_id in row else row
             answers[i] = tok.decode(row).strip()
@@ -410,16 +430,34 @@ def eval_discriminative(world: D.World, emb: Embedder | TeacherEmbedder, kinds: 
 
 def evaluate_file(model: MLLM, tok: D.Tokenizer, method: str, args: EvalArgs, device: torch.device,
                   pool: str = "mean") -> tuple[dict[str, float], dict[str, str]]:
-    """A user's file: SugarCrepe-style negatives give compositional accuracy, Karpathy pairs give retrieval."""
-    try:
-        loaded = D.load_dataset(args.data, tok=tok, n_image_tokens=model.n_image_tokens,
-                                max_len=model.cfg.llm.max_seq_len, image_size=model.cfg.vision.image_size,
-                                split=args.data_split)
-    except ValueError as e:  # data.py's DataError lists every problem of the file
-        raise SystemExit(f"eval.py: {e}") from e
+    """Users' files (--data, comma-separated): the union of each file's metrics (data.py lists which format gives
+    which); a metric that several files give is reported once per file, as `<metric>@<file stem>`."""
+    per_file = []
+    for path in args.data.split(","):
+        try:
+            loaded = D.load_dataset(path, tok=tok, n_image_tokens=model.n_image_tokens,
+                                    max_len=model.cfg.llm.max_seq_len, image_size=model.cfg.vision.image_size,
+                                    split=args.data_split)
+        except ValueError as e:  # data.py's DataError lists every problem of the file
+            raise SystemExit(f"eval.py: {e}") from e
+        metrics, kinds = evaluate_loaded(loaded, path, model, tok, method, args, device, pool)
+        per_file.append((path, metrics))
+    counts: dict[str, int] = {}
+    for _, m in per_file:
+        for k in m:
+            counts[k] = counts.get(k, 0) + 1
+    return {(k if counts[k] == 1 else f"{k}@{Path(path).stem}"): v for path, m in per_file for k, v in m.items()}, kinds
+
+
+def evaluate_loaded(loaded: D.LoadedData, path: str, model: MLLM, tok: D.Tokenizer, method: str, args: EvalArgs,
+                    device: torch.device, pool: str) -> tuple[dict[str, float], dict[str, str]]:
+    """One file's metrics: SugarCrepe-style negatives give compositional accuracy, Karpathy pairs retrieval, LLaVA
+    supervised turns VQA accuracy (greedy answers), POPE lines the yes/no metrics."""
     kinds = embedding_kinds(method, args.embedding)
     emb = Embedder(model, tok, args.batch, device, pool)
     metrics: dict[str, float] = {}
+    if loaded.questions:
+        metrics.update(eval_questions(loaded.questions, model, tok, device, args.batch))
     if loaded.negatives:
         i = emb([img(n.image) for n in loaded.negatives], kinds["pairs"], "image")
         pos = emb([txt(n.positive) for n in loaded.negatives], kinds["pairs"], "text")
@@ -428,8 +466,29 @@ def evaluate_file(model: MLLM, tok: D.Tokenizer, method: str, args: EvalArgs, de
     if loaded.pairs:
         metrics.update(eval_retrieval(loaded.pairs, emb, kinds["pairs"]))
     if not metrics:
-        raise SystemExit(f"eval.py: {args.data} ({loaded.format}) has no pairs or negatives to evaluate")
+        raise SystemExit(f"eval.py: {path} ({loaded.format}) has no pairs, negatives or questions to evaluate")
     return metrics, kinds
+
+
+def eval_questions(questions: list[D.Question], model: MLLM, tok: D.Tokenizer, device: torch.device,
+                   batch: int) -> dict[str, float]:
+    """vqa/acc (+ vqa/<type>) over the "vqa" questions and pope/* over the "pope" ones, from greedy answers."""
+    answers = generate_answers(model, tok, [q.prompt for q in questions], device, batch, max_new_tokens=16,
+                               desc="questions")
+    out = {}
+    for kind in ("vqa", "pope"):
+        idx = [k for k, q in enumerate(questions) if q.kind == kind]
+        if not idx:
+            continue
+        pred, truth = [answers[k] for k in idx], [questions[k].answer for k in idx]
+        if kind == "pope":
+            out.update({f"pope/{k}": v for k, v in yes_no_metrics(pred, truth).items()})
+            continue
+        out["vqa/acc"] = exact_match(pred, truth)
+        for qtype in sorted({questions[k].type for k in idx} - {None}):
+            sel = [k for k in idx if questions[k].type == qtype]
+            out[f"vqa/{qtype}"] = exact_match([answers[k] for k in sel], [questions[k].answer for k in sel])
+    return out
 
 
 def print_table(metrics: dict[str, float], kinds: dict[str, str], ckpt: str, method: str) -> None:

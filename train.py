@@ -24,6 +24,7 @@ Run:
     torchrun --nproc_per_node 8 train.py            # DDP, same flags (gloo on CPU, nccl on CUDA)
     python train.py --resume                        # continue exactly where the run writing --out stopped
     python train.py --preset gpu                    # a larger model and schedule for one GPU
+    python train.py export --ckpt out.pt --out hf/  # LoRA merged; transformers loads hf/ (unimllm.export_hf)
 
 One step (train_stage): lr, then per micro-batch a batch from the data thread (Prefetch), forward +
 compute_loss + backward, then clip, AdamW, and on log / checkpoint steps only, one device->host read of the
@@ -58,8 +59,8 @@ from tqdm import tqdm
 
 import data as D
 import kernel as K
-from unimllm import (LLMConfig, MLLM, MLLMConfig, VisionConfig, VisionEncoder, apply_lora, load_llm, load_vision,
-                     set_trainable)
+from unimllm import (EXPORT_MANIFEST, EXPORT_REST, LLMConfig, MLLM, MLLMConfig, VisionConfig, VisionEncoder,
+                     apply_lora, export_hf, load_llm, load_vision, resolve_model_path, set_trainable)
 
 CKPT_FORMAT = "unimllm-checkpoint-v1"
 METHODS = ("generative", "vladva", "sugar", "unified")
@@ -179,8 +180,8 @@ class FinetuneArgs:
 class RunArgs:
     out: str = "out.pt"
     init: str = ""          # start the fine-tuning from this checkpoint (skips pre-training)
-    llm: str = ""           # Hugging Face LLM directory (with --vision; skips pre-training)
-    vision: str = ""        # Hugging Face CLIP / SigLIP vision directory
+    llm: str = ""           # Hugging Face LLM directory or Hub id (with --vision; skips pre-training)
+    vision: str = ""        # Hugging Face CLIP / SigLIP vision directory or Hub id
     resume: bool = False    # continue exactly where the run writing --out stopped
     smoke: bool = False     # a tiny configuration of the same code path (flags given explicitly still win)
     preset: str = "cpu"     # cpu: the defaults below (2 CPU cores); gpu: a larger model and schedule, one GPU
@@ -349,6 +350,12 @@ def validate(cfg: TrainConfig) -> None:
         if values[name] % world:
             raise SystemExit(f"train.py: {flag_of(name)} {values[name]} (a global batch) does not split over "
                              f"{world} ranks")
+    for flag, name in (("--llm", "llm"), ("--vision", "vision")):
+        if getattr(run, name):  # a Hugging Face id becomes the local snapshot directory
+            try:
+                setattr(run, name, str(resolve_model_path(getattr(run, name))))
+            except ValueError as e:
+                raise SystemExit(f"train.py: {flag} {e}") from e
     data_files = [("--data", p) for p in cfg.data.data.split(",") if cfg.data.data]
     for name, path in [("--init", run.init), ("--llm", run.llm), ("--vision", run.vision),
                        ("--features", cfg.data.features)] + data_files:
@@ -535,20 +542,28 @@ def load_features(path: str) -> D.Features:
 
 
 def check_corpus(corpus: Corpus, cfg: TrainConfig, tok: D.Tokenizer, n_image_tokens: int,
-                 pretrain: bool) -> None:
+                 pretrain: bool, finetune: bool) -> None:
     """Refuse, before any step, a corpus that lacks what the chosen stages need or holds a sample longer than
     the context (measured with the tokenizer training will use, so a run never meets one hours in)."""
     where = f"--data {cfg.data.data}" if cfg.data.data else "the built-in world"
     method = cfg.finetune.method
+    if not (pretrain or finetune):
+        raise SystemExit("train.py: --finetune-steps 0 with --init or --llm (no pre-training) trains nothing")
     if pretrain and not (corpus.lm or corpus.long or corpus.stories):
         raise SystemExit(f"train.py: {where} has no samples to pre-train on")
-    if not corpus.pairs:
-        raise SystemExit(f"train.py: fine-tuning ({method}) needs image-caption pairs (a Karpathy-style file); "
-                         f"{where} has none")
-    if method in ("sugar", "unified"):
+    # VladVA's losses (contrastive, and its next-token loss on long captions) read image-caption pairs alone
+    if finetune and not corpus.pairs and (losses_of(method, cfg.finetune)[0] or method == "vladva"):
+        raise SystemExit(f"train.py: fine-tuning ({method}) needs image-caption pairs: add a Karpathy-style "
+                         f"captions file to --data (comma-separated; see data.py); {where} has none. Or use "
+                         f"--method generative, or --finetune-steps 0 to pre-train only")
+    if finetune and not (corpus.pairs or corpus.lm or corpus.stories):
+        raise SystemExit(f"train.py: {where} has no samples to fine-tune on")
+    if finetune and method in ("sugar", "unified"):
         if not corpus.stories:
-            raise SystemExit(f"train.py: the {method} structure loss needs interleaved samples with prefixes "
-                             f"(an MMC4-style file); {where} has none")
+            raise SystemExit(f"train.py: the {method} structure loss needs interleaved samples with prefixes: "
+                             f"add an MMC4-style .jsonl to --data and its teacher features with --features "
+                             f"(see data.py); {where} has none. Or use --method generative, or "
+                             f"--finetune-steps 0 to pre-train only")
         bare = sum(seg.uni is None or seg.cross is None for s in corpus.stories for seg in s.segments)
         if bare:
             raise SystemExit(f"train.py: the {method} structure loss needs teacher features for every slice; "
@@ -634,9 +649,10 @@ class Batches:
             lm = D.collate(shard(items, cfg.pretrain.pretrain_batch, d), tok, n_img, L)
             return Batch(lm=lm, n_sequences=lm["input_ids"].shape[0])
         ft, obj, out = cfg.finetune, self.objective, Batch()
-        pairs = self.streams["pairs"].batch(k, ft.pair_batch)
+        pairs = self.streams["pairs"].batch(k, ft.pair_batch) if self.streams["pairs"].items else []
         local_pairs = shard(pairs, ft.pair_batch, d)
-        out.pairs = D.collate_pairs(local_pairs, tok, n_img, self.model_cfg.n_soft_tokens, L)
+        if pairs:  # a conversations-only corpus fine-tunes generatively without them (check_corpus)
+            out.pairs = D.collate_pairs(local_pairs, tok, n_img, self.model_cfg.n_soft_tokens, L)
         if obj.lm and self.streams["lm"].items:
             out.lm = D.collate(shard(self.streams["lm"].batch(k, ft.lm_batch), ft.lm_batch, d), tok, n_img, L)
         if obj.lm and self.streams["stories"].items:
@@ -658,7 +674,8 @@ class Batches:
                     out.sugar_targets = K.gak_targets(*args, delta=ft.gak_delta, kernel=ft.sugar_kernel,
                                                       single=ft.sugar_single)  # (P, P)
         rows = [b["input_ids"] for b in (out.lm, out.stories, out.singles) if b is not None]
-        rows.append(out.pairs["img_ids"])  # a pair is one sample (its caption side rides along)
+        if out.pairs is not None:
+            rows.append(out.pairs["img_ids"])  # a pair is one sample (its caption side rides along)
         out.n_sequences = sum(r.shape[0] for r in rows)
         return out
 
@@ -1176,7 +1193,8 @@ def train(cfg: TrainConfig, d: Dist) -> TrainResult:
     tok, corpus = tokenizer_and_corpus(cfg, resume or init)
     n_img = (hf_vision.cfg.num_patches if hf_vision is not None  # the model's tokens per image
              else (cfg.model.image_size // cfg.model.patch_size) ** 2)
-    check_corpus(corpus, cfg, tok, n_img, pretrain=init is None and not run.llm)
+    check_corpus(corpus, cfg, tok, n_img, pretrain=init is None and not run.llm,
+                 finetune=cfg.finetune.finetune_steps > 0)
     streams = build_streams(corpus, run.seed)
     history: dict[str, list[dict[str, float]]] = {"pretrain": [], "finetune": []}
     stop = run.stop_after if run.stop_after > 0 else math.inf
@@ -1213,6 +1231,10 @@ def train(cfg: TrainConfig, d: Dist) -> TrainResult:
         stop -= stage.total - start
         if d.main:
             save_checkpoint(base_path(out), make_checkpoint(model, tok, cfg, stage, stage.total, opt, history))
+            if cfg.finetune.finetune_steps == 0:  # pre-training only: the base is the result
+                save_checkpoint(out, make_checkpoint(model, tok, cfg, stage, stage.total, opt, history))
+        if cfg.finetune.finetune_steps == 0:
+            return TrainResult(model, history, True)
 
     # --- stage 2: fine-tuning of LoRA + soft prompts + projector + temperature, the method's losses
     model = model.to(d.device)
@@ -1277,7 +1299,26 @@ def restore(ckpt: dict[str, Any], model: MLLM, opt: torch.optim.Optimizer,
     return ckpt["step"]
 
 
+def export(argv: list[str]) -> None:
+    """`train.py export --ckpt out.pt --out DIR`: the checkpoint's model as Hugging Face files (unimllm.export_hf)."""
+    p = argparse.ArgumentParser(prog="train.py export", description=export.__doc__)
+    p.add_argument("--ckpt", required=True, help="a checkpoint written by train.py")
+    p.add_argument("--out", required=True, help="the directory to write (created; existing files are replaced)")
+    a = p.parse_args(argv)
+    if Path(a.out).exists() and not Path(a.out).is_dir():
+        raise SystemExit(f"train.py export: --out {a.out} exists and is not a directory")
+    model, tok = checkpoint_model(load_checkpoint(a.ckpt), a.ckpt)
+    ids = {"bos": tok.bos_id, "eos": tok.eos_id, "pad": tok.pad_id, "image": tok.image_id,
+           "soft_image": tok.soft_image_id, "soft_text": tok.soft_text_id}
+    export_hf(model, tok.to_str(), a.out, ids)
+    print(f"train.py export: wrote {a.out} (LoRA merged; config.json, model.safetensors, tokenizer.json, "
+          f"{EXPORT_REST}, {EXPORT_MANIFEST})", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["export"]:
+        return export(argv[1:])
     cfg = parse_args(argv)
     d = setup_dist()
     try:

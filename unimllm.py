@@ -22,10 +22,12 @@ Use it:
     logits = llm(input_ids)                        # (B, T, V)
     enc = load_vision("path/to/clip-vit-base-patch32")
     feats = enc(pixel_values, layer=-2)            # Hugging Face's hidden_states[-2], CLS included
+    export_hf(mllm, tok_json, "out/", ids)         # LoRA merged; LlamaForCausalLM.from_pretrained("out/") loads it
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import re
@@ -876,6 +878,31 @@ def check_and_load(model: nn.Module, tensors: dict[str, Tensor], where: Path, dt
     model.load_state_dict({k: v.to(dtype) for k, v in tensors.items()}, strict=True, assign=True)
 
 
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")  # owner/name
+HUB_FILES = ["*.json", "*.safetensors"]  # configs, tokenizer, weights (and shard index): all the loaders read
+
+
+def resolve_model_path(name: str | Path) -> Path:
+    """A local path as it is; otherwise a Hugging Face Hub id (`owner/name`) fetched into, or found in, the
+    Hugging Face cache by `huggingface_hub.snapshot_download` (an optional dependency). With HF_HUB_OFFLINE=1 only
+    the cache is read. ValueError, saying which, when it is neither."""
+    if Path(name).exists():
+        return Path(name)
+    if not HUB_ID.match(str(name)):
+        raise ValueError(f"{name}: no such file or directory (nor a Hugging Face id of the form owner/name)")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as e:
+        raise ValueError(f"{name}: no such local directory; to fetch it as a Hugging Face id, install "
+                         f"huggingface_hub (pip install huggingface_hub)") from e
+    try:
+        return Path(snapshot_download(str(name), allow_patterns=HUB_FILES))
+    except Exception as e:  # huggingface_hub's errors (offline, unknown or gated id, network) share no base class
+        raise ValueError(f"{name}: not a local directory, and the Hugging Face Hub could not provide it (offline, "
+                         f"or HF_HUB_OFFLINE=1 and not in the cache, or no such model?): {type(e).__name__}: "
+                         f"{e}") from e
+
+
 def load_llm(path: str | Path, dtype: torch.dtype = torch.float32) -> LLM:
     """A Llama / Qwen2 / SmolLM Hugging Face directory -> LLM (with `.cfg`)."""
     path = Path(path)
@@ -934,4 +961,75 @@ def load_vision(path: str | Path, dtype: torch.dtype = torch.float32) -> VisionE
     with torch.device("meta"):
         model = VisionEncoder(cfg)
     check_and_load(model, hf, path, dtype)
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Exporting to Hugging Face
+
+EXPORT_REST = "mllm.safetensors"  # the vision tower, adapter, soft prompts, projector and temperature
+EXPORT_MANIFEST = "mllm.json"
+
+
+def llm_config_to_hf(cfg: LLMConfig, token_ids: dict[str, int]) -> dict[str, Any]:
+    """The inverse of llm_config_from_hf: a transformers 5 `config.json` (RoPE in `rope_parameters`). q/k/v biases
+    make it a Qwen2 model, since Llama's attention_bias would also add an o_proj bias we do not have."""
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling_factor is not None:
+        rope.update(rope_type="llama3", factor=cfg.rope_scaling_factor, low_freq_factor=cfg.rope_low_freq_factor,
+                    high_freq_factor=cfg.rope_high_freq_factor,
+                    original_max_position_embeddings=cfg.rope_original_max_len)
+    qwen2 = cfg.attention_bias
+    out = {"architectures": ["Qwen2ForCausalLM" if qwen2 else "LlamaForCausalLM"],
+           "model_type": "qwen2" if qwen2 else "llama", "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
+           "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_layers,
+           "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
+           "hidden_act": "silu", "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.rms_norm_eps,
+           "rope_parameters": rope, "tie_word_embeddings": cfg.tie_embeddings, "dtype": "float32",
+           **{f"{k}_token_id": v for k, v in token_ids.items() if k in ("bos", "eos", "pad")}}
+    if qwen2:
+        out["use_sliding_window"] = False
+    else:
+        out.update(attention_bias=False, mlp_bias=False)
+    return out
+
+
+def export_hf(model: MLLM, tokenizer_json: str, out: str | Path, token_ids: dict[str, int]) -> None:
+    """Write `out/`: the LLM with LoRA merged as a Hugging Face directory (`config.json`, `model.safetensors`,
+    `tokenizer.json`, `tokenizer_config.json`; `LlamaForCausalLM.from_pretrained(out)` loads it, and so does
+    load_llm), plus every other weight in `mllm.safetensors` under our names, described by `mllm.json` (the
+    MLLMConfig and the special token ids). `token_ids` names the tokenizer's bos / eos / pad / image / soft-prompt
+    ids. `model` itself is left unmerged."""
+    from safetensors.torch import save_file
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = copy.deepcopy(model).float()
+    merge_lora(model)
+    llm = {hf_name(k): v.contiguous() for k, v in model.llm.state_dict().items()}
+    save_file(llm, out / "model.safetensors", metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(llm_config_to_hf(model.cfg.llm, token_ids), indent=2))
+    (out / "tokenizer.json").write_text(tokenizer_json)
+    names = {v: k for k, v in json.loads(tokenizer_json).get("model", {}).get("vocab", {}).items()}
+    names.update({t["id"]: t["content"] for t in json.loads(tokenizer_json).get("added_tokens", [])})
+    special = {f"{k}_token": names[v] for k, v in token_ids.items() if k in ("bos", "eos", "pad") and v in names}
+    (out / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
+                                                           "model_max_length": model.cfg.llm.max_seq_len, **special},
+                                                          indent=2))
+    rest = {k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith("llm.")}
+    save_file(rest, out / EXPORT_REST, metadata={"format": "pt"})
+    manifest = {"llm": ".", "weights": EXPORT_REST, "model_config": model.cfg.to_dict(), "token_ids": token_ids,
+                "tensors": {k: list(v.shape) for k, v in rest.items()}}
+    (out / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=2))
+
+
+def load_export(path: str | Path, dtype: torch.dtype = torch.float32) -> MLLM:
+    """A directory written by export_hf -> MLLM (LoRA merged); every key and shape is checked."""
+    path = Path(path)
+    manifest = read_json(path / EXPORT_MANIFEST)
+    cfg = MLLMConfig.from_dict(need(manifest, "model_config", path / EXPORT_MANIFEST))
+    tensors = {f"llm.{k}": v for k, v in load_llm(path, dtype).state_dict().items()}
+    tensors.update(load_file(path / EXPORT_REST))
+    with torch.device("meta"):
+        model = MLLM(cfg)
+    check_and_load(model, tensors, path, dtype)
     return model.eval()

@@ -434,6 +434,43 @@ def test_llava_roundtrip(tmp_path, imgs):
     assert torch.allclose(d.samples[1].segments[2].image, imgs["img/2.png"], atol=1 / 255)
 
 
+def test_llava_questions_are_the_conversation_before_each_answer(tmp_path, imgs):
+    recs = [{"image": "img/0.png", "type": "colour", "conversations": [
+        {"from": "human", "value": "<image>\nWhat colour is it?"}, {"from": "gpt", "value": "red"},
+        {"from": "human", "value": "And the shape?"}, {"from": "gpt", "value": "a square"}]},
+        {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}]
+    p = tmp_path / "llava.json"
+    p.write_text(json.dumps(recs))
+    qs = data.load_dataset(p).questions
+    got = [([(s.kind, s.text) for s in q.prompt.segments], q.answer, q.kind, q.type) for q in qs]
+    assert got == [([("image", None), ("text", "What colour is it?")], "red", "vqa", "colour"),
+                   ([("image", None), ("text", "What colour is it?"), ("text", "red"), ("text", "And the shape?")],
+                    "a square", "vqa", "colour"),
+                   ([("text", "hi")], "hello", "vqa", None)]
+    p.write_text(json.dumps([{**recs[1], "type": 3}]))
+    assert [str(x) for x in data.check(p)] == ["record 0: field 'type': a non-empty question type string, got integer"]
+
+
+def test_pope_roundtrip_and_problems(tmp_path, imgs):
+    lines = [{"question_id": 1, "image": "img/0.png", "text": "Is there a cat in the image?", "label": "no"},
+             {"question_id": 2, "image": "img/1.png", "text": "Is there a dog?", "label": "Yes"}]
+    p = tmp_path / "pope.jsonl"
+    p.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    d = data.load_dataset(p)
+    assert d.format == "pope" and [(q.answer, q.kind) for q in d.questions] == [("no", "pope"), ("yes", "pope")]
+    assert [(s.kind, s.text, s.loss) for s in d.samples[1].segments] == [
+        ("image", None, False), ("text", "Is there a dog?", False), ("text", "yes", True)]
+    assert torch.allclose(d.questions[1].prompt.segments[0].image, imgs["img/1.png"], atol=1 / 255)
+    bad = [{"question_id": 1, "image": "img/nope.png", "text": "Is there?", "label": "no"},
+           {"question_id": 2, "image": "img/0.png", "text": "Is there?", "label": "maybe"},
+           {"question_id": 3, "image": "img/0.png", "label": "yes"}]
+    p.write_text("\n".join(json.dumps(x) for x in bad) + "\n")
+    problems = [str(x) for x in data.check(p)]
+    assert len(problems) == 3 and "record 1: field 'image'" in problems[0]
+    assert problems[1] == "record 2: field 'label': 'yes' or 'no', got 'maybe'"
+    assert problems[2] == "record 3: field 'text': a required field 'text' (missing)"
+
+
 def test_karpathy_roundtrip(tmp_path, imgs):
     root = {"dataset": "coco", "images": [
         {"filepath": "img", "filename": "0.png", "split": "test", "sentences": [{"raw": "A dog."}, {"raw": "A pet"}]},

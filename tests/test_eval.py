@@ -75,15 +75,39 @@ def test_winoground_scores_known_cases():
 
 def test_yes_no_metrics():
     truth = ["yes", "no", "yes", "no"]
-    assert E.yes_no_metrics(truth, truth) == {"acc": 1.0, "f1": 1.0, "yes_ratio": 0.5}
-    always_yes = E.yes_no_metrics(["yes"] * 4, truth)
-    assert always_yes == {"acc": 0.5, "f1": pytest.approx(2 * 2 / (2 * 2 + 2)), "yes_ratio": 1.0}
+    assert E.yes_no_metrics(truth, truth) == {"acc": 1.0, "precision": 1.0, "recall": 1.0, "f1": 1.0, "yes_ratio": 0.5}
+    always_yes = E.yes_no_metrics(["Yes."] * 4, truth)
+    assert always_yes == {"acc": 0.5, "precision": 0.5, "recall": 1.0, "f1": pytest.approx(2 * 2 / (2 * 2 + 2)),
+                          "yes_ratio": 1.0}
     garbage = E.yes_no_metrics(["maybe"] * 4, truth)  # neither yes nor no: wrong, and not a "yes"
-    assert garbage == {"acc": 0.0, "f1": 0.0, "yes_ratio": 0.0}
+    assert garbage == {"acc": 0.0, "precision": 0.0, "recall": 0.0, "f1": 0.0, "yes_ratio": 0.0}
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["yes", "no"]), st.sampled_from(["yes", "no"])), min_size=1, max_size=30))
+def test_yes_no_metrics_match_confusion_counts(rows):
+    """Against counts from an explicit loop over the confusion matrix."""
+    pred, truth = [p for p, _ in rows], [t for _, t in rows]
+    c = {(p, t): sum(1 for r in rows if r == (p, t)) for p in ("yes", "no") for t in ("yes", "no")}
+    tp, fp, fn, tn = c["yes", "yes"], c["yes", "no"], c["no", "yes"], c["no", "no"]
+    prec = tp / (tp + fp) if tp + fp else 0.0
+    rec = tp / (tp + fn) if tp + fn else 0.0
+    m = E.yes_no_metrics(pred, truth)
+    assert m["acc"] == pytest.approx((tp + tn) / len(rows)) and m["yes_ratio"] == pytest.approx((tp + fp) / len(rows))
+    assert m["precision"] == pytest.approx(prec) and m["recall"] == pytest.approx(rec)
+    assert m["f1"] == pytest.approx(2 * prec * rec / (prec + rec) if prec + rec else 0.0)
 
 
 def test_exact_match_ignores_case_and_spaces():
     assert E.exact_match([" Red", "blue ", "green"], ["red", "blue", "red"]) == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize("pred,truth,same", [("Two.", "2", True), ("the red square", "red square", True),
+                                             ("A cat!", "cat", True), ("ten dogs", "10 dogs", True),
+                                             ("twelve", "12", False), ("red", "read", False),
+                                             ("an apple", "apple pie", False), ("theme", "me", False)])
+def test_normalize_answer(pred, truth, same):
+    assert (E.normalize_answer(pred) == E.normalize_answer(truth)) == same
 
 
 def test_append_run():

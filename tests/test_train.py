@@ -244,8 +244,32 @@ def test_user_files_train_and_evaluate(tmp_path):
         train.main(SMOKE + ["--data", str(bad), "--data-split", "all", "--out", str(tmp_path / "bad.pt")])
     with pytest.raises(SystemExit, match="needs teacher features for every slice"):
         train.main(SMOKE + ["--data", files, "--out", str(tmp_path / "nofeat.pt")])
-    with pytest.raises(SystemExit, match="needs image-caption pairs"):
-        train.main(SMOKE + ["--data", str(p["llava"]), "--method", "generative", "--out", str(tmp_path / "x.pt")])
+
+
+def test_a_llava_file_alone_trains(tmp_path):
+    """Conversations only: generative pre-training + fine-tuning on the supervised turns, pre-training alone with
+    --finetune-steps 0 (whatever the method), and the methods that need pairs or stories say what to add."""
+    p = write_user_files(tmp_path)
+    llava = ["--data", str(p["llava"])]
+    out = tmp_path / "gen.pt"
+    result = train.train(train.parse_args(SMOKE + llava + ["--method", "generative", "--out", str(out)]),
+                         train.Dist(0, 1, torch.device("cpu")))
+    assert result.complete and len(result.history["pretrain"]) == len(result.history["finetune"]) == 4
+    assert all(set(t) >= {"ntp"} and math.isfinite(t["ntp"]) for t in result.history["finetune"])
+    assert train.load_checkpoint(out)["stage"] == "finetune"
+    metrics = E.main(["--ckpt", str(out), "--data", str(p["llava"])])
+    assert set(metrics) == {"vqa/acc"} and 0 <= metrics["vqa/acc"] <= 1
+    only = tmp_path / "pre.pt"
+    train.main(SMOKE + llava + ["--finetune-steps", "0", "--out", str(only)])  # unified: its needs don't apply
+    ckpt = train.load_checkpoint(only)
+    assert ckpt["stage"] == "pretrain" and ckpt["done"] and not ckpt["history"]["finetune"]
+    with pytest.raises(SystemExit, match="needs image-caption pairs: add a Karpathy-style captions file"):
+        train.main(SMOKE + llava + ["--method", "vladva", "--out", str(tmp_path / "x.pt")])
+    with pytest.raises(SystemExit, match="add an MMC4-style .jsonl to --data and its teacher features"):
+        train.main(SMOKE + llava + ["--data", f"{p['llava']},{p['karpathy']}", "--method", "sugar",
+                                    "--out", str(tmp_path / "x.pt")])
+    with pytest.raises(SystemExit, match="trains nothing"):
+        train.main(SMOKE + llava + ["--finetune-steps", "0", "--init", str(only), "--out", str(tmp_path / "y.pt")])
 
 
 def test_fine_tune_from_hugging_face_checkpoints(tmp_path):
@@ -275,6 +299,57 @@ def test_fine_tune_from_hugging_face_checkpoints(tmp_path):
     # frozen during fine-tuning: the norm weights and the first 300 embedding rows are transformers' own
     torch.testing.assert_close(model.llm.norm.weight, reference["norm.weight"])
     torch.testing.assert_close(model.llm.embed_tokens.weight[:300], reference["embed_tokens.weight"])
+
+
+
+def hub_cache(root: Path, repo: str, files: Path) -> Path:
+    """A Hugging Face cache entry by hand, in huggingface_hub's layout: models--owner--name/refs/main holds the
+    commit, snapshots/<commit>/ the files."""
+    entry = root / ("models--" + repo.replace("/", "--"))
+    (entry / "refs").mkdir(parents=True)
+    (entry / "refs" / "main").write_text("0123456789abcdef0123456789abcdef01234567")
+    snap = entry / "snapshots" / "0123456789abcdef0123456789abcdef01234567"
+    snap.mkdir(parents=True)
+    for f in files.iterdir():
+        (snap / f.name).write_bytes(f.read_bytes())
+    return snap
+
+
+def test_hugging_face_ids_resolve_offline_from_the_cache(tmp_path, monkeypatch):
+    """--llm / --vision owner/name: found in a hand-built cache with HF_HUB_OFFLINE=1 (no network); an id not in
+    the cache, a missing huggingface_hub and a path that is no id each stop with a message naming the flag."""
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    import transformers
+    import data as D
+    from unimllm import load_llm
+    tok = D.train_tokenizer(["a red cube.", "a blue ball."] * 3, 300)
+    torch.manual_seed(0)
+    llm_cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128)
+    hf = transformers.LlamaForCausalLM(llm_cfg).eval()
+    hf.save_pretrained(tmp_path / "llm")
+    tok.save(tmp_path / "llm" / "tokenizer.json")
+    vis_cfg = transformers.CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                                            num_hidden_layers=1, num_attention_heads=2)
+    transformers.CLIPVisionModel(vis_cfg).save_pretrained(tmp_path / "vision")
+    cache = tmp_path / "hub"
+    snaps = {r: hub_cache(cache, r, tmp_path / d) for r, d in (("tiny/llm", "llm"), ("tiny/vision", "vision"))}
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import, so set both
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    ids = SMOKE + ["--llm", "tiny/llm", "--vision", "tiny/vision", "--out", str(tmp_path / "o.pt")]
+    cfg = train.parse_args(ids)
+    assert (Path(cfg.run.llm), Path(cfg.run.vision)) == (snaps["tiny/llm"], snaps["tiny/vision"])
+    x = torch.randint(0, 300, (1, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(load_llm(cfg.run.llm)(x), hf(x).logits)
+    with pytest.raises(SystemExit, match=r"--llm tiny/absent: not a local directory, and the Hugging Face Hub"):
+        train.parse_args(SMOKE + ["--llm", "tiny/absent", "--vision", "tiny/vision"])
+    with pytest.raises(SystemExit, match=r"--vision no/such/dir: no such file or directory"):
+        train.parse_args(SMOKE + ["--llm", "tiny/llm", "--vision", "no/such/dir"])
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # as if not installed
+    with pytest.raises(SystemExit, match=r"--llm tiny/llm: no such local directory; .*install huggingface_hub"):
+        train.parse_args(ids)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -379,3 +454,106 @@ def test_lambda_ntp_delta_and_switches_in_the_checkpoint(tmp_path, capsys):
     d = np.sort(d[d > 0])
     assert ft["gak_delta"] == pytest.approx(d[(len(d) - 1) // 2], rel=1e-9)  # torch's median: the lower middle
     assert f"GAK delta {ft['gak_delta']:.4f}" in capsys.readouterr().err
+
+
+def tiny_checkpoint(path, texts, lora: dict | None = None):
+    """A checkpoint file as train.py writes one, without training: a tiny random model sized to a tokenizer
+    trained on `texts` (32-px images: 16 image tokens)."""
+    import data as D
+    from unimllm import LLMConfig, MLLM, MLLMConfig, VisionConfig, apply_lora
+    tok = D.train_tokenizer(texts, 300)
+    torch.manual_seed(0)
+    cfg = MLLMConfig(VisionConfig(image_size=32, patch_size=8, hidden_size=32, num_layers=2, intermediate_size=64),
+                     LLMConfig(vocab_size=tok.vocab_size, hidden_size=48, intermediate_size=96, num_layers=2,
+                               max_seq_len=96),
+                     image_token_id=tok.image_id, soft_image_token_id=tok.soft_image_id,
+                     soft_text_token_id=tok.soft_text_id, n_soft_tokens=D.n_soft_tokens(tok), proj_dim=16)
+    model = MLLM(cfg).eval()
+    if lora:
+        apply_lora(model, [lora["targets"]], lora["r"], lora["alpha"])
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n.endswith("lora_B"):
+                    p.normal_(0, 0.1)
+    ckpt = {k: None for k in train.CKPT_FIELDS} | {"format": train.CKPT_FORMAT, "model_config": cfg.to_dict(),
+                                                   "tokenizer": tok.to_str(), "model": model.state_dict(),
+                                                   "lora": lora, "stage": "pretrain", "method": "generative"}
+    torch.save(ckpt, path)
+    return model, tok
+
+
+def test_export_cli_writes_what_transformers_loads(tmp_path):
+    """`train.py export` on a checkpoint holding a LoRA model: transformers' Llama gives the checkpoint model's
+    logits; a missing checkpoint or a file as --out stops with a message."""
+    import transformers
+    lora = {"targets": r"llm\..*(q_proj|v_proj)", "r": 4, "alpha": 8.0}
+    model, tok = tiny_checkpoint(tmp_path / "c.pt", ["a red cube.", "a blue ball."] * 3, lora)
+    train.main(["export", "--ckpt", str(tmp_path / "c.pt"), "--out", str(tmp_path / "hf")])
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    x = torch.randint(0, tok.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, model.llm(x))
+    assert json.loads((tmp_path / "hf" / "mllm.json").read_text())["token_ids"]["image"] == tok.image_id
+    with pytest.raises(SystemExit, match="no such checkpoint"):
+        train.main(["export", "--ckpt", str(tmp_path / "none.pt"), "--out", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="not a directory"):
+        train.main(["export", "--ckpt", str(tmp_path / "c.pt"), "--out", str(tmp_path / "c.pt")])
+
+
+def test_eval_on_llava_and_pope_files(tmp_path, monkeypatch):
+    """--data llava.json,pope.jsonl: the union of vqa/* and pope/*. With the model's real greedy answers every
+    metric is a fraction; with answers fixed per prompt, each metric equals the count worked out by hand, and
+    each prompt is the conversation before its answer."""
+    p = write_user_files(tmp_path)
+    recs = [{"image": f"img/{k}.png", "type": t, "conversations": [
+        {"from": "human", "value": f"<image>\nquestion {k}?"}, {"from": "gpt", "value": a},
+        {"from": "human", "value": f"follow-up {k}?"}, {"from": "gpt", "value": "two"}]}
+        for k, (t, a) in enumerate([("colour", "red"), ("colour", "the blue."), ("shape", "square")])]
+    llava = tmp_path / "llava_test.json"
+    llava.write_text(json.dumps(recs))
+    pope = tmp_path / "pope.jsonl"
+    labels = ["yes", "no", "yes", "no"]
+    pope.write_text("".join(json.dumps({"question_id": k, "image": f"img/{k}.png", "text": f"is there {k}?",
+                                        "label": lab}) + "\n" for k, lab in enumerate(labels)))
+    tiny_checkpoint(tmp_path / "c.pt", ["question follow-up is there red blue square two yes no"] * 3)
+    args = ["--ckpt", str(tmp_path / "c.pt"), "--data", f"{llava},{pope}"]
+    real = E.main(args)
+    assert set(real) == {"vqa/acc", "vqa/colour", "vqa/shape", "pope/acc", "pope/precision", "pope/recall",
+                         "pope/f1", "pope/yes_ratio"} and all(0 <= v <= 1 for v in real.values())
+    fixed = {"question 0?": "Red", "question 1?": "blue", "question 2?": "circle", "follow-up 0?": "2",
+             "follow-up 1?": "three", "follow-up 2?": "Two!", "is there 0?": "yes", "is there 1?": "yes",
+             "is there 2?": "no", "is there 3?": "No."}
+    seen = []
+
+    def answers(model, tok, prompts, device, batch, max_new_tokens=6, desc=""):
+        seen.extend([[s.text for s in q.segments] for q in prompts])
+        return [fixed[q.segments[-1].text] for q in prompts]
+    monkeypatch.setattr(E, "generate_answers", answers)
+    m = E.main(args)
+    assert seen[1] == [None, "question 0?", "red", "follow-up 0?"]
+    # vqa: red ok, 2 ok | blue ok, three wrong | circle wrong, Two! ok -> 4 of 6; colour 3 of 4; shape 1 of 2
+    assert (m["vqa/acc"], m["vqa/colour"], m["vqa/shape"]) == (pytest.approx(4 / 6), 0.75, 0.5)
+    # pope: tp 1 (0), fp 1 (1), fn 1 (2), tn 1 (3)
+    assert m["pope/acc"] == m["pope/precision"] == m["pope/recall"] == m["pope/f1"] == m["pope/yes_ratio"] == 0.5
+    both = E.main(["--ckpt", str(tmp_path / "c.pt"), "--data", f"{pope},{p['karpathy']}", "--data-split", "all"])
+    assert "pope/acc" in both and "retrieval/t2i_r1" in both
+    (tmp_path / "pope_b.jsonl").write_text(pope.read_text())
+    twice = E.main(["--ckpt", str(tmp_path / "c.pt"), "--data", f"{pope},{llava},{tmp_path / 'pope_b.jsonl'}"])
+    assert twice["pope/acc@pope"] == twice["pope/acc@pope_b"] == 0.5 and "pope/acc" not in twice
+    assert twice["vqa/acc"] == m["vqa/acc"]
+
+
+def test_eval_answers_a_prompt_near_the_context_end(tmp_path):
+    """A question whose sample fits the context exactly but leaves fewer free positions than the answer budget:
+    the answer is cut at the context's end instead of generation refusing."""
+    import data as D
+    write_user_files(tmp_path)
+    _, tok = tiny_checkpoint(tmp_path / "c.pt", ["question follow-up is there red blue square two yes no"] * 3)
+    question = " ".join(["red"] * 70)
+    rec = {"image": "img/0.png", "conversations": [{"from": "human", "value": f"<image>\n{question}"},
+                                                   {"from": "gpt", "value": "blue"}]}
+    (tmp_path / "long.json").write_text(json.dumps([rec]))
+    n = D.sample_lengths(D.load_dataset(tmp_path / "long.json").samples, tok, 16)[0]
+    assert 96 - 16 < n - 2 < 96  # the prompt (the sample less answer and </s>) leaves under 16 positions
+    metrics = E.main(["--ckpt", str(tmp_path / "c.pt"), "--data", str(tmp_path / "long.json")])
+    assert set(metrics) == {"vqa/acc"}

@@ -574,3 +574,43 @@ def test_from_scratch_init_starts_near_uniform_prediction():
     logits, _ = model(ids)
     loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
     assert abs(loss.item() - math.log(500)) < 0.1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# export to Hugging Face
+
+
+@pytest.mark.parametrize("tie,bias,llama3", [(False, False, False), (True, False, True), (False, True, False)])
+def test_export_loads_in_transformers_with_lora_merged(tmp_path: Path, tie: bool, bias: bool, llama3: bool) -> None:
+    """transformers' own model class, loaded from the exported directory, gives our logits (LoRA unmerged, with
+    random B so it counts); the other weights come back from mllm.safetensors, the tokenizer encodes alike."""
+    import data as D
+    torch.manual_seed(0)
+    llm_cfg = um.LLMConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_layers=2, max_seq_len=64,
+                           tie_embeddings=tie, attention_bias=bias, rope_theta=500.0,
+                           **({"rope_scaling_factor": 8.0, "rope_original_max_len": 32} if llama3 else {}))
+    cfg = um.MLLMConfig(um.VisionConfig(image_size=8, patch_size=4, hidden_size=32, num_layers=2, intermediate_size=64),
+                        llm_cfg, image_token_id=IMG, soft_image_token_id=SOFT_IMG, soft_text_token_id=SOFT_TXT,
+                        n_soft_tokens=K, proj_dim=16)
+    model = um.MLLM(cfg).eval()
+    um.apply_lora(model.llm, [r"q_proj|v_proj|down_proj"], r=4, alpha=8.0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("lora_B") or n.endswith("bias") or "norm" in n:
+                p.add_(torch.randn_like(p) * 0.1)
+    tok = D.train_tokenizer(["a red cube on the left.", "a blue ball to the right."] * 3, 300)
+    ids = {"bos": tok.bos_id, "eos": tok.eos_id, "pad": tok.pad_id, "image": IMG}
+    um.export_hf(model, tok.to_str(), tmp_path, ids)
+    cls = transformers.Qwen2ForCausalLM if bias else transformers.LlamaForCausalLM
+    hf = cls.from_pretrained(tmp_path).eval()
+    x = torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, model.llm(x))
+    back = um.load_export(tmp_path)
+    assert any(isinstance(m, um.LoRALinear) for m in model.modules())  # the model itself stays unmerged
+    rest = {k: v for k, v in model.state_dict().items() if not k.startswith("llm.")}
+    assert rest and all(torch.equal(back.state_dict()[k], v) for k, v in rest.items())
+    fast = transformers.PreTrainedTokenizerFast.from_pretrained(tmp_path)
+    text = "a red ball <image> to the left."
+    assert fast(text)["input_ids"] == tok.tk.encode(text).ids
+    assert fast.eos_token == "</s>" and fast.pad_token_id == tok.pad_id
