@@ -950,12 +950,20 @@ def prefix_embeddings(model: MLLM, batch: dict[str, Tensor], hidden: Tensor, poo
                                    batch["seg_is_image"], batch["prefix_seg"], pool)
 
 
-def compute_loss(model: torch.nn.Module, b: Batch, obj: Objective,
-                 world: int) -> tuple[Tensor, dict[str, Tensor]]:
+def predicted_tokens(b: Batch) -> int:
+    """The tokens a batch's next-token loss predicts (label shift as in ntp_sum)."""
+    labels = [x[k] for x, k in ((b.lm, "labels"), (b.pairs, "img_labels"), (b.stories, "labels")) if x is not None]
+    return sum(int((lab[:, 1:] != -100).sum()) for lab in labels)
+
+
+def compute_loss(model: torch.nn.Module, b: Batch, obj: Objective, world: int,
+                 ntp_tokens: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """L = L_ntp + lambda_c * L_contrastive + lambda_s * L_structure (DESIGN "Combined") for this rank's share
     of one micro-batch, on the device; `model` is the MLLM or its DDP / compiled wrapper. Returns the loss to
     back-propagate and the terms to log (0-d tensors, this rank's; their mean over ranks is the global
-    batch's)."""
+    batch's). ntp_tokens: the global predicted-token count per micro-batch of the step (with gradient
+    accumulation, the step's total / grad_accum, so the accumulated L_ntp is one mean over all of the step's
+    tokens); None: this micro-batch's own global count."""
     core = unwrap(model)
     # Forward passes, each batch once: logits for L_ntp, hidden states for the summaries and prefix vectors.
     ntp_parts = []
@@ -982,7 +990,9 @@ def compute_loss(model: torch.nn.Module, b: Batch, obj: Objective,
     # L_ntp: a mean over every predicted token of the GLOBAL batch: each rank sums its own tokens and divides
     # by the global count; DDP's gradient average (1/W) is undone by the factor W, so the gradient equals a
     # single process's on the whole batch (checked by tests/test_train.py).
-    ntp = sum(p[0] for p in ntp_parts) / all_sum(sum(p[1] for p in ntp_parts).float()).clamp_min(1) * world
+    if ntp_tokens is None:
+        ntp_tokens = all_sum(sum(p[1] for p in ntp_parts).float())
+    ntp = sum(p[0] for p in ntp_parts) / ntp_tokens.clamp_min(1) * world
 
     # L_contrastive: VladVA's symmetric InfoNCE, this rank's rows against every rank's (kernel.py).
     contrastive = K.contrastive_loss(img_emb, txt_emb, core.logit_scale) if obj.contrastive else None
@@ -1099,16 +1109,20 @@ def train_stage(stage: Stage, model: MLLM, opt: torch.optim.Optimizer, batches: 
             lr = lr_at(step, stage.total, stage.peak_lr, run.warmup_frac)
             for group in opt.param_groups:
                 group["lr"] = lr
-            micro_terms, wait = [], 0.0
-            for micro in range(n_acc):  # forward + backward per micro-batch; DDP syncs gradients on the last
-                t_wait = time.perf_counter()
-                b = data.next().map(lambda t: t.to(d.device, non_blocking=True))
-                wait += time.perf_counter() - t_wait
+            micro_terms, t_wait = [], time.perf_counter()
+            step_batches = [data.next() for _ in range(n_acc)]
+            wait = time.perf_counter() - t_wait
+            # L_ntp is one mean over all tokens of the step: every micro-batch divides by the step's global count
+            # (/ n_acc, undone by summing n_acc backward passes of loss / n_acc)
+            count = torch.tensor(float(sum(predicted_tokens(b) for b in step_batches)), device=d.device)
+            ntp_tokens = all_sum(count) / n_acc
+            for micro, b in enumerate(step_batches):  # forward + backward; DDP syncs gradients on the last
+                b = b.map(lambda t: t.to(d.device, non_blocking=True))
                 n_samples += b.n_sequences * d.world
                 with nullcontext() if micro == n_acc - 1 or d.world == 1 else net.no_sync():
                     with autocast:
                         try:
-                            loss, terms = compute_loss(net, b, batches.objective, d.world)
+                            loss, terms = compute_loss(net, b, batches.objective, d.world, ntp_tokens)
                         except ValueError as e:  # kernel.py refuses non-finite losses and features
                             raise SystemExit(f"train.py: {stage.name} step {step}: {e}; stopping without "
                                              f"writing a checkpoint (the last good one, if any, stays at "
