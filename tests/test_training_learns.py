@@ -4,6 +4,8 @@ label shift of ntp_sum on a batch whose answer token is known; gradient accumula
 through the real loop (train_stage) with plain SGD, whose update is the gradient itself."""
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 import sys
 from pathlib import Path
@@ -92,16 +94,21 @@ def test_finetuning_fits_a_fixed_batch_and_moves_only_its_trainable_set(method, 
     trainable = set(T.set_trainable(model, T.trainable_patterns(ft), lora=False))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     fb = batches("finetune", cfg, tok, corpus, streams, model)
+    start = copy.deepcopy(model)
     history = fit(model, fb(0), fb.objective, 40, 1e-2)
     active = {"ntp"} | ({"contrastive"} if fb.objective.contrastive else set()) \
         | ({"structure"} if fb.objective.structure else set())
     assert active <= set(history[0]), history[0]
     first, last = history[0], history[-1]
-    # measured at smoke size: the total falls 12-22% over the 40 steps; Sugar's next-token term only ~2% (its
-    # LoRA sits on W_q, W_v alone and the structure term dominates the gradient)
+    # measured at smoke size: the total falls 12-22% over the 40 steps
     assert last["total"] < 0.9 * first["total"], (method, first, last)
-    for k in active:  # and every term the method trains
-        assert last[k] < 0.99 * first[k], (method, k, first, last)
+    # the terms of a joint objective may trade off (with Sugar's LoRA on W_q, W_v alone the structure term can
+    # raise the next-token term), so each term is fitted on its own: the method's trainable set must lower it
+    for k in active:
+        alone = copy.deepcopy(start)
+        weights = T.K.LossWeights(**{w: (1.0 if w == k else 0.0) for w in ("ntp", "contrastive", "structure")})
+        h = fit(alone, fb(0), dataclasses.replace(fb.objective, weights=weights), 40, 1e-2)
+        assert h[-1][k] < 0.99 * h[0][k], (method, k, h[0], h[-1])
     moved = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
     assert moved == trainable, (method, sorted(moved ^ trainable))
     # what the method's recipe says it adapts (train.RECIPES): LoRA in every method, soft prompts in vladva and
