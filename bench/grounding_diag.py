@@ -8,7 +8,7 @@ steps, the teacher-forced VQA accuracy per question type (the argmax token after
                   data.conversations avoids
   --distil N      N steps of train.py's stage 0 (vision tower distilled from the teacher), then frozen (--freeze 1)
 
-    python bench/grounding_diag.py --mix default --steps 400 --image 48 --patch 16 --distil 600 --threads 1
+    python bench/grounding_diag.py --mix default --steps 400 --image 48 --patch 16 --distil 600 --warm 0.05 --eval-every 200 --threads 1
 """
 import argparse
 import sys
