@@ -1248,18 +1248,23 @@ def read_karpathy(ctx: _Ctx, root: object, split: str | None = None) -> LoadedDa
     return data
 
 
+def jsonl_records(ctx: _Ctx, lines: list[str]) -> Iterator[tuple[int, object]]:
+    """(line number from 1, as editors count, parsed record) for each non-empty line; a line that is not JSON is
+    reported as a problem and skipped."""
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            yield i, json.loads(line)
+        except json.JSONDecodeError as e:
+            ctx.bad(i, "<line>", f"valid JSON ({e.msg})")
+
+
 def read_mmc4(ctx: _Ctx, lines: list[str]) -> LoadedData:
     """MMC4-style JSONL: one document per line, {"text_list": [str], "image_info": [{"image_name",
     "matched_text_index"}]}; each image goes right before its matched sentence; every segment ends a prefix."""
     data = LoadedData("mmc4")
-    for i, line in enumerate(lines, 1):  # records are numbered by line, from 1 as editors do
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            ctx.bad(i, "<line>", f"valid JSON ({e.msg})")
-            continue
+    for i, rec in jsonl_records(ctx, lines):
         texts = _need(ctx, rec, i, "text_list", list)
         infos = _need(ctx, rec, i, "image_info", list)
         if texts is None or infos is None:
@@ -1301,14 +1306,7 @@ def read_pope(ctx: _Ctx, lines: list[str]) -> LoadedData:
     """POPE question JSONL (Li et al., EMNLP 2023): one {"question_id", "image", "text", "label": "yes"|"no"} per
     line. Each line is a Question (kind "pope") and a training sample [image, question, answer]."""
     data = LoadedData("pope")
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            ctx.bad(i, "<line>", f"valid JSON ({e.msg})")
-            continue
+    for i, rec in jsonl_records(ctx, lines):
         name, text, label = (_need(ctx, rec, i, k, str) for k in ("image", "text", "label"))
         if "question_id" not in rec:
             _need(ctx, rec, i, "question_id", int)
