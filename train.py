@@ -187,6 +187,7 @@ class RunArgs:
     preset: str = "cpu"     # cpu: the defaults below (2 CPU cores); gpu: a larger model and schedule, one GPU
     seed: int = 0
     grad_accum: int = 1     # micro-batches per step (DDP syncs gradients on the last)
+    length_group: int = 16  # next-token batches cut from 16x as many samples sorted by length (1: random)
     warmup_frac: float = 0.03  # share of a stage's steps in linear warm-up (Sugar: 3%), then cosine to 0
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # max global gradient norm; 0: no clipping
@@ -275,7 +276,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 AT_LEAST = {"n_train": 1, "rag_kbs": 1, "vision_steps": 0, "vision_batch": 1, "pretrain_steps": 0,
             "pretrain_batch": 1, "finetune_steps": 0,
             "lm_batch": 1, "pair_batch": 1, "story_batch": 1, "lora_r": 1, "lambda_contrastive": 0.0,
-            "lambda_structure": 0.0, "gak_delta": 0.0, "grad_accum": 1, "warmup_frac": 0.0,
+            "lambda_structure": 0.0, "gak_delta": 0.0, "grad_accum": 1, "length_group": 1, "warmup_frac": 0.0,
             "weight_decay": 0.0, "grad_clip": 0.0, "log_every": 1, "ckpt_every": 1, "stop_after": 0,
             "max_len": 1, "proj_dim": 1}
 ABOVE = {"vision_lr": 0.0, "pretrain_lr": 0.0, "finetune_lr": 0.0, "lora_alpha": 0.0}
@@ -444,27 +445,40 @@ def gather_rows(x: Tensor) -> Tensor:
 
 class Stream:
     """An endless, reshuffled-every-epoch sequence of items; `batch(step, n)` needs no state. The permutation
-    of the current epoch is cached, so drawing an item costs O(1)."""
+    of the current epoch is cached, so drawing an item costs O(1).
 
-    def __init__(self, name: str, items: list, seed: int) -> None:
-        self.name, self.items, self.seed = name, items, seed
+    With `lengths` (tokens per item) and group > 1, batches are length-grouped: the group * n items of steps
+    group*m .. group*m + group - 1 are sorted by length, cut into `group` batches of n, and those are visited in a
+    random order. Every item is still seen once per epoch and a step still has n items; what changes is that a
+    batch's sequences have similar lengths, so right-padding to the longest wastes little compute (on the built-in
+    world a random batch of 32 is 38% real tokens). Our choice (HF Trainer's `group_by_length` does the same)."""
+
+    def __init__(self, name: str, items: list, seed: int, lengths: list[int] | None = None,
+                 group: int = 1) -> None:
+        assert lengths is None or len(lengths) == len(items)
+        self.name, self.items, self.seed, self.lengths = name, items, seed, lengths
+        self.group = group if lengths is not None else 1
         self._cached: tuple[int, list[int]] = (-1, [])
 
     def batch(self, step: int, n: int) -> list:
         if not self.items:
             raise SystemExit(f"train.py: the {self.name!r} stream has no samples (check --data / --n-train)")
-        out, start = [], step * n
-        for k in range(start, start + n):
-            epoch, i = divmod(k, len(self.items))
-            out.append(self.items[self._perm(epoch)[i]])
-        return out
+        if self.group == 1:
+            return [self.items[self._index(k)] for k in range(step * n, step * n + n)]
+        m, j = divmod(step, self.group)
+        idx = [self._index(k) for k in range(m * self.group * n, (m + 1) * self.group * n)]
+        idx.sort(key=lambda i: self.lengths[i])
+        order = list(range(self.group))
+        random.Random(f"{self.name}:{self.seed}:group:{m}").shuffle(order)
+        return [self.items[i] for i in idx[order[j] * n:(order[j] + 1) * n]]
 
-    def _perm(self, epoch: int) -> list[int]:
+    def _index(self, k: int) -> int:
+        epoch, i = divmod(k, len(self.items))
         if self._cached[0] != epoch:
             order = list(range(len(self.items)))
             random.Random(f"{self.name}:{self.seed}:{epoch}").shuffle(order)
             self._cached = (epoch, order)
-        return self._cached[1]
+        return self._cached[1][i]
 
 
 @dataclass
@@ -582,10 +596,14 @@ def check_corpus(corpus: Corpus, cfg: TrainConfig, tok: D.Tokenizer, n_image_tok
                              f"{max_len} (nothing is truncated)")
 
 
-def build_streams(corpus: Corpus, seed: int) -> dict[str, Stream]:
-    return {"pretrain": Stream("pretrain", corpus.lm + corpus.long + corpus.stories, seed),
-            "lm": Stream("lm", corpus.lm, seed), "stories": Stream("stories", corpus.stories, seed),
-            "pairs": Stream("pairs", corpus.pairs, seed)}
+def build_streams(corpus: Corpus, seed: int, tok: D.Tokenizer, n_image_tokens: int,
+                  group: int) -> dict[str, Stream]:
+    """The streams batches are drawn from; the next-token ones are length-grouped (see Stream)."""
+    pre = corpus.lm + corpus.long + corpus.stories
+    lengths = D.sample_lengths(pre, tok, n_image_tokens)
+    return {"pretrain": Stream("pretrain", pre, seed, lengths, group),
+            "lm": Stream("lm", corpus.lm, seed, lengths[:len(corpus.lm)], group),
+            "stories": Stream("stories", corpus.stories, seed), "pairs": Stream("pairs", corpus.pairs, seed)}
 
 
 @dataclass
@@ -1209,7 +1227,7 @@ def train(cfg: TrainConfig, d: Dist) -> TrainResult:
              else (cfg.model.image_size // cfg.model.patch_size) ** 2)
     check_corpus(corpus, cfg, tok, n_img, pretrain=init is None and not run.llm,
                  finetune=cfg.finetune.finetune_steps > 0)
-    streams = build_streams(corpus, run.seed)
+    streams = build_streams(corpus, run.seed, tok, n_img, run.length_group)
     history: dict[str, list[dict[str, float]]] = {"pretrain": [], "finetune": []}
     stop = run.stop_after if run.stop_after > 0 else math.inf
     if d.device.type == "cuda":  # TF32 for the float32 matmuls that bf16 autocast leaves (the losses)

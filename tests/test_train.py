@@ -105,6 +105,27 @@ def test_stream_batch_equals_reshuffling_per_item(n_items, n, step):
     assert stream.batch(step, n) == expected
 
 
+@settings(max_examples=40, deadline=None)
+@given(n_items=st.integers(1, 40), n=st.integers(1, 6), group=st.integers(2, 5), seed=st.integers(0, 3))
+def test_length_grouped_stream_sees_every_item_per_epoch_in_length_sorted_batches(n_items, n, group, seed):
+    """Grouping only regroups: the first group*m steps draw the same multiset of items as ungrouped batches of the
+    same steps, each batch's items are consecutive in the length order of their group, and n per step."""
+    import random
+    rng = random.Random(seed)
+    items = list(range(n_items))
+    lengths = [rng.randint(1, 9) for _ in items]
+    plain = train.Stream("s", items, seed)
+    grouped = train.Stream("s", items, seed, lengths, group)
+    for m in range(3):
+        steps = range(m * group, (m + 1) * group)
+        batches = [grouped.batch(k, n) for k in steps]
+        assert all(len(b) == n for b in batches)
+        assert sorted(x for b in batches for x in b) == sorted(x for k in steps for x in plain.batch(k, n))
+        # sorted by length within the group: no batch's length range overlaps another's interior
+        spans = sorted((min(lengths[x] for x in b), max(lengths[x] for x in b)) for b in batches)
+        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+
+
 def test_help_presets_and_explicit_flags(capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--help"])
@@ -440,7 +461,8 @@ def test_lambda_ntp_delta_and_switches_in_the_checkpoint(tmp_path, capsys):
     assert switches == (0.5, "last", "gak", "gak", "both")
 
     cfg = train.parse_args(SMOKE + ["--out", str(out)])
-    streams = train.build_streams(train.builtin_corpus(cfg), cfg.run.seed)
+    corpus = train.builtin_corpus(cfg)
+    streams = {k: train.Stream(k, getattr(corpus, k), cfg.run.seed) for k in ("stories", "pairs")}
     n_stories, n_pairs = (min(train.DELTA_SAMPLE, len(streams[k].items)) for k in ("stories", "pairs"))
     samples = streams["stories"].batch(0, n_stories) + train.singles(streams["pairs"].batch(0, n_pairs))
     segs = [s for smp in samples for s in smp.segments]
