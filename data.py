@@ -16,9 +16,9 @@ so "the red square" always names exactly one object and every hard negative belo
 
 Run:
     python data.py check PATH [--tokenizer tokenizer.json] [--max-len 192] [--n-image-tokens 16]
-        validates a LLaVA / Karpathy / MMC4 / SugarCrepe / POPE / Winoground / teacher-features file, reporting
-        every problem at once (a .jsonl file's records are numbered by line from 1); the defaults are train.py's
-        default context and image tokens.
+        validates a LLaVA / Karpathy / MMC4 / SugarCrepe / POPE / Winoground / teacher-features file,
+        reporting every problem at once (a .jsonl file's records are numbered by line from 1); the defaults
+        are train.py's default context and image tokens.
     python data.py demo       prints one scene of the built-in world.
 
 User formats (found by suffix and content; image paths are relative to the file; eval.py's metrics for each):
@@ -37,8 +37,8 @@ User formats (found by suffix and content; image paths are relative to the file;
   POPE questions .jsonl, one per line (train; eval: pope/acc|precision|recall|f1|yes_ratio):
       {"question_id": 1, "image": "img/0.png", "text": "Is there a red square in the image?", "label": "yes"}
       {"question_id": 2, "image": "img/0.png", "text": "Is there a cat in the image?", "label": "no"}
-  Winoground pairs .jsonl, one per line, the keys of Winoground's examples.jsonl ("id" optional) with image paths
-  as file paths (the release's "ex_0_img_0" needs its folder and ".png") (eval: winoground/text|image|group):
+  Winoground pairs .jsonl, one per line, the keys of Winoground's examples.jsonl ("id" optional), image
+  paths written out (its "ex_0_img_0" needs its folder and ".png") (eval: winoground/text|image|group):
       {"id": 0, "image_0": "img/0.png", "image_1": "img/1.png",
        "caption_0": "a red square left of a blue circle.", "caption_1": "a blue square left of a red circle."}
   Teacher features .safetensors (train --features): tensors "image:<path>.uni|cross", "text:<sha256>.uni|cross"
@@ -1045,7 +1045,7 @@ class Question:
 
 @dataclass
 class WinoItem:
-    """A Winoground example: caption_k describes image_k; the two captions hold the same words in another order."""
+    """A Winoground example: caption_k describes image_k; the captions hold the same words, reordered."""
     image_0: Tensor
     image_1: Tensor
     caption_0: str
@@ -1368,8 +1368,8 @@ def read_sugarcrepe(ctx: _Ctx, root: object, category: str) -> LoadedData:
 
 def read_winoground(ctx: _Ctx, lines: list[str]) -> LoadedData:
     """Winoground JSONL (Thrush et al., CVPR 2022): one {"id" (optional), "image_0", "image_1", "caption_0",
-    "caption_1"} per line, caption_k describing image_k. Evaluation items only: no training sample comes from it.
-    Two identical images or captions are refused: the tie rule of the scores would fail them whatever the model."""
+    "caption_1"} per line, caption_k describing image_k. Evaluation items only: no training sample comes from
+    it. Two identical images or captions are refused: the scores' tie rule fails them whatever the model."""
     data = LoadedData("winoground")
     for i, rec in jsonl_records(ctx, lines):
         names = [_need(ctx, rec, i, f"image_{k}", str) for k in (0, 1)]
@@ -1469,8 +1469,8 @@ def detect_format(path: Path) -> str:
 
 
 def _first_jsonl_keys(path: Path) -> set[str]:
-    """The keys of a JSONL file's first record (empty when it is not an object): POPE, Winoground and MMC4 share
-    .jsonl."""
+    """The keys of a JSONL file's first record (empty when it is not an object): POPE, Winoground and MMC4
+    share .jsonl."""
     try:
         with open(path) as f:
             first = next((line for line in f if line.strip()), "")

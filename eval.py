@@ -12,8 +12,9 @@ Metrics (the JSON keys):
   retrieval/{i2t,t2i}_r{1,5,10}   image <-> short caption recall@K (a hit is any item with the identical caption)
   compositional/<category>, compositional/mean   SugarCrepe-style: the image scores its caption above the negative
   winoground/{text,image,group}   two scenes whose captions differ by a swap (Thrush et al., CVPR 2022 scoring)
-  interleaved/r{1,5}              story so far + next sentence -> the next frame among all test frames (an MMC4
-                                  file: document so far + an image's sentence -> that image, document_queries)
+  interleaved/r{1,5}              story so far + next sentence -> the next frame among all test frames (an
+                                  MMC4 file: document so far + an image's sentence -> that image among all
+                                  the file's images, document_queries)
   vqa/acc, vqa/<type>             exact match of the generated answer after normalize_answer (all; count,
                                   colour, shape, size, relation questions, or a LLaVA file's "type")
   pope/{acc,precision,recall,f1,yes_ratio}   object-existence yes/no questions (POPE, Li et al., EMNLP 2023)
@@ -326,7 +327,7 @@ def eval_winoground(world: D.World, emb: Embedder, kind: str) -> dict[str, float
 
 def winoground_suite(images: list[D.Sample], captions: list[D.Sample], emb: Embedder,
                      kind: str) -> dict[str, float]:
-    """images, captions: 2N samples, example n's image k / caption k at 2n + k (caption k describes image k)."""
+    """images, captions: 2N samples, example n's image k and caption k at 2n + k (caption k fits image k)."""
     n = len(images) // 2
     ims = emb(images, kind, "image").view(n, 2, -1)  # (N, 2, d)
     caps = emb(captions, kind, "text").view(n, 2, -1)  # (N, 2, d)
@@ -365,14 +366,15 @@ def document_queries(docs: list[D.Sample]) -> tuple[list[tuple[int, D.Sample]], 
     sentence). As on the built-in stories, a query is the document before an image (its images and sentences)
     followed by the image's matched sentence (the first sentence after it), and the target is that image among
     every image of the file's documents. Two things the stories have and documents lack, and what stands in:
-    - a scene graph, which makes two frames the same picture: here two images with identical pixels (as loaded)
-      are the same, so a repeated image is a hit wherever it occurs;
+    - a scene graph, which makes two frames the same picture: here two images with identical pixels (as
+      loaded) are the same, so a repeated image is a hit wherever it occurs;
     - a frame before every query: an image with nothing before it in its document is no query (as frame 0).
     Returns (document index, query) pairs, their target keys, the candidate images and their keys."""
     key_of: dict[bytes, int] = {}
     queries, targets, cands, keys = [], [], [], []
     for d, doc in enumerate(docs):
-        segs = [D.image_seg(s.image) if s.kind == "image" else D.text_seg(s.text, False) for s in doc.segments]
+        segs = [D.image_seg(s.image) if s.kind == "image" else D.text_seg(s.text, False)
+                for s in doc.segments]  # loss off, as the stories' queries
         for p, seg in enumerate(segs):
             if seg.kind != "image":
                 continue
@@ -380,16 +382,16 @@ def document_queries(docs: list[D.Sample]) -> tuple[list[tuple[int, D.Sample]], 
             cands.append(img(seg.image))
             keys.append(key)
             if p > 0:
-                sentence = next(s for s in segs[p + 1:] if s.kind == "text")  # read_mmc4: one follows each image
+                sentence = next(s for s in segs[p + 1:] if s.kind == "text")  # read_mmc4: one follows
                 queries.append((d, D.Sample(segs[:p] + [sentence])))
                 targets.append(key)
     return queries, targets, cands, keys
 
 
 def fit_context(query: D.Sample, tok: D.Tokenizer, n_image_tokens: int, room: int) -> D.Sample | None:
-    """The query with its oldest segments dropped until its tokens fit `room` (our choice: a document that fits
-    the context for training can exceed it once the summary's soft prompt is appended); None if even its last
-    segment does not fit."""
+    """The query with its oldest segments dropped until its tokens fit `room` (our choice: a document that
+    fits the context for training can exceed it once the summary's soft prompt is appended); None if even its
+    last segment does not fit."""
     segs = query.segments
     while D.sample_lengths([D.Sample(segs)], tok, n_image_tokens)[0] > room:
         if len(segs) == 1:
@@ -508,8 +510,8 @@ def evaluate_file(model: MLLM, tok: D.Tokenizer, method: str, args: EvalArgs, de
 def evaluate_loaded(loaded: D.LoadedData, path: str, model: MLLM, tok: D.Tokenizer, method: str, args: EvalArgs,
                     device: torch.device, pool: str) -> tuple[dict[str, float], dict[str, str]]:
     """One file's metrics: SugarCrepe-style negatives give compositional accuracy, Karpathy pairs retrieval, LLaVA
-    supervised turns VQA accuracy (greedy answers), POPE lines the yes/no metrics, MMC4 documents the interleaved
-    recall (document_queries), Winoground lines the Winoground scores."""
+    supervised turns VQA accuracy (greedy answers), POPE lines the yes/no metrics, MMC4 documents the
+    interleaved recall (document_queries), Winoground lines the Winoground scores."""
     kinds = embedding_kinds(method, args.embedding)
     emb = Embedder(model, tok, args.batch, device, pool)
     metrics: dict[str, float] = {}
@@ -530,8 +532,8 @@ def evaluate_loaded(loaded: D.LoadedData, path: str, model: MLLM, tok: D.Tokeniz
     if loaded.format == "mmc4":
         metrics.update(eval_documents(loaded, path, model, tok, emb, kinds["interleaved"]))
     if not metrics:
-        raise SystemExit(f"eval.py: {path} ({loaded.format}) has no pairs, negatives, questions, documents or "
-                         f"Winoground pairs to evaluate")
+        raise SystemExit(f"eval.py: {path} ({loaded.format}) has no pairs, negatives, questions, documents "
+                         f"or Winoground pairs to evaluate")
     return metrics, kinds
 
 
@@ -540,15 +542,16 @@ def eval_documents(loaded: D.LoadedData, path: str, model: MLLM, tok: D.Tokenize
     """interleaved/r1, r5 on an MMC4 file's documents (document_queries), each query fitted to the context."""
     queries, targets, cands, keys = document_queries(loaded.samples)
     if not queries:
-        raise SystemExit(f"eval.py: {path}: no image with anything before it in its document, so no interleaved "
-                         f"query (the suite retrieves each image from the document before it)")
+        raise SystemExit(f"eval.py: {path}: no image with anything before it in its document, so no "
+                         f"interleaved query (the suite retrieves each image from the document before it)")
     room = model.cfg.llm.max_seq_len - (model.cfg.n_soft_tokens if kind == "summary" else 0)
     fitted = []
     for d, q in queries:
         f = fit_context(q, tok, model.n_image_tokens, room)
         if f is None:
-            raise SystemExit(f"eval.py: {path}: record {loaded.sample_records[d]}: a sentence with the summary's "
-                             f"soft prompt exceeds the context of {model.cfg.llm.max_seq_len} tokens")
+            line = loaded.sample_records[d]
+            raise SystemExit(f"eval.py: {path}: record {line}: a sentence with the summary's soft prompt "
+                             f"exceeds the context of {model.cfg.llm.max_seq_len} tokens")
         fitted.append(f)
     return interleaved_suite(fitted, targets, cands, keys, emb, kind)
 

@@ -297,7 +297,8 @@ def test_winoground_problems_name_the_file_line_and_field(tmp_path, ckpt):
     good = {"id": 0, "image_0": "k0.png", "image_1": "k1.png", "caption_0": "a cat on a mat",
             "caption_1": "a mat on a cat"}
     lines = [good, {**good, "caption_1": None}, {k: v for k, v in good.items() if k != "image_0"},
-             {**good, "image_1": "nope.png"}, {**good, "caption_1": "a cat on a mat "}, {**good, "image_1": "k0.png"}]
+             {**good, "image_1": "nope.png"}, {**good, "caption_1": "a cat on a mat "},
+             {**good, "image_1": "k0.png"}]
     path = tmp_path / "wino.jsonl"
     path.write_text("".join(json.dumps(x) + "\n" for x in lines) + "{broken\n")
     assert [str(p) for p in D.check(path)] == [
@@ -307,14 +308,14 @@ def test_winoground_problems_name_the_file_line_and_field(tmp_path, ckpt):
         "record 5: field 'caption_1': a caption other than caption_0, got the same text twice",
         "record 6: field 'image_1': an image other than image_0, got 'k0.png' twice",
         "record 7: field '<line>': valid JSON (Expecting property name enclosed in double quotes)"]
-    with pytest.raises(SystemExit, match=r"(?s)eval\.py: .*wino\.jsonl: 6 problem\(s\) \(records numbered by line\):"
-                                         r".*record 3: field 'image_0'"):
+    with pytest.raises(SystemExit, match=r"(?s)eval\.py: .*wino\.jsonl: 6 problem\(s\) "
+                                         r"\(records numbered by line\):.*record 3: field 'image_0'"):
         E.main(["--ckpt", str(ckpt), "--data", str(path)])
 
 
 def test_interleaved_suite_refuses_documents_it_cannot_query(tmp_path):
     """MMC4 files whose documents give no query (each image comes first), or a sentence that cannot fit the
-    context with the summary's soft prompt, stop with the reason instead of a metric over nothing or a traceback."""
+    context with the summary's soft prompt, stop with the reason, not a metric over nothing or a traceback."""
     from test_train import tiny_checkpoint
     png(tmp_path / "k0.png")
     model, tok = tiny_checkpoint(tmp_path / "c.pt", ["red red red blue cat"] * 3)
@@ -328,7 +329,8 @@ def test_interleaved_suite_refuses_documents_it_cannot_query(tmp_path):
     path = tmp_path / "long.jsonl"
     path.write_text("\n" + json.dumps(doc) + "\n")
     room = model.cfg.llm.max_seq_len - model.cfg.n_soft_tokens
-    assert D.sample_lengths([D.Sample([D.text_seg(long, False)])], tok, 16)[0] > room  # the document fits; not so
-    D.load_dataset(path, tok, max_len=model.cfg.llm.max_seq_len)                      # its sentence + soft prompt
+    # the document fits the context; its sentence with the soft prompt does not
+    D.load_dataset(path, tok, max_len=model.cfg.llm.max_seq_len)
+    assert D.sample_lengths([D.Sample([D.text_seg(long, False)])], tok, 16)[0] > room
     with pytest.raises(SystemExit, match=r"long.jsonl: record 2: a sentence with the summary's soft prompt"):
         E.main(["--ckpt", str(tmp_path / "c.pt"), "--data", str(path)])

@@ -525,11 +525,12 @@ def test_winoground_roundtrip(tmp_path, imgs):
     p.write_text("".join(json.dumps(r) + "\n" for r in recs))
     d = data.load_dataset(p)
     assert d.format == "winoground" and not d.samples and data.check(p) == []
-    assert [(w.caption_0, w.caption_1) for w in d.winoground] == [("a mug in some grass", "some grass in a mug"),
-                                                                  ("a dog bites a man", "a man bites a dog")]
+    assert [(w.caption_0, w.caption_1) for w in d.winoground] == [
+        ("a mug in some grass", "some grass in a mug"), ("a dog bites a man", "a man bites a dog")]
     for w, (i0, i1) in zip(d.winoground, [("img/0.png", "img/1.png"), ("img/2.png", "img/0.png")]):
-        assert torch.allclose(w.image_0, imgs[i0], atol=1 / 255) and torch.allclose(w.image_1, imgs[i1], atol=1 / 255)
-    assert "a man bites a dog" in data.data_texts(d)  # a tokenizer trained on --data files covers its captions
+        assert torch.allclose(w.image_0, imgs[i0], atol=1 / 255)
+        assert torch.allclose(w.image_1, imgs[i1], atol=1 / 255)
+    assert "a man bites a dog" in data.data_texts(d)  # a tokenizer trained on --data covers its captions
 
 
 def test_every_problem_reported_at_once(tmp_path, imgs, tok):

@@ -125,7 +125,7 @@ def test_question_types_cover_the_world_templates():
     assert kinds["relation"].startswith("is the")
 
 
-# ---- users' MMC4 and Winoground files through eval.py's entry point ----------------------------------------------
+# ---- users' MMC4 and Winoground files through eval.py's entry point ----------------------------------------
 SHADES = {"a": 10, "b": 40, "c": 70, "d": 100, "e": 130}  # image name -> red level of a uniform PNG
 
 
@@ -151,8 +151,8 @@ def doc(sentences: list[str], images: dict[str, int]) -> dict:
 
 
 class KnownScores:
-    """An embedder stand-in: an image embeds as the one-hot vector of its shade, a text as the vector `texts` gives
-    its last segment; every sample it embeds is recorded as (names of images | texts)."""
+    """An embedder stand-in: an image embeds as the one-hot vector of its shade, a text as the vector `texts`
+    gives its last segment; every sample it embeds is recorded as (names of images | texts)."""
 
     def __init__(self, texts: dict[str, list[float]]) -> None:
         self.texts, self.seen = texts, []
@@ -170,9 +170,9 @@ class KnownScores:
 
 
 def test_mmc4_and_winoground_files_give_their_metrics(tmp_path, monkeypatch):
-    """--data docs.jsonl,wino.jsonl: interleaved/r1|r5 and winoground/text|image|group. With the real model every
-    metric is a fraction; with embeddings of known scores each equals the count worked out by hand, and each
-    interleaved query is the document before an image and then that image's sentence."""
+    """--data docs.jsonl,wino.jsonl: interleaved/r1|r5 and winoground/text|image|group. With the real model
+    every metric is a fraction; with embeddings of known scores each equals the count worked out by hand, and
+    each interleaved query is the document before an image and then that image's sentence."""
     from test_train import tiny_checkpoint
     write_shades(tmp_path)
     docs = write_jsonl(tmp_path / "docs.jsonl", [
@@ -197,11 +197,11 @@ def test_mmc4_and_winoground_files_give_their_metrics(tmp_path, monkeypatch):
         "u one.": one("a"),                          # a first: hit at 1
         "w zero.": one("a"), "w one.": one("b"),     # s = [[1, 0], [0, 1]]: text, image, group right
         "v zero.": mix(one("c", 0.9), one("d", 0.1)), "v one.": mix(one("c", 0.8), one("d", 0.5))})
-    # second: s = [[0.9, 0.8], [0.1, 0.5]]: each image prefers its caption (text right), caption 1 prefers image 0
+    # second: s = [[0.9, 0.8], [0.1, 0.5]]: each image prefers its caption (text), caption 1 prefers image 0
     monkeypatch.setattr(E, "Embedder", lambda *a, **k: stand_in)
     m = E.main(args)
-    assert m == {"interleaved/r1": 0.5, "interleaved/r5": 0.75, "winoground/text": 1.0, "winoground/image": 0.5,
-                 "winoground/group": 0.5}
+    assert m == {"interleaved/r1": 0.5, "interleaved/r5": 0.75, "winoground/text": 1.0,
+                 "winoground/image": 0.5, "winoground/group": 0.5}
     queries = [s for s in stand_in.seen if len(s) > 1]
     assert queries == [["a", "s zero.", "s one."], ["a", "s zero.", "b", "s one.", "s two."],
                        ["c", "t zero.", "t one."], ["b", "u zero.", "u one."]]
@@ -235,4 +235,4 @@ def test_interleaved_query_longer_than_the_context_drops_its_oldest_segments(tmp
     n_dropped = 7 - len(cut)
     assert n_dropped >= 1 and cut == [shade(x.image) if x.kind == "image" else x.text
                                       for x in last.segments[n_dropped:]]
-    assert D.sample_lengths([D.Sample(last.segments[n_dropped - 1:])], tok, 16)[0] > room  # no more is dropped
+    assert D.sample_lengths([D.Sample(last.segments[n_dropped - 1:])], tok, 16)[0] > room  # none too many
