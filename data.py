@@ -16,8 +16,9 @@ so "the red square" always names exactly one object and every hard negative belo
 
 Run:
     python data.py check PATH [--tokenizer tokenizer.json] [--max-len 192] [--n-image-tokens 16]
-        validates a LLaVA / Karpathy / MMC4 / SugarCrepe / POPE / teacher-features file, reporting every problem
-        at once; the defaults are train.py's default context and image tokens.
+        validates a LLaVA / Karpathy / MMC4 / SugarCrepe / POPE / Winoground / teacher-features file,
+        reporting every problem at once (a .jsonl file's records are numbered by line from 1); the defaults
+        are train.py's default context and image tokens.
     python data.py demo       prints one scene of the built-in world.
 
 User formats (found by suffix and content; image paths are relative to the file; eval.py's metrics for each):
@@ -27,7 +28,7 @@ User formats (found by suffix and content; image paths are relative to the file;
   Karpathy captions .json (train; eval: retrieval/*):
       {"images": [{"filename": "img/0.png", "split": "test",
                    "sentences": [{"raw": "a red square."}, {"raw": "one red square in the middle."}]}]}
-  MMC4 documents .jsonl, one per line (train):
+  MMC4 documents .jsonl, one per line (train; eval: interleaved/r1|r5):
       {"text_list": ["a first line.", "a second line."],
        "image_info": [{"image_name": "img/0.png", "matched_text_index": 0}]}
   SugarCrepe .json, the category from "category" or the file name (eval: compositional/file):
@@ -36,6 +37,10 @@ User formats (found by suffix and content; image paths are relative to the file;
   POPE questions .jsonl, one per line (train; eval: pope/acc|precision|recall|f1|yes_ratio):
       {"question_id": 1, "image": "img/0.png", "text": "Is there a red square in the image?", "label": "yes"}
       {"question_id": 2, "image": "img/0.png", "text": "Is there a cat in the image?", "label": "no"}
+  Winoground pairs .jsonl, one per line, the keys of Winoground's examples.jsonl ("id" optional), image
+  paths written out (its "ex_0_img_0" needs its folder and ".png") (eval: winoground/text|image|group):
+      {"id": 0, "image_0": "img/0.png", "image_1": "img/1.png",
+       "caption_0": "a red square left of a blue circle.", "caption_1": "a blue square left of a red circle."}
   Teacher features .safetensors (train --features): tensors "image:<path>.uni|cross", "text:<sha256>.uni|cross"
       written by save_features({feature_key("image", "img/0.png"): (uni, cross), ...}).
 """
@@ -1002,7 +1007,13 @@ class DataError(ValueError):
     def __init__(self, path: str | Path, problems: list[Problem]) -> None:
         self.problems = problems
         lines = "\n  ".join(str(p) for p in problems)
-        super().__init__(f"{path}: {len(problems)} problem(s):\n  {lines}")
+        super().__init__(f"{path}: {len(problems)} problem(s){numbering(path)}:\n  {lines}")
+
+
+def numbering(path: str | Path) -> str:
+    """How a file's records are numbered in its problems: a .jsonl file's by line from 1 (jsonl_records), the
+    others by position from 0."""
+    return " (records numbered by line)" if Path(path).suffix == ".jsonl" else ""
 
 
 @dataclass
@@ -1033,12 +1044,22 @@ class Question:
 
 
 @dataclass
+class WinoItem:
+    """A Winoground example: caption_k describes image_k; the captions hold the same words, reordered."""
+    image_0: Tensor
+    image_1: Tensor
+    caption_0: str
+    caption_1: str
+
+
+@dataclass
 class LoadedData:
-    format: str                                               # llava | karpathy | mmc4 | sugarcrepe | pope | features
+    format: str                      # llava | karpathy | mmc4 | sugarcrepe | pope | winoground | features
     samples: list[Sample] = field(default_factory=list)       # for collate (NTP / Sugar)
     pairs: list[Pair] = field(default_factory=list)           # for collate_pairs (VladVA); Karpathy only
     negatives: list[NegativeItem] = field(default_factory=list)  # SugarCrepe-style evaluation items
     questions: list[Question] = field(default_factory=list)   # LLaVA turns and POPE lines (eval.py: vqa/, pope/)
+    winoground: list[WinoItem] = field(default_factory=list)  # eval.py: winoground/; never trained on
     features: "Features | None" = None
     sample_records: list[int | str] = field(default_factory=list)  # file record of each sample (for messages)
     pair_records: list[int | str] = field(default_factory=list)
@@ -1345,6 +1366,27 @@ def read_sugarcrepe(ctx: _Ctx, root: object, category: str) -> LoadedData:
     return data
 
 
+def read_winoground(ctx: _Ctx, lines: list[str]) -> LoadedData:
+    """Winoground JSONL (Thrush et al., CVPR 2022): one {"id" (optional), "image_0", "image_1", "caption_0",
+    "caption_1"} per line, caption_k describing image_k. Evaluation items only: no training sample comes from
+    it. Two identical images or captions are refused: the scores' tie rule fails them whatever the model."""
+    data = LoadedData("winoground")
+    for i, rec in jsonl_records(ctx, lines):
+        names = [_need(ctx, rec, i, f"image_{k}", str) for k in (0, 1)]
+        caps = [_need(ctx, rec, i, f"caption_{k}", str) for k in (0, 1)]
+        ims = [None if n is None else ctx.image(i, f"image_{k}", n) for k, n in enumerate(names)]
+        caps = [None if c is None else ctx.text(i, f"caption_{k}", c) for k, c in enumerate(caps)]
+        if None not in names and names[0] == names[1]:
+            ctx.bad(i, "image_1", f"an image other than image_0, got {names[1]!r} twice")
+            continue
+        if None not in caps and caps[0].strip() == caps[1].strip():
+            ctx.bad(i, "caption_1", "a caption other than caption_0, got the same text twice")
+            continue
+        if None not in ims and None not in caps:
+            data.winoground.append(WinoItem(ims[0], ims[1], caps[0].strip(), caps[1].strip()))
+    return data
+
+
 # ---- teacher features for real data ----------------------------------------------------------------------------
 # File format: safetensors with two float tensors per slice, "<key>.uni" (Du,) and "<key>.cross" (Dc,), unit norm.
 # <key> is "image:<path as written in the data file>" for an image, "text:<sha256 hex of the UTF-8 text>" for text.
@@ -1407,7 +1449,10 @@ def detect_format(path: Path) -> str:
     if path.suffix == ".safetensors":
         return "features"
     if path.suffix == ".jsonl":
-        return "pope" if _first_jsonl_keys(path) >= {"question_id", "text", "label"} else "mmc4"
+        keys = _first_jsonl_keys(path)
+        if keys >= {"image_0", "image_1", "caption_0", "caption_1"}:
+            return "winoground"
+        return "pope" if keys >= {"question_id", "text", "label"} else "mmc4"
     if path.suffix != ".json":
         raise ValueError(f"{path}: unknown format (expected .json, .jsonl or .safetensors)")
     root = _read_json(path)
@@ -1424,7 +1469,8 @@ def detect_format(path: Path) -> str:
 
 
 def _first_jsonl_keys(path: Path) -> set[str]:
-    """The keys of a JSONL file's first record (empty when it is not an object): POPE and MMC4 share .jsonl."""
+    """The keys of a JSONL file's first record (empty when it is not an object): POPE, Winoground and MMC4
+    share .jsonl."""
     try:
         with open(path) as f:
             first = next((line for line in f if line.strip()), "")
@@ -1520,19 +1566,19 @@ def _read_any(path: Path, tok: Tokenizer | None, n_image_tokens: int, max_len: i
         if not ctx.problems and not data.features.uni:
             ctx.bad("<file>", "<root>", "at least one feature vector (the file has none)")
         return data, ctx
-    if fmt in ("mmc4", "pope"):
+    if fmt in ("mmc4", "pope", "winoground"):
         try:
             lines = path.read_text().splitlines()
         except (OSError, UnicodeDecodeError) as e:
             raise ValueError(f"{path}: unreadable: {e}") from e
-        data = (read_pope if fmt == "pope" else read_mmc4)(ctx, lines)
+        data = {"mmc4": read_mmc4, "pope": read_pope, "winoground": read_winoground}[fmt](ctx, lines)
     elif fmt == "llava":
         data = read_llava(ctx, _read_json(path))
     elif fmt == "karpathy":
         data = read_karpathy(ctx, _read_json(path), split)
     else:
         data = read_sugarcrepe(ctx, _read_json(path), path.stem if path.stem in CATEGORIES else "unknown")
-    if not ctx.problems and not (data.samples or data.pairs or data.negatives):
+    if not ctx.problems and not (data.samples or data.pairs or data.negatives or data.winoground):
         ctx.bad("<file>", "<root>", "at least one record (the file has none)")
     if tok is not None:
         ctx.problems += length_problems(data, tok, n_image_tokens, max_len)
@@ -1541,7 +1587,8 @@ def _read_any(path: Path, tok: Tokenizer | None, n_image_tokens: int, max_len: i
 
 def data_texts(data: LoadedData) -> list[str]:
     out = [s.text for smp in data.samples for s in smp.segments if s.kind == "text"]
-    return out + [t for n in data.negatives for t in (n.positive, n.negative)]
+    return (out + [t for n in data.negatives for t in (n.positive, n.negative)]
+            + [t for w in data.winoground for t in (w.caption_0, w.caption_1)])
 
 
 def check(path: str | Path, tok: Tokenizer | None = None, n_image_tokens: int = N_IMAGE_TOKENS,
@@ -1582,7 +1629,7 @@ def _main(argv: list[str]) -> int:
     problems = check(args.path, tok, args.n_image_tokens, args.max_len, args.image_size, args.image_root)
     for p in problems:
         print(p)
-    print(f"{args.path}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
+    print(f"{args.path}: {'OK' if not problems else f'{len(problems)} problem(s){numbering(args.path)}'}")
     return 1 if problems else 0
 
 

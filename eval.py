@@ -12,7 +12,9 @@ Metrics (the JSON keys):
   retrieval/{i2t,t2i}_r{1,5,10}   image <-> short caption recall@K (a hit is any item with the identical caption)
   compositional/<category>, compositional/mean   SugarCrepe-style: the image scores its caption above the negative
   winoground/{text,image,group}   two scenes whose captions differ by a swap (Thrush et al., CVPR 2022 scoring)
-  interleaved/r{1,5}              story so far + next sentence -> the next frame among all test frames
+  interleaved/r{1,5}              story so far + next sentence -> the next frame among all test frames (an
+                                  MMC4 file: document so far + an image's sentence -> that image among all
+                                  the file's images, document_queries)
   vqa/acc, vqa/<type>             exact match of the generated answer after normalize_answer (all; count,
                                   colour, shape, size, relation questions, or a LLaVA file's "type")
   pope/{acc,precision,recall,f1,yes_ratio}   object-existence yes/no questions (POPE, Li et al., EMNLP 2023)
@@ -30,6 +32,7 @@ Run:
     python eval.py --ckpt out.pt --data sugarcrepe_replace_att.json   # a user's file (metrics its format allows)
     python eval.py --ckpt out.pt --data coco_karpathy.json --data-split val   # a Karpathy file's val records
     python eval.py --ckpt out.pt --data llava_test.json,pope_random.jsonl     # vqa/* and pope/* of two files
+    python eval.py --ckpt out.pt --data mmc4_docs.jsonl,winoground.jsonl      # interleaved/* and winoground/*
     python eval.py --ckpt out.pt --blank-images 1     # the same with black images: what the image contributes
 """
 
@@ -316,10 +319,18 @@ def eval_compositional(world: D.World, emb: Embedder, kind: str) -> dict[str, fl
 
 def eval_winoground(world: D.World, emb: Embedder, kind: str) -> dict[str, float]:
     pairs = world.winoground
-    ims = emb([img(x, D.cross_features(D.cross_facts_graph(g))) for p in pairs
-               for x, g in ((p.image_a, p.graph_a), (p.image_b, p.graph_b))], kind, "image").view(len(pairs), 2, -1)
-    caps = emb([txt(ph.text(), phrase_features(ph)) for p in pairs for ph in (p.phrase_a, p.phrase_b)],
-               kind, "text").view(len(pairs), 2, -1)
+    images = [img(x, D.cross_features(D.cross_facts_graph(g))) for p in pairs
+              for x, g in ((p.image_a, p.graph_a), (p.image_b, p.graph_b))]
+    captions = [txt(ph.text(), phrase_features(ph)) for p in pairs for ph in (p.phrase_a, p.phrase_b)]
+    return winoground_suite(images, captions, emb, kind)
+
+
+def winoground_suite(images: list[D.Sample], captions: list[D.Sample], emb: Embedder,
+                     kind: str) -> dict[str, float]:
+    """images, captions: 2N samples, example n's image k and caption k at 2n + k (caption k fits image k)."""
+    n = len(images) // 2
+    ims = emb(images, kind, "image").view(n, 2, -1)  # (N, 2, d)
+    caps = emb(captions, kind, "text").view(n, 2, -1)  # (N, 2, d)
     s = torch.einsum("nid,njd->nij", ims, caps)  # (N, 2, 2)
     return {f"winoground/{k}": v for k, v in winoground_scores(s).items()}
 
@@ -328,18 +339,65 @@ def eval_interleaved(world: D.World, emb: Embedder, kind: str) -> dict[str, floa
     """Query: frames 0..k-1 with their sentences, then sentence k; target: frame k, among every test frame (a frame
     with the same scene graph as the target counts as a hit too)."""
     frames = [f for st in world.stories for f in st.frames]
-    cands = emb([img(f.image, f.cross_image) for f in frames], kind, "image")  # (F, d)
     queries, targets = [], []
     for st in world.stories:
         for k in range(1, len(st)):
             segs = [seg for f in st.frames[:k] for seg in (D.image_seg(f.image), D.text_seg(f.sentence, False))]
             nxt = st.frames[k]
             queries.append(D.Sample(segs + [D.text_seg(nxt.sentence, False, nxt.uni_text, nxt.cross_text)]))
-            targets.append(st.frames[k].graph)
+            targets.append(D._canonical(st.frames[k].graph))
+    return interleaved_suite(queries, targets, [img(f.image, f.cross_image) for f in frames],
+                             [D._canonical(f.graph) for f in frames], emb, kind)
+
+
+def interleaved_suite(queries: list[D.Sample], targets: list[object], candidates: list[D.Sample],
+                      keys: list[object], emb: Embedder, kind: str) -> dict[str, float]:
+    """recall@1, @5 of each query's next image among the candidates; a candidate whose key equals the query's
+    target key is a hit."""
+    cands = emb(candidates, kind, "image")  # (F, d)
     q = emb(queries, kind, "text")  # (Q, d)
-    keys = [D._canonical(f.graph) for f in frames]
-    positive = torch.tensor([[D._canonical(g) == key for key in keys] for g in targets])
+    positive = torch.tensor([[t == key for key in keys] for t in targets])  # (Q, F)
     return {f"interleaved/r{k}": v for k, v in recall_at_k(cosine(q, cands), positive, (1, 5)).items()}
+
+
+def document_queries(docs: list[D.Sample]) -> tuple[list[tuple[int, D.Sample]], list[int], list[D.Sample],
+                                                      list[int]]:
+    """The interleaved suite on MMC4 documents (data.read_mmc4 puts each image right before its matched
+    sentence). As on the built-in stories, a query is the document before an image (its images and sentences)
+    followed by the image's matched sentence (the first sentence after it), and the target is that image among
+    every image of the file's documents. Two things the stories have and documents lack, and what stands in:
+    - a scene graph, which makes two frames the same picture: here two images with identical pixels (as
+      loaded) are the same, so a repeated image is a hit wherever it occurs;
+    - a frame before every query: an image with nothing before it in its document is no query (as frame 0).
+    Returns (document index, query) pairs, their target keys, the candidate images and their keys."""
+    key_of: dict[bytes, int] = {}
+    queries, targets, cands, keys = [], [], [], []
+    for d, doc in enumerate(docs):
+        segs = [D.image_seg(s.image) if s.kind == "image" else D.text_seg(s.text, False)
+                for s in doc.segments]  # loss off, as the stories' queries
+        for p, seg in enumerate(segs):
+            if seg.kind != "image":
+                continue
+            key = key_of.setdefault(seg.image.numpy().tobytes(), len(key_of))
+            cands.append(img(seg.image))
+            keys.append(key)
+            if p > 0:
+                sentence = next(s for s in segs[p + 1:] if s.kind == "text")  # read_mmc4: one follows
+                queries.append((d, D.Sample(segs[:p] + [sentence])))
+                targets.append(key)
+    return queries, targets, cands, keys
+
+
+def fit_context(query: D.Sample, tok: D.Tokenizer, n_image_tokens: int, room: int) -> D.Sample | None:
+    """The query with its oldest segments dropped until its tokens fit `room` (our choice: a document that
+    fits the context for training can exceed it once the summary's soft prompt is appended); None if even its
+    last segment does not fit."""
+    segs = query.segments
+    while D.sample_lengths([D.Sample(segs)], tok, n_image_tokens)[0] > room:
+        if len(segs) == 1:
+            return None
+        segs = segs[1:]
+    return D.Sample(segs)
 
 
 def qa_prompt(image: Tensor, question: str) -> D.Sample:
@@ -452,7 +510,8 @@ def evaluate_file(model: MLLM, tok: D.Tokenizer, method: str, args: EvalArgs, de
 def evaluate_loaded(loaded: D.LoadedData, path: str, model: MLLM, tok: D.Tokenizer, method: str, args: EvalArgs,
                     device: torch.device, pool: str) -> tuple[dict[str, float], dict[str, str]]:
     """One file's metrics: SugarCrepe-style negatives give compositional accuracy, Karpathy pairs retrieval, LLaVA
-    supervised turns VQA accuracy (greedy answers), POPE lines the yes/no metrics."""
+    supervised turns VQA accuracy (greedy answers), POPE lines the yes/no metrics, MMC4 documents the
+    interleaved recall (document_queries), Winoground lines the Winoground scores."""
     kinds = embedding_kinds(method, args.embedding)
     emb = Embedder(model, tok, args.batch, device, pool)
     metrics: dict[str, float] = {}
@@ -465,9 +524,36 @@ def evaluate_loaded(loaded: D.LoadedData, path: str, model: MLLM, tok: D.Tokeniz
         metrics["compositional/file"] = pairwise_accuracy((i * pos).sum(1), (i * neg).sum(1))
     if loaded.pairs:
         metrics.update(eval_retrieval(loaded.pairs, emb, kinds["pairs"]))
+    if loaded.winoground:
+        w = loaded.winoground
+        metrics.update(winoground_suite([img(x) for it in w for x in (it.image_0, it.image_1)],
+                                        [txt(c) for it in w for c in (it.caption_0, it.caption_1)], emb,
+                                        kinds["pairs"]))
+    if loaded.format == "mmc4":
+        metrics.update(eval_documents(loaded, path, model, tok, emb, kinds["interleaved"]))
     if not metrics:
-        raise SystemExit(f"eval.py: {path} ({loaded.format}) has no pairs, negatives or questions to evaluate")
+        raise SystemExit(f"eval.py: {path} ({loaded.format}) has no pairs, negatives, questions, documents "
+                         f"or Winoground pairs to evaluate")
     return metrics, kinds
+
+
+def eval_documents(loaded: D.LoadedData, path: str, model: MLLM, tok: D.Tokenizer, emb: Embedder,
+                   kind: str) -> dict[str, float]:
+    """interleaved/r1, r5 on an MMC4 file's documents (document_queries), each query fitted to the context."""
+    queries, targets, cands, keys = document_queries(loaded.samples)
+    if not queries:
+        raise SystemExit(f"eval.py: {path}: no image with anything before it in its document, so no "
+                         f"interleaved query (the suite retrieves each image from the document before it)")
+    room = model.cfg.llm.max_seq_len - (model.cfg.n_soft_tokens if kind == "summary" else 0)
+    fitted = []
+    for d, q in queries:
+        f = fit_context(q, tok, model.n_image_tokens, room)
+        if f is None:
+            line = loaded.sample_records[d]
+            raise SystemExit(f"eval.py: {path}: record {line}: a sentence with the summary's soft prompt "
+                             f"exceeds the context of {model.cfg.llm.max_seq_len} tokens")
+        fitted.append(f)
+    return interleaved_suite(fitted, targets, cands, keys, emb, kind)
 
 
 def eval_questions(questions: list[D.Question], model: MLLM, tok: D.Tokenizer, device: torch.device,

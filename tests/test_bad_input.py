@@ -289,3 +289,48 @@ def test_mmc4_records_are_numbered_by_line_from_one(tmp_path):
     good = json.dumps({"text_list": ["a"], "image_info": [{"image_name": "k0.png", "matched_text_index": 0}]})
     (tmp_path / "m.jsonl").write_text(good + "\n{broken\n" + good + "\n")
     assert [(p.index, p.field) for p in D.check(tmp_path / "m.jsonl")] == [(2, "<line>")]
+
+
+def test_winoground_problems_name_the_file_line_and_field(tmp_path, ckpt):
+    png(tmp_path / "k0.png")
+    png(tmp_path / "k1.png", 1)
+    good = {"id": 0, "image_0": "k0.png", "image_1": "k1.png", "caption_0": "a cat on a mat",
+            "caption_1": "a mat on a cat"}
+    lines = [good, {**good, "caption_1": None}, {k: v for k, v in good.items() if k != "image_0"},
+             {**good, "image_1": "nope.png"}, {**good, "caption_1": "a cat on a mat "},
+             {**good, "image_1": "k0.png"}]
+    path = tmp_path / "wino.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines) + "{broken\n")
+    assert [str(p) for p in D.check(path)] == [
+        "record 2: field 'caption_1': type string, got null",
+        "record 3: field 'image_0': a required field 'image_0' (missing)",
+        f"record 4: field 'image_1': missing image file {tmp_path / 'nope.png'}",
+        "record 5: field 'caption_1': a caption other than caption_0, got the same text twice",
+        "record 6: field 'image_1': an image other than image_0, got 'k0.png' twice",
+        "record 7: field '<line>': valid JSON (Expecting property name enclosed in double quotes)"]
+    with pytest.raises(SystemExit, match=r"(?s)eval\.py: .*wino\.jsonl: 6 problem\(s\) "
+                                         r"\(records numbered by line\):.*record 3: field 'image_0'"):
+        E.main(["--ckpt", str(ckpt), "--data", str(path)])
+
+
+def test_interleaved_suite_refuses_documents_it_cannot_query(tmp_path):
+    """MMC4 files whose documents give no query (each image comes first), or a sentence that cannot fit the
+    context with the summary's soft prompt, stop with the reason, not a metric over nothing or a traceback."""
+    from test_train import tiny_checkpoint
+    png(tmp_path / "k0.png")
+    model, tok = tiny_checkpoint(tmp_path / "c.pt", ["red red red blue cat"] * 3)
+    first = tmp_path / "first.jsonl"
+    first.write_text(json.dumps({"text_list": ["a cat."], "image_info": [{"image_name": "k0.png",
+                                                                           "matched_text_index": 0}]}) + "\n")
+    with pytest.raises(SystemExit, match="first.jsonl: no image with anything before it"):
+        E.main(["--ckpt", str(tmp_path / "c.pt"), "--data", str(first)])
+    long = " ".join(["red"] * 65)
+    doc = {"text_list": ["blue.", long], "image_info": [{"image_name": "k0.png", "matched_text_index": 1}]}
+    path = tmp_path / "long.jsonl"
+    path.write_text("\n" + json.dumps(doc) + "\n")
+    room = model.cfg.llm.max_seq_len - model.cfg.n_soft_tokens
+    # the document fits the context; its sentence with the soft prompt does not
+    D.load_dataset(path, tok, max_len=model.cfg.llm.max_seq_len)
+    assert D.sample_lengths([D.Sample([D.text_seg(long, False)])], tok, 16)[0] > room
+    with pytest.raises(SystemExit, match=r"long.jsonl: record 2: a sentence with the summary's soft prompt"):
+        E.main(["--ckpt", str(tmp_path / "c.pt"), "--data", str(path)])

@@ -516,6 +516,23 @@ def test_sugarcrepe_roundtrip(tmp_path, imgs):
     assert torch.allclose(n.image, imgs["img/0.png"], atol=1 / 255)
 
 
+def test_winoground_roundtrip(tmp_path, imgs):
+    recs = [{"id": 0, "image_0": "img/0.png", "image_1": "img/1.png", "caption_0": "a mug in some grass",
+             "caption_1": "some grass in a mug ", "tag": "Object"},
+            {"image_0": "img/2.png", "image_1": "img/0.png", "caption_0": "a dog bites a man",
+             "caption_1": "a man bites a dog"}]
+    p = tmp_path / "examples.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    d = data.load_dataset(p)
+    assert d.format == "winoground" and not d.samples and data.check(p) == []
+    assert [(w.caption_0, w.caption_1) for w in d.winoground] == [
+        ("a mug in some grass", "some grass in a mug"), ("a dog bites a man", "a man bites a dog")]
+    for w, (i0, i1) in zip(d.winoground, [("img/0.png", "img/1.png"), ("img/2.png", "img/0.png")]):
+        assert torch.allclose(w.image_0, imgs[i0], atol=1 / 255)
+        assert torch.allclose(w.image_1, imgs[i1], atol=1 / 255)
+    assert "a man bites a dog" in data.data_texts(d)  # a tokenizer trained on --data covers its captions
+
+
 def test_every_problem_reported_at_once(tmp_path, imgs, tok):
     (tmp_path / "img/bad.png").write_bytes(b"not a png at all")
     (tmp_path / "img/dir.png").mkdir()

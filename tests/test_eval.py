@@ -1,4 +1,5 @@
 """eval.py's metrics on cases whose answers are known by construction, against independent loops."""
+import json
 import sys
 from pathlib import Path
 
@@ -122,3 +123,116 @@ def test_question_types_cover_the_world_templates():
     kinds = {E.question_type(q): q for s in w.scenes for q, _ in s.vqa}
     assert set(kinds) == {"count", "colour", "shape", "size", "relation"}
     assert kinds["relation"].startswith("is the")
+
+
+# ---- users' MMC4 and Winoground files through eval.py's entry point ----------------------------------------
+SHADES = {"a": 10, "b": 40, "c": 70, "d": 100, "e": 130}  # image name -> red level of a uniform PNG
+
+
+def write_shades(tmp_path: Path) -> None:
+    from PIL import Image
+    for name, red in SHADES.items():
+        Image.new("RGB", (32, 32), (red, 0, 0)).save(tmp_path / f"{name}.png")
+
+
+def shade(image: torch.Tensor) -> str:
+    red = round(float(image[0].mean()) * 255)
+    return next(n for n, v in SHADES.items() if v == red)
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def doc(sentences: list[str], images: dict[str, int]) -> dict:
+    return {"text_list": sentences, "image_info": [{"image_name": f"{n}.png", "matched_text_index": k}
+                                                   for n, k in images.items()]}
+
+
+class KnownScores:
+    """An embedder stand-in: an image embeds as the one-hot vector of its shade, a text as the vector `texts`
+    gives its last segment; every sample it embeds is recorded as (names of images | texts)."""
+
+    def __init__(self, texts: dict[str, list[float]]) -> None:
+        self.texts, self.seen = texts, []
+
+    def __call__(self, samples, kind, side):
+        rows = []
+        for s in samples:
+            self.seen.append([shade(x.image) if x.kind == "image" else x.text for x in s.segments])
+            last = s.segments[-1]
+            if last.kind == "image":
+                rows.append([float(shade(last.image) == n) for n in SHADES])
+            else:
+                rows.append(self.texts[last.text])
+        return torch.tensor(rows)
+
+
+def test_mmc4_and_winoground_files_give_their_metrics(tmp_path, monkeypatch):
+    """--data docs.jsonl,wino.jsonl: interleaved/r1|r5 and winoground/text|image|group. With the real model
+    every metric is a fraction; with embeddings of known scores each equals the count worked out by hand, and
+    each interleaved query is the document before an image and then that image's sentence."""
+    from test_train import tiny_checkpoint
+    write_shades(tmp_path)
+    docs = write_jsonl(tmp_path / "docs.jsonl", [
+        doc(["s zero.", "s one.", "s two."], {"a": 0, "b": 1, "c": 2}),  # a b c: queries for b and c
+        doc(["t zero.", "t one."], {"c": 0, "d": 1}),                    # c d: a query for d
+        doc(["u zero.", "u one."], {"b": 0, "a": 1})])                   # b a: a query for a
+    wino = write_jsonl(tmp_path / "wino.jsonl", [
+        {"id": 0, "image_0": "a.png", "image_1": "b.png", "caption_0": "w zero.", "caption_1": "w one."},
+        {"id": 1, "image_0": "c.png", "image_1": "d.png", "caption_0": "v zero.", "caption_1": "v one."}])
+    ckpt = tmp_path / "c.pt"
+    tiny_checkpoint(ckpt, ["s t u w v zero one two."] * 3)
+    args = ["--ckpt", str(ckpt), "--data", f"{docs},{wino}"]
+    real = E.main(args)
+    assert set(real) == {"interleaved/r1", "interleaved/r5", "winoground/text", "winoground/image",
+                         "winoground/group"} and all(0 <= v <= 1 for v in real.values())
+    one = lambda name, w=1.0: [w * float(n == name) for n in SHADES]  # noqa: E731
+    mix = lambda x, y: [p + q for p, q in zip(x, y)]  # noqa: E731
+    stand_in = KnownScores({
+        "s one.": one("b"),                          # b (twice among the 7 candidates) first: hit at 1
+        "s two.": mix(one("a", 0.9), one("c", 0.5)),  # a twice above c: a miss at 1, a hit at 5
+        "t one.": one("d", -1.0),                    # the 6 other candidates above d: a miss at 5
+        "u one.": one("a"),                          # a first: hit at 1
+        "w zero.": one("a"), "w one.": one("b"),     # s = [[1, 0], [0, 1]]: text, image, group right
+        "v zero.": mix(one("c", 0.9), one("d", 0.1)), "v one.": mix(one("c", 0.8), one("d", 0.5))})
+    # second: s = [[0.9, 0.8], [0.1, 0.5]]: each image prefers its caption (text), caption 1 prefers image 0
+    monkeypatch.setattr(E, "Embedder", lambda *a, **k: stand_in)
+    m = E.main(args)
+    assert m == {"interleaved/r1": 0.5, "interleaved/r5": 0.75, "winoground/text": 1.0,
+                 "winoground/image": 0.5, "winoground/group": 0.5}
+    queries = [s for s in stand_in.seen if len(s) > 1]
+    assert queries == [["a", "s zero.", "s one."], ["a", "s zero.", "b", "s one.", "s two."],
+                       ["c", "t zero.", "t one."], ["b", "u zero.", "u one."]]
+    assert [s for s in stand_in.seen if len(s) == 1][:7] == [["a"], ["b"], ["c"], ["c"], ["d"], ["b"], ["a"]]
+
+
+def test_interleaved_query_longer_than_the_context_drops_its_oldest_segments(tmp_path, monkeypatch):
+    """A document that fits the context, whose last query does not once the summary's soft prompt is appended:
+    the query keeps its newest segments (and the real model embeds it instead of refusing)."""
+    import data as D
+    from test_train import tiny_checkpoint
+    write_shades(tmp_path)
+    sentences = ["s zero one.", "s one two.", "s two three.", "s three zero."]
+    docs = write_jsonl(tmp_path / "docs.jsonl", [doc(sentences, {"a": 0, "b": 1, "c": 2, "d": 3})])
+    model, tok = tiny_checkpoint(tmp_path / "c.pt", ["s zero one two three."] * 3)
+    room = model.cfg.llm.max_seq_len - model.cfg.n_soft_tokens
+    full = D.load_dataset(docs, tok, max_len=model.cfg.llm.max_seq_len).samples[0]
+    last = D.Sample([D.image_seg(s.image) if s.kind == "image" else D.text_seg(s.text, False)
+                     for s in full.segments[:6]] + [D.text_seg(sentences[3], False)])
+    assert D.sample_lengths([last], tok, 16)[0] > room  # the case: without the cut the model would refuse
+    seen = []
+
+    class Recording(E.Embedder):
+        def __call__(self, samples, kind, side):
+            seen.extend(samples)
+            return super().__call__(samples, kind, side)
+    monkeypatch.setattr(E, "Embedder", Recording)
+    m = E.main(["--ckpt", str(tmp_path / "c.pt"), "--data", str(docs)])
+    assert set(m) == {"interleaved/r1", "interleaved/r5"}
+    cut = [[shade(x.image) if x.kind == "image" else x.text for x in s.segments] for s in seen][-1]
+    n_dropped = 7 - len(cut)
+    assert n_dropped >= 1 and cut == [shade(x.image) if x.kind == "image" else x.text
+                                      for x in last.segments[n_dropped:]]
+    assert D.sample_lengths([D.Sample(last.segments[n_dropped - 1:])], tok, 16)[0] > room  # none too many
