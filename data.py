@@ -593,7 +593,10 @@ def _make_kb(rng: random.Random, split: str, n: int, image_size: int) -> KB:
             name = make_name(rng, split)
         names.add(name)
         obj = Obj(s, c, z, 1, 1)
-        entries.append(KBEntry(name, f"{name} is a {z} {c} {s}.", render(SceneGraph([obj]), image_size), obj))
+        # the name follows a space, as in the answer " name": BPE gives both the same tokens, so answering is
+        # copying them (a name opening the description is split differently, without the leading space)
+        entries.append(KBEntry(name, f"the {z} {c} {s} is called {name}.", render(SceneGraph([obj]), image_size),
+                               obj))
         questions.append((f"what is the name of the {z} {c} {s}?", name))
     return KB(entries, questions)
 

@@ -6,6 +6,7 @@ steps, the teacher-forced VQA accuracy per question type (the argmax token after
   --mix shape     colour and shape questions only, chunked in template order (4 turns), where the shape question
                   follows the colour question about the same object: the answer-leaking layout that
                   data.conversations avoids
+  --mix vqa       the default stream's VQA / POPE conversations alone (no captions, stories or RAG)
   --distil N      N steps of train.py's stage 0 (vision tower distilled from the teacher), then frozen (--freeze 1)
 
     python bench/grounding_diag.py --mix default --steps 400 --image 48 --patch 16 --distil 600 --warm 0.05 --eval-every 200 --threads 1
@@ -24,7 +25,7 @@ import train as T  # noqa: E402
 from unimllm import MLLM  # noqa: E402
 
 p = argparse.ArgumentParser()
-p.add_argument('--mix', default='default', choices=['default', 'shape'])
+p.add_argument('--mix', default='default', choices=['default', 'shape', 'vqa'])
 p.add_argument('--steps', type=int, default=300)
 p.add_argument('--batch', type=int, default=32)
 p.add_argument('--lr', type=float, default=6e-4)
@@ -53,6 +54,8 @@ print('data', time.time() - t0, flush=True)
 world = D.make_world('train', a.n, 0, image_size=a.image)
 if a.mix == 'default':
     items = corpus.lm + corpus.long + corpus.stories
+elif a.mix == 'vqa':  # the packed VQA / POPE conversations of the default stream alone
+    items = [x for x in corpus.lm if any(g.kind == 'text' and g.text.startswith('question:') for g in x.segments)]
 else:
     items = []
     for s in world.scenes:

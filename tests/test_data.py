@@ -218,8 +218,19 @@ def test_train_test_disjoint_and_rag_names(train_world):
     assert test_names and not test_names & words
     assert not any(n in t for n in test_names for t in data.world_texts(train_world))
     for (q, name), e in zip(test.kb.questions, test.kb.entries):
-        assert name == e.name and e.description.startswith(name)
+        assert name == e.name and name in e.description.split(" ")[-1]
         assert q == f"what is the name of the {e.obj.size} {e.obj.colour} {e.obj.shape}?"
+
+
+def test_rag_answer_tokens_occur_in_the_description():
+    """Answering a RAG question is copying: the answer's tokens (as collate encodes an answer after the question,
+    with a leading space) are a contiguous run of the description's tokens, with the tokenizer of the world's
+    texts, for test names never seen in training."""
+    tok = data.train_tokenizer(data.world_texts(data.make_world("train", 200, 0)), 1024)
+    for e in data.make_world("test", 40, 0).kb.entries:
+        ans = tok.encode(data.segment_text(e.name, after_text=True))
+        ctx = tok.encode(e.description)
+        assert any(ctx[i:i + len(ans)] == ans for i in range(len(ctx))), (e.description, ans, ctx)
 
 
 def test_images_render_the_graph():
