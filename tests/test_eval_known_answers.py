@@ -1,9 +1,9 @@
 """eval.py's suites on stand-ins whose scores are known: the teacher-feature embedder (the oracle row) against
 an independent loop over the world's features, random embeddings (an anti-oracle) at chance, a generator
-that answers every VQA / POPE question from the scene it is shown, which must score 1.0, and for RAG a generator
-that copies the name out of the knowledge-base entry in its prompt (1.0 with the right entry, the retrieval hit
-rate with retrieved ones) against one that always says the same wrong name (0). These tell "the model cannot"
-from "the pipeline cannot"."""
+that answers every VQA / POPE question from the scene it is shown, which must score 1.0, and for RAG a
+generator that copies the name out of the knowledge-base entry in its prompt (1.0 with the right entry, the
+retrieval hit rate with retrieved ones) against one that always says the same wrong name (0). These tell "the
+model cannot" from "the pipeline cannot"."""
 from __future__ import annotations
 
 import random
@@ -89,15 +89,15 @@ def test_a_generator_that_reads_the_scene_scores_vqa_and_pope_one(world):
     assert got["vqa/acc"] == 1.0 and got["pope/acc"] == 1.0, got
 
 
-# ---- RAG: the knowledge-base entries a stand-in copies from, retrieved by an embedder whose ranking is set ----
-NAMED = re.compile(r"(\w+) is an? (\w+ \w+ \w+)\.")  # a KB entry's description: "<name> is a <size colour shape>."
+# ---- RAG: a stand-in copies names out of knowledge-base entries an embedder with a set ranking retrieves ----
+NAMED = re.compile(r"(\w+) is an? (\w+ \w+ \w+)\.")  # a KB entry: "<name> is a <size colour shape>."
 ASKED = re.compile(r"what is the name of the (\w+ \w+ \w+)\?")
 
 
 class EntryCopier:
-    """What generate_answers needs of an MLLM: it answers a name question by copying the name out of the context
-    entry that describes the object asked about, else out of the last entry (the one next to the question), and
-    says nothing (</s> at once) when the prompt has no entry. `fixed`: answer that string every time instead."""
+    """What generate_answers needs of an MLLM: it answers a name question by copying the name out of the
+    context entry that describes the object asked about, else out of the last entry (the one next to the
+    question), and says nothing (</s> at once) when the prompt has no entry. `fixed`: always answer that."""
     n_image_tokens = 4
     cfg = SimpleNamespace(llm=SimpleNamespace(max_seq_len=128))
 
@@ -153,8 +153,8 @@ def world_tok(world) -> D.Tokenizer:
 def test_rag_copier_scores_its_retrieval_and_one_with_the_right_entry(world, world_tok, k):
     n = len(world.kb.entries)
     runner_up = set(range(0, n, 3))
-    got = E.eval_rag(world, EntryCopier(world_tok), world_tok, ranked_embedder(world, runner_up), "summary", k,
-                     torch.device("cpu"), 4)
+    emb = ranked_embedder(world, runner_up)
+    got = E.eval_rag(world, EntryCopier(world_tok), world_tok, emb, "summary", k, torch.device("cpu"), 4)
     hit_at_1 = 1 - len(runner_up) / n
     assert got["rag/retrieval_r1"] == pytest.approx(hit_at_1)
     assert got["rag/acc_oracle_context"] == 1.0  # the right entry given: a copier cannot miss
@@ -165,7 +165,7 @@ def test_rag_copier_scores_its_retrieval_and_one_with_the_right_entry(world, wor
 
 def test_rag_fixed_wrong_name_scores_zero(world, world_tok):
     wrong = D.make_name(random.Random(0), "train")  # no test name is ever a training name
-    got = E.eval_rag(world, EntryCopier(world_tok, wrong), world_tok, ranked_embedder(world, set()), "summary",
-                     1, torch.device("cpu"), 4)
+    emb = ranked_embedder(world, set())
+    got = E.eval_rag(world, EntryCopier(world_tok, wrong), world_tok, emb, "summary", 1, torch.device("cpu"), 4)
     assert got["rag/retrieval_r1"] == 1.0
     assert got["rag/acc"] == got["rag/acc_without_retrieval"] == got["rag/acc_oracle_context"] == 0.0, got
