@@ -89,7 +89,7 @@ def test_a_generator_that_reads_the_scene_scores_vqa_and_pope_one(world):
     assert got["vqa/acc"] == 1.0 and got["pope/acc"] == 1.0, got
 
 
-# ---- RAG: a stand-in copies names out of knowledge-base entries an embedder with a set ranking retrieves ----
+# ---- RAG: a stand-in copies names out of the knowledge-base entries a set ranking retrieves ----
 NAMED = re.compile(r"(\w+) is an? (\w+ \w+ \w+)\.")  # a KB entry: "<name> is a <size colour shape>."
 ASKED = re.compile(r"what is the name of the (\w+ \w+ \w+)\?")
 
@@ -166,6 +166,7 @@ def test_rag_copier_scores_its_retrieval_and_one_with_the_right_entry(world, wor
 def test_rag_fixed_wrong_name_scores_zero(world, world_tok):
     wrong = D.make_name(random.Random(0), "train")  # no test name is ever a training name
     emb = ranked_embedder(world, set())
-    got = E.eval_rag(world, EntryCopier(world_tok, wrong), world_tok, emb, "summary", 1, torch.device("cpu"), 4)
+    copier = EntryCopier(world_tok, wrong)
+    got = E.eval_rag(world, copier, world_tok, emb, "summary", 1, torch.device("cpu"), 4)
     assert got["rag/retrieval_r1"] == 1.0
     assert got["rag/acc"] == got["rag/acc_without_retrieval"] == got["rag/acc_oracle_context"] == 0.0, got
