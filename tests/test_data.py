@@ -400,6 +400,68 @@ def test_collate_pairs(tok, train_world):
         data.collate_pairs(sc[:1], tok, 16, K, 40)
 
 
+# The batch layout written out by hand from the rules in data.py's docstrings (collate, collate_pairs,
+# ends_turn, segment_text), in a word-level vocabulary whose ids are the numbers below (Ġ: a leading space).
+VOCAB = ["<pad>", "<s>", "</s>", "<image>", "<soft_image>", "<soft_text>", "<unk>",  # 0..6
+         "question", "Ġquestion", ":", "Ġwhat", "Ġcolour", "Ġis", "Ġit", "?", "Ġanswer",  # 7..15
+         "Ġred", "Ġhow", "Ġmany", "Ġtwo", "a", "Ġsquare", ".", "Ġa", "Ġblue", "Ġcircle"]  # 16..25
+PAD, BOS, EOS, IMG, SOFT_IMG, SOFT_TXT, NO = 0, 1, 2, 3, 4, 5, -100
+
+
+def literal_tokenizer() -> data.Tokenizer:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.add_special_tokens(list(data.SPECIALS))
+    return data.Tokenizer(tk)
+
+
+def test_collate_layout_written_out():
+    tok = literal_tokenizer()
+    im = torch.rand(3, 8, 8)
+    vqa = data.Sample([data.image_seg(im), data.text_seg("question: what colour is it? answer:", False),
+                       data.text_seg("red", True), data.text_seg("question: how many? answer:", False),
+                       data.text_seg("two", True)])
+    captions = data.Sample([data.text_seg("a blue circle.", True), data.text_seg("a red square.", True)])
+    b = data.collate([vqa, captions], tok, 3, 64)
+    # bos, 3 image tokens, the question (no space after an image), the answer with a space (after text) and
+    # </s> ending the turn, the next question with a space; only answers and their </s> carry labels
+    ids0 = [BOS, IMG, IMG, IMG, 7, 9, 10, 11, 12, 13, 14, 15, 9, 16, EOS, 8, 9, 17, 18, 14, 15, 9, 19, EOS]
+    lab0 = [NO] * 13 + [16, EOS] + [NO] * 7 + [19, EOS]
+    # two supervised segments in a row are one turn: one </s>, after the second; then right padding
+    ids1 = [BOS, 20, 24, 25, 22, 23, 16, 21, 22, EOS] + [PAD] * 14
+    lab1 = [NO, 20, 24, 25, 22, 23, 16, 21, 22, EOS] + [NO] * 14
+    assert b["input_ids"].tolist() == [ids0, ids1]
+    assert b["labels"].tolist() == [lab0, lab1]
+    assert b["attention_mask"].tolist() == [[True] * 24, [True] * 10 + [False] * 14]
+    # a segment spans its own tokens: bos and </s> belong to no segment
+    assert b["seg_batch"].tolist() == [0, 0, 0, 0, 0, 1, 1]
+    assert b["seg_start"].tolist() == [1, 4, 13, 15, 22, 1, 5]
+    assert b["seg_end"].tolist() == [4, 13, 14, 22, 23, 5, 9]
+    assert b["seg_is_image"].tolist() == [True, False, False, False, False, False, False]
+    assert torch.equal(b["images"], im[None])
+
+
+def test_collate_pairs_layout_written_out():
+    tok = literal_tokenizer()
+    ims = torch.rand(2, 3, 8, 8)
+    b = data.collate_pairs([(ims[0], "a red square.", "a red square. a blue circle."),
+                            (ims[1], "a circle.", "a blue circle.")], tok, 3, 2, 64)
+    # [bos] <image>*3 <soft_image>*2 long caption </s>: labels on the long caption and </s> only
+    head = [BOS, IMG, IMG, IMG, SOFT_IMG, SOFT_IMG]
+    assert b["img_ids"].tolist() == [head + [20, 16, 21, 22, 23, 24, 25, 22, EOS],
+                                     head + [20, 24, 25, 22, EOS] + [PAD] * 4]
+    assert b["img_labels"].tolist() == [[NO] * 6 + [20, 16, 21, 22, 23, 24, 25, 22, EOS],
+                                        [NO] * 6 + [20, 24, 25, 22, EOS] + [NO] * 4]
+    assert b["img_pos"].tolist() == [5, 5]  # the last <soft_image>
+    # [bos] short caption <soft_text>*2, no labels; the summary is read at the last <soft_text>
+    assert b["txt_ids"].tolist() == [[BOS, 20, 16, 21, 22, SOFT_TXT, SOFT_TXT],
+                                     [BOS, 20, 25, 22, SOFT_TXT, SOFT_TXT, PAD]]
+    assert b["txt_pos"].tolist() == [6, 5]
+    assert torch.equal(b["images"], ims)
+
+
 # ---- readers ------------------------------------------------------------------------------------------------------
 def write_png(path: Path, seed: int) -> torch.Tensor:
     arr = np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8)
