@@ -7,6 +7,7 @@ data.py's caption/negative code. Readers round-trip fixtures this file writes in
 Run: .venv/bin/python -m pytest tests/test_data.py -x -q
 """
 import json
+import math
 import re
 import subprocess
 import sys
@@ -231,6 +232,64 @@ def test_images_render_the_graph():
             y, x = int((o.row + 0.5) * 32 / 3), int((o.col + 0.5) * 32 / 3)
             want = torch.tensor(data.COLOURS[o.colour], dtype=torch.float32) / 255
             assert (img[:, y, x] - want).abs().max() < 0.15
+
+
+# Rendered size and shape, from data.py's description of the drawing: objects centred in their cell of a 3x3
+# grid, "~14 px (large) / ~9 px (small) wide" of a 16-px cell, i.e. 0.9 and 0.56 of a cell; a square fills
+# its box, a circle is inscribed in it (pi/4 of it), a triangle has the box's bottom edge as base and its top
+# centre as apex (1/2 of it, centroid a sixth of the box below its centre), a cross is two bars across the box
+# (with arms 1/4 to 1/2 of the box wide, 2a - a^2: 7/16 to 3/4 of it).
+WIDTH = {"large": 0.9, "small": 0.56}  # of a cell
+FILL = {"square": (1.0, 1.0), "circle": (math.pi / 4, math.pi / 4), "triangle": (0.5, 0.5),
+        "cross": (7 / 16, 3 / 4)}  # area / box area, (at least, at most)
+PERIMETER = {"square": 4.0, "circle": math.pi, "triangle": 1 + 5 ** 0.5, "cross": 4.0}  # of a box of width 1
+
+
+def coverage(img: torch.Tensor, colour: str) -> torch.Tensor:
+    """(3, H, W) -> (H, W): the fraction of each pixel the object covers, read off the channel where the
+    colour differs most from the background (the box filter mixes the two linearly)."""
+    bg = torch.tensor(data.BACKGROUND) / 255
+    col = torch.tensor(data.COLOURS[colour]) / 255
+    c = int((col - bg).abs().argmax())
+    return (img[c] - bg[c]) / (col[c] - bg[c])
+
+
+@pytest.mark.parametrize("image_size", [32, 40, 64])
+def test_rendered_area_box_and_centroid(image_size):
+    # Drawn at SUPERSAMPLE x and box-filtered, so the coverage summed over the pixels is the area of the 4x
+    # raster in output pixels (up to the 1/255 rounding). Each edge of that raster lies within one 4x pixel,
+    # d = 1/4 output px, of the true edge (vertices rounded to the grid, boundary pixels filled), so the area
+    # is within perimeter * d (+ 4 d^2 at corners) of the true area and the centroid within d of the true one.
+    d = 1 / data.SUPERSAMPLE
+    cell = image_size / data.GRID
+    yy, xx = torch.meshgrid(torch.arange(image_size) + 0.5, torch.arange(image_size) + 0.5, indexing="ij")
+    areas = {}
+    for shape in data.SHAPES:
+        for size in data.SIZES:
+            for row, col in data.POSITIONS:
+                img = data.render(data.SceneGraph([data.Obj(shape, "blue", size, row, col)]), image_size)
+                assert img.shape == (3, image_size, image_size)
+                cov = coverage(img, "blue")
+                assert float(cov.min()) > -0.01 and float(cov.max()) < 1.01
+                w = WIDTH[size] * cell
+                area = float(cov.sum())
+                lo, hi = FILL[shape]
+                slack = PERIMETER[shape] * w * d + 4 * d * d
+                where = (shape, size, row, col, area, w * w)
+                assert lo * w * w - slack <= area <= hi * w * w + slack, where
+                ys, xs = torch.nonzero(cov > 0.01, as_tuple=True)  # the box: every pixel the object touches
+                for first, last, centre in ((ys.min(), ys.max(), (row + 0.5) * cell),
+                                            (xs.min(), xs.max(), (col + 0.5) * cell)):
+                    # each side in the pixel holding the true edge (or one 4x pixel off it)
+                    assert centre - w / 2 - 1 - d < float(first) <= centre - w / 2 + d, where
+                    assert centre + w / 2 - d <= float(last) + 1 < centre + w / 2 + 1 + d, where
+                cy, cx = float((cov * yy).sum()) / area, float((cov * xx).sum()) / area
+                drop = w / 6 if shape == "triangle" else 0.0  # a triangle's centroid: 2/3 of the way down
+                assert abs(cx - (col + 0.5) * cell) <= d, (where, cx)
+                assert abs(cy - (row + 0.5) * cell - drop) <= d, (where, cy)
+                areas.setdefault((shape, size), []).append(area)
+    for shape in data.SHAPES:  # a small object is smaller than a large one of the same shape everywhere
+        assert max(areas[shape, "small"]) < min(areas[shape, "large"])
 
 
 def test_teacher_features(train_world):
