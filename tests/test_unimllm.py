@@ -242,8 +242,8 @@ def test_image_features_match_clip_processor_and_hidden_states(vision_saved, tmp
     path, hf = vision_saved["clip"]
     enc = um.load_vision(path)
     llm = um.LLMConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_layers=1, max_seq_len=64)
-    cfg = um.MLLMConfig(enc.cfg, llm, feature_layer=feature_layer, image_token_id=IMG, soft_image_token_id=SOFT_IMG,
-                        soft_text_token_id=SOFT_TXT, n_soft_tokens=K)
+    cfg = um.MLLMConfig(enc.cfg, llm, feature_layer=feature_layer, image_token_id=IMG,
+                        soft_image_token_id=SOFT_IMG, soft_text_token_id=SOFT_TXT, n_soft_tokens=K)
     m = um.MLLM(cfg).eval()
     m.vision.load_state_dict(enc.state_dict())
     size = enc.cfg.image_size
