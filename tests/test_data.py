@@ -7,6 +7,7 @@ data.py's caption/negative code. Readers round-trip fixtures this file writes in
 Run: .venv/bin/python -m pytest tests/test_data.py -x -q
 """
 import json
+import math
 import re
 import subprocess
 import sys
@@ -244,6 +245,64 @@ def test_images_render_the_graph():
             assert (img[:, y, x] - want).abs().max() < 0.15
 
 
+# Rendered size and shape, from data.py's description of the drawing: objects centred in their cell of a 3x3
+# grid, "~14 px (large) / ~9 px (small) wide" of a 16-px cell, i.e. 0.9 and 0.56 of a cell; a square fills
+# its box, a circle is inscribed in it (pi/4 of it), a triangle has the box's bottom edge as base and its top
+# centre as apex (1/2 of it, centroid a sixth of the box below its centre), a cross is two bars across the box
+# (with arms 1/4 to 1/2 of the box wide, 2a - a^2: 7/16 to 3/4 of it).
+WIDTH = {"large": 0.9, "small": 0.56}  # of a cell
+FILL = {"square": (1.0, 1.0), "circle": (math.pi / 4, math.pi / 4), "triangle": (0.5, 0.5),
+        "cross": (7 / 16, 3 / 4)}  # area / box area, (at least, at most)
+PERIMETER = {"square": 4.0, "circle": math.pi, "triangle": 1 + 5 ** 0.5, "cross": 4.0}  # of a box of width 1
+
+
+def coverage(img: torch.Tensor, colour: str) -> torch.Tensor:
+    """(3, H, W) -> (H, W): the fraction of each pixel the object covers, read off the channel where the
+    colour differs most from the background (the box filter mixes the two linearly)."""
+    bg = torch.tensor(data.BACKGROUND) / 255
+    col = torch.tensor(data.COLOURS[colour]) / 255
+    c = int((col - bg).abs().argmax())
+    return (img[c] - bg[c]) / (col[c] - bg[c])
+
+
+@pytest.mark.parametrize("image_size", [32, 40, 64])
+def test_rendered_area_box_and_centroid(image_size):
+    # Drawn at SUPERSAMPLE x and box-filtered, so the coverage summed over the pixels is the area of the 4x
+    # raster in output pixels (up to the 1/255 rounding). Each edge of that raster lies within one 4x pixel,
+    # d = 1/4 output px, of the true edge (vertices rounded to the grid, boundary pixels filled), so the area
+    # is within perimeter * d (+ 4 d^2 at corners) of the true area and the centroid within d of the true one.
+    d = 1 / data.SUPERSAMPLE
+    cell = image_size / data.GRID
+    yy, xx = torch.meshgrid(torch.arange(image_size) + 0.5, torch.arange(image_size) + 0.5, indexing="ij")
+    areas = {}
+    for shape in data.SHAPES:
+        for size in data.SIZES:
+            for row, col in data.POSITIONS:
+                img = data.render(data.SceneGraph([data.Obj(shape, "blue", size, row, col)]), image_size)
+                assert img.shape == (3, image_size, image_size)
+                cov = coverage(img, "blue")
+                assert float(cov.min()) > -0.01 and float(cov.max()) < 1.01
+                w = WIDTH[size] * cell
+                area = float(cov.sum())
+                lo, hi = FILL[shape]
+                slack = PERIMETER[shape] * w * d + 4 * d * d
+                where = (shape, size, row, col, area, w * w)
+                assert lo * w * w - slack <= area <= hi * w * w + slack, where
+                ys, xs = torch.nonzero(cov > 0.01, as_tuple=True)  # the box: every pixel the object touches
+                for first, last, centre in ((ys.min(), ys.max(), (row + 0.5) * cell),
+                                            (xs.min(), xs.max(), (col + 0.5) * cell)):
+                    # each side in the pixel holding the true edge (or one 4x pixel off it)
+                    assert centre - w / 2 - 1 - d < float(first) <= centre - w / 2 + d, where
+                    assert centre + w / 2 - d <= float(last) + 1 < centre + w / 2 + 1 + d, where
+                cy, cx = float((cov * yy).sum()) / area, float((cov * xx).sum()) / area
+                drop = w / 6 if shape == "triangle" else 0.0  # a triangle's centroid: 2/3 of the way down
+                assert abs(cx - (col + 0.5) * cell) <= d, (where, cx)
+                assert abs(cy - (row + 0.5) * cell - drop) <= d, (where, cy)
+                areas.setdefault((shape, size), []).append(area)
+    for shape in data.SHAPES:  # a small object is smaller than a large one of the same shape everywhere
+        assert max(areas[shape, "small"]) < min(areas[shape, "large"])
+
+
 def test_teacher_features(train_world):
     sc = train_world.scenes
     for s in sc:
@@ -409,6 +468,68 @@ def test_collate_pairs(tok, train_world):
         assert torch.equal(b["images"][r], s.image)
     with pytest.raises(ValueError, match="max_len"):
         data.collate_pairs(sc[:1], tok, 16, K, 40)
+
+
+# The batch layout written out by hand from the rules in data.py's docstrings (collate, collate_pairs,
+# ends_turn, segment_text), in a word-level vocabulary whose ids are the numbers below (Ġ: a leading space).
+VOCAB = ["<pad>", "<s>", "</s>", "<image>", "<soft_image>", "<soft_text>", "<unk>",  # 0..6
+         "question", "Ġquestion", ":", "Ġwhat", "Ġcolour", "Ġis", "Ġit", "?", "Ġanswer",  # 7..15
+         "Ġred", "Ġhow", "Ġmany", "Ġtwo", "a", "Ġsquare", ".", "Ġa", "Ġblue", "Ġcircle"]  # 16..25
+PAD, BOS, EOS, IMG, SOFT_IMG, SOFT_TXT, NO = 0, 1, 2, 3, 4, 5, -100
+
+
+def literal_tokenizer() -> data.Tokenizer:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.add_special_tokens(list(data.SPECIALS))
+    return data.Tokenizer(tk)
+
+
+def test_collate_layout_written_out():
+    tok = literal_tokenizer()
+    im = torch.rand(3, 8, 8)
+    vqa = data.Sample([data.image_seg(im), data.text_seg("question: what colour is it? answer:", False),
+                       data.text_seg("red", True), data.text_seg("question: how many? answer:", False),
+                       data.text_seg("two", True)])
+    captions = data.Sample([data.text_seg("a blue circle.", True), data.text_seg("a red square.", True)])
+    b = data.collate([vqa, captions], tok, 3, 64)
+    # bos, 3 image tokens, the question (no space after an image), the answer with a space (after text) and
+    # </s> ending the turn, the next question with a space; only answers and their </s> carry labels
+    ids0 = [BOS, IMG, IMG, IMG, 7, 9, 10, 11, 12, 13, 14, 15, 9, 16, EOS, 8, 9, 17, 18, 14, 15, 9, 19, EOS]
+    lab0 = [NO] * 13 + [16, EOS] + [NO] * 7 + [19, EOS]
+    # two supervised segments in a row are one turn: one </s>, after the second; then right padding
+    ids1 = [BOS, 20, 24, 25, 22, 23, 16, 21, 22, EOS] + [PAD] * 14
+    lab1 = [NO, 20, 24, 25, 22, 23, 16, 21, 22, EOS] + [NO] * 14
+    assert b["input_ids"].tolist() == [ids0, ids1]
+    assert b["labels"].tolist() == [lab0, lab1]
+    assert b["attention_mask"].tolist() == [[True] * 24, [True] * 10 + [False] * 14]
+    # a segment spans its own tokens: bos and </s> belong to no segment
+    assert b["seg_batch"].tolist() == [0, 0, 0, 0, 0, 1, 1]
+    assert b["seg_start"].tolist() == [1, 4, 13, 15, 22, 1, 5]
+    assert b["seg_end"].tolist() == [4, 13, 14, 22, 23, 5, 9]
+    assert b["seg_is_image"].tolist() == [True, False, False, False, False, False, False]
+    assert torch.equal(b["images"], im[None])
+
+
+def test_collate_pairs_layout_written_out():
+    tok = literal_tokenizer()
+    ims = torch.rand(2, 3, 8, 8)
+    b = data.collate_pairs([(ims[0], "a red square.", "a red square. a blue circle."),
+                            (ims[1], "a circle.", "a blue circle.")], tok, 3, 2, 64)
+    # [bos] <image>*3 <soft_image>*2 long caption </s>: labels on the long caption and </s> only
+    head = [BOS, IMG, IMG, IMG, SOFT_IMG, SOFT_IMG]
+    assert b["img_ids"].tolist() == [head + [20, 16, 21, 22, 23, 24, 25, 22, EOS],
+                                     head + [20, 24, 25, 22, EOS] + [PAD] * 4]
+    assert b["img_labels"].tolist() == [[NO] * 6 + [20, 16, 21, 22, 23, 24, 25, 22, EOS],
+                                        [NO] * 6 + [20, 24, 25, 22, EOS] + [NO] * 4]
+    assert b["img_pos"].tolist() == [5, 5]  # the last <soft_image>
+    # [bos] short caption <soft_text>*2, no labels; the summary is read at the last <soft_text>
+    assert b["txt_ids"].tolist() == [[BOS, 20, 16, 21, 22, SOFT_TXT, SOFT_TXT],
+                                     [BOS, 20, 25, 22, SOFT_TXT, SOFT_TXT, PAD]]
+    assert b["txt_pos"].tolist() == [6, 5]
+    assert torch.equal(b["images"], ims)
 
 
 # ---- readers ------------------------------------------------------------------------------------------------------

@@ -1,9 +1,13 @@
 """eval.py's suites on stand-ins whose scores are known: the teacher-feature embedder (the oracle row) against
-an independent loop over the world's features, random embeddings (an anti-oracle) at chance, and a generator
-that answers every VQA / POPE question from the scene it is shown, which must score 1.0. These tell "the model
-cannot" from "the pipeline cannot"."""
+an independent loop over the world's features, random embeddings (an anti-oracle) at chance, a generator
+that answers every VQA / POPE question from the scene it is shown, which must score 1.0, and for RAG a
+generator that copies the name out of the knowledge-base entry in its prompt (1.0 with the right entry, the
+retrieval hit rate with retrieved ones) against one that always says the same wrong name (0). These tell "the
+model cannot" from "the pipeline cannot"."""
 from __future__ import annotations
 
+import random
+import re
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -83,3 +87,86 @@ def test_a_generator_that_reads_the_scene_scores_vqa_and_pope_one(world):
 
     got = E.eval_vqa_pope(world, SceneReader(), tok, torch.device("cpu"), 16)
     assert got["vqa/acc"] == 1.0 and got["pope/acc"] == 1.0, got
+
+
+# ---- RAG: a stand-in copies names out of the knowledge-base entries a set ranking retrieves ----
+NAMED = re.compile(r"(\w+) is an? (\w+ \w+ \w+)\.")  # a KB entry: "<name> is a <size colour shape>."
+ASKED = re.compile(r"what is the name of the (\w+ \w+ \w+)\?")
+
+
+class EntryCopier:
+    """What generate_answers needs of an MLLM: it answers a name question by copying the name out of the
+    context entry that describes the object asked about, else out of the last entry (the one next to the
+    question), and says nothing (</s> at once) when the prompt has no entry. `fixed`: always answer that."""
+    n_image_tokens = 4
+    cfg = SimpleNamespace(llm=SimpleNamespace(max_seq_len=128))
+
+    def __init__(self, tok: D.Tokenizer, fixed: str | None = None) -> None:
+        self.tok, self.fixed = tok, fixed
+
+    def answer(self, prompt: str) -> str:
+        if self.fixed is not None:
+            return self.fixed
+        entries = NAMED.findall(prompt)
+        if not entries:
+            return ""
+        asked = ASKED.search(prompt).group(1)
+        return next((name for name, obj in entries if obj == asked), entries[-1][0])
+
+    def generate(self, ids, images, max_new_tokens, eos_id):
+        assert images is None  # RAG prompts are text only
+        rows = []
+        for row in ids.tolist():
+            said = self.answer(self.tok.decode(row))
+            rows.append((self.tok.encode(" " + said) if said else [])[:max_new_tokens - 1] + [eos_id])
+        width = max(map(len, rows))
+        return torch.tensor([r + [eos_id] * (width - len(r)) for r in rows])
+
+
+def ranked_embedder(world: D.World, runner_up: set[int]):
+    """Entry images embed as one-hot vectors; question n embeds on its own entry, except for n in `runner_up`,
+    where it embeds closer to entry n+1 and ranks its own entry second: retrieval@1 = 1 - |runner_up| / E."""
+    entries = world.kb.entries
+    index = {e.image.numpy().tobytes(): i for i, e in enumerate(entries)}
+    asked = {q: n for n, (q, _) in enumerate(world.kb.questions)}
+    eye = torch.eye(len(entries))
+
+    def embed(samples, kind, side):
+        if side == "image":
+            return eye[[index[s.segments[0].image.numpy().tobytes()] for s in samples]]
+        out = []
+        for s in samples:
+            n = asked[s.segments[0].text]
+            v = eye[(n + 1) % len(entries)] + 0.5 * eye[n] if n in runner_up else eye[n]
+            out.append(torch.nn.functional.normalize(v, dim=0))
+        return torch.stack(out)
+
+    return embed
+
+
+@pytest.fixture(scope="module")
+def world_tok(world) -> D.Tokenizer:
+    return D.train_tokenizer(D.world_texts(world))
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_rag_copier_scores_its_retrieval_and_one_with_the_right_entry(world, world_tok, k):
+    n = len(world.kb.entries)
+    runner_up = set(range(0, n, 3))
+    emb = ranked_embedder(world, runner_up)
+    got = E.eval_rag(world, EntryCopier(world_tok), world_tok, emb, "summary", k, torch.device("cpu"), 4)
+    hit_at_1 = 1 - len(runner_up) / n
+    assert got["rag/retrieval_r1"] == pytest.approx(hit_at_1)
+    assert got["rag/acc_oracle_context"] == 1.0  # the right entry given: a copier cannot miss
+    assert got["rag/acc_without_retrieval"] == 0.0  # test names never occur outside the KB
+    # k = 1: the entry is right exactly when retrieval is; k = 2: the own entry is always among the two
+    assert got["rag/acc"] == pytest.approx(hit_at_1 if k == 1 else 1.0), got
+
+
+def test_rag_fixed_wrong_name_scores_zero(world, world_tok):
+    wrong = D.make_name(random.Random(0), "train")  # no test name is ever a training name
+    emb = ranked_embedder(world, set())
+    copier = EntryCopier(world_tok, wrong)
+    got = E.eval_rag(world, copier, world_tok, emb, "summary", 1, torch.device("cpu"), 4)
+    assert got["rag/retrieval_r1"] == 1.0
+    assert got["rag/acc"] == got["rag/acc_without_retrieval"] == got["rag/acc_oracle_context"] == 0.0, got

@@ -35,30 +35,59 @@ def assert_same_weights(a: dict, b: dict) -> None:
         assert torch.equal(a[k], b[k]), k
 
 
-def test_ddp_two_ranks_match_one_process(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "tests" / "ddp_worker.py"), *SMOKE, "--out", str(tmp_path / "ddp.pt"), str(tmp_path)]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
-    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
-    assert_same_weights(r0["model"], r1["model"])  # DDP kept the replicas identical
+DDP_TERMS = {"unified": {"ntp", "contrastive", "structure"}, "vladva": {"ntp", "contrastive"},
+             "sugar": {"ntp", "structure"}}  # the fine-tuning terms each method trains
 
-    # the one-process run in a fresh process too, like the ranks: nothing earlier tests left in this process
-    # (threads, global state) can touch it
-    one = tmp_path / "one"
-    one.mkdir()
-    cmd = [sys.executable, str(ROOT / "tests" / "ddp_worker.py"), *SMOKE, "--out", str(one / "single.pt"), str(one)]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    single = torch.load(one / "rank0.pt", weights_only=True)
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory) -> dict[str, tuple[dict, dict, dict]]:
+    """Each method trained by 2 DDP ranks (one torchrun launch for all methods) and by one process: method ->
+    (rank 0, rank 1, one process) results. The one-process runs get a fresh process too, like the ranks:
+    nothing earlier tests left in this process (threads, global state) can touch them."""
+    root = tmp_path_factory.mktemp("ddp")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    worker = str(ROOT / "tests" / "ddp_worker.py")
+    out = {}
+    for name, launch in (("ddp", [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                  "--nproc_per_node", "2", worker]), ("one", [sys.executable, worker])):
+        d = root / name
+        d.mkdir()
+        runs = [[*SMOKE, "--method", m, "--out", str(d / f"{m}.pt")] for m in DDP_TERMS]
+        flags = [f for k, r in enumerate(runs) for f in (["--then"] if k else []) + r]
+        proc = subprocess.run([*launch, *flags, str(d)], cwd=d, env=env, capture_output=True, text=True,
+                              timeout=400)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        ranks = range(2 if name == "ddp" else 1)
+        out[name] = {m: [torch.load(d / f"run{k}.rank{r}.pt", weights_only=True) for r in ranks]
+                     for k, m in enumerate(DDP_TERMS)}
+    return {m: (*out["ddp"][m], out["one"][m][0]) for m in DDP_TERMS}
+
+
+@pytest.mark.parametrize("method", list(DDP_TERMS))
+def test_ddp_two_ranks_match_one_process(ddp_runs, method):
+    r0, r1, single = ddp_runs[method]
+    assert_same_weights(r0["model"], r1["model"])  # DDP kept the replicas identical
     ddp_terms, one_terms = flat(r0["history"]), flat(single["history"])
     assert [t[:2] for t in ddp_terms] == [t[:2] for t in one_terms]
-    assert {k for _, k, _ in ddp_terms} >= {"ntp", "contrastive", "structure"}
+    assert {k for stage, k, _ in ddp_terms if stage == "finetune"} >= DDP_TERMS[method]
     torch.testing.assert_close(torch.tensor([t[2] for t in ddp_terms]), torch.tensor([t[2] for t in one_terms]))
-    for k, v in single["model"].items():
-        torch.testing.assert_close(r0["model"][k], v, msg=k)
+    cfg = train.parse_args([*SMOKE, "--method", method])
+    lr = max(cfg.pretrain.vision_lr, cfg.pretrain.pretrain_lr, cfg.finetune.finetune_lr)
+    assert_close_after_adam(r0["model"], single["model"], lr)
+
+
+def assert_close_after_adam(got: dict, want: dict, lr: float) -> None:
+    """Weights of two runs whose gradients agree up to rounding (a different summation order). Adam divides
+    each update by the gradient's own size, so an element whose gradient is near zero, mostly rounding noise,
+    moves by up to ~lr in a direction the noise picks: such elements may differ by up to lr, at most one in a
+    thousand; every other one matches to float32 tolerance (vladva at --smoke: 4 LoRA elements of 2e5 differ,
+    by <= 1.5e-5)."""
+    n_off = n = 0
+    for k, v in want.items():
+        torch.testing.assert_close(got[k], v, rtol=0, atol=lr, msg=k)
+        n_off += int((~torch.isclose(got[k], v, rtol=1.3e-6, atol=1e-5)).sum())
+        n += v.numel()
+    assert n_off <= n / 1000, f"{n_off} of {n} weights differ beyond float32 tolerance"
 
 
 @pytest.mark.parametrize("stop_after", [2, 6])  # inside pre-training (4 steps), inside fine-tuning

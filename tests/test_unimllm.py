@@ -11,13 +11,16 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 import torch.nn.functional as F
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
+import data
 import unimllm as um
 
 try:
@@ -227,6 +230,37 @@ def test_vision_hidden_states_match_transformers(vision_saved, name: str) -> Non
         torch.testing.assert_close(pooled, ref.last_hidden_state)  # SigLIP applies post_layernorm to every token
     else:
         torch.testing.assert_close(pooled[:, 0], ref.pooler_output)  # CLIP: post_layernorm on CLS only
+
+
+@TRANSFORMERS
+@pytest.mark.parametrize("feature_layer", [-2, -1, 1])
+def test_image_features_match_clip_processor_and_hidden_states(vision_saved, tmp_path: Path,
+                                                               feature_layer: int) -> None:
+    """The whole image path, a PNG -> data.load_image -> MLLM.vision_features, against transformers' own: the
+    CLIP image processor (shortest edge resized to the tower's size with bicubic, centre crop, x 1/255, CLIP's
+    mean / std) and CLIPVisionModel's hidden_states[feature_layer] with the CLS token dropped (LLaVA-1.5)."""
+    path, hf = vision_saved["clip"]
+    enc = um.load_vision(path)
+    llm = um.LLMConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_layers=1, max_seq_len=64)
+    cfg = um.MLLMConfig(enc.cfg, llm, feature_layer=feature_layer, image_token_id=IMG,
+                        soft_image_token_id=SOFT_IMG, soft_text_token_id=SOFT_TXT, n_soft_tokens=K)
+    m = um.MLLM(cfg).eval()
+    m.vision.load_state_dict(enc.state_dict())
+    size = enc.cfg.image_size
+    rng = np.random.default_rng(0)
+    files = []
+    for i in range(2):  # twice the tower's size: the resize is part of the path
+        files.append(tmp_path / f"{i}.png")
+        Image.fromarray(rng.integers(0, 256, (2 * size, 2 * size, 3), dtype=np.uint8)).save(files[-1])
+    square = {"height": size, "width": size}
+    proc = transformers.CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size=square)
+    pixels = proc(images=[Image.open(f) for f in files], return_tensors="pt")["pixel_values"]  # (2, 3, S, S)
+    images = torch.stack([data.load_image(f, size) for f in files])  # (2, 3, S, S) in [0, 1]
+    with torch.no_grad():
+        ref = hf(pixel_values=pixels, output_hidden_states=True).hidden_states[feature_layer][:, 1:]
+        got = m.vision_features(images)
+    assert got.shape == ref.shape == (2, enc.cfg.num_patches, enc.cfg.hidden_size)
+    torch.testing.assert_close(got, ref)
 
 
 @TRANSFORMERS
