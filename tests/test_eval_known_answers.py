@@ -90,7 +90,7 @@ def test_a_generator_that_reads_the_scene_scores_vqa_and_pope_one(world):
 
 
 # ---- RAG: a stand-in copies names out of the knowledge-base entries a set ranking retrieves ----
-NAMED = re.compile(r"(\w+) is an? (\w+ \w+ \w+)\.")  # a KB entry: "<name> is a <size colour shape>."
+NAMED = re.compile(r"the (\w+ \w+ \w+) is called (\w+)\.")  # "the <size colour shape> is called <name>."
 ASKED = re.compile(r"what is the name of the (\w+ \w+ \w+)\?")
 
 
@@ -111,7 +111,7 @@ class EntryCopier:
         if not entries:
             return ""
         asked = ASKED.search(prompt).group(1)
-        return next((name for name, obj in entries if obj == asked), entries[-1][0])
+        return next((name for obj, name in entries if obj == asked), entries[-1][1])
 
     def generate(self, ids, images, max_new_tokens, eos_id):
         assert images is None  # RAG prompts are text only
