@@ -38,7 +38,7 @@ def measure(cfg: train.TrainConfig, corpus: train.Corpus, tok: D.Tokenizer, stag
     torch.manual_seed(0)
     model = MLLM(train.model_config(cfg.model, tok)).to(device)
     if stage_name == "pretrain":
-        train.pretrain_trainable(model)
+        train.pretrain_trainable(model, vision_frozen=True)  # as after stage 0
         lr = cfg.pretrain.pretrain_lr
     else:
         train.add_lora(model, cfg.finetune)
@@ -46,7 +46,7 @@ def measure(cfg: train.TrainConfig, corpus: train.Corpus, tok: D.Tokenizer, stag
         set_trainable(model, train.trainable_patterns(cfg.finetune))
         lr = cfg.finetune.finetune_lr
     opt = train.make_optimizer(model, lr, 0.0)
-    streams = train.build_streams(corpus, 0)
+    streams = train.build_streams(corpus, 0, tok, model.n_image_tokens, cfg.run.length_group)
     objective = train.objective_of(stage_name, cfg.finetune)
     batches = train.Batches(stage_name, streams, cfg, d, tok, model.cfg, objective, corpus.pair_singles)
     t0 = time.perf_counter()

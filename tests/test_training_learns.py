@@ -31,10 +31,12 @@ def one_thread():
 
 
 def setup(method: str, out: Path, *flags: str):
-    """The smoke run's tokenizer, streams and freshly initialised model, as train.train builds them."""
-    cfg = T.parse_args(["--smoke", "--method", method, "--out", str(out), *flags])
+    """The smoke run's tokenizer, streams and freshly initialised model, as train.train builds them. Batches
+    are drawn at random (--length-group 1): a length-sorted batch 0 is the corpus' shortest or longest samples."""
+    cfg = T.parse_args(["--smoke", "--method", method, "--out", str(out), "--length-group", "1", *flags])
     tok, corpus = T.tokenizer_and_corpus(cfg, None)
-    streams = T.build_streams(corpus, cfg.run.seed)
+    streams = T.build_streams(corpus, cfg.run.seed, tok, (cfg.model.image_size // cfg.model.patch_size) ** 2,
+                              cfg.run.length_group)
     torch.manual_seed(0)
     model = T.MLLM(T.model_config(cfg.model, tok))
     return cfg, tok, corpus, streams, model
@@ -95,12 +97,12 @@ def test_finetuning_fits_a_fixed_batch_and_moves_only_its_trainable_set(method, 
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     fb = batches("finetune", cfg, tok, corpus, streams, model)
     start = copy.deepcopy(model)
-    history = fit(model, fb(0), fb.objective, 40, 1e-2)
+    history = fit(model, fb(0), fb.objective, 60, 1e-2)
     active = {"ntp"} | ({"contrastive"} if fb.objective.contrastive else set()) \
         | ({"structure"} if fb.objective.structure else set())
     assert active <= set(history[0]), history[0]
     first, last = history[0], history[-1]
-    # measured at smoke size: the total falls 12-22% over the 40 steps
+    # measured at smoke size: the total falls 12-57% over 60 steps (vladva 12%, unified 57%)
     assert last["total"] < 0.9 * first["total"], (method, first, last)
     # the terms of a joint objective may trade off (with Sugar's LoRA on W_q, W_v alone the structure term can
     # raise the next-token term), so each term is fitted on its own: the method's trainable set must lower it
