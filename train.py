@@ -2,7 +2,7 @@
 train.py — the one training entry point of unimllm: generative pre-training of a small MLLM from scratch
 (LLaVA-style), then unified fine-tuning with LoRA + soft prompts + Sugar's retrieval projector.
 
-Fine-tuning objective (DESIGN "Combined"):
+Fine-tuning objective:
     L = lambda_ntp * L_ntp + lambda_c * L_contrastive + lambda_s * L_structure
 - L_ntp: next-token loss on answers, captions, story sentences and long captions (never on image tokens).
 - L_contrastive: VladVA's symmetric InfoNCE between last-token summaries of an image (+ image soft prompt) and of
@@ -51,7 +51,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -430,13 +429,6 @@ def all_sum(x: Tensor) -> Tensor:
         x = x.clone()
         dist.all_reduce(x)
     return x
-
-
-def gather_rows(x: Tensor) -> Tensor:
-    """(n, d) on each rank -> (W*n, d) in rank order, with gradient (the backward sums into each rank's rows)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return x
-    return torch.cat(dist_fn.all_gather(x), dim=0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -976,7 +968,7 @@ def predicted_tokens(b: Batch) -> int:
 
 def compute_loss(model: torch.nn.Module, b: Batch, obj: Objective, world: int,
                  ntp_tokens: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-    """L = L_ntp + lambda_c * L_contrastive + lambda_s * L_structure (DESIGN "Combined") for this rank's share
+    """L = L_ntp + lambda_c * L_contrastive + lambda_s * L_structure for this rank's share
     of one micro-batch, on the device; `model` is the MLLM or its DDP / compiled wrapper. Returns the loss to
     back-propagate and the terms to log (0-d tensors, this rank's; their mean over ranks is the global
     batch's). ntp_tokens: the global predicted-token count per micro-batch of the step (with gradient
@@ -1005,9 +997,8 @@ def compute_loss(model: torch.nn.Module, b: Batch, obj: Objective, world: int,
         _, hidden = model(b.singles["input_ids"], b.singles["images"])
         prefixes.append(prefix_embeddings(core, b.singles, hidden, obj.pool))  # (P_single, proj_dim)
 
-    # L_ntp: a mean over every predicted token of the GLOBAL batch: each rank sums its own tokens and divides
-    # by the global count; DDP's gradient average (1/W) is undone by the factor W, so the gradient equals a
-    # single process's on the whole batch (checked by tests/test_train.py).
+    # L_ntp: a mean over every predicted token of the GLOBAL batch: each rank sums its own tokens, divides by
+    # the global count and multiplies by W (the DDP gradient argument, kernel.gather_with_grad).
     if ntp_tokens is None:
         ntp_tokens = all_sum(sum(p[1] for p in ntp_parts).float())
     ntp = sum(p[0] for p in ntp_parts) / ntp_tokens.clamp_min(1) * world
@@ -1016,11 +1007,10 @@ def compute_loss(model: torch.nn.Module, b: Batch, obj: Objective, world: int,
     contrastive = K.contrastive_loss(img_emb, txt_emb, core.logit_scale) if obj.contrastive else None
 
     # L_structure: Sugar Eq. 3 over the prefixes of the whole global batch against the GAK targets (Eq. 2, 4).
-    # Every rank computes the same full loss on the gathered embeddings; the gather's backward sums the W
-    # identical gradients into each rank's own rows and DDP divides by W: the single-process gradient.
+    # Every rank computes the same full loss on the gathered embeddings (the DDP gradient argument).
     structure = None
     if obj.structure:
-        r = torch.cat([gather_rows(e) for e in prefixes])  # (P, proj_dim)
+        r = torch.cat([K.gather_with_grad(e)[0] for e in prefixes])  # (P, proj_dim)
         structure = K.structure_loss(r.float(), b.sugar_targets)
 
     return K.combined_loss(ntp, contrastive, structure, obj.weights)
