@@ -333,14 +333,10 @@ def structure_loss(r: Tensor, targets: Tensor) -> Tensor:
     """Sugar Eq. 3: L = (1/n) sum_ij (cos(r_i, r_j) - M_l[i, j])^2 with n = P prefixes (a mean over rows of the
     summed squared errors). r (P, d) prefix embeddings, targets M_l (P, P). No positives, no temperature.
     With P = 0 the loss is a zero that stays attached to r's graph (DDP then still sees every parameter)."""
-    _check_matrix("r", r)
     n_prefixes = r.shape[0]
-    if targets.shape != (n_prefixes, n_prefixes):
-        raise ValueError(f"kernel.py: structure targets must be ({n_prefixes}, {n_prefixes}) for r {tuple(r.shape)}, got {tuple(targets.shape)}")
+    assert r.dim() == 2 and targets.shape == (n_prefixes, n_prefixes), (tuple(r.shape), tuple(targets.shape))
     if n_prefixes == 0:
         return r.sum() * 0.0
-    _check_finite("r", r)
-    _check_finite("structure targets", targets)
     unit = F.normalize(r, dim=-1)  # (P, d)
     cosine = unit @ unit.T  # (P, P): M_r
     return (cosine - targets.to(cosine.dtype)).pow(2).sum() / n_prefixes
@@ -370,33 +366,14 @@ def gather_with_grad(x: Tensor) -> tuple[Tensor, int]:
 
 
 def contrastive_loss(img: Tensor, txt: Tensor, logit_scale: Tensor, max_scale: float = MAX_LOGIT_SCALE) -> Tensor:
-    """VladVA's symmetric InfoNCE (CLIP form): mean of cross-entropy image->text and text->image over the
-    cosine logits exp(logit_scale) * <img_i, txt_j>, with exp(logit_scale) clamped at max_scale (CLIP's 100).
-    The mean, not the sum, of the two directions: VladVA writes no formula; the mean is CLIP's pseudo-code
-    ((loss_i + loss_t) / 2) and open_clip's ClipLoss, so lambda_c weighs the loss a CLIP reader expects and a
-    loss of log(B) means chance. The summed form is the same loss with lambda_c doubled.
-    img, txt (B, d) summaries of matching pairs, row k of each a positive pair; logit_scale a scalar (the log
-    of the inverse temperature, init log(1/0.07)). Inputs are L2-normalised here (a no-op on unit vectors).
-
-    Under torch.distributed (world size > 1) the features of every rank are gathered with gradient and each
-    rank computes the loss of its OWN rows against ALL gathered columns (open_clip's local_loss=True), labels
-    offset by rank * B. Why this variant: each rank builds (B, W*B) logits instead of the full (W*B, W*B), W
-    times less work, and it is exact: the whole-batch loss is the mean of the W rank losses, the gather's
-    backward sums every rank's gradient into the rows it owns (W times the whole-batch gradient of those
-    rows), and DDP's average over ranks divides by W again, so the parameter gradients DDP applies equal those
-    of one process on the whole batch (checked in tests/test_kernel.py). Every rank must pass the same B
-    (all_gather needs equal shapes; use drop_last)."""
-    _check_matrix("img", img)
-    _check_matrix("txt", txt)
-    if img.shape != txt.shape:
-        raise ValueError(f"kernel.py: contrastive img {tuple(img.shape)} and txt {tuple(txt.shape)} must have the same shape")
-    if img.shape[0] == 0:
-        raise ValueError("kernel.py: contrastive loss needs at least one image-text pair, got an empty batch")
-    if logit_scale.numel() != 1:
-        raise ValueError(f"kernel.py: logit_scale must be a scalar, got shape {tuple(logit_scale.shape)}")
-    _check_finite("img", img)
-    _check_finite("txt", txt)
-    _check_finite("logit_scale", logit_scale)
+    """VladVA's symmetric InfoNCE (CLIP form): the mean of the image->text and text->image cross-entropies over
+    the logits exp(logit_scale) * <img_i, txt_j>, exp(logit_scale) clamped at max_scale. img, txt (B, d), row k
+    of each a positive pair (L2-normalised here); logit_scale a scalar, log of the inverse temperature.
+    The mean of the two directions, not the sum, is ours (VladVA writes no formula): CLIP's pseudo-code and
+    open_clip's ClipLoss, so log(B) means chance. Under DDP each rank scores its own rows against every rank's
+    columns (open_clip's local_loss=True: (B, W*B) logits instead of (W*B, W*B)), exact by the DDP gradient
+    argument (gather_with_grad)."""
+    assert img.dim() == 2 and img.shape == txt.shape and img.shape[0] > 0 and logit_scale.numel() == 1
     img_local = F.normalize(img, dim=-1)  # (B, d)
     txt_local = F.normalize(txt, dim=-1)  # (B, d)
     img_all, rank = gather_with_grad(img_local)  # (W*B, d)
@@ -444,27 +421,22 @@ def combined_loss(
     ntp: Tensor | None, contrastive: Tensor | None, structure: Tensor | None, weights: LossWeights
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """L = L_ntp + lambda_c * L_contrastive + lambda_s * L_structure. A term whose weight is 0 is skipped (it
-    may be None and never enters the total); a term with a positive weight must be given. Returns the total
-    and, for logging, every given term under its name plus "total", as detached 0-d tensors on the terms'
-    device (no host sync: train.py reads them on log steps only; its NaN guard covers non-finite terms)."""
-    terms = {"ntp": (ntp, weights.ntp), "contrastive": (contrastive, weights.contrastive), "structure": (structure, weights.structure)}
+    may be None); a term with a positive weight must be given. Returns the total and, for logging, every given
+    term and "total" as detached 0-d tensors on the terms' device (no host sync: train.py reads them on log
+    steps only, where its NaN guard stops a run whose loss is not finite: a NaN or inf input comes out as a
+    non-finite loss, on every device)."""
+    terms = {"ntp": (ntp, weights.ntp), "contrastive": (contrastive, weights.contrastive),
+             "structure": (structure, weights.structure)}
     total: Tensor | None = None
     logged: dict[str, Tensor] = {}
     for name, (value, weight) in terms.items():
         if value is not None:
-            if value.numel() != 1:
-                raise ValueError(f"kernel.py: combined_loss term {name!r} must be a scalar, got shape {tuple(value.shape)}")
             logged[name] = value.detach().reshape(())
         if weight == 0:
             continue
-        if value is None:
-            raise ValueError(f"kernel.py: combined_loss term {name!r} has weight {weight} but was not given (None)")
-        if value.device.type == "cpu" and not math.isfinite(logged[name]):  # as _check_finite
-            raise ValueError(f"kernel.py: combined_loss term {name!r} is {float(logged[name])}; "
-                             f"expected a finite loss")
+        assert value is not None, f"combined_loss: term {name!r} has weight {weight} but was not given"
         contribution = weight * value.reshape(())
         total = contribution if total is None else total + contribution
-    if total is None:
-        raise ValueError("kernel.py: combined_loss has every weight at 0; nothing to optimise")
+    assert total is not None, "combined_loss: every weight is 0"
     logged["total"] = total.detach()
     return total, logged

@@ -1131,7 +1131,7 @@ def train_stage(stage: Stage, model: MLLM, opt: torch.optim.Optimizer, batches: 
                     with autocast:
                         try:
                             loss, terms = compute_loss(net, b, batches.objective, d.world, ntp_tokens)
-                        except ValueError as e:  # kernel.py refuses non-finite losses and features
+                        except ValueError as e:  # the model refuses a malformed batch
                             raise SystemExit(f"train.py: {stage.name} step {step}: {e}; stopping without "
                                              f"writing a checkpoint (the last good one, if any, stays at "
                                              f"{out})") from e
