@@ -1410,7 +1410,7 @@ def detect_format(path: Path) -> str:
         return "pope" if _first_jsonl_keys(path) >= {"question_id", "text", "label"} else "mmc4"
     if path.suffix != ".json":
         raise ValueError(f"{path}: unknown format (expected .json, .jsonl or .safetensors)")
-    root = _read_json(path)
+    root = read_json(path)
     if isinstance(root, dict) and "images" in root:
         return "karpathy"
     first = root[0] if isinstance(root, list) and root else next(iter(root.values()), None) \
@@ -1434,7 +1434,11 @@ def _first_jsonl_keys(path: Path) -> set[str]:
     return set(rec) if isinstance(rec, dict) else set()
 
 
-def _read_json(path: Path) -> object:
+def read_json(path: Path) -> object:
+    """A JSON file (the readers here, and unimllm.py's Hugging Face configs): FileNotFoundError for a missing
+    file, ValueError naming the file, line and column for an unreadable or invalid one."""
+    if not path.is_file():
+        raise FileNotFoundError(f"missing file {path}")
     try:
         return json.loads(path.read_text())
     except (OSError, UnicodeDecodeError) as e:
@@ -1527,11 +1531,11 @@ def _read_any(path: Path, tok: Tokenizer | None, n_image_tokens: int, max_len: i
             raise ValueError(f"{path}: unreadable: {e}") from e
         data = (read_pope if fmt == "pope" else read_mmc4)(ctx, lines)
     elif fmt == "llava":
-        data = read_llava(ctx, _read_json(path))
+        data = read_llava(ctx, read_json(path))
     elif fmt == "karpathy":
-        data = read_karpathy(ctx, _read_json(path), split)
+        data = read_karpathy(ctx, read_json(path), split)
     else:
-        data = read_sugarcrepe(ctx, _read_json(path), path.stem if path.stem in CATEGORIES else "unknown")
+        data = read_sugarcrepe(ctx, read_json(path), path.stem if path.stem in CATEGORIES else "unknown")
     if not ctx.problems and not (data.samples or data.pairs or data.negatives):
         ctx.bad("<file>", "<root>", "at least one record (the file has none)")
     if tok is not None:

@@ -41,6 +41,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import Tensor
 
+from data import read_json
+
 VISION_ACTS = ("quick_gelu", "gelu_tanh", "gelu")
 
 
@@ -771,13 +773,6 @@ LLM_NAME_MAP = {
     "norm.weight": "model.norm.weight",
     "lm_head.weight": "lm_head.weight",
 }
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise FileNotFoundError(f"missing file {path}")
-    with open(path) as f:
-        return json.load(f)
 
 
 def need(cfg: dict[str, Any], key: str, where: Path) -> Any:
