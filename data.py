@@ -44,11 +44,13 @@ from __future__ import annotations
 import argparse
 import functools
 import hashlib
+import inspect
 import json
 import random
+import re
 import sys
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -1564,6 +1566,37 @@ def check(path: str | Path, tok: Tokenizer | None = None, n_image_tokens: int = 
     if tok is not None and data.format != "features":
         ctx.problems += length_problems(data, tok, n_image_tokens, max_len)
     return ctx.problems
+
+
+def flag_of(name: str) -> str:
+    """The command-line flag of a config field: lora_r -> --lora-r."""
+    return "--" + name.replace("_", "-")
+
+
+def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One flag per field of the dataclass `cls` (train.py's and eval.py's configs), in a group titled by the
+    class, with the class docstring; --help shows each field's trailing `# ...` comment in the dataclass source
+    (why a default is so) and its default (or the field's metadata["help"]). Fields typed bool are switches;
+    `X | None` fields take an X (None: resolved later). Flags not given are absent from the parsed namespace
+    (argparse.SUPPRESS), so a caller can tell a given flag from a default. Here, not in train.py, because
+    eval.py must not import train.py, and data.py is the module both import that imports neither."""
+    own_doc = None if cls.__doc__.startswith(cls.__name__ + "(") else cls.__doc__  # not dataclass's own
+    group = parser.add_argument_group(cls.__name__, own_doc)
+    helps: dict[str, str] = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s+(\w+): [^=]+=.*?  # (.*)$", line)
+        if m:
+            helps[m[1]] = m[2]
+    for f in fields(cls):
+        text = helps.get(f.name, "").replace("%", "%%")
+        if f.type == "bool":
+            group.add_argument(flag_of(f.name), dest=f.name, action="store_true", default=argparse.SUPPRESS,
+                               help=text)
+            continue
+        name = f.type.removesuffix(" | None")
+        default = f.metadata.get("help", f"default {f.default!r}")
+        group.add_argument(flag_of(f.name), dest=f.name, type={"int": int, "float": float, "str": str}[name],
+                           default=argparse.SUPPRESS, metavar=name.upper(), help=f"{text} ({default})".strip())
 
 
 def _main(argv: list[str]) -> int:

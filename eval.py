@@ -41,7 +41,7 @@ import math
 import re
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -69,9 +69,7 @@ class EvalArgs:
 
 def parse_args(argv: list[str] | None = None) -> EvalArgs:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    for f in fields(EvalArgs):
-        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=f.default,
-                       type={"int": int, "float": float, "str": str}[f.type], help=f"default {f.default!r}")
+    D.add_flags(p, EvalArgs)
     args = EvalArgs(**vars(p.parse_args(argv)))
     if args.embedding not in ("auto", "summary", "prefix"):
         raise SystemExit(f"eval.py: --embedding must be auto, summary or prefix, got {args.embedding!r}")

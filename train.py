@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import inspect
 import math
 import os
 import random
@@ -57,6 +56,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data as D
+from data import flag_of
 import kernel as K
 from unimllm import (EXPORT_MANIFEST, EXPORT_REST, LLMConfig, MLLM, MLLMConfig, VisionConfig, VisionEncoder,
                      apply_lora, export_hf, load_llm, load_vision, resolve_model_path, set_trainable)
@@ -223,33 +223,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def field_help(cls: type) -> dict[str, str]:
-    """Each field's trailing `# ...` comment in the dataclass source: --help shows why a default is so."""
-    helps: dict[str, str] = {}
-    for line in inspect.getsource(cls).splitlines():
-        m = re.match(r"\s+(\w+): [^=]+=.*?  # (.*)$", line)
-        if m:
-            helps[m[1]] = m[2]
-    return helps
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     for group in (ModelArgs, DataArgs, PretrainArgs, FinetuneArgs, RunArgs):
-        own_doc = None if group.__doc__.startswith(group.__name__ + "(") else group.__doc__  # not dataclass's
-        g = p.add_argument_group(group.__name__, own_doc)
-        helps = field_help(group)
-        for f in fields(group):
-            flag = flag_of(f.name)
-            text = helps.get(f.name, "").replace("%", "%%")
-            if f.type == "bool":
-                g.add_argument(flag, dest=f.name, action="store_true", default=argparse.SUPPRESS, help=text)
-            else:
-                name = f.type.removesuffix(" | None")  # None: resolved by validate()
-                typ = {"int": int, "float": float, "str": str}[name]
-                default = f.metadata.get("help", f"default {f.default!r}")
-                g.add_argument(flag, dest=f.name, type=typ, default=argparse.SUPPRESS, metavar=name.upper(),
-                               help=f"{text} ({default})".strip())
+        D.add_flags(p, group)
     return p
 
 
@@ -282,10 +259,6 @@ ABOVE = {"vision_lr": 0.0, "pretrain_lr": 0.0, "finetune_lr": 0.0, "lora_alpha":
 MODEL_AT_LEAST = {"image_size": 12, "patch_size": 1, "vision_width": 1, "vision_layers": 1, "vision_heads": 1,
                   "llm_width": 1, "llm_layers": 1, "llm_heads": 1, "llm_kv_heads": 1, "llm_mlp": 1,
                   "vocab_size": 1}
-
-
-def flag_of(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 def output_problem(path: Path) -> str | None:
