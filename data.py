@@ -134,13 +134,14 @@ def _relations_between(a: Obj, b: Obj) -> list[str]:
     return rels
 
 
-def _canonical(graph: SceneGraph) -> str:
+def canonical(graph: SceneGraph) -> str:
+    """A scene graph as a string that is the same for the same objects in any order (split and matching key)."""
     return ";".join(sorted(f"{o.shape},{o.colour},{o.size},{o.row},{o.col}" for o in graph.objects))
 
 
 def graph_split(graph: SceneGraph) -> str:
     """Content-based split: train and test scene graphs are disjoint sets, not just drawn from different seeds."""
-    return "test" if zlib.crc32(_canonical(graph).encode()) % TEST_FRACTION == 0 else "train"
+    return "test" if zlib.crc32(canonical(graph).encode()) % TEST_FRACTION == 0 else "train"
 
 
 def _random_graph(rng: random.Random, n_min: int = 1, n_max: int = 4) -> SceneGraph:

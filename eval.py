@@ -49,8 +49,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 import data as D
-from train import checkpoint_model, load_checkpoint, output_problem
-from unimllm import MLLM
+from unimllm import MLLM, load_checkpoint, output_problem
 
 
 @dataclass
@@ -335,8 +334,8 @@ def eval_interleaved(world: D.World, emb: Embedder, kind: str) -> dict[str, floa
             queries.append(D.Sample(segs + [D.text_seg(nxt.sentence, False, nxt.uni_text, nxt.cross_text)]))
             targets.append(st.frames[k].graph)
     q = emb(queries, kind, "text")  # (Q, d)
-    keys = [D._canonical(f.graph) for f in frames]
-    positive = torch.tensor([[D._canonical(g) == key for key in keys] for g in targets])
+    keys = [D.canonical(f.graph) for f in frames]
+    positive = torch.tensor([[D.canonical(g) == key for key in keys] for g in targets])
     return {f"interleaved/r{k}": v for k, v in recall_at_k(cosine(q, cands), positive, (1, 5)).items()}
 
 
@@ -501,7 +500,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ckpt = load_checkpoint(args.ckpt)
-    model, tok = checkpoint_model(ckpt, args.ckpt)
+    model, tok = MLLM.from_checkpoint(ckpt, args.ckpt), D.Tokenizer.from_str(ckpt["tokenizer"])
     model = model.to(device).eval()
     method = ckpt["method"] if ckpt["stage"] == "finetune" else "generative"
     finetuned = ckpt["stage"] == "finetune"

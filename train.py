@@ -34,7 +34,6 @@ loss terms and gradient norms (StepLog), where the NaN guard stops a run before 
 from __future__ import annotations
 
 import argparse
-import glob
 import math
 import os
 import random
@@ -58,10 +57,10 @@ from tqdm import tqdm
 import data as D
 from data import flag_of
 import kernel as K
-from unimllm import (EXPORT_MANIFEST, EXPORT_REST, LLMConfig, MLLM, MLLMConfig, VisionConfig, VisionEncoder,
-                     apply_lora, export_hf, load_llm, load_vision, resolve_model_path, set_trainable)
+from unimllm import (CKPT_FORMAT, EXPORT_MANIFEST, EXPORT_REST, LLMConfig, MLLM, MLLMConfig, VisionConfig,
+                     VisionEncoder, apply_lora, export_hf, load_checkpoint, load_llm, load_vision,
+                     output_problem, resolve_model_path, save_checkpoint, set_trainable)
 
-CKPT_FORMAT = "unimllm-checkpoint-v1"
 METHODS = ("generative", "vladva", "sugar", "unified")
 
 
@@ -259,21 +258,6 @@ ABOVE = {"vision_lr": 0.0, "pretrain_lr": 0.0, "finetune_lr": 0.0, "lora_alpha":
 MODEL_AT_LEAST = {"image_size": 12, "patch_size": 1, "vision_width": 1, "vision_layers": 1, "vision_heads": 1,
                   "llm_width": 1, "llm_layers": 1, "llm_heads": 1, "llm_kv_heads": 1, "llm_mlp": 1,
                   "vocab_size": 1}
-
-
-def output_problem(path: Path) -> str | None:
-    """Why a file cannot be written at `path` (parent directories are created as needed), or None; nothing is
-    created. Run before any work, so a bad path fails in a second, not at the first checkpoint."""
-    if path.is_dir():
-        return "is a directory (give a file name)"
-    parent = path.absolute().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        return f"cannot be created: {parent} is not a directory"
-    if not os.access(parent, os.W_OK | os.X_OK):
-        return f"cannot be created: no permission to write in {parent}"
-    return None
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -813,76 +797,9 @@ def add_lora(model: MLLM, ft: FinetuneArgs) -> None:
     apply_lora(model, [ft.lora_targets], ft.lora_r, ft.lora_alpha)
 
 
-def save_checkpoint(path: Path, obj: dict[str, Any]) -> None:
-    """Atomic: a crash mid-write never leaves a truncated file where a good checkpoint was. A failed or
-    interrupted write removes its temporary file; one left by a killed writer (its process is gone) is removed
-    by the next good save of the same path."""
-    weights = obj.get("model", {})
-    bad = [k for k, v in weights.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-    if bad:  # the last line of the NaN guard (see StepLog): non-finite weights are never written
-        raise SystemExit(f"train.py: {obj['stage']} step {obj['step']}: {len(bad)} weight tensors are not "
-                         f"finite ({', '.join(bad[:3])}...); stopping without writing {path} (the last good "
-                         f"one, if any, stays there)")
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError):  # a full disk, a path turned unwritable since the start
-            raise SystemExit(f"train.py: cannot write the checkpoint {path}: {e}") from e
-        raise
-    for orphan in path.parent.glob(glob.escape(path.name) + ".tmp*"):
-        pid = orphan.name[len(path.name) + len(".tmp"):]
-        if pid.isdigit() and not process_alive(int(pid)):
-            orphan.unlink(missing_ok=True)
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, owned by someone else
-        pass
-    return True
-
-
-# The fields make_checkpoint writes and loading reads: a dict with the right "format" but not all is refused
-CKPT_FIELDS = ("stage", "step", "done", "method", "train_config", "model_config", "tokenizer", "model",
-               "lora", "optimizer", "rng", "history")
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A checkpoint written by save_checkpoint; a clear SystemExit for a missing, truncated or foreign file."""
-    p = Path(path)
-    if not p.is_file():
-        raise SystemExit(f"{p}: no such checkpoint file")
-    try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises RuntimeError / UnpicklingError / EOFError / zipfile errors here
-        raise SystemExit(f"{p}: not a readable unimllm checkpoint (truncated or foreign file?): {e}") from e
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
-        raise SystemExit(f"{p}: not a unimllm checkpoint (expected a dict with format={CKPT_FORMAT!r})")
-    missing = [k for k in CKPT_FIELDS if k not in ckpt]
-    if missing:
-        raise SystemExit(f"{p}: an incomplete unimllm checkpoint: no {', '.join(missing)} (edited, or "
-                         f"written by another version?)")
-    return ckpt
-
-
 def checkpoint_model(ckpt: dict[str, Any], where: str) -> tuple[MLLM, D.Tokenizer]:
-    """Rebuild the model (with its LoRA wrappers, when the checkpoint has them) and tokenizer of a checkpoint."""
-    tok = D.Tokenizer.from_str(ckpt["tokenizer"])
-    model = MLLM(MLLMConfig.from_dict(ckpt["model_config"]))
-    if ckpt["lora"] is not None:
-        apply_lora(model, [ckpt["lora"]["targets"]], ckpt["lora"]["r"], ckpt["lora"]["alpha"])
-    try:
-        model.load_state_dict(ckpt["model"], strict=True)
-    except RuntimeError as e:
-        raise SystemExit(f"{where}: weights do not fit the configuration stored with them: {e}") from e
-    return model, tok
+    """The model (MLLM.from_checkpoint) and tokenizer of a loaded checkpoint."""
+    return MLLM.from_checkpoint(ckpt, where), D.Tokenizer.from_str(ckpt["tokenizer"])
 
 
 def make_checkpoint(model: MLLM, tok: D.Tokenizer, cfg: TrainConfig, stage: "Stage", step: int,

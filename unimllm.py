@@ -28,8 +28,10 @@ Use it:
 from __future__ import annotations
 
 import copy
+import glob
 import json
 import math
+import os
 import re
 from dataclasses import KW_ONLY, asdict, dataclass
 from pathlib import Path
@@ -637,6 +639,22 @@ class MLLM(nn.Module):
         vec = w_full.view(-1, B * T) @ hidden.reshape(B * T, D)  # (P, D) segment vectors
         return F.normalize(self.projector(vec).float(), dim=-1)
 
+    @classmethod
+    def from_checkpoint(cls, ckpt: str | Path | dict[str, Any], where: str | None = None) -> "MLLM":
+        """The model of a unimllm checkpoint (save_checkpoint), given its path or its load_checkpoint dict, with
+        its LoRA wrappers when it has them; strict loading: weights that do not fit the configuration stored
+        with them end the program with a message naming `where` (the file)."""
+        if not isinstance(ckpt, dict):
+            where, ckpt = str(ckpt), load_checkpoint(ckpt)
+        model = cls(MLLMConfig.from_dict(ckpt["model_config"]))
+        if ckpt["lora"] is not None:
+            apply_lora(model, [ckpt["lora"]["targets"]], ckpt["lora"]["r"], ckpt["lora"]["alpha"])
+        try:
+            model.load_state_dict(ckpt["model"], strict=True)
+        except RuntimeError as e:
+            raise SystemExit(f"{where}: weights do not fit the configuration stored with them: {e}") from e
+        return model
+
 
 def count_runs(mask: Tensor, k: int, name: str) -> int:
     """Number of k-long groups of consecutive masked positions, (B, T) row-major; raises unless the masked
@@ -748,6 +766,85 @@ def set_trainable(model: nn.Module, patterns: list[str], lora: bool = True) -> l
         if param.requires_grad:
             trainable.append(n)
     return trainable
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# unimllm checkpoints (train.py writes them, eval.py and --init / --resume read them)
+
+CKPT_FORMAT = "unimllm-checkpoint-v1"
+# The fields train.make_checkpoint writes and loading reads: a dict with the right "format" but not all is refused
+CKPT_FIELDS = ("stage", "step", "done", "method", "train_config", "model_config", "tokenizer", "model",
+               "lora", "optimizer", "rng", "history")
+
+
+def output_problem(path: Path) -> str | None:
+    """Why a file cannot be written at `path` (parent directories are created as needed), or None; nothing is
+    created. Run before any work, so a bad path fails in a second, not at the first checkpoint."""
+    if path.is_dir():
+        return "is a directory (give a file name)"
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"cannot be created: {parent} is not a directory"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"cannot be created: no permission to write in {parent}"
+    return None
+
+
+def save_checkpoint(path: Path, obj: dict[str, Any]) -> None:
+    """Atomic: a crash mid-write never leaves a truncated file where a good checkpoint was. A failed or
+    interrupted write removes its temporary file; one left by a killed writer (its process is gone) is removed
+    by the next good save of the same path."""
+    weights = obj.get("model", {})
+    bad = [k for k, v in weights.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:  # the last line of train.py's NaN guard (see StepLog): non-finite weights are never written
+        raise SystemExit(f"{obj['stage']} step {obj['step']}: {len(bad)} weight tensors are not finite "
+                         f"({', '.join(bad[:3])}...); stopping without writing {path} (the last good one, if "
+                         f"any, stays there)")
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):  # a full disk, a path turned unwritable since the start
+            raise SystemExit(f"cannot write the checkpoint {path}: {e}") from e
+        raise
+    for orphan in path.parent.glob(glob.escape(path.name) + ".tmp*"):
+        pid = orphan.name[len(path.name) + len(".tmp"):]
+        if pid.isdigit() and not process_alive(int(pid)):
+            orphan.unlink(missing_ok=True)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by someone else
+        pass
+    return True
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint written by save_checkpoint (weights_only: no code runs); a clear SystemExit for a missing,
+    truncated or foreign file."""
+    p = Path(path)
+    if not p.is_file():
+        raise SystemExit(f"{p}: no such checkpoint file")
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises RuntimeError / UnpicklingError / EOFError / zipfile errors here
+        raise SystemExit(f"{p}: not a readable unimllm checkpoint (truncated or foreign file?): {e}") from e
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
+        raise SystemExit(f"{p}: not a unimllm checkpoint (expected a dict with format={CKPT_FORMAT!r})")
+    missing = [k for k in CKPT_FIELDS if k not in ckpt]
+    if missing:
+        raise SystemExit(f"{p}: an incomplete unimllm checkpoint: no {', '.join(missing)} (edited, or "
+                         f"written by another version?)")
+    return ckpt
 
 
 # ----------------------------------------------------------------------------------------------------------------
