@@ -873,6 +873,13 @@ def _pair_fields(item: object) -> tuple[Tensor, str, str]:
     return item.image, item.short_caption, item.long_caption
 
 
+def summary_row(ids: list[int], soft_id: int, n_soft: int) -> tuple[list[int], int]:
+    """VladVA's summary input: a sample's tokens, then the K soft-prompt tokens of its side (<soft_image> after an
+    image, <soft_text> after a text); the summary embedding is read at the last of them, whose position is
+    returned. Training (collate_pairs) and eval.py's embeddings build their rows here."""
+    return ids + [soft_id] * n_soft, len(ids) + n_soft - 1
+
+
 def collate_pairs(items: Sequence[object], tok: Tokenizer, n_image_tokens: int, n_soft: int,
                   max_len: int) -> dict[str, Tensor]:
     """VladVA batch from Scenes / Pairs (anything with .image .short_caption .long_caption) or (image, short, long).
@@ -886,17 +893,17 @@ def collate_pairs(items: Sequence[object], tok: Tokenizer, n_image_tokens: int, 
         image, short, long_ = _pair_fields(item)
         if not short.strip() or not long_.strip():
             raise ValueError(f"collate_pairs: item {b} has an empty caption")
-        head = [tok.bos_id] + [tok.image_id] * n_image_tokens + [tok.soft_image_id] * n_soft
+        head, head_pos = summary_row([tok.bos_id] + [tok.image_id] * n_image_tokens, tok.soft_image_id, n_soft)
         cap = tok.encode(long_) + [tok.eos_id]
-        txt = [tok.bos_id] + tok.encode(short) + [tok.soft_text_id] * n_soft
+        txt, txt_p = summary_row([tok.bos_id] + tok.encode(short), tok.soft_text_id, n_soft)
         for name, row in (("image", head + cap), ("text", txt)):
             if len(row) > max_len:
                 raise ValueError(f"collate_pairs: item {b} {name} sequence has {len(row)} tokens > max_len {max_len}")
         img_rows.append(head + cap)
         img_labs.append([-100] * len(head) + cap)
-        img_pos.append(len(head) - 1)
+        img_pos.append(head_pos)
         txt_rows.append(txt)
-        txt_pos.append(len(txt) - 1)
+        txt_pos.append(txt_p)
         images.append(image)
     return {
         "img_ids": _pad(img_rows, tok.pad_id), "img_labels": _pad(img_labs, -100),

@@ -193,9 +193,10 @@ class Embedder:
             segs = (b[k].to(self.device) for k in keys)
             return m.prefix_embeddings(hidden, *segs, self.pool).cpu()
         soft = tok.soft_image_id if side == "image" else tok.soft_text_id
-        ids = append_run(ids, lengths, soft, m.cfg.n_soft_tokens, tok.pad_id)
+        rows = [D.summary_row(r[:n], soft, m.cfg.n_soft_tokens) for r, n in zip(ids.tolist(), lengths.tolist())]
+        ids = torch.nn.utils.rnn.pad_sequence([torch.tensor(r) for r, _ in rows], True, tok.pad_id)  # (B, T + K)
         _, hidden = m(ids.to(self.device), images)
-        return m.summary_embedding(hidden, (lengths + m.cfg.n_soft_tokens - 1).to(self.device)).cpu()
+        return m.summary_embedding(hidden, torch.tensor([p for _, p in rows], device=self.device)).cpu()
 
 
 class TeacherEmbedder:
@@ -215,15 +216,6 @@ class TeacherEmbedder:
             raise ValueError("the teacher embedder needs samples whose last segment carries teacher features")
         self.count += len(samples)
         return torch.stack(last)  # (N, CROSS_DIM), unit vectors
-
-
-def append_run(ids: Tensor, lengths: Tensor, token: int, k: int, pad: int) -> Tensor:
-    """Right-padded ids (B, T) -> (B, T + k) with k copies of `token` right after each row's last real token."""
-    out = torch.full((ids.shape[0], ids.shape[1] + k), pad, dtype=ids.dtype)
-    for b, n in enumerate(lengths.tolist()):
-        out[b, :n] = ids[b, :n]
-        out[b, n:n + k] = token
-    return out
 
 
 @torch.no_grad()
