@@ -787,12 +787,21 @@ def ends_turn(segments: Sequence[Segment], i: int) -> bool:
 
 
 def collate(samples: Sequence[Sample], tok: Tokenizer, n_image_tokens: int, max_len: int) -> dict[str, Tensor]:
-    """Interleaved samples -> one right-padded batch (see contract.md). Raises on too-long samples (no truncation).
+    """Interleaved samples -> one right-padded batch. Raises on too-long samples (no truncation).
 
-    Sequence: [bos] seg_0 seg_1 ... with [eos] after each turn of supervised text (ends_turn). The eos is labelled but belongs
-    to no segment, so a text segment's last token is its own last text token (Sugar's slice summary). A text segment
-    right after another text segment is encoded with a leading space (segment_text). Extra keys beyond the contract:
-    attention_mask (B, T) bool (True on real tokens) and has_teacher (S,). images is None when the batch has none."""
+    Sequence: [bos] seg_0 seg_1 ... with [eos] after each turn of supervised text (ends_turn). The eos is labelled
+    but belongs to no segment, so a text segment's last token is its own last text token (Sugar's slice summary).
+    A text segment right after another text segment is encoded with a leading space (segment_text).
+    Keys, with B samples, T tokens, S segments (slices) over the batch, P prefixes, L = the longest prefix:
+      input_ids (B, T) long, pad_id after each row's end; labels (B, T) long, -100 where no loss (images, prompts,
+        padding); attention_mask (B, T) bool, True on real tokens;
+      images (N, 3, H, W) float, the batch's images in order, or None when it has none;
+      seg_batch, seg_start, seg_end (S,) long: each segment's sample and token span [start, end); seg_is_image (S,)
+        bool; slice_uni (S, Du), slice_cross (S, Dc) float teacher features (zeros where a segment has none);
+        has_teacher (S,) bool;
+      prefix_seg (P,) long: the segment (index into S) that ends each prefix; prefix_batch (P,) long: its sample;
+      prefix_slices (P, L) long: the segments (indices into S) of each prefix in order, zero-padded;
+        prefix_len (P,) long."""
     if not samples:
         raise ValueError("collate: empty batch")
     du, dc = _teacher_dims(samples)
