@@ -161,8 +161,8 @@ def _plan(n: int, m: int) -> tuple[list[tuple[int, int, int, int]], Tensor, Tens
 # ----------------------------------------------------------------------------- 2. the CPU wavefront
 # Pairs are processed in column chunks so that one diagonal step's working set stays in L2 cache: with many
 # short sequences (65,536 pairs of length 8) a whole-batch diagonal is megabytes and every op would go to DRAM.
-# (Running chunks on separate Python threads with single-threaded ops measured slower than ATen's own
-# intra-op threads on each chunk.) On an accelerator the whole batch is one chunk.
+# The chunks run one after another, each on ATen's intra-op threads. On an accelerator the whole batch is one
+# chunk.
 _CHUNK_ELEMENTS = 1 << 16
 
 
