@@ -252,10 +252,9 @@ class VisionEncoder(nn.Module):
 
     def forward(self, pixel_values: Tensor, layer: int = -1) -> Tensor:
         cfg = self.cfg
-        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != (cfg.num_channels, cfg.image_size, cfg.image_size):
-            raise ValueError(
-                f"pixel_values must be (N, {cfg.num_channels}, {cfg.image_size}, {cfg.image_size}), got {tuple(pixel_values.shape)}"
-            )
+        want = (cfg.num_channels, cfg.image_size, cfg.image_size)
+        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != want:
+            raise ValueError(f"pixel_values must be (N, {', '.join(map(str, want))}), got {tuple(pixel_values.shape)}")
         x = self.embeddings(pixel_values)  # (N, P(+1), D)
         if cfg.pre_layernorm:
             x = self.pre_layrnorm(x)
@@ -328,8 +327,7 @@ class KVCache:
     """Pre-allocated keys and values of every layer: (layers, B, H_kv, max_len, hd)."""
 
     def __init__(self, cfg: LLMConfig, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype) -> None:
-        if max_len > cfg.max_seq_len:
-            raise ValueError(f"KV cache length {max_len} exceeds LLMConfig.max_seq_len={cfg.max_seq_len}")
+        assert max_len <= cfg.max_seq_len, (max_len, cfg.max_seq_len)  # LLM.generate checks the request
         shape = (cfg.num_layers, batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
@@ -627,8 +625,7 @@ class MLLM(nn.Module):
             raise ValueError(f"prefix_embeddings: pool must be 'mean' or 'last', got {pool!r}")
         B, T, D = hidden.shape
         b, s, e, img = seg_batch[prefix_seg], seg_start[prefix_seg], seg_end[prefix_seg], seg_is_image[prefix_seg].bool()
-        if bool(((e <= s) | (s < 0) | (e > T)).any()):
-            raise ValueError(f"segments must satisfy 0 <= start < end <= T={T}")
+        assert not bool(((e <= s) | (s < 0) | (e > T)).any()), "segments need 0 <= start < end <= T"  # data.collate's
         t = torch.arange(T, device=hidden.device)
         in_seg = (t >= s[:, None]) & (t < e[:, None])  # (P, T)
         last = t == (e - 1)[:, None]  # (P, T)
