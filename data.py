@@ -135,7 +135,7 @@ def _relations_between(a: Obj, b: Obj) -> list[str]:
 
 
 def canonical(graph: SceneGraph) -> str:
-    """A scene graph as a string that is the same for the same objects in any order (split and matching key)."""
+    """A scene graph as a string, the same for the same objects in any order (split and matching key)."""
     return ";".join(sorted(f"{o.shape},{o.colour},{o.size},{o.row},{o.col}" for o in graph.objects))
 
 
@@ -789,18 +789,19 @@ def ends_turn(segments: Sequence[Segment], i: int) -> bool:
 def collate(samples: Sequence[Sample], tok: Tokenizer, n_image_tokens: int, max_len: int) -> dict[str, Tensor]:
     """Interleaved samples -> one right-padded batch. Raises on too-long samples (no truncation).
 
-    Sequence: [bos] seg_0 seg_1 ... with [eos] after each turn of supervised text (ends_turn). The eos is labelled
-    but belongs to no segment, so a text segment's last token is its own last text token (Sugar's slice summary).
-    A text segment right after another text segment is encoded with a leading space (segment_text).
+    Sequence: [bos] seg_0 seg_1 ... with [eos] after each turn of supervised text (ends_turn). The eos is
+    labelled but belongs to no segment, so a text segment's last token is its own last text token (Sugar's
+    slice summary). A text segment right after another text segment is encoded with a leading space
+    (segment_text).
     Keys, with B samples, T tokens, S segments (slices) over the batch, P prefixes, L = the longest prefix:
-      input_ids (B, T) long, pad_id after each row's end; labels (B, T) long, -100 where no loss (images, prompts,
-        padding); attention_mask (B, T) bool, True on real tokens;
+      input_ids (B, T) long, pad_id after each row's end; labels (B, T) long, -100 where there is no loss
+        (images, prompts, padding); attention_mask (B, T) bool, True on real tokens;
       images (N, 3, H, W) float, the batch's images in order, or None when it has none;
-      seg_batch, seg_start, seg_end (S,) long: each segment's sample and token span [start, end); seg_is_image (S,)
-        bool; slice_uni (S, Du), slice_cross (S, Dc) float teacher features (zeros where a segment has none);
-        has_teacher (S,) bool;
-      prefix_seg (P,) long: the segment (index into S) that ends each prefix; prefix_batch (P,) long: its sample;
-      prefix_slices (P, L) long: the segments (indices into S) of each prefix in order, zero-padded;
+      seg_batch, seg_start, seg_end (S,) long: each segment's sample and token span [start, end);
+        seg_is_image (S,) bool; slice_uni (S, Du), slice_cross (S, Dc) float teacher features (zeros where a
+        segment has none); has_teacher (S,) bool;
+      prefix_seg (P,) long: the segment (index into S) that ends each prefix; prefix_batch (P,) long: its
+        sample; prefix_slices (P, L) long: the segments (indices into S) of each prefix in order, zero-padded;
         prefix_len (P,) long."""
     if not samples:
         raise ValueError("collate: empty batch")
@@ -883,9 +884,9 @@ def _pair_fields(item: object) -> tuple[Tensor, str, str]:
 
 
 def summary_row(ids: list[int], soft_id: int, n_soft: int) -> tuple[list[int], int]:
-    """VladVA's summary input: a sample's tokens, then the K soft-prompt tokens of its side (<soft_image> after an
-    image, <soft_text> after a text); the summary embedding is read at the last of them, whose position is
-    returned. Training (collate_pairs) and eval.py's embeddings build their rows here."""
+    """VladVA's summary input: a sample's tokens, then the K soft-prompt tokens of its side (<soft_image>
+    after an image, <soft_text> after a text); the summary embedding is read at the last of them, whose
+    position is returned. Training (collate_pairs) and eval.py's embeddings build their rows here."""
     return ids + [soft_id] * n_soft, len(ids) + n_soft - 1
 
 
@@ -902,7 +903,7 @@ def collate_pairs(items: Sequence[object], tok: Tokenizer, n_image_tokens: int, 
         image, short, long_ = _pair_fields(item)
         if not short.strip() or not long_.strip():
             raise ValueError(f"collate_pairs: item {b} has an empty caption")
-        head, head_pos = summary_row([tok.bos_id] + [tok.image_id] * n_image_tokens, tok.soft_image_id, n_soft)
+        head, img_p = summary_row([tok.bos_id] + [tok.image_id] * n_image_tokens, tok.soft_image_id, n_soft)
         cap = tok.encode(long_) + [tok.eos_id]
         txt, txt_p = summary_row([tok.bos_id] + tok.encode(short), tok.soft_text_id, n_soft)
         for name, row in (("image", head + cap), ("text", txt)):
@@ -910,7 +911,7 @@ def collate_pairs(items: Sequence[object], tok: Tokenizer, n_image_tokens: int, 
                 raise ValueError(f"collate_pairs: item {b} {name} sequence has {len(row)} tokens > max_len {max_len}")
         img_rows.append(head + cap)
         img_labs.append([-100] * len(head) + cap)
-        img_pos.append(head_pos)
+        img_pos.append(img_p)
         txt_rows.append(txt)
         txt_pos.append(txt_p)
         images.append(image)
@@ -1592,11 +1593,11 @@ def flag_of(name: str) -> str:
 
 def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
     """One flag per field of the dataclass `cls` (train.py's and eval.py's configs), in a group titled by the
-    class, with the class docstring; --help shows each field's trailing `# ...` comment in the dataclass source
-    (why a default is so) and its default (or the field's metadata["help"]). Fields typed bool are switches;
-    `X | None` fields take an X (None: resolved later). Flags not given are absent from the parsed namespace
-    (argparse.SUPPRESS), so a caller can tell a given flag from a default. Here, not in train.py, because
-    eval.py must not import train.py, and data.py is the module both import that imports neither."""
+    class, with the class docstring; --help shows each field's trailing `# ...` comment in the dataclass
+    source (why a default is so) and its default (or the field's metadata["help"]). Fields typed bool are
+    switches; `X | None` fields take an X (None: resolved later). Flags not given are absent from the parsed
+    namespace (argparse.SUPPRESS), so a caller can tell a given flag from a default. Here, not in train.py,
+    because eval.py must not import train.py, and data.py is the module both import that imports neither."""
     own_doc = None if cls.__doc__.startswith(cls.__name__ + "(") else cls.__doc__  # not dataclass's own
     group = parser.add_argument_group(cls.__name__, own_doc)
     helps: dict[str, str] = {}
@@ -1612,8 +1613,9 @@ def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
             continue
         name = f.type.removesuffix(" | None")
         default = f.metadata.get("help", f"default {f.default!r}")
-        group.add_argument(flag_of(f.name), dest=f.name, type={"int": int, "float": float, "str": str}[name],
-                           default=argparse.SUPPRESS, metavar=name.upper(), help=f"{text} ({default})".strip())
+        typ = {"int": int, "float": float, "str": str}[name]
+        group.add_argument(flag_of(f.name), dest=f.name, type=typ, default=argparse.SUPPRESS,
+                           metavar=name.upper(), help=f"{text} ({default})".strip())
 
 
 def _main(argv: list[str]) -> int:

@@ -5,8 +5,9 @@ What lives here:
 - `hard_dtw_path`: the optimal alignment path(s) of hard DTW (γ = 0).
 - `soft_dtw_divergence`: D(x,y) = sdtw(x,y) - ½(sdtw(x,x) + sdtw(y,y)) (Blondel, Mensch & Vert, AISTATS 2021,
   Eq. 5), ≥ 0 and 0 iff x = y.
-- `log_gak`, `normalised_gak`, `gak`, `gak_gram`: Cuturi's global alignment kernel (Cuturi, Vert, Birkenes & Matsui, ICASSP 2007; the kernel
-  Sugar's Eq. 2 uses), K(x,y) = Σ_alignments Π exp(-φ_σ(x_i, y_j)) with the local cost `phi_sigma`
+- `gak`, `gak_gram` (from `log_gak`, `normalised_gak`): Cuturi's global alignment kernel (Cuturi, Vert,
+  Birkenes & Matsui, ICASSP 2007; the kernel Sugar's Eq. 2 uses), K(x,y) = Σ_alignments Π exp(-φ_σ(x_i, y_j))
+  with the local cost `phi_sigma`
       φ_σ(d²) = d²/(2σ²) + log(2 - exp(-d²/(2σ²))),
   so log K = -(soft-DTW with γ = 1 on the φ_σ cost) -- the same kernel. Normalised like `tslearn.metrics.gak`:
   log K̃(x,y) = log K(x,y) - ½(log K(x,x) + log K(y,y)), K̃ ∈ (0, 1], K̃(x,x) = 1. σ here is tslearn's σ.
@@ -706,8 +707,8 @@ def soft_dtw_divergence(x: Tensor, y: Tensor, gamma: float, x_lengths: Tensor | 
 def log_gak(sq_dist: Tensor, sigma: float | Tensor, x_lengths: Tensor | None = None,
             y_lengths: Tensor | None = None) -> Tensor:
     """Unnormalised log K (B,) of each (n_b × m_b) squared-distance matrix in sq_dist (B, n, m):
-    log K = -soft_dtw(φ_σ(d²), γ=1). sigma: one float, or a (B,) tensor, one σ per pair (Sugar's σ depends on
-    the pair's lengths; φ_σ(d²) = φ_1(d²/σ²), so a per-pair σ is folded into the distances)."""
+    log K = -soft_dtw(φ_σ(d²), γ=1). sigma: one float, or a (B,) tensor, one σ per pair (Sugar's σ depends
+    on the pair's lengths; φ_σ(d²) = φ_1(d²/σ²), so a per-pair σ is folded into the distances)."""
     if isinstance(sigma, Tensor):
         cost = phi_sigma(sq_dist / sigma.pow(2).view(-1, 1, 1), 1.0)  # (B, n, m)
     else:
@@ -725,7 +726,7 @@ def normalised_gak(log_xy: Tensor, log_xx: Tensor, log_yy: Tensor) -> Tensor:
 
 def gak(x: Tensor, y: Tensor, sigma: float, x_lengths: Tensor | None = None,
         y_lengths: Tensor | None = None) -> Tensor:
-    """Normalised global alignment kernel K̃(x_b, y_b) ∈ (0, 1] (tslearn's `gak` with the same σ), (B,)."""
+    """Normalised global alignment kernel K̃(x_b, y_b) ∈ (0, 1], (B,) (tslearn's `gak` with the same σ)."""
     cost, left, right = _self_and_cross(x, y, x_lengths, y_lengths)
     log_xy, log_xx, log_yy = log_gak(cost, sigma, left, right).chunk(3)
     return normalised_gak(log_xy, log_xx, log_yy)

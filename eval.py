@@ -193,8 +193,9 @@ class Embedder:
             segs = (b[k].to(self.device) for k in keys)
             return m.prefix_embeddings(hidden, *segs, self.pool).cpu()
         soft = tok.soft_image_id if side == "image" else tok.soft_text_id
-        rows = [D.summary_row(r[:n], soft, m.cfg.n_soft_tokens) for r, n in zip(ids.tolist(), lengths.tolist())]
-        ids = torch.nn.utils.rnn.pad_sequence([torch.tensor(r) for r, _ in rows], True, tok.pad_id)  # (B, T + K)
+        k = m.cfg.n_soft_tokens
+        rows = [D.summary_row(r[:n], soft, k) for r, n in zip(ids.tolist(), lengths.tolist())]
+        ids = torch.nn.utils.rnn.pad_sequence([torch.tensor(r) for r, _ in rows], True, tok.pad_id)  # (B, T')
         _, hidden = m(ids.to(self.device), images)
         return m.summary_embedding(hidden, torch.tensor([p for _, p in rows], device=self.device)).cpu()
 

@@ -222,8 +222,9 @@ def gak_targets(
     single: str = "gak",
 ) -> Tensor:
     """Target Gram matrix M_l (P, P) of Sugar Eq. 3: M_l[i, j] = normalised GAK between the slice sequences of
-    prefixes i and j, log K~(x, y) = log K(x, y) - (log K(x, x) + log K(y, y)) / 2, so K~ in (0, 1], K~(x, x) = 1
-    (dtw.normalised_gak); set to 1 when both prefixes come from the same sample. A target: no gradient.
+    prefixes i and j, log K~(x, y) = log K(x, y) - (log K(x, x) + log K(y, y)) / 2, so K~ in (0, 1],
+    K~(x, x) = 1 (dtw.normalised_gak); set to 1 when both prefixes come from the same sample. A target: no
+    gradient.
 
     slice_uni (S, Du), slice_cross (S, Dc), slice_is_image (S,): teacher features of every slice.
     prefix_slices (P, L): slice indices of each prefix in order, padded; prefix_len (P,); prefix_batch (P,).
@@ -347,28 +348,28 @@ def structure_loss(r: Tensor, targets: Tensor) -> Tensor:
 
 
 def gather_with_grad(x: Tensor) -> tuple[Tensor, int]:
-    """(B, d) on each of W ranks -> (W*B, d), every rank's rows in rank order, and this rank's index (its rows'
-    offset in the gathered batch is rank * B); one process: (x, 0). As open_clip's gather_features; every rank
-    must pass the same B (all_gather needs equal shapes; use drop_last).
+    """(B, d) on each of W ranks -> (W*B, d), every rank's rows in rank order, and this rank's index (its
+    rows' offset in the gathered batch is rank * B); one process: (x, 0). As open_clip's gather_features;
+    every rank must pass the same B (all_gather needs equal shapes; use drop_last).
 
-    The DDP gradient argument. DDP averages the parameter gradients of the W ranks. If the W rank losses sum to
-    W * L, L the loss of the whole global batch, and a rank's loss reaches other ranks' rows only through this
-    gather, then the gradient that reaches each rank's own rows is d(W * L)/d(its rows): the gather's backward
-    sums, over ranks, the gradients every rank's loss sends to a row into the rank that owns it. DDP's average
-    then divides by W: the parameter gradients equal those of one process on the whole batch. train.py meets
-    the condition for each term: L_ntp (each rank: its tokens' summed loss over the global token count, times
-    W), the contrastive loss (each rank: the mean over its own rows, against every rank's columns), the
-    structure loss (every rank: the full loss on the gathered prefixes). tests/test_kernel.py and
-    tests/test_train.py check it."""
+    The DDP gradient argument. DDP averages the parameter gradients of the W ranks. If the W rank losses sum
+    to W * L, L the loss of the whole global batch, and a rank's loss reaches other ranks' rows only through
+    this gather, then the gradient that reaches each rank's own rows is d(W * L)/d(its rows): the gather's
+    backward sums, over ranks, the gradients every rank's loss sends to a row into the rank that owns it.
+    DDP's average then divides by W: the parameter gradients equal those of one process on the whole batch.
+    train.py meets the condition for each term: L_ntp (each rank: its tokens' summed loss over the global
+    token count, times W), the contrastive loss (each rank: the mean over its own rows, against every rank's
+    columns), the structure loss (every rank: the full loss on the gathered prefixes). tests/test_kernel.py
+    and tests/test_train.py check it."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x, 0
     return torch.cat(dist_fn.all_gather(x), dim=0), dist.get_rank()
 
 
 def contrastive_loss(img: Tensor, txt: Tensor, logit_scale: Tensor, max_scale: float = MAX_LOGIT_SCALE) -> Tensor:
-    """VladVA's symmetric InfoNCE (CLIP form): the mean of the image->text and text->image cross-entropies over
-    the logits exp(logit_scale) * <img_i, txt_j>, exp(logit_scale) clamped at max_scale. img, txt (B, d), row k
-    of each a positive pair (L2-normalised here); logit_scale a scalar, log of the inverse temperature.
+    """VladVA's symmetric InfoNCE (CLIP form): the mean of the image->text and text->image cross-entropies
+    over the logits exp(logit_scale) * <img_i, txt_j>, exp(logit_scale) clamped at max_scale. img, txt (B, d),
+    row k of each a positive pair (L2-normalised here); logit_scale a scalar, log of the inverse temperature.
     The mean of the two directions, not the sum, is ours (VladVA writes no formula): CLIP's pseudo-code and
     open_clip's ClipLoss, so log(B) means chance. Under DDP each rank scores its own rows against every rank's
     columns (open_clip's local_loss=True: (B, W*B) logits instead of (W*B, W*B)), exact by the DDP gradient

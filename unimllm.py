@@ -254,7 +254,8 @@ class VisionEncoder(nn.Module):
         cfg = self.cfg
         want = (cfg.num_channels, cfg.image_size, cfg.image_size)
         if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != want:
-            raise ValueError(f"pixel_values must be (N, {', '.join(map(str, want))}), got {tuple(pixel_values.shape)}")
+            raise ValueError(f"pixel_values must be (N, {', '.join(map(str, want))}), "
+                             f"got {tuple(pixel_values.shape)}")
         x = self.embeddings(pixel_values)  # (N, P(+1), D)
         if cfg.pre_layernorm:
             x = self.pre_layrnorm(x)
@@ -625,7 +626,7 @@ class MLLM(nn.Module):
             raise ValueError(f"prefix_embeddings: pool must be 'mean' or 'last', got {pool!r}")
         B, T, D = hidden.shape
         b, s, e, img = seg_batch[prefix_seg], seg_start[prefix_seg], seg_end[prefix_seg], seg_is_image[prefix_seg].bool()
-        assert not bool(((e <= s) | (s < 0) | (e > T)).any()), "segments need 0 <= start < end <= T"  # data.collate's
+        assert not bool(((e <= s) | (s < 0) | (e > T)).any()), "segments need 0 <= start < end <= T"
         t = torch.arange(T, device=hidden.device)
         in_seg = (t >= s[:, None]) & (t < e[:, None])  # (P, T)
         last = t == (e - 1)[:, None]  # (P, T)
@@ -638,9 +639,9 @@ class MLLM(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, ckpt: str | Path | dict[str, Any], where: str | None = None) -> "MLLM":
-        """The model of a unimllm checkpoint (save_checkpoint), given its path or its load_checkpoint dict, with
-        its LoRA wrappers when it has them; strict loading: weights that do not fit the configuration stored
-        with them end the program with a message naming `where` (the file)."""
+        """The model of a unimllm checkpoint (save_checkpoint), given its path or its load_checkpoint dict,
+        with its LoRA wrappers when it has them; strict loading: weights that do not fit the configuration
+        stored with them end the program with a message naming `where` (the file)."""
         if not isinstance(ckpt, dict):
             where, ckpt = str(ckpt), load_checkpoint(ckpt)
         model = cls(MLLMConfig.from_dict(ckpt["model_config"]))
@@ -769,7 +770,8 @@ def set_trainable(model: nn.Module, patterns: list[str], lora: bool = True) -> l
 # unimllm checkpoints (train.py writes them, eval.py and --init / --resume read them)
 
 CKPT_FORMAT = "unimllm-checkpoint-v1"
-# The fields train.make_checkpoint writes and loading reads: a dict with the right "format" but not all is refused
+# The fields train.make_checkpoint writes and loading reads: a dict with the right format but not all is
+# refused
 CKPT_FIELDS = ("stage", "step", "done", "method", "train_config", "model_config", "tokenizer", "model",
                "lora", "optimizer", "rng", "history")
 
