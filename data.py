@@ -49,11 +49,13 @@ from __future__ import annotations
 import argparse
 import functools
 import hashlib
+import inspect
 import json
 import random
+import re
 import sys
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -137,13 +139,14 @@ def _relations_between(a: Obj, b: Obj) -> list[str]:
     return rels
 
 
-def _canonical(graph: SceneGraph) -> str:
+def canonical(graph: SceneGraph) -> str:
+    """A scene graph as a string, the same for the same objects in any order (split and matching key)."""
     return ";".join(sorted(f"{o.shape},{o.colour},{o.size},{o.row},{o.col}" for o in graph.objects))
 
 
 def graph_split(graph: SceneGraph) -> str:
     """Content-based split: train and test scene graphs are disjoint sets, not just drawn from different seeds."""
-    return "test" if zlib.crc32(_canonical(graph).encode()) % TEST_FRACTION == 0 else "train"
+    return "test" if zlib.crc32(canonical(graph).encode()) % TEST_FRACTION == 0 else "train"
 
 
 def _random_graph(rng: random.Random, n_min: int = 1, n_max: int = 4) -> SceneGraph:
@@ -792,12 +795,22 @@ def ends_turn(segments: Sequence[Segment], i: int) -> bool:
 
 
 def collate(samples: Sequence[Sample], tok: Tokenizer, n_image_tokens: int, max_len: int) -> dict[str, Tensor]:
-    """Interleaved samples -> one right-padded batch (see contract.md). Raises on too-long samples (no truncation).
+    """Interleaved samples -> one right-padded batch. Raises on too-long samples (no truncation).
 
-    Sequence: [bos] seg_0 seg_1 ... with [eos] after each turn of supervised text (ends_turn). The eos is labelled but belongs
-    to no segment, so a text segment's last token is its own last text token (Sugar's slice summary). A text segment
-    right after another text segment is encoded with a leading space (segment_text). Extra keys beyond the contract:
-    attention_mask (B, T) bool (True on real tokens) and has_teacher (S,). images is None when the batch has none."""
+    Sequence: [bos] seg_0 seg_1 ... with [eos] after each turn of supervised text (ends_turn). The eos is
+    labelled but belongs to no segment, so a text segment's last token is its own last text token (Sugar's
+    slice summary). A text segment right after another text segment is encoded with a leading space
+    (segment_text).
+    Keys, with B samples, T tokens, S segments (slices) over the batch, P prefixes, L = the longest prefix:
+      input_ids (B, T) long, pad_id after each row's end; labels (B, T) long, -100 where there is no loss
+        (images, prompts, padding); attention_mask (B, T) bool, True on real tokens;
+      images (N, 3, H, W) float, the batch's images in order, or None when it has none;
+      seg_batch, seg_start, seg_end (S,) long: each segment's sample and token span [start, end);
+        seg_is_image (S,) bool; slice_uni (S, Du), slice_cross (S, Dc) float teacher features (zeros where a
+        segment has none); has_teacher (S,) bool;
+      prefix_seg (P,) long: the segment (index into S) that ends each prefix; prefix_batch (P,) long: its
+        sample; prefix_slices (P, L) long: the segments (indices into S) of each prefix in order, zero-padded;
+        prefix_len (P,) long."""
     if not samples:
         raise ValueError("collate: empty batch")
     du, dc = _teacher_dims(samples)
@@ -878,6 +891,13 @@ def _pair_fields(item: object) -> tuple[Tensor, str, str]:
     return item.image, item.short_caption, item.long_caption
 
 
+def summary_row(ids: list[int], soft_id: int, n_soft: int) -> tuple[list[int], int]:
+    """VladVA's summary input: a sample's tokens, then the K soft-prompt tokens of its side (<soft_image>
+    after an image, <soft_text> after a text); the summary embedding is read at the last of them, whose
+    position is returned. Training (collate_pairs) and eval.py's embeddings build their rows here."""
+    return ids + [soft_id] * n_soft, len(ids) + n_soft - 1
+
+
 def collate_pairs(items: Sequence[object], tok: Tokenizer, n_image_tokens: int, n_soft: int,
                   max_len: int) -> dict[str, Tensor]:
     """VladVA batch from Scenes / Pairs (anything with .image .short_caption .long_caption) or (image, short, long).
@@ -891,17 +911,17 @@ def collate_pairs(items: Sequence[object], tok: Tokenizer, n_image_tokens: int, 
         image, short, long_ = _pair_fields(item)
         if not short.strip() or not long_.strip():
             raise ValueError(f"collate_pairs: item {b} has an empty caption")
-        head = [tok.bos_id] + [tok.image_id] * n_image_tokens + [tok.soft_image_id] * n_soft
+        head, img_p = summary_row([tok.bos_id] + [tok.image_id] * n_image_tokens, tok.soft_image_id, n_soft)
         cap = tok.encode(long_) + [tok.eos_id]
-        txt = [tok.bos_id] + tok.encode(short) + [tok.soft_text_id] * n_soft
+        txt, txt_p = summary_row([tok.bos_id] + tok.encode(short), tok.soft_text_id, n_soft)
         for name, row in (("image", head + cap), ("text", txt)):
             if len(row) > max_len:
                 raise ValueError(f"collate_pairs: item {b} {name} sequence has {len(row)} tokens > max_len {max_len}")
         img_rows.append(head + cap)
         img_labs.append([-100] * len(head) + cap)
-        img_pos.append(len(head) - 1)
+        img_pos.append(img_p)
         txt_rows.append(txt)
-        txt_pos.append(len(txt) - 1)
+        txt_pos.append(txt_p)
         images.append(image)
     return {
         "img_ids": _pad(img_rows, tok.pad_id), "img_labels": _pad(img_labs, -100),
@@ -1458,7 +1478,7 @@ def detect_format(path: Path) -> str:
         return "pope" if keys >= {"question_id", "text", "label"} else "mmc4"
     if path.suffix != ".json":
         raise ValueError(f"{path}: unknown format (expected .json, .jsonl or .safetensors)")
-    root = _read_json(path)
+    root = read_json(path)
     if isinstance(root, dict) and "images" in root:
         return "karpathy"
     first = root[0] if isinstance(root, list) and root else next(iter(root.values()), None) \
@@ -1483,7 +1503,11 @@ def _first_jsonl_keys(path: Path) -> set[str]:
     return set(rec) if isinstance(rec, dict) else set()
 
 
-def _read_json(path: Path) -> object:
+def read_json(path: Path) -> object:
+    """A JSON file (the readers here, and unimllm.py's Hugging Face configs): FileNotFoundError for a missing
+    file, ValueError naming the file, line and column for an unreadable or invalid one."""
+    if not path.is_file():
+        raise FileNotFoundError(f"missing file {path}")
     try:
         return json.loads(path.read_text())
     except (OSError, UnicodeDecodeError) as e:
@@ -1576,11 +1600,11 @@ def _read_any(path: Path, tok: Tokenizer | None, n_image_tokens: int, max_len: i
             raise ValueError(f"{path}: unreadable: {e}") from e
         data = {"mmc4": read_mmc4, "pope": read_pope, "winoground": read_winoground}[fmt](ctx, lines)
     elif fmt == "llava":
-        data = read_llava(ctx, _read_json(path))
+        data = read_llava(ctx, read_json(path))
     elif fmt == "karpathy":
-        data = read_karpathy(ctx, _read_json(path), split)
+        data = read_karpathy(ctx, read_json(path), split)
     else:
-        data = read_sugarcrepe(ctx, _read_json(path), path.stem if path.stem in CATEGORIES else "unknown")
+        data = read_sugarcrepe(ctx, read_json(path), path.stem if path.stem in CATEGORIES else "unknown")
     if not ctx.problems and not (data.samples or data.pairs or data.negatives or data.winoground):
         ctx.bad("<file>", "<root>", "at least one record (the file has none)")
     if tok is not None:
@@ -1610,6 +1634,38 @@ def check(path: str | Path, tok: Tokenizer | None = None, n_image_tokens: int = 
     if tok is not None and data.format != "features":
         ctx.problems += length_problems(data, tok, n_image_tokens, max_len)
     return ctx.problems
+
+
+def flag_of(name: str) -> str:
+    """The command-line flag of a config field: lora_r -> --lora-r."""
+    return "--" + name.replace("_", "-")
+
+
+def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One flag per field of the dataclass `cls` (train.py's and eval.py's configs), in a group titled by the
+    class, with the class docstring; --help shows each field's trailing `# ...` comment in the dataclass
+    source (why a default is so) and its default (or the field's metadata["help"]). Fields typed bool are
+    switches; `X | None` fields take an X (None: resolved later). Flags not given are absent from the parsed
+    namespace (argparse.SUPPRESS), so a caller can tell a given flag from a default. Here, not in train.py,
+    because eval.py must not import train.py, and data.py is the module both import that imports neither."""
+    own_doc = None if cls.__doc__.startswith(cls.__name__ + "(") else cls.__doc__  # not dataclass's own
+    group = parser.add_argument_group(cls.__name__, own_doc)
+    helps: dict[str, str] = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s+(\w+): [^=]+=.*?  # (.*)$", line)
+        if m:
+            helps[m[1]] = m[2]
+    for f in fields(cls):
+        text = helps.get(f.name, "").replace("%", "%%")
+        if f.type == "bool":
+            group.add_argument(flag_of(f.name), dest=f.name, action="store_true", default=argparse.SUPPRESS,
+                               help=text)
+            continue
+        name = f.type.removesuffix(" | None")
+        default = f.metadata.get("help", f"default {f.default!r}")
+        typ = {"int": int, "float": float, "str": str}[name]
+        group.add_argument(flag_of(f.name), dest=f.name, type=typ, default=argparse.SUPPRESS,
+                           metavar=name.upper(), help=f"{text} ({default})".strip())
 
 
 def _main(argv: list[str]) -> int:

@@ -5,8 +5,9 @@ What lives here:
 - `hard_dtw_path`: the optimal alignment path(s) of hard DTW (γ = 0).
 - `soft_dtw_divergence`: D(x,y) = sdtw(x,y) - ½(sdtw(x,x) + sdtw(y,y)) (Blondel, Mensch & Vert, AISTATS 2021,
   Eq. 5), ≥ 0 and 0 iff x = y.
-- `gak`, `gak_gram`: Cuturi's global alignment kernel (Cuturi, Vert, Birkenes & Matsui, ICASSP 2007; the kernel
-  Sugar's Eq. 2 uses), K(x,y) = Σ_alignments Π exp(-φ_σ(x_i, y_j)) with the local cost `phi_sigma`
+- `gak`, `gak_gram` (from `log_gak`, `normalised_gak`): Cuturi's global alignment kernel (Cuturi, Vert,
+  Birkenes & Matsui, ICASSP 2007; the kernel Sugar's Eq. 2 uses), K(x,y) = Σ_alignments Π exp(-φ_σ(x_i, y_j))
+  with the local cost `phi_sigma`
       φ_σ(d²) = d²/(2σ²) + log(2 - exp(-d²/(2σ²))),
   so log K = -(soft-DTW with γ = 1 on the φ_σ cost) -- the same kernel. Normalised like `tslearn.metrics.gak`:
   log K̃(x,y) = log K(x,y) - ½(log K(x,x) + log K(y,y)), K̃ ∈ (0, 1], K̃(x,x) = 1. σ here is tslearn's σ.
@@ -161,8 +162,8 @@ def _plan(n: int, m: int) -> tuple[list[tuple[int, int, int, int]], Tensor, Tens
 # ----------------------------------------------------------------------------- 2. the CPU wavefront
 # Pairs are processed in column chunks so that one diagonal step's working set stays in L2 cache: with many
 # short sequences (65,536 pairs of length 8) a whole-batch diagonal is megabytes and every op would go to DRAM.
-# (Running chunks on separate Python threads with single-threaded ops measured slower than ATen's own
-# intra-op threads on each chunk.) On an accelerator the whole batch is one chunk.
+# The chunks run one after another, each on ATen's intra-op threads. On an accelerator the whole batch is one
+# chunk.
 _CHUNK_ELEMENTS = 1 << 16
 
 
@@ -703,15 +704,32 @@ def soft_dtw_divergence(x: Tensor, y: Tensor, gamma: float, x_lengths: Tensor | 
     return xy - 0.5 * (xx + yy)
 
 
+def log_gak(sq_dist: Tensor, sigma: float | Tensor, x_lengths: Tensor | None = None,
+            y_lengths: Tensor | None = None) -> Tensor:
+    """Unnormalised log K (B,) of each (n_b × m_b) squared-distance matrix in sq_dist (B, n, m):
+    log K = -soft_dtw(φ_σ(d²), γ=1). sigma: one float, or a (B,) tensor, one σ per pair (Sugar's σ depends
+    on the pair's lengths; φ_σ(d²) = φ_1(d²/σ²), so a per-pair σ is folded into the distances)."""
+    if isinstance(sigma, Tensor):
+        cost = phi_sigma(sq_dist / sigma.pow(2).view(-1, 1, 1), 1.0)  # (B, n, m)
+    else:
+        cost = phi_sigma(sq_dist, sigma)
+    return -soft_dtw(cost, 1.0, x_lengths, y_lengths)
+
+
+def normalised_gak(log_xy: Tensor, log_xx: Tensor, log_yy: Tensor) -> Tensor:
+    """K̃(x,y) = exp(log K(x,y) - ½(log K(x,x) + log K(y,y))) ∈ (0, 1] (like `tslearn.metrics.gak`). The
+    exponent is ≤ 0 by Cauchy-Schwarz for the positive definite K, up to rounding: the clamps keep rounding
+    and an underflowing exp inside (0, 1]."""
+    log_norm = log_xy - 0.5 * (log_xx + log_yy)
+    return log_norm.clamp_max(0.0).exp().clamp_min(torch.finfo(log_norm.dtype).tiny)
+
+
 def gak(x: Tensor, y: Tensor, sigma: float, x_lengths: Tensor | None = None,
         y_lengths: Tensor | None = None) -> Tensor:
-    """Normalised global alignment kernel K̃(x_b, y_b) ∈ (0, 1] (tslearn's `gak` with the same σ), (B,).
-
-    log K = -soft_dtw(φ_σ(D²), γ=1); log K̃(x,y) = log K(x,y) - ½(log K(x,x) + log K(y,y)).
-    """
+    """Normalised global alignment kernel K̃(x_b, y_b) ∈ (0, 1], (B,) (tslearn's `gak` with the same σ)."""
     cost, left, right = _self_and_cross(x, y, x_lengths, y_lengths)
-    log_xy, log_xx, log_yy = (-soft_dtw(phi_sigma(cost, sigma), 1.0, left, right)).chunk(3)
-    return torch.exp(log_xy - 0.5 * (log_xx + log_yy))
+    log_xy, log_xx, log_yy = log_gak(cost, sigma, left, right).chunk(3)
+    return normalised_gak(log_xy, log_xx, log_yy)
 
 
 def _default_lengths(lengths: Tensor | None, count: int, size: int, device: torch.device, name: str) -> Tensor:
@@ -735,11 +753,11 @@ def gak_gram(x: Tensor, y: Tensor | None, sigma: float, x_lengths: Tensor | None
     other, ol = (x, xl) if y is None else (y, _default_lengths(y_lengths, y.shape[0], y.shape[1], x.device,
                                                               "y_lengths"))
     b, m = other.shape[0], other.shape[1]
-    cost = phi_sigma(pairwise_sq_euclidean(x, other), sigma).reshape(a * b, n, m)
-    log_k = -soft_dtw(cost, 1.0, xl.repeat_interleave(b), ol.repeat(a)).view(a, b)
+    sq = pairwise_sq_euclidean(x, other).reshape(a * b, n, m)
+    log_k = log_gak(sq, sigma, xl.repeat_interleave(b), ol.repeat(a)).view(a, b)
     if y is None:
         log_x = log_y = torch.diagonal(log_k)
     else:
-        log_x = -soft_dtw(phi_sigma(sq_euclidean(x, x), sigma), 1.0, xl, xl)
-        log_y = -soft_dtw(phi_sigma(sq_euclidean(other, other), sigma), 1.0, ol, ol)
-    return torch.exp(log_k - 0.5 * (log_x.view(-1, 1) + log_y.view(1, -1)))
+        log_x = log_gak(sq_euclidean(x, x), sigma, xl, xl)
+        log_y = log_gak(sq_euclidean(other, other), sigma, ol, ol)
+    return normalised_gak(log_k, log_x.view(-1, 1), log_y.view(1, -1))

@@ -44,7 +44,7 @@ import math
 import re
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -52,8 +52,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 import data as D
-from train import checkpoint_model, load_checkpoint, output_problem
-from unimllm import MLLM
+from unimllm import MLLM, load_checkpoint, output_problem
 
 
 @dataclass
@@ -72,9 +71,7 @@ class EvalArgs:
 
 def parse_args(argv: list[str] | None = None) -> EvalArgs:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    for f in fields(EvalArgs):
-        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=f.default,
-                       type={"int": int, "float": float, "str": str}[f.type], help=f"default {f.default!r}")
+    D.add_flags(p, EvalArgs)
     args = EvalArgs(**vars(p.parse_args(argv)))
     if args.embedding not in ("auto", "summary", "prefix"):
         raise SystemExit(f"eval.py: --embedding must be auto, summary or prefix, got {args.embedding!r}")
@@ -199,9 +196,11 @@ class Embedder:
             segs = (b[k].to(self.device) for k in keys)
             return m.prefix_embeddings(hidden, *segs, self.pool).cpu()
         soft = tok.soft_image_id if side == "image" else tok.soft_text_id
-        ids = append_run(ids, lengths, soft, m.cfg.n_soft_tokens, tok.pad_id)
+        k = m.cfg.n_soft_tokens
+        rows = [D.summary_row(r[:n], soft, k) for r, n in zip(ids.tolist(), lengths.tolist())]
+        ids = torch.nn.utils.rnn.pad_sequence([torch.tensor(r) for r, _ in rows], True, tok.pad_id)  # (B, T')
         _, hidden = m(ids.to(self.device), images)
-        return m.summary_embedding(hidden, (lengths + m.cfg.n_soft_tokens - 1).to(self.device)).cpu()
+        return m.summary_embedding(hidden, torch.tensor([p for _, p in rows], device=self.device)).cpu()
 
 
 class TeacherEmbedder:
@@ -221,15 +220,6 @@ class TeacherEmbedder:
             raise ValueError("the teacher embedder needs samples whose last segment carries teacher features")
         self.count += len(samples)
         return torch.stack(last)  # (N, CROSS_DIM), unit vectors
-
-
-def append_run(ids: Tensor, lengths: Tensor, token: int, k: int, pad: int) -> Tensor:
-    """Right-padded ids (B, T) -> (B, T + k) with k copies of `token` right after each row's last real token."""
-    out = torch.full((ids.shape[0], ids.shape[1] + k), pad, dtype=ids.dtype)
-    for b, n in enumerate(lengths.tolist()):
-        out[b, :n] = ids[b, :n]
-        out[b, n:n + k] = token
-    return out
 
 
 @torch.no_grad()
@@ -345,9 +335,9 @@ def eval_interleaved(world: D.World, emb: Embedder, kind: str) -> dict[str, floa
             segs = [seg for f in st.frames[:k] for seg in (D.image_seg(f.image), D.text_seg(f.sentence, False))]
             nxt = st.frames[k]
             queries.append(D.Sample(segs + [D.text_seg(nxt.sentence, False, nxt.uni_text, nxt.cross_text)]))
-            targets.append(D._canonical(st.frames[k].graph))
+            targets.append(D.canonical(st.frames[k].graph))
     return interleaved_suite(queries, targets, [img(f.image, f.cross_image) for f in frames],
-                             [D._canonical(f.graph) for f in frames], emb, kind)
+                             [D.canonical(f.graph) for f in frames], emb, kind)
 
 
 def interleaved_suite(queries: list[D.Sample], targets: list[object], candidates: list[D.Sample],
@@ -589,7 +579,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ckpt = load_checkpoint(args.ckpt)
-    model, tok = checkpoint_model(ckpt, args.ckpt)
+    model, tok = MLLM.from_checkpoint(ckpt, args.ckpt), D.Tokenizer.from_str(ckpt["tokenizer"])
     model = model.to(device).eval()
     method = ckpt["method"] if ckpt["stage"] == "finetune" else "generative"
     finetuned = ckpt["stage"] == "finetune"

@@ -1,19 +1,20 @@
 """Sugar's kernels and every training loss of unimllm.
 
-What lives here (see ../shared/DESIGN.md, "Kernels and losses"):
+What lives here:
 - `triple_kernel_sqdist`: Sugar's triple kernel (Chow et al., NeurIPS 2024, arXiv 2411.00304, Eq. 4) as
   squared distances between slices (images / sentences) from frozen teacher features: uni-modal features for
   two slices of the same modality, cross-modal features for an image-text pair (kernel="cross": the
   cross-modal features for every pair, Sugar Table 4b "w/o TK").
 - `gak_targets`: the normalised global alignment kernel (GAK; Cuturi et al., ICASSP 2007; Sugar Eq. 2)
   Gram matrix M_l between the slice sequences that a batch of prefix embeddings summarise, computed batched
-  through `dtw.soft_dtw` (log K = -soft-DTW with gamma = 1 and cost phi_sigma(d^2)); single="cosine" gives
+  through `dtw.log_gak` (log K = -soft-DTW with gamma = 1 and cost phi_sigma(d^2)); single="cosine" gives
   one-slice pairs Sugar §3.2's plain cosine instead. `estimate_delta`: the GAK scale delta from data.
 - `mean_targets`: Sugar Table 4b "w/o GAK", M_l as the average slice similarity, no alignment.
 - `structure_loss`: Sugar Eq. 3, L = (1/n) sum_ij (cos(r_i, r_j) - M_l[i, j])^2.
 - `contrastive_loss` / `ContrastiveLoss`: VladVA's (Ouali et al., CVPR 2025, arXiv 2412.04378) symmetric
   InfoNCE between image and short-caption summaries, learnable temperature (CLIP's), gathered across ranks
-  with gradient.
+  with gradient (`gather_with_grad`, which also holds the argument why DDP then gives the one-process
+  gradient).
 - `LossWeights`, `combined_loss`: L = L_ntp + lambda_c * L_contrastive + lambda_s * L_structure.
 
 Run the tests:  .venv/bin/python -m pytest tests/test_kernel.py -x -q
@@ -30,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from dtw import phi_sigma, soft_dtw
+from dtw import log_gak, normalised_gak, pairwise_sq_euclidean
 
 MAX_LOGIT_SCALE = 100.0  # CLIP clamps exp(logit_scale) at 100 (Radford et al. 2021, Sec. 2.5)
 
@@ -69,9 +70,8 @@ def _check_kernel(kernel: str) -> None:
 
 
 def _sqdist(a: Tensor, b: Tensor) -> Tensor:
-    """All-pairs squared Euclidean distances from one matmul: |a|^2 + |b|^2 - 2 a.b, (Sa, D) x (Sb, D) -> (Sa, Sb)."""
-    sq = a.pow(2).sum(-1)[:, None] + b.pow(2).sum(-1)[None, :] - 2.0 * (a @ b.T)  # (Sa, Sb)
-    return sq.clamp_min(0.0)  # the expansion can dip below 0 by rounding
+    """All-pairs squared Euclidean distances, (Sa, D) x (Sb, D) -> (Sa, Sb) (dtw.pairwise_sq_euclidean)."""
+    return pairwise_sq_euclidean(a[None], b[None])[0, 0]
 
 
 def _cosine(a: Tensor, b: Tensor) -> Tensor:
@@ -189,15 +189,6 @@ def estimate_delta(
     return _median_distance(sq)
 
 
-def _log_gak(sq: Tensor, sigma: Tensor, x_lengths: Tensor, y_lengths: Tensor) -> Tensor:
-    """Unnormalised log K for a batch of (B, n, m) squared-distance matrices with per-pair sigma (B,):
-    log K = -soft_dtw(phi_sigma(d^2), gamma=1) (DESIGN "Differentiable DTW")."""
-    # phi_sigma(d^2 / s^2, 1) = d^2/(2 s^2) + log(2 - exp(-d^2/(2 s^2))) = phi_s(d^2): folding the per-pair
-    # sigma into the distances keeps dtw.phi_sigma's scalar-sigma signature.
-    cost = phi_sigma(sq / sigma.pow(2)[:, None, None], 1.0)  # (B, n, m)
-    return -soft_dtw(cost, 1.0, x_lengths, y_lengths)  # (B,)
-
-
 def _pair_sigma(n: Tensor, m: Tensor, sigma: float | None, delta: float) -> Tensor:
     """sigma for sequences of lengths n and m: fixed, or Sugar's delta * sqrt((n + m) / 2)."""
     if sigma is not None:
@@ -231,8 +222,9 @@ def gak_targets(
     single: str = "gak",
 ) -> Tensor:
     """Target Gram matrix M_l (P, P) of Sugar Eq. 3: M_l[i, j] = normalised GAK between the slice sequences of
-    prefixes i and j, log K~(x, y) = log K(x, y) - (log K(x, x) + log K(y, y)) / 2, so K~ in (0, 1], K~(x, x) = 1;
-    set to 1 when both prefixes come from the same sample (DESIGN). A target: no gradient.
+    prefixes i and j, log K~(x, y) = log K(x, y) - (log K(x, x) + log K(y, y)) / 2, so K~ in (0, 1],
+    K~(x, x) = 1 (dtw.normalised_gak); set to 1 when both prefixes come from the same sample. A target: no
+    gradient.
 
     slice_uni (S, Du), slice_cross (S, Dc), slice_is_image (S,): teacher features of every slice.
     prefix_slices (P, L): slice indices of each prefix in order, padded; prefix_len (P,); prefix_batch (P,).
@@ -280,7 +272,7 @@ def gak_targets(
         return targets
     pair_sigma = _pair_sigma(lengths[i], lengths[j], sigma, delta).to(dtype)  # (Q,)
     cross_cost = sq_all[idx[i][:, :, None], idx[j][:, None, :]]  # (Q, L, L)
-    log_k_xy = _log_gak(cross_cost, pair_sigma, lengths[i], lengths[j])  # (Q,)
+    log_k_xy = log_gak(cross_cost, pair_sigma, lengths[i], lengths[j])  # (Q,)
 
     # Self terms log K(x, x; sigma) for every prefix and every sigma it meets: with a fixed sigma one per
     # prefix, with Sugar's sigma one per (prefix, partner length) — P * L DTWs instead of 2 per pair.
@@ -289,12 +281,10 @@ def gak_targets(
     own = lengths.repeat_interleave(n_partner)  # (P*Lp,)
     self_sigma = _pair_sigma(own, partner.repeat(n_prefixes), sigma, delta).to(dtype)  # (P*Lp,)
     self_cost = sq_all[idx[:, :, None], idx[:, None, :]].repeat_interleave(n_partner, dim=0)  # (P*Lp, L, L)
-    log_k_self = _log_gak(self_cost, self_sigma, own, own).view(n_prefixes, n_partner)  # (P, Lp)
+    log_k_self = log_gak(self_cost, self_sigma, own, own).view(n_prefixes, n_partner)  # (P, Lp)
     col_i = lengths[j] - 1 if sigma is None else torch.zeros_like(i)  # partner of i is j, and vice versa
     col_j = lengths[i] - 1 if sigma is None else torch.zeros_like(j)
-    log_norm = log_k_xy - 0.5 * (log_k_self[i, col_i] + log_k_self[j, col_j])  # (Q,)
-    # <= 0 by Cauchy-Schwarz up to rounding; the floor keeps an underflowing exp inside (0, 1].
-    values = log_norm.clamp_max(0.0).exp().clamp_min(torch.finfo(dtype).tiny)  # (Q,)
+    values = normalised_gak(log_k_xy, log_k_self[i, col_i], log_k_self[j, col_j])  # (Q,)
     targets[i, j] = values
     targets[j, i] = values
     return targets
@@ -344,14 +334,10 @@ def structure_loss(r: Tensor, targets: Tensor) -> Tensor:
     """Sugar Eq. 3: L = (1/n) sum_ij (cos(r_i, r_j) - M_l[i, j])^2 with n = P prefixes (a mean over rows of the
     summed squared errors). r (P, d) prefix embeddings, targets M_l (P, P). No positives, no temperature.
     With P = 0 the loss is a zero that stays attached to r's graph (DDP then still sees every parameter)."""
-    _check_matrix("r", r)
     n_prefixes = r.shape[0]
-    if targets.shape != (n_prefixes, n_prefixes):
-        raise ValueError(f"kernel.py: structure targets must be ({n_prefixes}, {n_prefixes}) for r {tuple(r.shape)}, got {tuple(targets.shape)}")
+    assert r.dim() == 2 and targets.shape == (n_prefixes, n_prefixes), (tuple(r.shape), tuple(targets.shape))
     if n_prefixes == 0:
         return r.sum() * 0.0
-    _check_finite("r", r)
-    _check_finite("structure targets", targets)
     unit = F.normalize(r, dim=-1)  # (P, d)
     cosine = unit @ unit.T  # (P, P): M_r
     return (cosine - targets.to(cosine.dtype)).pow(2).sum() / n_prefixes
@@ -361,46 +347,38 @@ def structure_loss(r: Tensor, targets: Tensor) -> Tensor:
 # VladVA: symmetric InfoNCE, gathered across ranks
 
 
-def _gather_with_grad(x: Tensor) -> tuple[Tensor, int]:
-    """(B, d) -> (W*B, d) every rank's rows in rank order, and this rank's index. The gather keeps the
-    gradient: its backward sums, over ranks, the gradients that each rank's loss sends to this rank's rows."""
+def gather_with_grad(x: Tensor) -> tuple[Tensor, int]:
+    """(B, d) on each of W ranks -> (W*B, d), every rank's rows in rank order, and this rank's index (its
+    rows' offset in the gathered batch is rank * B); one process: (x, 0). As open_clip's gather_features;
+    every rank must pass the same B (all_gather needs equal shapes; use drop_last).
+
+    The DDP gradient argument. DDP averages the parameter gradients of the W ranks. If the W rank losses sum
+    to W * L, L the loss of the whole global batch, and a rank's loss reaches other ranks' rows only through
+    this gather, then the gradient that reaches each rank's own rows is d(W * L)/d(its rows): the gather's
+    backward sums, over ranks, the gradients every rank's loss sends to a row into the rank that owns it.
+    DDP's average then divides by W: the parameter gradients equal those of one process on the whole batch.
+    train.py meets the condition for each term: L_ntp (each rank: its tokens' summed loss over the global
+    token count, times W), the contrastive loss (each rank: the mean over its own rows, against every rank's
+    columns), the structure loss (every rank: the full loss on the gathered prefixes). tests/test_kernel.py
+    and tests/test_train.py check it."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x, 0
     return torch.cat(dist_fn.all_gather(x), dim=0), dist.get_rank()
 
 
 def contrastive_loss(img: Tensor, txt: Tensor, logit_scale: Tensor, max_scale: float = MAX_LOGIT_SCALE) -> Tensor:
-    """VladVA's symmetric InfoNCE (CLIP form): mean of cross-entropy image->text and text->image over the
-    cosine logits exp(logit_scale) * <img_i, txt_j>, with exp(logit_scale) clamped at max_scale (CLIP's 100).
-    The mean, not the sum, of the two directions: VladVA writes no formula; the mean is CLIP's pseudo-code
-    ((loss_i + loss_t) / 2) and open_clip's ClipLoss, so lambda_c weighs the loss a CLIP reader expects and a
-    loss of log(B) means chance. The summed form is the same loss with lambda_c doubled.
-    img, txt (B, d) summaries of matching pairs, row k of each a positive pair; logit_scale a scalar (the log
-    of the inverse temperature, init log(1/0.07)). Inputs are L2-normalised here (a no-op on unit vectors).
-
-    Under torch.distributed (world size > 1) the features of every rank are gathered with gradient and each
-    rank computes the loss of its OWN rows against ALL gathered columns (open_clip's local_loss=True), labels
-    offset by rank * B. Why this variant: each rank builds (B, W*B) logits instead of the full (W*B, W*B), W
-    times less work, and it is exact: the whole-batch loss is the mean of the W rank losses, the gather's
-    backward sums every rank's gradient into the rows it owns (W times the whole-batch gradient of those
-    rows), and DDP's average over ranks divides by W again, so the parameter gradients DDP applies equal those
-    of one process on the whole batch (checked in tests/test_kernel.py). Every rank must pass the same B
-    (all_gather needs equal shapes; use drop_last)."""
-    _check_matrix("img", img)
-    _check_matrix("txt", txt)
-    if img.shape != txt.shape:
-        raise ValueError(f"kernel.py: contrastive img {tuple(img.shape)} and txt {tuple(txt.shape)} must have the same shape")
-    if img.shape[0] == 0:
-        raise ValueError("kernel.py: contrastive loss needs at least one image-text pair, got an empty batch")
-    if logit_scale.numel() != 1:
-        raise ValueError(f"kernel.py: logit_scale must be a scalar, got shape {tuple(logit_scale.shape)}")
-    _check_finite("img", img)
-    _check_finite("txt", txt)
-    _check_finite("logit_scale", logit_scale)
+    """VladVA's symmetric InfoNCE (CLIP form): the mean of the image->text and text->image cross-entropies
+    over the logits exp(logit_scale) * <img_i, txt_j>, exp(logit_scale) clamped at max_scale. img, txt (B, d),
+    row k of each a positive pair (L2-normalised here); logit_scale a scalar, log of the inverse temperature.
+    The mean of the two directions, not the sum, is ours (VladVA writes no formula): CLIP's pseudo-code and
+    open_clip's ClipLoss, so log(B) means chance. Under DDP each rank scores its own rows against every rank's
+    columns (open_clip's local_loss=True: (B, W*B) logits instead of (W*B, W*B)), exact by the DDP gradient
+    argument (gather_with_grad)."""
+    assert img.dim() == 2 and img.shape == txt.shape and img.shape[0] > 0 and logit_scale.numel() == 1
     img_local = F.normalize(img, dim=-1)  # (B, d)
     txt_local = F.normalize(txt, dim=-1)  # (B, d)
-    img_all, rank = _gather_with_grad(img_local)  # (W*B, d)
-    txt_all, _ = _gather_with_grad(txt_local)  # (W*B, d)
+    img_all, rank = gather_with_grad(img_local)  # (W*B, d)
+    txt_all, _ = gather_with_grad(txt_local)  # (W*B, d)
     scale = logit_scale.reshape(()).clamp(max=math.log(max_scale)).exp()  # CLIP's clamp at 100
     logits_img = scale * img_local @ txt_all.T  # (B, W*B): my images against every caption
     logits_txt = scale * txt_local @ img_all.T  # (B, W*B): my captions against every image
@@ -426,7 +404,7 @@ class ContrastiveLoss(nn.Module):
 
 @dataclass
 class LossWeights:
-    """L = ntp * L_ntp + contrastive * L_contrastive + structure * L_structure (DESIGN "Combined"). A weight of 0
+    """L = ntp * L_ntp + contrastive * L_contrastive + structure * L_structure. A weight of 0
     drops its term: (1, 0, 0) generative only, (1, c, 0) VladVA, (1, 0, s) Sugar, (1, c, s) unified. Neither
     paper gives lambda_c or lambda_s; 1.0 is our default."""
 
@@ -444,27 +422,22 @@ def combined_loss(
     ntp: Tensor | None, contrastive: Tensor | None, structure: Tensor | None, weights: LossWeights
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """L = L_ntp + lambda_c * L_contrastive + lambda_s * L_structure. A term whose weight is 0 is skipped (it
-    may be None and never enters the total); a term with a positive weight must be given. Returns the total
-    and, for logging, every given term under its name plus "total", as detached 0-d tensors on the terms'
-    device (no host sync: train.py reads them on log steps only; its NaN guard covers non-finite terms)."""
-    terms = {"ntp": (ntp, weights.ntp), "contrastive": (contrastive, weights.contrastive), "structure": (structure, weights.structure)}
+    may be None); a term with a positive weight must be given. Returns the total and, for logging, every given
+    term and "total" as detached 0-d tensors on the terms' device (no host sync: train.py reads them on log
+    steps only, where its NaN guard stops a run whose loss is not finite: a NaN or inf input comes out as a
+    non-finite loss, on every device)."""
+    terms = {"ntp": (ntp, weights.ntp), "contrastive": (contrastive, weights.contrastive),
+             "structure": (structure, weights.structure)}
     total: Tensor | None = None
     logged: dict[str, Tensor] = {}
     for name, (value, weight) in terms.items():
         if value is not None:
-            if value.numel() != 1:
-                raise ValueError(f"kernel.py: combined_loss term {name!r} must be a scalar, got shape {tuple(value.shape)}")
             logged[name] = value.detach().reshape(())
         if weight == 0:
             continue
-        if value is None:
-            raise ValueError(f"kernel.py: combined_loss term {name!r} has weight {weight} but was not given (None)")
-        if value.device.type == "cpu" and not math.isfinite(logged[name]):  # as _check_finite
-            raise ValueError(f"kernel.py: combined_loss term {name!r} is {float(logged[name])}; "
-                             f"expected a finite loss")
+        assert value is not None, f"combined_loss: term {name!r} has weight {weight} but was not given"
         contribution = weight * value.reshape(())
         total = contribution if total is None else total + contribution
-    if total is None:
-        raise ValueError("kernel.py: combined_loss has every weight at 0; nothing to optimise")
+    assert total is not None, "combined_loss: every weight is 0"
     logged["total"] = total.detach()
     return total, logged

@@ -2,7 +2,7 @@
 train.py — the one training entry point of unimllm: generative pre-training of a small MLLM from scratch
 (LLaVA-style), then unified fine-tuning with LoRA + soft prompts + Sugar's retrieval projector.
 
-Fine-tuning objective (DESIGN "Combined"):
+Fine-tuning objective:
     L = lambda_ntp * L_ntp + lambda_c * L_contrastive + lambda_s * L_structure
 - L_ntp: next-token loss on answers, captions, story sentences and long captions (never on image tokens).
 - L_contrastive: VladVA's symmetric InfoNCE between last-token summaries of an image (+ image soft prompt) and of
@@ -34,8 +34,6 @@ loss terms and gradient norms (StepLog), where the NaN guard stops a run before 
 from __future__ import annotations
 
 import argparse
-import glob
-import inspect
 import math
 import os
 import random
@@ -51,18 +49,18 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data as D
+from data import flag_of
 import kernel as K
-from unimllm import (EXPORT_MANIFEST, EXPORT_REST, LLMConfig, MLLM, MLLMConfig, VisionConfig, VisionEncoder,
-                     apply_lora, export_hf, load_llm, load_vision, resolve_model_path, set_trainable)
+from unimllm import (CKPT_FORMAT, EXPORT_MANIFEST, EXPORT_REST, LLMConfig, MLLM, MLLMConfig, VisionConfig,
+                     VisionEncoder, apply_lora, export_hf, load_checkpoint, load_llm, load_vision,
+                     output_problem, resolve_model_path, save_checkpoint, set_trainable)
 
-CKPT_FORMAT = "unimllm-checkpoint-v1"
 METHODS = ("generative", "vladva", "sugar", "unified")
 
 
@@ -224,33 +222,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def field_help(cls: type) -> dict[str, str]:
-    """Each field's trailing `# ...` comment in the dataclass source: --help shows why a default is so."""
-    helps: dict[str, str] = {}
-    for line in inspect.getsource(cls).splitlines():
-        m = re.match(r"\s+(\w+): [^=]+=.*?  # (.*)$", line)
-        if m:
-            helps[m[1]] = m[2]
-    return helps
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     for group in (ModelArgs, DataArgs, PretrainArgs, FinetuneArgs, RunArgs):
-        own_doc = None if group.__doc__.startswith(group.__name__ + "(") else group.__doc__  # not dataclass's
-        g = p.add_argument_group(group.__name__, own_doc)
-        helps = field_help(group)
-        for f in fields(group):
-            flag = flag_of(f.name)
-            text = helps.get(f.name, "").replace("%", "%%")
-            if f.type == "bool":
-                g.add_argument(flag, dest=f.name, action="store_true", default=argparse.SUPPRESS, help=text)
-            else:
-                name = f.type.removesuffix(" | None")  # None: resolved by validate()
-                typ = {"int": int, "float": float, "str": str}[name]
-                default = f.metadata.get("help", f"default {f.default!r}")
-                g.add_argument(flag, dest=f.name, type=typ, default=argparse.SUPPRESS, metavar=name.upper(),
-                               help=f"{text} ({default})".strip())
+        D.add_flags(p, group)
     return p
 
 
@@ -283,25 +258,6 @@ ABOVE = {"vision_lr": 0.0, "pretrain_lr": 0.0, "finetune_lr": 0.0, "lora_alpha":
 MODEL_AT_LEAST = {"image_size": 12, "patch_size": 1, "vision_width": 1, "vision_layers": 1, "vision_heads": 1,
                   "llm_width": 1, "llm_layers": 1, "llm_heads": 1, "llm_kv_heads": 1, "llm_mlp": 1,
                   "vocab_size": 1}
-
-
-def flag_of(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def output_problem(path: Path) -> str | None:
-    """Why a file cannot be written at `path` (parent directories are created as needed), or None; nothing is
-    created. Run before any work, so a bad path fails in a second, not at the first checkpoint."""
-    if path.is_dir():
-        return "is a directory (give a file name)"
-    parent = path.absolute().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        return f"cannot be created: {parent} is not a directory"
-    if not os.access(parent, os.W_OK | os.X_OK):
-        return f"cannot be created: no permission to write in {parent}"
-    return None
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -430,13 +386,6 @@ def all_sum(x: Tensor) -> Tensor:
         x = x.clone()
         dist.all_reduce(x)
     return x
-
-
-def gather_rows(x: Tensor) -> Tensor:
-    """(n, d) on each rank -> (W*n, d) in rank order, with gradient (the backward sums into each rank's rows)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return x
-    return torch.cat(dist_fn.all_gather(x), dim=0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -848,76 +797,9 @@ def add_lora(model: MLLM, ft: FinetuneArgs) -> None:
     apply_lora(model, [ft.lora_targets], ft.lora_r, ft.lora_alpha)
 
 
-def save_checkpoint(path: Path, obj: dict[str, Any]) -> None:
-    """Atomic: a crash mid-write never leaves a truncated file where a good checkpoint was. A failed or
-    interrupted write removes its temporary file; one left by a killed writer (its process is gone) is removed
-    by the next good save of the same path."""
-    weights = obj.get("model", {})
-    bad = [k for k, v in weights.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-    if bad:  # the last line of the NaN guard (see StepLog): non-finite weights are never written
-        raise SystemExit(f"train.py: {obj['stage']} step {obj['step']}: {len(bad)} weight tensors are not "
-                         f"finite ({', '.join(bad[:3])}...); stopping without writing {path} (the last good "
-                         f"one, if any, stays there)")
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError):  # a full disk, a path turned unwritable since the start
-            raise SystemExit(f"train.py: cannot write the checkpoint {path}: {e}") from e
-        raise
-    for orphan in path.parent.glob(glob.escape(path.name) + ".tmp*"):
-        pid = orphan.name[len(path.name) + len(".tmp"):]
-        if pid.isdigit() and not process_alive(int(pid)):
-            orphan.unlink(missing_ok=True)
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, owned by someone else
-        pass
-    return True
-
-
-# The fields make_checkpoint writes and loading reads: a dict with the right "format" but not all is refused
-CKPT_FIELDS = ("stage", "step", "done", "method", "train_config", "model_config", "tokenizer", "model",
-               "lora", "optimizer", "rng", "history")
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A checkpoint written by save_checkpoint; a clear SystemExit for a missing, truncated or foreign file."""
-    p = Path(path)
-    if not p.is_file():
-        raise SystemExit(f"{p}: no such checkpoint file")
-    try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises RuntimeError / UnpicklingError / EOFError / zipfile errors here
-        raise SystemExit(f"{p}: not a readable unimllm checkpoint (truncated or foreign file?): {e}") from e
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
-        raise SystemExit(f"{p}: not a unimllm checkpoint (expected a dict with format={CKPT_FORMAT!r})")
-    missing = [k for k in CKPT_FIELDS if k not in ckpt]
-    if missing:
-        raise SystemExit(f"{p}: an incomplete unimllm checkpoint: no {', '.join(missing)} (edited, or "
-                         f"written by another version?)")
-    return ckpt
-
-
 def checkpoint_model(ckpt: dict[str, Any], where: str) -> tuple[MLLM, D.Tokenizer]:
-    """Rebuild the model (with its LoRA wrappers, when the checkpoint has them) and tokenizer of a checkpoint."""
-    tok = D.Tokenizer.from_str(ckpt["tokenizer"])
-    model = MLLM(MLLMConfig.from_dict(ckpt["model_config"]))
-    if ckpt["lora"] is not None:
-        apply_lora(model, [ckpt["lora"]["targets"]], ckpt["lora"]["r"], ckpt["lora"]["alpha"])
-    try:
-        model.load_state_dict(ckpt["model"], strict=True)
-    except RuntimeError as e:
-        raise SystemExit(f"{where}: weights do not fit the configuration stored with them: {e}") from e
-    return model, tok
+    """The model (MLLM.from_checkpoint) and tokenizer of a loaded checkpoint."""
+    return MLLM.from_checkpoint(ckpt, where), D.Tokenizer.from_str(ckpt["tokenizer"])
 
 
 def make_checkpoint(model: MLLM, tok: D.Tokenizer, cfg: TrainConfig, stage: "Stage", step: int,
@@ -976,7 +858,7 @@ def predicted_tokens(b: Batch) -> int:
 
 def compute_loss(model: torch.nn.Module, b: Batch, obj: Objective, world: int,
                  ntp_tokens: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-    """L = L_ntp + lambda_c * L_contrastive + lambda_s * L_structure (DESIGN "Combined") for this rank's share
+    """L = L_ntp + lambda_c * L_contrastive + lambda_s * L_structure for this rank's share
     of one micro-batch, on the device; `model` is the MLLM or its DDP / compiled wrapper. Returns the loss to
     back-propagate and the terms to log (0-d tensors, this rank's; their mean over ranks is the global
     batch's). ntp_tokens: the global predicted-token count per micro-batch of the step (with gradient
@@ -1005,9 +887,8 @@ def compute_loss(model: torch.nn.Module, b: Batch, obj: Objective, world: int,
         _, hidden = model(b.singles["input_ids"], b.singles["images"])
         prefixes.append(prefix_embeddings(core, b.singles, hidden, obj.pool))  # (P_single, proj_dim)
 
-    # L_ntp: a mean over every predicted token of the GLOBAL batch: each rank sums its own tokens and divides
-    # by the global count; DDP's gradient average (1/W) is undone by the factor W, so the gradient equals a
-    # single process's on the whole batch (checked by tests/test_train.py).
+    # L_ntp: a mean over every predicted token of the GLOBAL batch: each rank sums its own tokens, divides by
+    # the global count and multiplies by W (the DDP gradient argument, kernel.gather_with_grad).
     if ntp_tokens is None:
         ntp_tokens = all_sum(sum(p[1] for p in ntp_parts).float())
     ntp = sum(p[0] for p in ntp_parts) / ntp_tokens.clamp_min(1) * world
@@ -1016,11 +897,10 @@ def compute_loss(model: torch.nn.Module, b: Batch, obj: Objective, world: int,
     contrastive = K.contrastive_loss(img_emb, txt_emb, core.logit_scale) if obj.contrastive else None
 
     # L_structure: Sugar Eq. 3 over the prefixes of the whole global batch against the GAK targets (Eq. 2, 4).
-    # Every rank computes the same full loss on the gathered embeddings; the gather's backward sums the W
-    # identical gradients into each rank's own rows and DDP divides by W: the single-process gradient.
+    # Every rank computes the same full loss on the gathered embeddings (the DDP gradient argument).
     structure = None
     if obj.structure:
-        r = torch.cat([gather_rows(e) for e in prefixes])  # (P, proj_dim)
+        r = torch.cat([K.gather_with_grad(e)[0] for e in prefixes])  # (P, proj_dim)
         structure = K.structure_loss(r.float(), b.sugar_targets)
 
     return K.combined_loss(ntp, contrastive, structure, obj.weights)
@@ -1141,7 +1021,7 @@ def train_stage(stage: Stage, model: MLLM, opt: torch.optim.Optimizer, batches: 
                     with autocast:
                         try:
                             loss, terms = compute_loss(net, b, batches.objective, d.world, ntp_tokens)
-                        except ValueError as e:  # kernel.py refuses non-finite losses and features
+                        except ValueError as e:  # the model refuses a malformed batch
                             raise SystemExit(f"train.py: {stage.name} step {step}: {e}; stopping without "
                                              f"writing a checkpoint (the last good one, if any, stays at "
                                              f"{out})") from e

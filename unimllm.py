@@ -28,8 +28,10 @@ Use it:
 from __future__ import annotations
 
 import copy
+import glob
 import json
 import math
+import os
 import re
 from dataclasses import KW_ONLY, asdict, dataclass
 from pathlib import Path
@@ -40,6 +42,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import Tensor
+
+from data import read_json
 
 VISION_ACTS = ("quick_gelu", "gelu_tanh", "gelu")
 
@@ -248,10 +252,10 @@ class VisionEncoder(nn.Module):
 
     def forward(self, pixel_values: Tensor, layer: int = -1) -> Tensor:
         cfg = self.cfg
-        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != (cfg.num_channels, cfg.image_size, cfg.image_size):
-            raise ValueError(
-                f"pixel_values must be (N, {cfg.num_channels}, {cfg.image_size}, {cfg.image_size}), got {tuple(pixel_values.shape)}"
-            )
+        want = (cfg.num_channels, cfg.image_size, cfg.image_size)
+        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != want:
+            raise ValueError(f"pixel_values must be (N, {', '.join(map(str, want))}), "
+                             f"got {tuple(pixel_values.shape)}")
         x = self.embeddings(pixel_values)  # (N, P(+1), D)
         if cfg.pre_layernorm:
             x = self.pre_layrnorm(x)
@@ -324,8 +328,7 @@ class KVCache:
     """Pre-allocated keys and values of every layer: (layers, B, H_kv, max_len, hd)."""
 
     def __init__(self, cfg: LLMConfig, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype) -> None:
-        if max_len > cfg.max_seq_len:
-            raise ValueError(f"KV cache length {max_len} exceeds LLMConfig.max_seq_len={cfg.max_seq_len}")
+        assert max_len <= cfg.max_seq_len, (max_len, cfg.max_seq_len)  # LLM.generate checks the request
         shape = (cfg.num_layers, batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
@@ -623,8 +626,7 @@ class MLLM(nn.Module):
             raise ValueError(f"prefix_embeddings: pool must be 'mean' or 'last', got {pool!r}")
         B, T, D = hidden.shape
         b, s, e, img = seg_batch[prefix_seg], seg_start[prefix_seg], seg_end[prefix_seg], seg_is_image[prefix_seg].bool()
-        if bool(((e <= s) | (s < 0) | (e > T)).any()):
-            raise ValueError(f"segments must satisfy 0 <= start < end <= T={T}")
+        assert not bool(((e <= s) | (s < 0) | (e > T)).any()), "segments need 0 <= start < end <= T"
         t = torch.arange(T, device=hidden.device)
         in_seg = (t >= s[:, None]) & (t < e[:, None])  # (P, T)
         last = t == (e - 1)[:, None]  # (P, T)
@@ -634,6 +636,22 @@ class MLLM(nn.Module):
         w_full[torch.arange(len(prefix_seg), device=hidden.device), b] = w.to(hidden.dtype)
         vec = w_full.view(-1, B * T) @ hidden.reshape(B * T, D)  # (P, D) segment vectors
         return F.normalize(self.projector(vec).float(), dim=-1)
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: str | Path | dict[str, Any], where: str | None = None) -> "MLLM":
+        """The model of a unimllm checkpoint (save_checkpoint), given its path or its load_checkpoint dict,
+        with its LoRA wrappers when it has them; strict loading: weights that do not fit the configuration
+        stored with them end the program with a message naming `where` (the file)."""
+        if not isinstance(ckpt, dict):
+            where, ckpt = str(ckpt), load_checkpoint(ckpt)
+        model = cls(MLLMConfig.from_dict(ckpt["model_config"]))
+        if ckpt["lora"] is not None:
+            apply_lora(model, [ckpt["lora"]["targets"]], ckpt["lora"]["r"], ckpt["lora"]["alpha"])
+        try:
+            model.load_state_dict(ckpt["model"], strict=True)
+        except RuntimeError as e:
+            raise SystemExit(f"{where}: weights do not fit the configuration stored with them: {e}") from e
+        return model
 
 
 def count_runs(mask: Tensor, k: int, name: str) -> int:
@@ -749,6 +767,86 @@ def set_trainable(model: nn.Module, patterns: list[str], lora: bool = True) -> l
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# unimllm checkpoints (train.py writes them, eval.py and --init / --resume read them)
+
+CKPT_FORMAT = "unimllm-checkpoint-v1"
+# The fields train.make_checkpoint writes and loading reads: a dict with the right format but not all is
+# refused
+CKPT_FIELDS = ("stage", "step", "done", "method", "train_config", "model_config", "tokenizer", "model",
+               "lora", "optimizer", "rng", "history")
+
+
+def output_problem(path: Path) -> str | None:
+    """Why a file cannot be written at `path` (parent directories are created as needed), or None; nothing is
+    created. Run before any work, so a bad path fails in a second, not at the first checkpoint."""
+    if path.is_dir():
+        return "is a directory (give a file name)"
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"cannot be created: {parent} is not a directory"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"cannot be created: no permission to write in {parent}"
+    return None
+
+
+def save_checkpoint(path: Path, obj: dict[str, Any]) -> None:
+    """Atomic: a crash mid-write never leaves a truncated file where a good checkpoint was. A failed or
+    interrupted write removes its temporary file; one left by a killed writer (its process is gone) is removed
+    by the next good save of the same path."""
+    weights = obj.get("model", {})
+    bad = [k for k, v in weights.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:  # the last line of train.py's NaN guard (see StepLog): non-finite weights are never written
+        raise SystemExit(f"{obj['stage']} step {obj['step']}: {len(bad)} weight tensors are not finite "
+                         f"({', '.join(bad[:3])}...); stopping without writing {path} (the last good one, if "
+                         f"any, stays there)")
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):  # a full disk, a path turned unwritable since the start
+            raise SystemExit(f"cannot write the checkpoint {path}: {e}") from e
+        raise
+    for orphan in path.parent.glob(glob.escape(path.name) + ".tmp*"):
+        pid = orphan.name[len(path.name) + len(".tmp"):]
+        if pid.isdigit() and not process_alive(int(pid)):
+            orphan.unlink(missing_ok=True)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by someone else
+        pass
+    return True
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint written by save_checkpoint (weights_only: no code runs); a clear SystemExit for a missing,
+    truncated or foreign file."""
+    p = Path(path)
+    if not p.is_file():
+        raise SystemExit(f"{p}: no such checkpoint file")
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises RuntimeError / UnpicklingError / EOFError / zipfile errors here
+        raise SystemExit(f"{p}: not a readable unimllm checkpoint (truncated or foreign file?): {e}") from e
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
+        raise SystemExit(f"{p}: not a unimllm checkpoint (expected a dict with format={CKPT_FORMAT!r})")
+    missing = [k for k in CKPT_FIELDS if k not in ckpt]
+    if missing:
+        raise SystemExit(f"{p}: an incomplete unimllm checkpoint: no {', '.join(missing)} (edited, or "
+                         f"written by another version?)")
+    return ckpt
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Loading Hugging Face checkpoints
 
 LLM_TYPES = ("llama", "qwen2")
@@ -771,13 +869,6 @@ LLM_NAME_MAP = {
     "norm.weight": "model.norm.weight",
     "lm_head.weight": "lm_head.weight",
 }
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise FileNotFoundError(f"missing file {path}")
-    with open(path) as f:
-        return json.load(f)
 
 
 def need(cfg: dict[str, Any], key: str, where: Path) -> Any:

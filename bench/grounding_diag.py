@@ -40,6 +40,7 @@ p.add_argument('--warm', type=float, default=0.03)
 p.add_argument('--distil', type=int, default=0)
 p.add_argument('--dlr', type=float, default=1e-3)
 p.add_argument('--freeze', type=int, default=1)
+p.add_argument('--freeze-adapter', type=int, default=0)
 a = p.parse_args()
 torch.set_num_threads(a.threads)
 torch.manual_seed(0)
@@ -87,6 +88,8 @@ if a.distil:
             print(f'distil {st} loss {loss.item():.3f} test cos {tc:.3f} {time.time()-td:.0f}s', flush=True)
     if a.freeze:
         for p_ in model.vision.parameters(): p_.requires_grad_(False)
+if a.freeze_adapter:
+    for p_ in model.adapter.parameters(): p_.requires_grad_(False)
 opt = T.make_optimizer(model, a.lr, 0.0)
 stream = T.Stream('x', items, 0)
 n_img = model.n_image_tokens
@@ -128,7 +131,10 @@ for step in range(a.steps):
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step(); opt.zero_grad()
     if step % 25 == 0:
-        print(f'step {step} loss {loss.item():.3f} {time.time()-t1:.2f}s', flush=True)
+        with torch.no_grad():  # spread of the image tokens: does the adapter collapse them?
+            tk = model.image_tokens(b['images'][:16]).flatten(0, 1)
+            spread = (tk - tk.mean(0)).norm(dim=-1).mean() / tk.norm(dim=-1).mean()
+        print(f'step {step} loss {loss.item():.3f} token spread {spread:.3f} {time.time()-t1:.2f}s', flush=True)
     if (step + 1) % a.eval_every == 0:
         print('train', evaluate(world.scenes[:100]), flush=True)
         print('test ', evaluate(test.scenes[:100]), flush=True)

@@ -111,10 +111,42 @@ def test_normalize_answer(pred, truth, same):
     assert (E.normalize_answer(pred) == E.normalize_answer(truth)) == same
 
 
-def test_append_run():
-    ids = torch.tensor([[5, 6, 7, 0], [5, 6, 0, 0]])
-    out = E.append_run(ids, torch.tensor([3, 2]), 9, 2, 0)
-    assert out.tolist() == [[5, 6, 7, 9, 9, 0], [5, 6, 9, 9, 0, 0]]
+def test_summary_row():
+    import data as D
+    rows = [D.summary_row(ids, 9, 2) for ids in ([5, 6, 7], [5, 6])]
+    assert rows == [([5, 6, 7, 9, 9], 4), ([5, 6, 9, 9], 3)]
+
+
+def test_eval_summaries_read_the_training_rows():
+    """The Embedder's VladVA rows and summary positions are collate_pairs' (training's), token for token."""
+    import data as D
+    from types import SimpleNamespace
+    scenes = D.make_world("test", 3, 0, image_size=16).scenes
+    tok = D.train_tokenizer([s.short_caption + " " + s.long_caption for s in scenes], 300)
+    k, n_img = D.n_soft_tokens(tok), 4
+    seen = []
+
+    class Recorder:  # stands in for the MLLM: records what the Embedder feeds it
+        n_image_tokens = n_img
+        cfg = SimpleNamespace(llm=SimpleNamespace(max_seq_len=256), n_soft_tokens=k)
+
+        def __call__(self, ids, images):
+            seen.append(ids)
+            return None, torch.zeros(ids.shape[0], ids.shape[1], 2)
+
+        def summary_embedding(self, hidden, pos):
+            seen.append(pos)
+            return torch.ones(len(pos), 2)
+
+    emb = E.Embedder(Recorder(), tok, 8, torch.device("cpu"))
+    emb([E.img(s.image) for s in scenes], "summary", "image")
+    emb([E.txt(s.short_caption) for s in scenes], "summary", "text")
+    b = D.collate_pairs(scenes, tok, n_img, k, 256)
+    img_ids, img_pos, txt_ids, txt_pos = seen
+    assert torch.equal(img_pos.cpu(), b["img_pos"]) and torch.equal(txt_pos.cpu(), b["txt_pos"])
+    for row, pos, ref in zip(img_ids, img_pos, b["img_ids"]):
+        assert row[:pos + 1].tolist() == ref[:pos + 1].tolist()
+    assert txt_ids.tolist() == b["txt_ids"].tolist()
 
 
 def test_question_types_cover_the_world_templates():

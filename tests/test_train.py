@@ -511,7 +511,7 @@ def tiny_checkpoint(path, texts, lora: dict | None = None):
     """A checkpoint file as train.py writes one, without training: a tiny random model sized to a tokenizer
     trained on `texts` (32-px images: 16 image tokens)."""
     import data as D
-    from unimllm import LLMConfig, MLLM, MLLMConfig, VisionConfig, apply_lora
+    from unimllm import CKPT_FIELDS, LLMConfig, MLLM, MLLMConfig, VisionConfig, apply_lora
     tok = D.train_tokenizer(texts, 300)
     torch.manual_seed(0)
     cfg = MLLMConfig(VisionConfig(image_size=32, patch_size=8, hidden_size=32, num_layers=2, intermediate_size=64),
@@ -526,9 +526,9 @@ def tiny_checkpoint(path, texts, lora: dict | None = None):
             for n, p in model.named_parameters():
                 if n.endswith("lora_B"):
                     p.normal_(0, 0.1)
-    ckpt = {k: None for k in train.CKPT_FIELDS} | {"format": train.CKPT_FORMAT, "model_config": cfg.to_dict(),
-                                                   "tokenizer": tok.to_str(), "model": model.state_dict(),
-                                                   "lora": lora, "stage": "pretrain", "method": "generative"}
+    ckpt = {k: None for k in CKPT_FIELDS} | {"format": train.CKPT_FORMAT, "model_config": cfg.to_dict(),
+                                            "tokenizer": tok.to_str(), "model": model.state_dict(),
+                                            "lora": lora, "stage": "pretrain", "method": "generative"}
     torch.save(ckpt, path)
     return model, tok
 
