@@ -137,7 +137,7 @@ class DataArgs:
     features: str = ""      # teacher-features file for --data (Sugar's structure loss needs one)
     n_train: int = 3000     # built-in world: training scenes (stories and the KB scale with it)
     data_seed: int = 0
-    rag_kbs: int = 60       # built-in world: training knowledge bases of 48 made-up names each
+    rag_kbs: int = 100      # built-in world: training knowledge bases of 48 made-up names each
     data_split: str = "train"  # Karpathy records trained on: train (+ restval) | val | test | all
 
 
@@ -146,7 +146,7 @@ class PretrainArgs:
     vision_steps: int = 600         # stage 0: distil the vision tower from the teacher's image features (0: skip)
     vision_batch: int = 64          # images per stage-0 step
     vision_lr: float = 1e-3
-    pretrain_steps: int = 1500
+    pretrain_steps: int = 2000
     pretrain_batch: int = 32        # global sequences per step
     pretrain_lr: float = 6e-4       # peak lr; 1e-3 and 1.5e-3 left colour and shape at chance for 400 steps (README)
 
