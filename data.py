@@ -1,18 +1,45 @@
-"""data.py — everything unimllm trains and is evaluated on: the built-in synthetic world, readers for the formats a
-user brings, tokenizers, teacher features and the one batch format (`collate`, `collate_pairs`).
+"""data.py — everything unimllm trains and is evaluated on: the one batch format (`collate`,
+`collate_pairs`) and its tokenizer, the built-in synthetic world, and readers for the formats a user brings.
+
+The file reads in that order: segments, samples and the tokenizer, then `collate` / `collate_pairs`; then the
+built-in world (scene graphs, rendering, captions, hard negatives, questions, teacher features, stories, the
+RAG knowledge base, `make_world` and the sample builders); then the file readers and `check`.
 
 Implements the data side of two papers:
-- Sugar (interleaved retrieval + generation): samples are interleaved image/text *slices*; every prefix of a sample
-  gets an embedding, and the structure loss (Sugar Eq. 3) compares prefixes through a GAK (Sugar Eq. 2) over the
-  slices' teacher features, combined by the triple kernel (Sugar Eq. 4: uni-modal image, uni-modal text and
-  cross-modal features). `collate` therefore returns every slice's boundaries, its teacher features and, for every
-  prefix, which slices it covers.
-- VladVA (contrastive + next-token on one LLM): an image sequence `<image>*n <soft_image>*K long caption </s>` and a
-  text sequence `short caption <soft_text>*K`; `collate_pairs` builds both (VladVA Sec. 3, E5-V style prompts).
+- Sugar (interleaved retrieval + generation): samples are interleaved image/text *slices*; every prefix of a
+  sample gets an embedding, and the structure loss (Sugar Eq. 3) compares prefixes through a GAK (Sugar Eq. 2)
+  over the slices' teacher features, combined by the triple kernel (Sugar Eq. 4: uni-modal image, uni-modal
+  text and cross-modal features). `collate` therefore returns every slice's boundaries, its teacher features
+  and, for every prefix, which slices it covers.
+- VladVA (contrastive + next-token on one LLM): an image sequence `<image>*n <soft_image>*K long caption </s>`
+  and a text sequence `short caption <soft_text>*K`; `collate_pairs` builds both (VladVA Sec. 3, E5-V style
+  prompts).
 
-The built-in world (`make_world`) is deterministic per seed and needs no download: Pillow-drawn scenes of 1–4 shapes
-(4 shapes x 6 colours x 2 sizes on a 3x3 grid; within one scene every object has its own shape and its own colour,
-so "the red square" always names exactly one object and every hard negative below is provably false).
+Batch format. A Sample is a list of Segments (an image, or a text with or without loss, each with optional
+teacher features) and the indices of the segments that end a Sugar prefix. `collate` turns B samples into one
+right-padded batch; with T tokens, S segments (slices) over the batch, P prefixes and L = the longest prefix,
+its keys are:
+  input_ids (B, T) long, pad_id after each row's end; labels (B, T) long, -100 where there is no loss
+    (images, prompts, padding); attention_mask (B, T) bool, True on real tokens;
+  images (N, 3, H, W) float, the batch's images in order, or None when it has none;
+  seg_batch, seg_start, seg_end (S,) long: each segment's sample and token span [start, end);
+    seg_is_image (S,) bool; slice_uni (S, Du), slice_cross (S, Dc) float teacher features (zeros where a
+    segment has none); has_teacher (S,) bool;
+  prefix_seg (P,) long: the segment (index into S) that ends each prefix; prefix_batch (P,) long: its
+    sample; prefix_slices (P, L) long: the segments (indices into S) of each prefix in order, zero-padded;
+    prefix_len (P,) long.
+`collate_pairs` turns B (image, short caption, long caption) items into VladVA's two sequences:
+  img_ids (B, Ti) long: [bos] <image>*n <soft_image>*K long_caption </s>, pad_id after each row's end;
+  img_labels (B, Ti) long: the long caption and its </s>, -100 elsewhere;
+  img_pos (B,) long: the position of the last <soft_image>, where the summary embedding is read;
+  images (B, 3, H, W) float;
+  txt_ids (B, Tt) long: [bos] short_caption <soft_text>*K, pad_id after each row's end;
+  txt_pos (B,) long: the position of the last <soft_text>.
+
+The built-in world (`make_world`) is deterministic per seed and needs no download: Pillow-drawn scenes of 1-4
+shapes (4 shapes x 6 colours x 2 sizes on a 3x3 grid; within one scene every object has its own shape and its
+own colour, so "the red square" always names exactly one object and every hard negative below is provably
+false).
 
 Run:
     python data.py check PATH [--tokenizer tokenizer.json] [--max-len 192] [--n-image-tokens 16]
@@ -41,8 +68,9 @@ User formats (found by suffix and content; image paths are relative to the file;
   paths written out (its "ex_0_img_0" needs its folder and ".png") (eval: winoground/text|image|group):
       {"id": 0, "image_0": "img/0.png", "image_1": "img/1.png",
        "caption_0": "a red square left of a blue circle.", "caption_1": "a blue square left of a red circle."}
-  Teacher features .safetensors (train --features): tensors "image:<path>.uni|cross", "text:<sha256>.uni|cross"
-      written by save_features({feature_key("image", "img/0.png"): (uni, cross), ...}).
+  Teacher features .safetensors (train --features): tensors "image:<path>.uni|cross",
+      "text:<sha256>.uni|cross", written by
+      save_features({feature_key("image", "img/0.png"): (uni, cross), ...}).
 """
 from __future__ import annotations
 
@@ -65,6 +93,305 @@ from PIL import Image, ImageDraw, UnidentifiedImageError
 from torch import Tensor
 
 # ----------------------------------------------------------------------------------------------------------------
+# Batch format constants
+# ----------------------------------------------------------------------------------------------------------------
+SPECIALS = ("<pad>", "<s>", "</s>", "<image>", "<soft_image>", "<soft_text>")
+IMAGE_PROMPT = "Summarize above image in one word:"
+TEXT_PROMPT = "Summarize above sentence in one word:"
+IMAGE_TOKEN = "<image>"
+MAX_LEN = 192  # train.py's default context (--max-len); `check` measures samples against it by default
+N_IMAGE_TOKENS = 16  # image tokens of train.py's default vision tower (32x32 images, 8x8 patches)
+# teacher feature widths of the built-in world; collate's zero features where a batch has none
+UNI_DIM = 64
+CROSS_DIM = 64
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokenizer
+# ----------------------------------------------------------------------------------------------------------------
+class Tokenizer:
+    """A `tokenizers.Tokenizer` plus the ids of the special tokens unimllm needs."""
+
+    def __init__(self, tk: "tokenizers.Tokenizer") -> None:  # noqa: F821
+        self.tk = tk
+        ids = {s: tk.token_to_id(s) for s in SPECIALS}
+        missing = [s for s, i in ids.items() if i is None]
+        if missing:
+            raise ValueError(f"Tokenizer: special tokens {missing} are missing (use load_tokenizer to add them)")
+        self.pad_id, self.bos_id, self.eos_id = ids["<pad>"], ids["<s>"], ids["</s>"]
+        self.image_id, self.soft_image_id, self.soft_text_id = ids["<image>"], ids["<soft_image>"], ids["<soft_text>"]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tk.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        for s in SPECIALS:
+            if s in text:
+                raise ValueError(f"Tokenizer.encode: text contains the special token {s!r}; pass images as image "
+                                 f"segments, not as text: {text[:80]!r}")
+        return self.tk.encode(text, add_special_tokens=False).ids
+
+    def count(self, texts: Sequence[str]) -> list[int]:
+        """len(encode(t)) for each text, each distinct text encoded once, in one batched call (length checks
+        over a whole corpus, whose questions and captions repeat)."""
+        distinct = list(dict.fromkeys(texts))
+        encoded = self.tk.encode_batch(distinct, add_special_tokens=False)
+        n = {t: len(e.ids) for t, e in zip(distinct, encoded)}
+        return [n[t] for t in texts]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tk.decode(list(ids), skip_special_tokens=True)
+
+    def to_str(self) -> str:
+        return self.tk.to_str()
+
+    @classmethod
+    def from_str(cls, s: str) -> "Tokenizer":
+        import tokenizers
+        return cls(tokenizers.Tokenizer.from_str(s))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_str())
+
+
+def train_tokenizer(texts: Sequence[str], vocab_size: int = 1024) -> Tokenizer:
+    """Byte-level BPE trained on `texts`; with the default size every world word is a single token."""
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+    tk = HFTokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIALS), min_frequency=2,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tk.train_from_iterator(list(texts), trainer)
+    return Tokenizer(tk)
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """A real LLM's tokenizer.json (or one saved by Tokenizer.save); missing unimllm special tokens are added."""
+    import tokenizers
+    p = Path(path)
+    if p.is_dir():
+        p = p / "tokenizer.json"
+    if not p.is_file():
+        raise ValueError(f"load_tokenizer: {p} does not exist (expected a tokenizer.json)")
+    try:
+        tk = tokenizers.Tokenizer.from_file(str(p))
+    except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
+        raise ValueError(f"load_tokenizer: {p} is not a valid tokenizer.json: {e}") from e
+    missing = [s for s in SPECIALS if tk.token_to_id(s) is None]
+    if missing:
+        tk.add_special_tokens(missing)
+    return Tokenizer(tk)
+
+
+def soft_prompt_ids(tok: Tokenizer) -> tuple[list[int], list[int]]:
+    """Token ids of IMAGE_PROMPT and TEXT_PROMPT, right-padded with pad_id to the same K (for init_soft_prompts)."""
+    a, b = tok.encode(IMAGE_PROMPT), tok.encode(TEXT_PROMPT)
+    k = max(len(a), len(b))
+    return a + [tok.pad_id] * (k - len(a)), b + [tok.pad_id] * (k - len(b))
+
+
+def n_soft_tokens(tok: Tokenizer) -> int:
+    return len(soft_prompt_ids(tok)[0])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Samples and batching
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class Segment:
+    kind: str                  # "image" | "text"
+    image: Tensor | None = None
+    text: str | None = None
+    loss: bool = False
+    uni: Tensor | None = None
+    cross: Tensor | None = None
+
+
+@dataclass
+class Sample:
+    segments: list[Segment]
+    prefixes: list[int] = field(default_factory=list)  # indices of segments that end a Sugar prefix
+
+
+def image_seg(image: Tensor, uni: Tensor | None = None, cross: Tensor | None = None) -> Segment:
+    return Segment("image", image=image, uni=uni, cross=cross)
+
+
+def text_seg(text: str, loss: bool, uni: Tensor | None = None, cross: Tensor | None = None) -> Segment:
+    return Segment("text", text=text, loss=loss, uni=uni, cross=cross)
+
+
+def segment_text(text: str, after_text: bool) -> str:
+    """The string actually encoded for a text segment: one space separates it from a preceding text segment, so
+    an answer after "answer:" is encoded as " red", the same single token as inside a caption (eval strips it)."""
+    return " " + text if after_text and not text[:1].isspace() else text
+
+
+def _segment_ids(seg: Segment, tok: Tokenizer, n_image_tokens: int, where: str, after_text: bool) -> list[int]:
+    if seg.kind == "image":
+        if seg.image is None or seg.image.dim() != 3 or seg.image.shape[0] != 3:
+            raise ValueError(f"{where}: image segment needs an image tensor (3, H, W)")
+        return [tok.image_id] * n_image_tokens
+    if seg.kind != "text":
+        raise ValueError(f"{where}: segment kind must be 'image' or 'text', got {seg.kind!r}")
+    if not seg.text or not seg.text.strip():
+        raise ValueError(f"{where}: text segment is empty")
+    return tok.encode(segment_text(seg.text, after_text))
+
+
+def _teacher_dims(samples: Sequence[Sample]) -> tuple[int, int]:
+    du = {s.uni.shape[-1] for x in samples for s in x.segments if s.uni is not None}
+    dc = {s.cross.shape[-1] for x in samples for s in x.segments if s.cross is not None}
+    if len(du) > 1 or len(dc) > 1:
+        raise ValueError(f"collate: teacher feature widths differ within the batch: uni {du}, cross {dc}")
+    return (du.pop() if du else UNI_DIM), (dc.pop() if dc else CROSS_DIM)
+
+
+def ends_turn(segments: Sequence[Segment], i: int) -> bool:
+    """A supervised text segment not followed by another one ends a turn and gets </s> (LLaVA: every assistant
+    answer ends with </s>, so the model learns to stop after each answer, not only after the last)."""
+    seg, nxt = segments[i], segments[i + 1] if i + 1 < len(segments) else None
+    return seg.kind == "text" and seg.loss and not (nxt is not None and nxt.kind == "text" and nxt.loss)
+
+
+def collate(samples: Sequence[Sample], tok: Tokenizer, n_image_tokens: int, max_len: int) -> dict[str, Tensor]:
+    """Interleaved samples -> one right-padded batch. Raises on too-long samples (no truncation).
+
+    Sequence: [bos] seg_0 seg_1 ... with [eos] after each turn of supervised text (ends_turn). The eos is
+    labelled but belongs to no segment, so a text segment's last token is its own last text token (Sugar's
+    slice summary). A text segment right after another text segment is encoded with a leading space
+    (segment_text).
+    The keys and their shapes are listed in the module docstring (Batch format)."""
+    if not samples:
+        raise ValueError("collate: empty batch")
+    du, dc = _teacher_dims(samples)
+    rows, labs = [], []
+    images: list[Tensor] = []
+    seg_batch, seg_start, seg_end, seg_is_image, uni, cross, has_t = [], [], [], [], [], [], []
+    prefix_seg, prefix_batch, prefix_slices = [], [], []
+    for b, smp in enumerate(samples):
+        ids, lab = [tok.bos_id], [-100]
+        first_global = len(seg_batch)
+        for i, seg in enumerate(smp.segments):
+            after_text = i > 0 and smp.segments[i - 1].kind == "text"
+            seg_ids = _segment_ids(seg, tok, n_image_tokens, f"collate: sample {b} segment {i}", after_text)
+            seg_batch.append(b)
+            seg_start.append(len(ids))
+            ids += seg_ids
+            seg_end.append(len(ids))
+            seg_is_image.append(seg.kind == "image")
+            lab += seg_ids if (seg.kind == "text" and seg.loss) else [-100] * len(seg_ids)
+            if seg.kind == "image":
+                images.append(seg.image)
+            uni.append(seg.uni if seg.uni is not None else torch.zeros(du))
+            cross.append(seg.cross if seg.cross is not None else torch.zeros(dc))
+            has_t.append(seg.uni is not None and seg.cross is not None)
+            if ends_turn(smp.segments, i):
+                ids.append(tok.eos_id)
+                lab.append(tok.eos_id)
+        if len(ids) > max_len:
+            raise ValueError(f"collate: sample {b} has {len(ids)} tokens > max_len {max_len} "
+                             f"(refusing to truncate; shorten the sample or raise max_len)")
+        for p in smp.prefixes:
+            if not 0 <= p < len(smp.segments):
+                raise ValueError(f"collate: sample {b} prefix {p} is not a segment index (0..{len(smp.segments) - 1})")
+            prefix_seg.append(first_global + p)
+            prefix_batch.append(b)
+            prefix_slices.append(list(range(first_global, first_global + p + 1)))
+        rows.append(ids)
+        labs.append(lab)
+    T = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), T), tok.pad_id, dtype=torch.long)  # (B, T)
+    labels = torch.full((len(rows), T), -100, dtype=torch.long)           # (B, T)
+    for b, (r, l) in enumerate(zip(rows, labs)):
+        input_ids[b, :len(r)] = torch.tensor(r)
+        labels[b, :len(l)] = torch.tensor(l)
+    L = max((len(p) for p in prefix_slices), default=0)
+    slices = torch.zeros((len(prefix_slices), L), dtype=torch.long)       # (P, L)
+    for k, p in enumerate(prefix_slices):
+        slices[k, :len(p)] = torch.tensor(p)
+    return {
+        "input_ids": input_ids, "labels": labels,
+        "attention_mask": torch.arange(T)[None, :] < torch.tensor([len(r) for r in rows])[:, None],  # (B, T)
+        "images": _stack_images(images),
+        "seg_batch": torch.tensor(seg_batch, dtype=torch.long), "seg_start": torch.tensor(seg_start, dtype=torch.long),
+        "seg_end": torch.tensor(seg_end, dtype=torch.long), "seg_is_image": torch.tensor(seg_is_image),
+        "slice_uni": torch.stack(uni).float(), "slice_cross": torch.stack(cross).float(),
+        "has_teacher": torch.tensor(has_t),
+        "prefix_seg": torch.tensor(prefix_seg, dtype=torch.long),
+        "prefix_batch": torch.tensor(prefix_batch, dtype=torch.long),
+        "prefix_slices": slices, "prefix_len": torch.tensor([len(p) for p in prefix_slices], dtype=torch.long),
+    }
+
+
+def _stack_images(images: list[Tensor]) -> Tensor | None:
+    """(N, 3, H, W) or None when the batch has no image."""
+    if not images:
+        return None
+    shapes = {tuple(im.shape) for im in images}
+    if len(shapes) > 1:
+        raise ValueError(f"collate: images in one batch must share a size, got {sorted(shapes)}")
+    return torch.stack(images).float()
+
+
+def _pair_fields(item: object) -> tuple[Tensor, str, str]:
+    if isinstance(item, tuple):
+        if len(item) != 3:
+            raise ValueError("collate_pairs: a tuple item must be (image, short_caption, long_caption)")
+        return item
+    return item.image, item.short_caption, item.long_caption
+
+
+def summary_row(ids: list[int], soft_id: int, n_soft: int) -> tuple[list[int], int]:
+    """VladVA's summary input: a sample's tokens, then the K soft-prompt tokens of its side (<soft_image>
+    after an image, <soft_text> after a text); the summary embedding is read at the last of them, whose
+    position is returned. Training (collate_pairs) and eval.py's embeddings build their rows here."""
+    return ids + [soft_id] * n_soft, len(ids) + n_soft - 1
+
+
+def collate_pairs(items: Sequence[object], tok: Tokenizer, n_image_tokens: int, n_soft: int,
+                  max_len: int) -> dict[str, Tensor]:
+    """VladVA batch from Scenes / Pairs (anything with .image .short_caption .long_caption) or (image, short, long).
+
+    img_ids: [bos] <image>*n <soft_image>*K long_caption </s>   (labels on long caption + </s>)
+    txt_ids: [bos] short_caption <soft_text>*K"""
+    if not items:
+        raise ValueError("collate_pairs: empty batch")
+    img_rows, img_labs, img_pos, txt_rows, txt_pos, images = [], [], [], [], [], []
+    for b, item in enumerate(items):
+        image, short, long_ = _pair_fields(item)
+        if not short.strip() or not long_.strip():
+            raise ValueError(f"collate_pairs: item {b} has an empty caption")
+        head, img_p = summary_row([tok.bos_id] + [tok.image_id] * n_image_tokens, tok.soft_image_id, n_soft)
+        cap = tok.encode(long_) + [tok.eos_id]
+        txt, txt_p = summary_row([tok.bos_id] + tok.encode(short), tok.soft_text_id, n_soft)
+        for name, row in (("image", head + cap), ("text", txt)):
+            if len(row) > max_len:
+                raise ValueError(f"collate_pairs: item {b} {name} sequence has {len(row)} tokens > max_len {max_len}")
+        img_rows.append(head + cap)
+        img_labs.append([-100] * len(head) + cap)
+        img_pos.append(img_p)
+        txt_rows.append(txt)
+        txt_pos.append(txt_p)
+        images.append(image)
+    return {
+        "img_ids": _pad(img_rows, tok.pad_id), "img_labels": _pad(img_labs, -100),
+        "img_pos": torch.tensor(img_pos, dtype=torch.long), "images": _stack_images(images),
+        "txt_ids": _pad(txt_rows, tok.pad_id), "txt_pos": torch.tensor(txt_pos, dtype=torch.long),
+    }
+
+
+def _pad(rows: list[list[int]], value: int) -> Tensor:
+    T = max(len(r) for r in rows)
+    out = torch.full((len(rows), T), value, dtype=torch.long)  # (B, T)
+    for b, r in enumerate(rows):
+        out[b, :len(r)] = torch.tensor(r)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # World vocabulary
 # ----------------------------------------------------------------------------------------------------------------
 SHAPES = ("square", "circle", "triangle", "cross")
@@ -80,21 +407,11 @@ NUMBERS = ("zero", "one", "two", "three", "four")
 CATEGORIES = ("replace_att", "replace_obj", "replace_rel", "swap_att", "swap_obj", "add_obj", "add_att")
 BACKGROUND = (16, 16, 16)
 SUPERSAMPLE = 4  # draw at 4x and box-filter down: anti-aliased edges keep shapes recognisable at 32x32
-UNI_DIM = 64
-CROSS_DIM = 64
 TEST_FRACTION = 4  # a scene graph belongs to the test split iff crc32(graph) % 4 == 0 (content-disjoint splits)
 # RAG names: three consonant-vowel syllables; a hash of the whole name decides its split (name_split), so test names
 # are new names made of known syllables.
 NAME_CONSONANTS = "bdfgklmprtvz"
 NAME_VOWELS = "aeiou"
-
-SPECIALS = ("<pad>", "<s>", "</s>", "<image>", "<soft_image>", "<soft_text>")
-IMAGE_PROMPT = "Summarize above image in one word:"
-TEXT_PROMPT = "Summarize above sentence in one word:"
-IMAGE_TOKEN = "<image>"
-MAX_LEN = 192  # train.py's default context (--max-len); `check` measures samples against it by default
-N_IMAGE_TOKENS = 16  # image tokens of train.py's default vision tower (32x32 images, 8x8 patches)
-KARPATHY_SPLITS = ("train", "val", "test", "all")  # "train" takes restval too (Karpathy's extra train images)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -645,300 +962,6 @@ def world_texts(world: World) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Tokenizer
-# ----------------------------------------------------------------------------------------------------------------
-class Tokenizer:
-    """A `tokenizers.Tokenizer` plus the ids of the special tokens unimllm needs."""
-
-    def __init__(self, tk: "tokenizers.Tokenizer") -> None:  # noqa: F821
-        self.tk = tk
-        ids = {s: tk.token_to_id(s) for s in SPECIALS}
-        missing = [s for s, i in ids.items() if i is None]
-        if missing:
-            raise ValueError(f"Tokenizer: special tokens {missing} are missing (use load_tokenizer to add them)")
-        self.pad_id, self.bos_id, self.eos_id = ids["<pad>"], ids["<s>"], ids["</s>"]
-        self.image_id, self.soft_image_id, self.soft_text_id = ids["<image>"], ids["<soft_image>"], ids["<soft_text>"]
-
-    @property
-    def vocab_size(self) -> int:
-        return self.tk.get_vocab_size(with_added_tokens=True)
-
-    def encode(self, text: str) -> list[int]:
-        for s in SPECIALS:
-            if s in text:
-                raise ValueError(f"Tokenizer.encode: text contains the special token {s!r}; pass images as image "
-                                 f"segments, not as text: {text[:80]!r}")
-        return self.tk.encode(text, add_special_tokens=False).ids
-
-    def count(self, texts: Sequence[str]) -> list[int]:
-        """len(encode(t)) for each text, each distinct text encoded once, in one batched call (length checks
-        over a whole corpus, whose questions and captions repeat)."""
-        distinct = list(dict.fromkeys(texts))
-        encoded = self.tk.encode_batch(distinct, add_special_tokens=False)
-        n = {t: len(e.ids) for t, e in zip(distinct, encoded)}
-        return [n[t] for t in texts]
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.tk.decode(list(ids), skip_special_tokens=True)
-
-    def to_str(self) -> str:
-        return self.tk.to_str()
-
-    @classmethod
-    def from_str(cls, s: str) -> "Tokenizer":
-        import tokenizers
-        return cls(tokenizers.Tokenizer.from_str(s))
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_str())
-
-
-def train_tokenizer(texts: Sequence[str], vocab_size: int = 1024) -> Tokenizer:
-    """Byte-level BPE trained on `texts`; with the default size every world word is a single token."""
-    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
-    tk = HFTokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIALS), min_frequency=2,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tk.train_from_iterator(list(texts), trainer)
-    return Tokenizer(tk)
-
-
-def load_tokenizer(path: str | Path) -> Tokenizer:
-    """A real LLM's tokenizer.json (or one saved by Tokenizer.save); missing unimllm special tokens are added."""
-    import tokenizers
-    p = Path(path)
-    if p.is_dir():
-        p = p / "tokenizer.json"
-    if not p.is_file():
-        raise ValueError(f"load_tokenizer: {p} does not exist (expected a tokenizer.json)")
-    try:
-        tk = tokenizers.Tokenizer.from_file(str(p))
-    except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
-        raise ValueError(f"load_tokenizer: {p} is not a valid tokenizer.json: {e}") from e
-    missing = [s for s in SPECIALS if tk.token_to_id(s) is None]
-    if missing:
-        tk.add_special_tokens(missing)
-    return Tokenizer(tk)
-
-
-def soft_prompt_ids(tok: Tokenizer) -> tuple[list[int], list[int]]:
-    """Token ids of IMAGE_PROMPT and TEXT_PROMPT, right-padded with pad_id to the same K (for init_soft_prompts)."""
-    a, b = tok.encode(IMAGE_PROMPT), tok.encode(TEXT_PROMPT)
-    k = max(len(a), len(b))
-    return a + [tok.pad_id] * (k - len(a)), b + [tok.pad_id] * (k - len(b))
-
-
-def n_soft_tokens(tok: Tokenizer) -> int:
-    return len(soft_prompt_ids(tok)[0])
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Samples and batching
-# ----------------------------------------------------------------------------------------------------------------
-@dataclass
-class Segment:
-    kind: str                  # "image" | "text"
-    image: Tensor | None = None
-    text: str | None = None
-    loss: bool = False
-    uni: Tensor | None = None
-    cross: Tensor | None = None
-
-
-@dataclass
-class Sample:
-    segments: list[Segment]
-    prefixes: list[int] = field(default_factory=list)  # indices of segments that end a Sugar prefix
-
-
-def image_seg(image: Tensor, uni: Tensor | None = None, cross: Tensor | None = None) -> Segment:
-    return Segment("image", image=image, uni=uni, cross=cross)
-
-
-def text_seg(text: str, loss: bool, uni: Tensor | None = None, cross: Tensor | None = None) -> Segment:
-    return Segment("text", text=text, loss=loss, uni=uni, cross=cross)
-
-
-def segment_text(text: str, after_text: bool) -> str:
-    """The string actually encoded for a text segment: one space separates it from a preceding text segment, so
-    an answer after "answer:" is encoded as " red", the same single token as inside a caption (eval strips it)."""
-    return " " + text if after_text and not text[:1].isspace() else text
-
-
-def _segment_ids(seg: Segment, tok: Tokenizer, n_image_tokens: int, where: str, after_text: bool) -> list[int]:
-    if seg.kind == "image":
-        if seg.image is None or seg.image.dim() != 3 or seg.image.shape[0] != 3:
-            raise ValueError(f"{where}: image segment needs an image tensor (3, H, W)")
-        return [tok.image_id] * n_image_tokens
-    if seg.kind != "text":
-        raise ValueError(f"{where}: segment kind must be 'image' or 'text', got {seg.kind!r}")
-    if not seg.text or not seg.text.strip():
-        raise ValueError(f"{where}: text segment is empty")
-    return tok.encode(segment_text(seg.text, after_text))
-
-
-def _teacher_dims(samples: Sequence[Sample]) -> tuple[int, int]:
-    du = {s.uni.shape[-1] for x in samples for s in x.segments if s.uni is not None}
-    dc = {s.cross.shape[-1] for x in samples for s in x.segments if s.cross is not None}
-    if len(du) > 1 or len(dc) > 1:
-        raise ValueError(f"collate: teacher feature widths differ within the batch: uni {du}, cross {dc}")
-    return (du.pop() if du else UNI_DIM), (dc.pop() if dc else CROSS_DIM)
-
-
-def ends_turn(segments: Sequence[Segment], i: int) -> bool:
-    """A supervised text segment not followed by another one ends a turn and gets </s> (LLaVA: every assistant
-    answer ends with </s>, so the model learns to stop after each answer, not only after the last)."""
-    seg, nxt = segments[i], segments[i + 1] if i + 1 < len(segments) else None
-    return seg.kind == "text" and seg.loss and not (nxt is not None and nxt.kind == "text" and nxt.loss)
-
-
-def collate(samples: Sequence[Sample], tok: Tokenizer, n_image_tokens: int, max_len: int) -> dict[str, Tensor]:
-    """Interleaved samples -> one right-padded batch. Raises on too-long samples (no truncation).
-
-    Sequence: [bos] seg_0 seg_1 ... with [eos] after each turn of supervised text (ends_turn). The eos is
-    labelled but belongs to no segment, so a text segment's last token is its own last text token (Sugar's
-    slice summary). A text segment right after another text segment is encoded with a leading space
-    (segment_text).
-    Keys, with B samples, T tokens, S segments (slices) over the batch, P prefixes, L = the longest prefix:
-      input_ids (B, T) long, pad_id after each row's end; labels (B, T) long, -100 where there is no loss
-        (images, prompts, padding); attention_mask (B, T) bool, True on real tokens;
-      images (N, 3, H, W) float, the batch's images in order, or None when it has none;
-      seg_batch, seg_start, seg_end (S,) long: each segment's sample and token span [start, end);
-        seg_is_image (S,) bool; slice_uni (S, Du), slice_cross (S, Dc) float teacher features (zeros where a
-        segment has none); has_teacher (S,) bool;
-      prefix_seg (P,) long: the segment (index into S) that ends each prefix; prefix_batch (P,) long: its
-        sample; prefix_slices (P, L) long: the segments (indices into S) of each prefix in order, zero-padded;
-        prefix_len (P,) long."""
-    if not samples:
-        raise ValueError("collate: empty batch")
-    du, dc = _teacher_dims(samples)
-    rows, labs = [], []
-    images: list[Tensor] = []
-    seg_batch, seg_start, seg_end, seg_is_image, uni, cross, has_t = [], [], [], [], [], [], []
-    prefix_seg, prefix_batch, prefix_slices = [], [], []
-    for b, smp in enumerate(samples):
-        ids, lab = [tok.bos_id], [-100]
-        first_global = len(seg_batch)
-        for i, seg in enumerate(smp.segments):
-            after_text = i > 0 and smp.segments[i - 1].kind == "text"
-            seg_ids = _segment_ids(seg, tok, n_image_tokens, f"collate: sample {b} segment {i}", after_text)
-            seg_batch.append(b)
-            seg_start.append(len(ids))
-            ids += seg_ids
-            seg_end.append(len(ids))
-            seg_is_image.append(seg.kind == "image")
-            lab += seg_ids if (seg.kind == "text" and seg.loss) else [-100] * len(seg_ids)
-            if seg.kind == "image":
-                images.append(seg.image)
-            uni.append(seg.uni if seg.uni is not None else torch.zeros(du))
-            cross.append(seg.cross if seg.cross is not None else torch.zeros(dc))
-            has_t.append(seg.uni is not None and seg.cross is not None)
-            if ends_turn(smp.segments, i):
-                ids.append(tok.eos_id)
-                lab.append(tok.eos_id)
-        if len(ids) > max_len:
-            raise ValueError(f"collate: sample {b} has {len(ids)} tokens > max_len {max_len} "
-                             f"(refusing to truncate; shorten the sample or raise max_len)")
-        for p in smp.prefixes:
-            if not 0 <= p < len(smp.segments):
-                raise ValueError(f"collate: sample {b} prefix {p} is not a segment index (0..{len(smp.segments) - 1})")
-            prefix_seg.append(first_global + p)
-            prefix_batch.append(b)
-            prefix_slices.append(list(range(first_global, first_global + p + 1)))
-        rows.append(ids)
-        labs.append(lab)
-    T = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), T), tok.pad_id, dtype=torch.long)  # (B, T)
-    labels = torch.full((len(rows), T), -100, dtype=torch.long)           # (B, T)
-    for b, (r, l) in enumerate(zip(rows, labs)):
-        input_ids[b, :len(r)] = torch.tensor(r)
-        labels[b, :len(l)] = torch.tensor(l)
-    L = max((len(p) for p in prefix_slices), default=0)
-    slices = torch.zeros((len(prefix_slices), L), dtype=torch.long)       # (P, L)
-    for k, p in enumerate(prefix_slices):
-        slices[k, :len(p)] = torch.tensor(p)
-    return {
-        "input_ids": input_ids, "labels": labels,
-        "attention_mask": torch.arange(T)[None, :] < torch.tensor([len(r) for r in rows])[:, None],  # (B, T)
-        "images": _stack_images(images),
-        "seg_batch": torch.tensor(seg_batch, dtype=torch.long), "seg_start": torch.tensor(seg_start, dtype=torch.long),
-        "seg_end": torch.tensor(seg_end, dtype=torch.long), "seg_is_image": torch.tensor(seg_is_image),
-        "slice_uni": torch.stack(uni).float(), "slice_cross": torch.stack(cross).float(),
-        "has_teacher": torch.tensor(has_t),
-        "prefix_seg": torch.tensor(prefix_seg, dtype=torch.long),
-        "prefix_batch": torch.tensor(prefix_batch, dtype=torch.long),
-        "prefix_slices": slices, "prefix_len": torch.tensor([len(p) for p in prefix_slices], dtype=torch.long),
-    }
-
-
-def _stack_images(images: list[Tensor]) -> Tensor | None:
-    """(N, 3, H, W) or None when the batch has no image."""
-    if not images:
-        return None
-    shapes = {tuple(im.shape) for im in images}
-    if len(shapes) > 1:
-        raise ValueError(f"collate: images in one batch must share a size, got {sorted(shapes)}")
-    return torch.stack(images).float()
-
-
-def _pair_fields(item: object) -> tuple[Tensor, str, str]:
-    if isinstance(item, tuple):
-        if len(item) != 3:
-            raise ValueError("collate_pairs: a tuple item must be (image, short_caption, long_caption)")
-        return item
-    return item.image, item.short_caption, item.long_caption
-
-
-def summary_row(ids: list[int], soft_id: int, n_soft: int) -> tuple[list[int], int]:
-    """VladVA's summary input: a sample's tokens, then the K soft-prompt tokens of its side (<soft_image>
-    after an image, <soft_text> after a text); the summary embedding is read at the last of them, whose
-    position is returned. Training (collate_pairs) and eval.py's embeddings build their rows here."""
-    return ids + [soft_id] * n_soft, len(ids) + n_soft - 1
-
-
-def collate_pairs(items: Sequence[object], tok: Tokenizer, n_image_tokens: int, n_soft: int,
-                  max_len: int) -> dict[str, Tensor]:
-    """VladVA batch from Scenes / Pairs (anything with .image .short_caption .long_caption) or (image, short, long).
-
-    img_ids: [bos] <image>*n <soft_image>*K long_caption </s>   (labels on long caption + </s>)
-    txt_ids: [bos] short_caption <soft_text>*K"""
-    if not items:
-        raise ValueError("collate_pairs: empty batch")
-    img_rows, img_labs, img_pos, txt_rows, txt_pos, images = [], [], [], [], [], []
-    for b, item in enumerate(items):
-        image, short, long_ = _pair_fields(item)
-        if not short.strip() or not long_.strip():
-            raise ValueError(f"collate_pairs: item {b} has an empty caption")
-        head, img_p = summary_row([tok.bos_id] + [tok.image_id] * n_image_tokens, tok.soft_image_id, n_soft)
-        cap = tok.encode(long_) + [tok.eos_id]
-        txt, txt_p = summary_row([tok.bos_id] + tok.encode(short), tok.soft_text_id, n_soft)
-        for name, row in (("image", head + cap), ("text", txt)):
-            if len(row) > max_len:
-                raise ValueError(f"collate_pairs: item {b} {name} sequence has {len(row)} tokens > max_len {max_len}")
-        img_rows.append(head + cap)
-        img_labs.append([-100] * len(head) + cap)
-        img_pos.append(img_p)
-        txt_rows.append(txt)
-        txt_pos.append(txt_p)
-        images.append(image)
-    return {
-        "img_ids": _pad(img_rows, tok.pad_id), "img_labels": _pad(img_labs, -100),
-        "img_pos": torch.tensor(img_pos, dtype=torch.long), "images": _stack_images(images),
-        "txt_ids": _pad(txt_rows, tok.pad_id), "txt_pos": torch.tensor(txt_pos, dtype=torch.long),
-    }
-
-
-def _pad(rows: list[list[int]], value: int) -> Tensor:
-    T = max(len(r) for r in rows)
-    out = torch.full((len(rows), T), value, dtype=torch.long)  # (B, T)
-    for b, r in enumerate(rows):
-        out[b, :len(r)] = torch.tensor(r)
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Sample builders for the built-in world
 # ----------------------------------------------------------------------------------------------------------------
 def turn_objects(graph: SceneGraph, question: str, answer: str) -> frozenset[int]:
@@ -1014,6 +1037,9 @@ def rag_samples(world: World) -> list[Sample]:
 # ----------------------------------------------------------------------------------------------------------------
 # Readers for user data, with a validator that collects every problem
 # ----------------------------------------------------------------------------------------------------------------
+KARPATHY_SPLITS = ("train", "val", "test", "all")  # "train" takes restval too (Karpathy's extra train images)
+
+
 @dataclass
 class Problem:
     index: int | str
