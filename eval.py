@@ -51,7 +51,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-import data as D
+import data
 from unimllm import MLLM, load_checkpoint, output_problem
 
 
@@ -71,12 +71,12 @@ class EvalArgs:
 
 def parse_args(argv: list[str] | None = None) -> EvalArgs:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    D.add_flags(p, EvalArgs)
+    data.add_flags(p, EvalArgs)
     args = EvalArgs(**vars(p.parse_args(argv)))
     if args.embedding not in ("auto", "summary", "prefix"):
         raise SystemExit(f"eval.py: --embedding must be auto, summary or prefix, got {args.embedding!r}")
-    if args.data_split not in D.KARPATHY_SPLITS:
-        raise SystemExit(f"eval.py: --data-split must be one of {', '.join(D.KARPATHY_SPLITS)}, "
+    if args.data_split not in data.KARPATHY_SPLITS:
+        raise SystemExit(f"eval.py: --data-split must be one of {', '.join(data.KARPATHY_SPLITS)}, "
                          f"got {args.data_split!r}")
     for name in ("n_test", "batch", "rag_k"):
         if getattr(args, name) < 1:
@@ -170,24 +170,24 @@ class Embedder:
     """Embeds data.py samples with one of the two methods' embeddings, in batches, without gradient. pool:
     how a prefix embedding pools an image's tokens, as the checkpoint was trained (train.py --sugar-pool)."""
 
-    def __init__(self, model: MLLM, tok: D.Tokenizer, batch: int, device: torch.device,
+    def __init__(self, model: MLLM, tok: data.Tokenizer, batch: int, device: torch.device,
                  pool: str = "mean") -> None:
         self.model, self.tok, self.batch, self.device, self.pool = model, tok, batch, device, pool
         self.count = 0  # embeddings computed (the throughput figure)
 
     @torch.no_grad()
-    def __call__(self, samples: list[D.Sample], kind: str, side: str) -> Tensor:
+    def __call__(self, samples: list[data.Sample], kind: str, side: str) -> Tensor:
         out = torch.cat([self._batch(samples[i:i + self.batch], kind, side)
                          for i in range(0, len(samples), self.batch)])  # (N, d)
         require_finite(f"{kind} embeddings of {len(samples)} {side} samples", out)  # guards RAG's top-k too
         self.count += len(samples)
         return out
 
-    def _batch(self, samples: list[D.Sample], kind: str, side: str) -> Tensor:
+    def _batch(self, samples: list[data.Sample], kind: str, side: str) -> Tensor:
         m, tok = self.model, self.tok
         if kind == "prefix":
-            samples = [D.Sample(s.segments, [len(s.segments) - 1]) for s in samples]
-        b = D.collate(samples, tok, m.n_image_tokens, m.cfg.llm.max_seq_len)
+            samples = [data.Sample(s.segments, [len(s.segments) - 1]) for s in samples]
+        b = data.collate(samples, tok, m.n_image_tokens, m.cfg.llm.max_seq_len)
         ids, lengths = b["input_ids"], b["attention_mask"].sum(1)  # (B, T), (B,)
         images = None if b["images"] is None else b["images"].to(self.device)
         if kind == "prefix":
@@ -197,7 +197,7 @@ class Embedder:
             return m.prefix_embeddings(hidden, *segs, self.pool).cpu()
         soft = tok.soft_image_id if side == "image" else tok.soft_text_id
         k = m.cfg.n_soft_tokens
-        rows = [D.summary_row(r[:n], soft, k) for r, n in zip(ids.tolist(), lengths.tolist())]
+        rows = [data.summary_row(r[:n], soft, k) for r, n in zip(ids.tolist(), lengths.tolist())]
         ids = torch.nn.utils.rnn.pad_sequence([torch.tensor(r) for r, _ in rows], True, tok.pad_id)  # (B, T')
         _, hidden = m(ids.to(self.device), images)
         return m.summary_embedding(hidden, torch.tensor([p for _, p in rows], device=self.device)).cpu()
@@ -214,7 +214,7 @@ class TeacherEmbedder:
     def __init__(self) -> None:
         self.count = 0
 
-    def __call__(self, samples: list[D.Sample], kind: str, side: str) -> Tensor:
+    def __call__(self, samples: list[data.Sample], kind: str, side: str) -> Tensor:
         last = [s.segments[-1].cross for s in samples]
         if any(c is None for c in last):
             raise ValueError("the teacher embedder needs samples whose last segment carries teacher features")
@@ -223,11 +223,11 @@ class TeacherEmbedder:
 
 
 @torch.no_grad()
-def generate_answers(model: MLLM, tok: D.Tokenizer, prompts: list[D.Sample], device: torch.device,
+def generate_answers(model: MLLM, tok: data.Tokenizer, prompts: list[data.Sample], device: torch.device,
                      batch: int, max_new_tokens: int = 6, desc: str = "generate") -> list[str]:
     """Greedy answers to prompts (text segments without loss); prompts of equal token length share a batch, so no
     padding ever sits between a prompt and its answer."""
-    rows = [D.collate([p], tok, model.n_image_tokens, model.cfg.llm.max_seq_len) for p in prompts]
+    rows = [data.collate([p], tok, model.n_image_tokens, model.cfg.llm.max_seq_len) for p in prompts]
     by_len: dict[int, list[int]] = {}
     for i, r in enumerate(rows):
         by_len.setdefault(r["input_ids"].shape[1], []).append(i)
@@ -261,16 +261,16 @@ def embedding_kinds(method: str, choice: str) -> dict[str, str]:
     return {"pairs": "summary", "interleaved": "summary"}
 
 
-def img(x: Tensor, cross: Tensor | None = None) -> D.Sample:
-    return D.Sample([D.image_seg(x, cross=cross)])
+def img(x: Tensor, cross: Tensor | None = None) -> data.Sample:
+    return data.Sample([data.image_seg(x, cross=cross)])
 
 
-def txt(x: str, cross: Tensor | None = None) -> D.Sample:
-    return D.Sample([D.text_seg(x, False, cross=cross)])
+def txt(x: str, cross: Tensor | None = None) -> data.Sample:
+    return data.Sample([data.text_seg(x, False, cross=cross)])
 
 
-def phrase_features(phrase: D.Phrase) -> Tensor:
-    return D.cross_features(D.cross_facts_phrase(phrase))
+def phrase_features(phrase: data.Phrase) -> Tensor:
+    return data.cross_features(data.cross_facts_phrase(phrase))
 
 
 def cosine(a: Tensor, b: Tensor) -> Tensor:
@@ -291,7 +291,7 @@ def eval_retrieval(pairs: list, emb: Embedder, kind: str) -> dict[str, float]:
     return out
 
 
-def eval_compositional(world: D.World, emb: Embedder, kind: str) -> dict[str, float]:
+def eval_compositional(world: data.World, emb: Embedder, kind: str) -> dict[str, float]:
     i = emb([img(s.image, s.cross_image) for s in world.scenes], kind, "image")  # (N, d)
     items = [(n, s.phrase, neg, cat) for n, s in enumerate(world.scenes) for cat, neg in s.negative_phrases.items()]
     pos = emb([txt(p.text(), phrase_features(p)) for _, p, _, _ in items], kind, "text")
@@ -299,7 +299,7 @@ def eval_compositional(world: D.World, emb: Embedder, kind: str) -> dict[str, fl
     idx = torch.tensor([n for n, _, _, _ in items])
     pos_s, neg_s = (i[idx] * pos).sum(1), (i[idx] * neg).sum(1)
     out = {}
-    for cat in D.CATEGORIES:
+    for cat in data.CATEGORIES:
         mask = torch.tensor([c == cat for *_, c in items])
         if bool(mask.any()):
             out[f"compositional/{cat}"] = pairwise_accuracy(pos_s[mask], neg_s[mask])
@@ -307,15 +307,15 @@ def eval_compositional(world: D.World, emb: Embedder, kind: str) -> dict[str, fl
     return out
 
 
-def eval_winoground(world: D.World, emb: Embedder, kind: str) -> dict[str, float]:
+def eval_winoground(world: data.World, emb: Embedder, kind: str) -> dict[str, float]:
     pairs = world.winoground
-    images = [img(x, D.cross_features(D.cross_facts_graph(g))) for p in pairs
+    images = [img(x, data.cross_features(data.cross_facts_graph(g))) for p in pairs
               for x, g in ((p.image_a, p.graph_a), (p.image_b, p.graph_b))]
     captions = [txt(ph.text(), phrase_features(ph)) for p in pairs for ph in (p.phrase_a, p.phrase_b)]
     return winoground_suite(images, captions, emb, kind)
 
 
-def winoground_suite(images: list[D.Sample], captions: list[D.Sample], emb: Embedder,
+def winoground_suite(images: list[data.Sample], captions: list[data.Sample], emb: Embedder,
                      kind: str) -> dict[str, float]:
     """images, captions: 2N samples, example n's image k and caption k at 2n + k (caption k fits image k)."""
     n = len(images) // 2
@@ -325,22 +325,22 @@ def winoground_suite(images: list[D.Sample], captions: list[D.Sample], emb: Embe
     return {f"winoground/{k}": v for k, v in winoground_scores(s).items()}
 
 
-def eval_interleaved(world: D.World, emb: Embedder, kind: str) -> dict[str, float]:
+def eval_interleaved(world: data.World, emb: Embedder, kind: str) -> dict[str, float]:
     """Query: frames 0..k-1 with their sentences, then sentence k; target: frame k, among every test frame (a frame
     with the same scene graph as the target counts as a hit too)."""
     frames = [f for st in world.stories for f in st.frames]
     queries, targets = [], []
     for st in world.stories:
         for k in range(1, len(st)):
-            segs = [seg for f in st.frames[:k] for seg in (D.image_seg(f.image), D.text_seg(f.sentence, False))]
+            segs = [seg for f in st.frames[:k] for seg in (data.image_seg(f.image), data.text_seg(f.sentence, False))]
             nxt = st.frames[k]
-            queries.append(D.Sample(segs + [D.text_seg(nxt.sentence, False, nxt.uni_text, nxt.cross_text)]))
-            targets.append(D.canonical(st.frames[k].graph))
+            queries.append(data.Sample(segs + [data.text_seg(nxt.sentence, False, nxt.uni_text, nxt.cross_text)]))
+            targets.append(data.canonical(st.frames[k].graph))
     return interleaved_suite(queries, targets, [img(f.image, f.cross_image) for f in frames],
-                             [D.canonical(f.graph) for f in frames], emb, kind)
+                             [data.canonical(f.graph) for f in frames], emb, kind)
 
 
-def interleaved_suite(queries: list[D.Sample], targets: list[object], candidates: list[D.Sample],
+def interleaved_suite(queries: list[data.Sample], targets: list[object], candidates: list[data.Sample],
                       keys: list[object], emb: Embedder, kind: str) -> dict[str, float]:
     """recall@1, @5 of each query's next image among the candidates; a candidate whose key equals the query's
     target key is a hit."""
@@ -350,7 +350,7 @@ def interleaved_suite(queries: list[D.Sample], targets: list[object], candidates
     return {f"interleaved/r{k}": v for k, v in recall_at_k(cosine(q, cands), positive, (1, 5)).items()}
 
 
-def document_queries(docs: list[D.Sample]) -> tuple[list[tuple[int, D.Sample]], list[int], list[D.Sample],
+def document_queries(docs: list[data.Sample]) -> tuple[list[tuple[int, data.Sample]], list[int], list[data.Sample],
                                                       list[int]]:
     """The interleaved suite on MMC4 documents (data.read_mmc4 puts each image right before its matched
     sentence). As on the built-in stories, a query is the document before an image (its images and sentences)
@@ -363,7 +363,7 @@ def document_queries(docs: list[D.Sample]) -> tuple[list[tuple[int, D.Sample]], 
     key_of: dict[bytes, int] = {}
     queries, targets, cands, keys = [], [], [], []
     for d, doc in enumerate(docs):
-        segs = [D.image_seg(s.image) if s.kind == "image" else D.text_seg(s.text, False)
+        segs = [data.image_seg(s.image) if s.kind == "image" else data.text_seg(s.text, False)
                 for s in doc.segments]  # loss off, as the stories' queries
         for p, seg in enumerate(segs):
             if seg.kind != "image":
@@ -373,25 +373,25 @@ def document_queries(docs: list[D.Sample]) -> tuple[list[tuple[int, D.Sample]], 
             keys.append(key)
             if p > 0:
                 sentence = next(s for s in segs[p + 1:] if s.kind == "text")  # read_mmc4: one follows
-                queries.append((d, D.Sample(segs[:p] + [sentence])))
+                queries.append((d, data.Sample(segs[:p] + [sentence])))
                 targets.append(key)
     return queries, targets, cands, keys
 
 
-def fit_context(query: D.Sample, tok: D.Tokenizer, n_image_tokens: int, room: int) -> D.Sample | None:
+def fit_context(query: data.Sample, tok: data.Tokenizer, n_image_tokens: int, room: int) -> data.Sample | None:
     """The query with its oldest segments dropped until its tokens fit `room` (our choice: a document that
     fits the context for training can exceed it once the summary's soft prompt is appended); None if even its
     last segment does not fit."""
     segs = query.segments
-    while D.sample_lengths([D.Sample(segs)], tok, n_image_tokens)[0] > room:
+    while data.sample_lengths([data.Sample(segs)], tok, n_image_tokens)[0] > room:
         if len(segs) == 1:
             return None
         segs = segs[1:]
-    return D.Sample(segs)
+    return data.Sample(segs)
 
 
-def qa_prompt(image: Tensor, question: str) -> D.Sample:
-    return D.Sample([D.image_seg(image), D.text_seg(D.format_question(question), False)])
+def qa_prompt(image: Tensor, question: str) -> data.Sample:
+    return data.Sample([data.image_seg(image), data.text_seg(data.format_question(question), False)])
 
 
 def question_type(question: str) -> str:
@@ -403,7 +403,7 @@ def question_type(question: str) -> str:
     return "relation"
 
 
-def eval_vqa_pope(world: D.World, model: MLLM, tok: D.Tokenizer, device: torch.device, batch: int) -> dict[str, float]:
+def eval_vqa_pope(world: data.World, model: MLLM, tok: data.Tokenizer, device: torch.device, batch: int) -> dict[str, float]:
     vqa = [(s.image, q, a) for s in world.scenes for q, a in s.vqa]
     pope = [(s.image, q, a) for s in world.scenes for q, a in s.pope]
     answers = generate_answers(model, tok, [qa_prompt(i, q) for i, q, _ in vqa + pope], device, batch, desc="vqa+pope")
@@ -415,7 +415,7 @@ def eval_vqa_pope(world: D.World, model: MLLM, tok: D.Tokenizer, device: torch.d
     return out
 
 
-def eval_rag(world: D.World, model: MLLM, tok: D.Tokenizer, emb: Embedder, kind: str, k: int, device: torch.device,
+def eval_rag(world: data.World, model: MLLM, tok: data.Tokenizer, emb: Embedder, kind: str, k: int, device: torch.device,
              batch: int) -> dict[str, float]:
     """Names of test objects never occur in training: without retrieval only a guess can answer. With retrieval the
     question's text embedding picks the k nearest knowledge-base entry images and their descriptions go first."""
@@ -423,11 +423,11 @@ def eval_rag(world: D.World, model: MLLM, tok: D.Tokenizer, emb: Embedder, kind:
     keys = emb([img(e.image) for e in kb.entries], kind, "image")  # (E, d)
     q = emb([txt(question) for question, _ in kb.questions], kind, "text")  # (Q, d)
     top = cosine(q, keys).topk(min(k, len(kb.entries)), dim=1).indices.tolist()
-    with_ctx = [D.Sample([D.text_seg(kb.entries[e].description, False) for e in reversed(top[n])]
-                         + [D.text_seg(D.format_question(question), False)])
+    with_ctx = [data.Sample([data.text_seg(kb.entries[e].description, False) for e in reversed(top[n])]
+                         + [data.text_seg(data.format_question(question), False)])
                 for n, (question, _) in enumerate(kb.questions)]
-    without = [D.Sample([D.text_seg(D.format_question(question), False)]) for question, _ in kb.questions]
-    oracle = [D.Sample([D.text_seg(e.description, False), D.text_seg(D.format_question(question), False)])
+    without = [data.Sample([data.text_seg(data.format_question(question), False)]) for question, _ in kb.questions]
+    oracle = [data.Sample([data.text_seg(e.description, False), data.text_seg(data.format_question(question), False)])
               for e, (question, _) in zip(kb.entries, kb.questions)]
     truth = [name for _, name in kb.questions]
     answers = generate_answers(model, tok, with_ctx + without + oracle, device, batch, max_new_tokens=8, desc="rag")
@@ -438,7 +438,7 @@ def eval_rag(world: D.World, model: MLLM, tok: D.Tokenizer, emb: Embedder, kind:
             "rag/retrieval_r1": float(sum(top[i][0] == i for i in range(n)) / n)}
 
 
-def blank_world_images(world: D.World) -> None:
+def blank_world_images(world: data.World) -> None:
     """The diagnostic of --blank-images: every image of the test split becomes black."""
     for s in world.scenes:
         s.image = torch.zeros_like(s.image)
@@ -451,9 +451,9 @@ def blank_world_images(world: D.World) -> None:
         e.image = torch.zeros_like(e.image)
 
 
-def evaluate_world(model: MLLM, tok: D.Tokenizer, method: str, args: EvalArgs, device: torch.device,
+def evaluate_world(model: MLLM, tok: data.Tokenizer, method: str, args: EvalArgs, device: torch.device,
                    pool: str = "mean") -> tuple[dict[str, float], dict[str, str]]:
-    world = D.make_world("test", args.n_test, args.test_seed, image_size=model.cfg.vision.image_size)
+    world = data.make_world("test", args.n_test, args.test_seed, image_size=model.cfg.vision.image_size)
     if args.blank_images:
         blank_world_images(world)
     kinds = embedding_kinds(method, args.embedding)
@@ -471,19 +471,19 @@ def evaluate_world(model: MLLM, tok: D.Tokenizer, method: str, args: EvalArgs, d
     return metrics, kinds
 
 
-def eval_discriminative(world: D.World, emb: Embedder | TeacherEmbedder, kinds: dict[str, str]) -> dict[str, float]:
+def eval_discriminative(world: data.World, emb: Embedder | TeacherEmbedder, kinds: dict[str, str]) -> dict[str, float]:
     return {**eval_retrieval(world.scenes, emb, kinds["pairs"]), **eval_compositional(world, emb, kinds["pairs"]),
             **eval_winoground(world, emb, kinds["pairs"]), **eval_interleaved(world, emb, kinds["interleaved"])}
 
 
-def evaluate_file(model: MLLM, tok: D.Tokenizer, method: str, args: EvalArgs, device: torch.device,
+def evaluate_file(model: MLLM, tok: data.Tokenizer, method: str, args: EvalArgs, device: torch.device,
                   pool: str = "mean") -> tuple[dict[str, float], dict[str, str]]:
     """Users' files (--data, comma-separated): the union of each file's metrics (data.py lists which format gives
     which); a metric that several files give is reported once per file, as `<metric>@<file stem>`."""
     per_file = []
     for path in args.data.split(","):
         try:
-            loaded = D.load_dataset(path, tok=tok, n_image_tokens=model.n_image_tokens,
+            loaded = data.load_dataset(path, tok=tok, n_image_tokens=model.n_image_tokens,
                                     max_len=model.cfg.llm.max_seq_len, image_size=model.cfg.vision.image_size,
                                     split=args.data_split)
         except ValueError as e:  # data.py's DataError lists every problem of the file
@@ -497,7 +497,7 @@ def evaluate_file(model: MLLM, tok: D.Tokenizer, method: str, args: EvalArgs, de
     return {(k if counts[k] == 1 else f"{k}@{Path(path).stem}"): v for path, m in per_file for k, v in m.items()}, kinds
 
 
-def evaluate_loaded(loaded: D.LoadedData, path: str, model: MLLM, tok: D.Tokenizer, method: str, args: EvalArgs,
+def evaluate_loaded(loaded: data.LoadedData, path: str, model: MLLM, tok: data.Tokenizer, method: str, args: EvalArgs,
                     device: torch.device, pool: str) -> tuple[dict[str, float], dict[str, str]]:
     """One file's metrics: SugarCrepe-style negatives give compositional accuracy, Karpathy pairs retrieval, LLaVA
     supervised turns VQA accuracy (greedy answers), POPE lines the yes/no metrics, MMC4 documents the
@@ -527,7 +527,7 @@ def evaluate_loaded(loaded: D.LoadedData, path: str, model: MLLM, tok: D.Tokeniz
     return metrics, kinds
 
 
-def eval_documents(loaded: D.LoadedData, path: str, model: MLLM, tok: D.Tokenizer, emb: Embedder,
+def eval_documents(loaded: data.LoadedData, path: str, model: MLLM, tok: data.Tokenizer, emb: Embedder,
                    kind: str) -> dict[str, float]:
     """interleaved/r1, r5 on an MMC4 file's documents (document_queries), each query fitted to the context."""
     queries, targets, cands, keys = document_queries(loaded.samples)
@@ -546,7 +546,7 @@ def eval_documents(loaded: D.LoadedData, path: str, model: MLLM, tok: D.Tokenize
     return interleaved_suite(fitted, targets, cands, keys, emb, kind)
 
 
-def eval_questions(questions: list[D.Question], model: MLLM, tok: D.Tokenizer, device: torch.device,
+def eval_questions(questions: list[data.Question], model: MLLM, tok: data.Tokenizer, device: torch.device,
                    batch: int) -> dict[str, float]:
     """vqa/acc (+ vqa/<type>) over the "vqa" questions and pope/* over the "pope" ones, from greedy answers."""
     answers = generate_answers(model, tok, [q.prompt for q in questions], device, batch, max_new_tokens=16,
@@ -579,7 +579,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ckpt = load_checkpoint(args.ckpt)
-    model, tok = MLLM.from_checkpoint(ckpt, args.ckpt), D.Tokenizer.from_str(ckpt["tokenizer"])
+    model, tok = MLLM.from_checkpoint(ckpt, args.ckpt), data.Tokenizer.from_str(ckpt["tokenizer"])
     model = model.to(device).eval()
     method = ckpt["method"] if ckpt["stage"] == "finetune" else "generative"
     finetuned = ckpt["stage"] == "finetune"

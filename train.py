@@ -54,9 +54,9 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-import data as D
+import data
 from data import flag_of
-import kernel as K
+import kernel
 from unimllm import (CKPT_FORMAT, EXPORT_MANIFEST, EXPORT_REST, LLMConfig, MLLM, MLLMConfig, VisionConfig,
                      VisionEncoder, apply_lora, export_hf, load_checkpoint, load_llm, load_vision,
                      output_problem, resolve_model_path, save_checkpoint, set_trainable)
@@ -127,7 +127,7 @@ class ModelArgs:
     llm_kv_heads: int = 2
     llm_mlp: int = 512
     vocab_size: int = 1024
-    max_len: int = D.MAX_LEN
+    max_len: int = data.MAX_LEN
     proj_dim: int = 128
 
 
@@ -225,7 +225,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     for group in (ModelArgs, DataArgs, PretrainArgs, FinetuneArgs, RunArgs):
-        D.add_flags(p, group)
+        data.add_flags(p, group)
     return p
 
 
@@ -265,8 +265,8 @@ def validate(cfg: TrainConfig) -> None:
     ft, run = cfg.finetune, cfg.run
     if ft.method not in METHODS:
         raise SystemExit(f"train.py: --method must be one of {', '.join(METHODS)}, got {ft.method!r}")
-    if cfg.data.data_split not in D.KARPATHY_SPLITS:
-        raise SystemExit(f"train.py: --data-split must be one of {', '.join(D.KARPATHY_SPLITS)}, "
+    if cfg.data.data_split not in data.KARPATHY_SPLITS:
+        raise SystemExit(f"train.py: --data-split must be one of {', '.join(data.KARPATHY_SPLITS)}, "
                          f"got {cfg.data.data_split!r}")
     if bool(run.llm) != bool(run.vision):
         raise SystemExit("train.py: --llm and --vision go together (a Hugging Face LLM and vision tower)")
@@ -329,9 +329,9 @@ def validate(cfg: TrainConfig) -> None:
             raise SystemExit(f"train.py: --out {run.out}: {out} {why}")
     for flag, value, allowed in (("--adapt", ft.adapt, ("lora", "prompt", "both", None)),
                                  ("--sugar-alignment", ft.sugar_alignment, ("gak", "mean")),
-                                 ("--sugar-kernel", ft.sugar_kernel, K.KERNELS),
+                                 ("--sugar-kernel", ft.sugar_kernel, kernel.KERNELS),
                                  ("--sugar-pool", ft.sugar_pool, ("mean", "last")),
-                                 ("--sugar-single", ft.sugar_single, K.SINGLES)):
+                                 ("--sugar-single", ft.sugar_single, kernel.SINGLES)):
         if value not in allowed:
             names = ", ".join(a for a in allowed if a)
             raise SystemExit(f"train.py: {flag} must be one of {names}, got {value!r}")
@@ -439,37 +439,37 @@ class Corpus:
     pairs: list         # data.Scene or data.Pair (image, short caption, long caption)
     texts: list[str]    # for the tokenizer
     pair_singles: bool  # pairs carry teacher features, so they also enter the structure loss (see `singles`)
-    files: list[tuple[str, D.LoadedData]] = field(default_factory=list)  # --data files as read
+    files: list[tuple[str, data.LoadedData]] = field(default_factory=list)  # --data files as read
 
 
-def long_caption_samples(items: list) -> list[D.Sample]:
-    return [D.Sample([D.image_seg(s.image), D.text_seg(s.long_caption, True)]) for s in items]
+def long_caption_samples(items: list) -> list[data.Sample]:
+    return [data.Sample([data.image_seg(s.image), data.text_seg(s.long_caption, True)]) for s in items]
 
 
-def singles(pairs: list) -> list[D.Sample]:
+def singles(pairs: list) -> list[data.Sample]:
     """Sugar's single-slice samples: [image] and [short caption] of each pair, each its own one-slice prefix.
     They make the structure loss shape the same embeddings eval.py retrieves with (our choice: Sugar's paper
     trains on COYO pairs as two-slice interleaved samples, which would give no text-only prefix)."""
     out = []
     for s in pairs:
-        out.append(D.Sample([D.image_seg(s.image, s.uni_image, s.cross_image)], [0]))
-        out.append(D.Sample([D.text_seg(s.short_caption, False, s.uni_short, s.cross_short)], [0]))
+        out.append(data.Sample([data.image_seg(s.image, s.uni_image, s.cross_image)], [0]))
+        out.append(data.Sample([data.text_seg(s.short_caption, False, s.uni_short, s.cross_short)], [0]))
     return out
 
 
 def builtin_corpus(cfg: TrainConfig) -> Corpus:
-    world = D.make_world("train", cfg.data.n_train, cfg.data.data_seed, image_size=cfg.model.image_size)
-    return Corpus(lm=D.pretrain_samples(world) + rag_corpus(cfg), long=long_caption_samples(world.scenes),
-                  stories=D.story_samples(world), pairs=world.scenes, texts=D.world_texts(world), pair_singles=True)
+    world = data.make_world("train", cfg.data.n_train, cfg.data.data_seed, image_size=cfg.model.image_size)
+    return Corpus(lm=data.pretrain_samples(world) + rag_corpus(cfg), long=long_caption_samples(world.scenes),
+                  stories=data.story_samples(world), pairs=world.scenes, texts=data.world_texts(world), pair_singles=True)
 
 
-def rag_corpus(cfg: TrainConfig) -> list[D.Sample]:
+def rag_corpus(cfg: TrainConfig) -> list[data.Sample]:
     """RAG samples from several training knowledge bases (fresh made-up names in each), so the model learns to copy
     a name out of its context rather than memorise a few dozen names; test names never occur in training."""
     n_kb = max(1, cfg.data.rag_kbs)
-    worlds = [D.make_world("train", 1, cfg.data.data_seed * 1000 + 1 + k, image_size=cfg.model.image_size,
+    worlds = [data.make_world("train", 1, cfg.data.data_seed * 1000 + 1 + k, image_size=cfg.model.image_size,
                            n_stories=0, n_winoground=0, n_kb=48) for k in range(n_kb)]
-    return [s for w in worlds for s in D.rag_samples(w)]
+    return [s for w in worlds for s in data.rag_samples(w)]
 
 
 def file_corpus(cfg: TrainConfig) -> Corpus:
@@ -480,22 +480,22 @@ def file_corpus(cfg: TrainConfig) -> Corpus:
     lm, stories, pairs, texts, files = [], [], [], [], []
     for path in cfg.data.data.split(","):
         try:
-            loaded = D.load_dataset(path, image_size=cfg.model.image_size, features=feats,
+            loaded = data.load_dataset(path, image_size=cfg.model.image_size, features=feats,
                                     split=cfg.data.data_split)
         except ValueError as e:  # data.DataError lists every problem of the file
             raise SystemExit(f"train.py: --data {e}") from e
         stories += [s for s in loaded.samples if s.prefixes]
         lm += [s for s in loaded.samples if not s.prefixes]
         pairs += loaded.pairs
-        texts += D.data_texts(loaded)
+        texts += data.data_texts(loaded)
         files.append((path, loaded))
     return Corpus(lm=lm, long=long_caption_samples(pairs), stories=stories, pairs=pairs, texts=texts,
                   pair_singles=False, files=files)
 
 
-def load_features(path: str) -> D.Features:
+def load_features(path: str) -> data.Features:
     try:
-        loaded = D.load_dataset(path)
+        loaded = data.load_dataset(path)
     except ValueError as e:  # data.DataError lists every problem of the file
         raise SystemExit(f"train.py: --features {e}") from e
     if loaded.features is None:
@@ -504,7 +504,7 @@ def load_features(path: str) -> D.Features:
     return loaded.features
 
 
-def check_corpus(corpus: Corpus, cfg: TrainConfig, tok: D.Tokenizer, n_image_tokens: int,
+def check_corpus(corpus: Corpus, cfg: TrainConfig, tok: data.Tokenizer, n_image_tokens: int,
                  pretrain: bool, finetune: bool) -> None:
     """Refuse, before any step, a corpus that lacks what the chosen stages need or holds a sample longer than
     the context (measured with the tokenizer training will use, so a run never meets one hours in)."""
@@ -533,23 +533,23 @@ def check_corpus(corpus: Corpus, cfg: TrainConfig, tok: D.Tokenizer, n_image_tok
                              f"{bare} slices of {where} have none (give --features FILE)")
     max_len = cfg.model.max_len
     for path, loaded in corpus.files:
-        problems = D.length_problems(loaded, tok, n_image_tokens, max_len)
+        problems = data.length_problems(loaded, tok, n_image_tokens, max_len)
         if problems:
-            raise SystemExit(f"train.py: --data {D.DataError(path, problems)}\n(the context is --max-len "
+            raise SystemExit(f"train.py: --data {data.DataError(path, problems)}\n(the context is --max-len "
                              f"{max_len}; nothing is truncated)")
     if not corpus.files:
-        longest = max(D.sample_lengths(corpus.lm + corpus.stories, tok, n_image_tokens)
-                      + D.pair_lengths(corpus.pairs, tok, n_image_tokens))
+        longest = max(data.sample_lengths(corpus.lm + corpus.stories, tok, n_image_tokens)
+                      + data.pair_lengths(corpus.pairs, tok, n_image_tokens))
         if longest > max_len:
             raise SystemExit(f"train.py: {where} has samples of up to {longest} tokens, more than --max-len "
                              f"{max_len} (nothing is truncated)")
 
 
-def build_streams(corpus: Corpus, seed: int, tok: D.Tokenizer, n_image_tokens: int,
+def build_streams(corpus: Corpus, seed: int, tok: data.Tokenizer, n_image_tokens: int,
                   group: int) -> dict[str, Stream]:
     """The streams batches are drawn from; the next-token ones are length-grouped (see Stream)."""
     pre = corpus.lm + corpus.long + corpus.stories
-    lengths = D.sample_lengths(pre, tok, n_image_tokens)
+    lengths = data.sample_lengths(pre, tok, n_image_tokens)
     return {"pretrain": Stream("pretrain", pre, seed, lengths, group),
             "lm": Stream("lm", corpus.lm, seed, lengths[:len(corpus.lm)], group),
             "stories": Stream("stories", corpus.stories, seed), "pairs": Stream("pairs", corpus.pairs, seed)}
@@ -559,7 +559,7 @@ def build_streams(corpus: Corpus, seed: int, tok: D.Tokenizer, n_image_tokens: i
 class Objective:
     """Which terms of L = L_ntp + lambda_c * L_contrastive + lambda_s * L_structure a stage trains.
     Pre-training: L_ntp alone; fine-tuning: the terms of --method (a term whose lambda is 0 is skipped)."""
-    weights: K.LossWeights
+    weights: kernel.LossWeights
     lm: bool            # L_ntp on the "lm" stream and the stories too (every method but vladva)
     contrastive: bool
     structure: bool
@@ -569,7 +569,7 @@ class Objective:
 def objective_of(stage: str, ft: FinetuneArgs) -> Objective:
     method = ft.method if stage == "finetune" else "generative"
     use_c, use_s = losses_of(method, ft)
-    return Objective(K.LossWeights(ntp=ft.lambda_ntp if stage == "finetune" else 1.0,
+    return Objective(kernel.LossWeights(ntp=ft.lambda_ntp if stage == "finetune" else 1.0,
                                    contrastive=ft.lambda_contrastive if use_c else 0.0,
                                    structure=ft.lambda_structure if use_s else 0.0),
                      lm=method != "vladva", contrastive=use_c, structure=use_s, pool=ft.sugar_pool)
@@ -603,7 +603,7 @@ class Batches:
     streams: dict[str, Stream]
     cfg: TrainConfig
     d: Dist
-    tok: D.Tokenizer
+    tok: data.Tokenizer
     model_cfg: MLLMConfig
     objective: Objective
     pair_singles: bool  # pairs carry teacher features, so they also enter the structure loss (see `singles`)
@@ -613,32 +613,32 @@ class Batches:
         n_img = self.model_cfg.vision.num_patches
         if self.stage == "pretrain":
             items = self.streams["pretrain"].batch(k, cfg.pretrain.pretrain_batch)
-            lm = D.collate(shard(items, cfg.pretrain.pretrain_batch, d), tok, n_img, L)
+            lm = data.collate(shard(items, cfg.pretrain.pretrain_batch, d), tok, n_img, L)
             return Batch(lm=lm, n_sequences=lm["input_ids"].shape[0])
         ft, obj, out = cfg.finetune, self.objective, Batch()
         pairs = self.streams["pairs"].batch(k, ft.pair_batch) if self.streams["pairs"].items else []
         local_pairs = shard(pairs, ft.pair_batch, d)
         if pairs:  # a conversations-only corpus fine-tunes generatively without them (check_corpus)
-            out.pairs = D.collate_pairs(local_pairs, tok, n_img, self.model_cfg.n_soft_tokens, L)
+            out.pairs = data.collate_pairs(local_pairs, tok, n_img, self.model_cfg.n_soft_tokens, L)
         if obj.lm and self.streams["lm"].items:
-            out.lm = D.collate(shard(self.streams["lm"].batch(k, ft.lm_batch), ft.lm_batch, d), tok, n_img, L)
+            out.lm = data.collate(shard(self.streams["lm"].batch(k, ft.lm_batch), ft.lm_batch, d), tok, n_img, L)
         if obj.lm and self.streams["stories"].items:
             stories = self.streams["stories"].batch(k, ft.story_batch)
-            out.stories = D.collate(shard(stories, ft.story_batch, d), tok, n_img, L)
+            out.stories = data.collate(shard(stories, ft.story_batch, d), tok, n_img, L)
             if obj.structure:
                 # every rank builds the global targets' inputs in the gathered order: stories, then singles
                 ranks = [Dist(r, d.world, d.device) for r in range(d.world)]
                 glob = [s for r in ranks for s in shard(stories, ft.story_batch, r)]
                 if self.pair_singles:
-                    out.singles = D.collate(singles(local_pairs), tok, n_img, L)
+                    out.singles = data.collate(singles(local_pairs), tok, n_img, L)
                     glob += [s for r in ranks for s in singles(shard(pairs, ft.pair_batch, r))]
-                g = D.collate(glob, tok, n_img, L)
+                g = data.collate(glob, tok, n_img, L)
                 args = (g["slice_uni"], g["slice_cross"], g["seg_is_image"], g["prefix_slices"], g["prefix_len"],
                         g["prefix_batch"])
                 if ft.sugar_alignment == "mean":  # Sugar Table 4b "w/o GAK"
-                    out.sugar_targets = K.mean_targets(*args, kernel=ft.sugar_kernel)  # (P, P)
+                    out.sugar_targets = kernel.mean_targets(*args, kernel=ft.sugar_kernel)  # (P, P)
                 else:  # Sugar Eq. 2 + 4
-                    out.sugar_targets = K.gak_targets(*args, delta=ft.gak_delta, kernel=ft.sugar_kernel,
+                    out.sugar_targets = kernel.gak_targets(*args, delta=ft.gak_delta, kernel=ft.sugar_kernel,
                                                       single=ft.sugar_single)  # (P, P)
         rows = [b["input_ids"] for b in (out.lm, out.stories, out.singles) if b is not None]
         if out.pairs is not None:
@@ -692,7 +692,7 @@ class Prefetch:
 # Model construction and checkpoints
 
 
-def model_config(cfg: ModelArgs, tok: D.Tokenizer) -> MLLMConfig:
+def model_config(cfg: ModelArgs, tok: data.Tokenizer) -> MLLMConfig:
     vision = VisionConfig(image_size=cfg.image_size, patch_size=cfg.patch_size, hidden_size=cfg.vision_width,
                           num_layers=cfg.vision_layers, num_heads=cfg.vision_heads,
                           intermediate_size=4 * cfg.vision_width)
@@ -700,11 +700,11 @@ def model_config(cfg: ModelArgs, tok: D.Tokenizer) -> MLLMConfig:
                     num_layers=cfg.llm_layers, num_heads=cfg.llm_heads, num_kv_heads=cfg.llm_kv_heads,
                     max_seq_len=cfg.max_len)
     return MLLMConfig(vision, llm, image_token_id=tok.image_id, soft_image_token_id=tok.soft_image_id,
-                      soft_text_token_id=tok.soft_text_id, n_soft_tokens=D.n_soft_tokens(tok),
+                      soft_text_token_id=tok.soft_text_id, n_soft_tokens=data.n_soft_tokens(tok),
                       proj_dim=cfg.proj_dim)
 
 
-def model_from_hf(cfg: TrainConfig, tok: D.Tokenizer, vision: VisionEncoder) -> MLLM:
+def model_from_hf(cfg: TrainConfig, tok: data.Tokenizer, vision: VisionEncoder) -> MLLM:
     """A real LLM + vision tower; the adapter, soft prompts and projector are new. Token ids our tokenizer added
     (<image>, soft-prompt markers) get new embedding rows at the mean embedding (our choice)."""
     llm = load_hf("--llm", load_llm, cfg.run.llm)
@@ -716,7 +716,7 @@ def model_from_hf(cfg: TrainConfig, tok: D.Tokenizer, vision: VisionEncoder) -> 
             weights[name] = torch.cat([w, w.mean(0, keepdim=True).expand(vocab - w.shape[0], -1)])
     llm_cfg = LLMConfig(**{**asdict(llm.cfg), "vocab_size": vocab})
     mcfg = MLLMConfig(vision.cfg, llm_cfg, image_token_id=tok.image_id, soft_image_token_id=tok.soft_image_id,
-                      soft_text_token_id=tok.soft_text_id, n_soft_tokens=D.n_soft_tokens(tok),
+                      soft_text_token_id=tok.soft_text_id, n_soft_tokens=data.n_soft_tokens(tok),
                       proj_dim=cfg.model.proj_dim)
     model = MLLM(mcfg)
     model.llm.load_state_dict(weights)
@@ -797,12 +797,12 @@ def add_lora(model: MLLM, ft: FinetuneArgs) -> None:
     apply_lora(model, [ft.lora_targets], ft.lora_r, ft.lora_alpha)
 
 
-def checkpoint_model(ckpt: dict[str, Any], where: str) -> tuple[MLLM, D.Tokenizer]:
+def checkpoint_model(ckpt: dict[str, Any], where: str) -> tuple[MLLM, data.Tokenizer]:
     """The model (MLLM.from_checkpoint) and tokenizer of a loaded checkpoint."""
-    return MLLM.from_checkpoint(ckpt, where), D.Tokenizer.from_str(ckpt["tokenizer"])
+    return MLLM.from_checkpoint(ckpt, where), data.Tokenizer.from_str(ckpt["tokenizer"])
 
 
-def make_checkpoint(model: MLLM, tok: D.Tokenizer, cfg: TrainConfig, stage: "Stage", step: int,
+def make_checkpoint(model: MLLM, tok: data.Tokenizer, cfg: TrainConfig, stage: "Stage", step: int,
                     opt: torch.optim.Optimizer, history: dict[str, list[dict[str, float]]]) -> dict[str, Any]:
     """Everything eval.py and --resume need: configs, tokenizer, weights (LoRA unmerged), step, optimizer, RNG, and
     the loss terms of every step so far."""
@@ -894,16 +894,16 @@ def compute_loss(model: torch.nn.Module, b: Batch, obj: Objective, world: int,
     ntp = sum(p[0] for p in ntp_parts) / ntp_tokens.clamp_min(1) * world
 
     # L_contrastive: VladVA's symmetric InfoNCE, this rank's rows against every rank's (kernel.py).
-    contrastive = K.contrastive_loss(img_emb, txt_emb, core.logit_scale) if obj.contrastive else None
+    contrastive = kernel.contrastive_loss(img_emb, txt_emb, core.logit_scale) if obj.contrastive else None
 
     # L_structure: Sugar Eq. 3 over the prefixes of the whole global batch against the GAK targets (Eq. 2, 4).
     # Every rank computes the same full loss on the gathered embeddings (the DDP gradient argument).
     structure = None
     if obj.structure:
-        r = torch.cat([K.gather_with_grad(e)[0] for e in prefixes])  # (P, proj_dim)
-        structure = K.structure_loss(r.float(), b.sugar_targets)
+        r = torch.cat([kernel.gather_with_grad(e)[0] for e in prefixes])  # (P, proj_dim)
+        structure = kernel.structure_loss(r.float(), b.sugar_targets)
 
-    return K.combined_loss(ntp, contrastive, structure, obj.weights)
+    return kernel.combined_loss(ntp, contrastive, structure, obj.weights)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -998,7 +998,7 @@ def train_stage(stage: Stage, model: MLLM, opt: torch.optim.Optimizer, batches: 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
     params = [p for p in model.parameters() if p.requires_grad]
     n_acc, log = run.grad_accum, StepLog(stage.name, d.world, out)
-    data = Prefetch(batches, range(start * n_acc, end * n_acc), pin=cuda)
+    prefetch = Prefetch(batches, range(start * n_acc, end * n_acc), pin=cuda)
     t_log, n_steps, n_samples = time.perf_counter(), 0, 0
     try:
         bar = tqdm(range(start, end), stage.name, disable=not d.main, dynamic_ncols=True, file=sys.stderr)
@@ -1008,7 +1008,7 @@ def train_stage(stage: Stage, model: MLLM, opt: torch.optim.Optimizer, batches: 
             for group in opt.param_groups:
                 group["lr"] = lr
             micro_terms, t_wait = [], time.perf_counter()
-            step_batches = [data.next() for _ in range(n_acc)]
+            step_batches = [prefetch.next() for _ in range(n_acc)]
             wait = time.perf_counter() - t_wait
             # L_ntp is one mean over all tokens of the step: every micro-batch divides by the step's global count
             # (/ n_acc, undone by summing n_acc backward passes of loss / n_acc)
@@ -1053,7 +1053,7 @@ def train_stage(stage: Stage, model: MLLM, opt: torch.optim.Optimizer, batches: 
                 times.data_wait_s.append(wait)
                 times.log_s.append(time.perf_counter() - t_host)
     finally:
-        data.close()
+        prefetch.close()
     return end == stage.total
 
 
@@ -1062,17 +1062,17 @@ def base_path(out: Path) -> Path:
     return out.with_name(out.stem + ".base" + out.suffix)
 
 
-def tokenizer_and_corpus(cfg: TrainConfig, source: dict[str, Any] | None) -> tuple[D.Tokenizer, Corpus]:
+def tokenizer_and_corpus(cfg: TrainConfig, source: dict[str, Any] | None) -> tuple[data.Tokenizer, Corpus]:
     """The tokenizer of the checkpoint we continue, of the real LLM, or trained on the training text."""
     corpus = file_corpus(cfg) if cfg.data.data else builtin_corpus(cfg)
     if source is not None:
-        return D.Tokenizer.from_str(source["tokenizer"]), corpus
+        return data.Tokenizer.from_str(source["tokenizer"]), corpus
     if cfg.run.llm:
-        return load_hf("--llm", D.load_tokenizer, Path(cfg.run.llm) / "tokenizer.json"), corpus
-    tok_json = [D.train_tokenizer(corpus.texts, cfg.model.vocab_size).to_str()]
+        return load_hf("--llm", data.load_tokenizer, Path(cfg.run.llm) / "tokenizer.json"), corpus
+    tok_json = [data.train_tokenizer(corpus.texts, cfg.model.vocab_size).to_str()]
     if dist.is_initialized():  # one tokenizer for all ranks, whatever BPE training's tie-breaking does
         dist.broadcast_object_list(tok_json, src=0)
-    return D.Tokenizer.from_str(tok_json[0]), corpus
+    return data.Tokenizer.from_str(tok_json[0]), corpus
 
 
 @dataclass
@@ -1152,7 +1152,7 @@ def train(cfg: TrainConfig, d: Dist) -> TrainResult:
     model = model.to(d.device)
     if not in_finetune(resume):
         add_lora(model, cfg.finetune)
-        model.init_soft_prompts(*D.soft_prompt_ids(tok))
+        model.init_soft_prompts(*data.soft_prompt_ids(tok))
     ft = cfg.finetune
     if ft.gak_delta is None and losses_of(ft.method, ft)[1] and ft.sugar_alignment == "gak":
         ft.gak_delta = estimate_gak_delta(corpus, streams, ft, d)
@@ -1177,7 +1177,7 @@ def estimate_gak_delta(corpus: Corpus, streams: dict[str, Stream], ft: FinetuneA
     if corpus.pair_singles:
         samples += singles(streams["pairs"].batch(0, n_pairs))
     segs = [seg for smp in samples for seg in smp.segments]
-    delta = K.estimate_delta(torch.stack([seg.uni for seg in segs]).double(),  # float64: a one-off estimate
+    delta = kernel.estimate_delta(torch.stack([seg.uni for seg in segs]).double(),  # float64: a one-off estimate
                              torch.stack([seg.cross for seg in segs]).double(),
                              torch.tensor([seg.kind == "image" for seg in segs]), kernel=ft.sugar_kernel)
     if d.main:

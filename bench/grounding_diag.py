@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import data as D  # noqa: E402
+import data  # noqa: E402
 import train as T  # noqa: E402
 from unimllm import MLLM  # noqa: E402
 
@@ -49,10 +49,10 @@ cfg.model.image_size, cfg.model.patch_size, cfg.model.vision_width, cfg.model.vi
 cfg.data.n_train = a.n
 t0 = time.time()
 corpus = T.builtin_corpus(cfg)
-tok = D.train_tokenizer(corpus.texts, 1024)
-test = D.make_world('test', 200, 0, image_size=a.image)
+tok = data.train_tokenizer(corpus.texts, 1024)
+test = data.make_world('test', 200, 0, image_size=a.image)
 print('data', time.time() - t0, flush=True)
-world = D.make_world('train', a.n, 0, image_size=a.image)
+world = data.make_world('train', a.n, 0, image_size=a.image)
 if a.mix == 'default':
     items = corpus.lm + corpus.long + corpus.stories
 elif a.mix == 'vqa':  # the packed VQA / POPE conversations of the default stream alone
@@ -63,15 +63,15 @@ else:
         qa = s.vqa + s.pope
         qa = [x for x in qa if x[0].startswith('what shape') or x[0].startswith('what colour')]
         for k in range(0, len(qa), 4):
-            segs = [D.image_seg(s.image)]
+            segs = [data.image_seg(s.image)]
             for q, ans in qa[k:k+4]:
-                segs += [D.text_seg(D.format_question(q), False), D.text_seg(ans, True)]
-            items.append(D.Sample(segs))
+                segs += [data.text_seg(data.format_question(q), False), data.text_seg(ans, True)]
+            items.append(data.Sample(segs))
 print('items', len(items), flush=True)
 model = MLLM(T.model_config(cfg.model, tok))
 T.pretrain_trainable(model, vision_frozen=False)
 if a.distil:
-    head = torch.nn.Linear(a.vw, D.CROSS_DIM)
+    head = torch.nn.Linear(a.vw, data.CROSS_DIM)
     dopt = torch.optim.AdamW(list(model.vision.parameters()) + list(head.parameters()), lr=a.dlr)
     imgs = torch.stack([s.image for s in world.scenes]); tgt = torch.stack([s.cross_image for s in world.scenes])
     timgs = torch.stack([s.image for s in test.scenes]); ttgt = torch.stack([s.cross_image for s in test.scenes])
@@ -107,8 +107,8 @@ def evaluate(scenes):
     by = {}
     for i in range(0, len(qs), 64):
         chunk = qs[i:i+64]
-        samples = [D.Sample([D.image_seg(s.image), D.text_seg(D.format_question(q), False)]) for s, q, _ in chunk]
-        b = D.collate(samples, tok, n_img, 192)
+        samples = [data.Sample([data.image_seg(s.image), data.text_seg(data.format_question(q), False)]) for s, q, _ in chunk]
+        b = data.collate(samples, tok, n_img, 192)
         logits, _ = model(b['input_ids'], b['images'])
         L = b['attention_mask'].sum(1) - 1
         last = logits[torch.arange(len(chunk)), L]
@@ -123,7 +123,7 @@ for step in range(a.steps):
     t1 = time.time()
     lr = T.lr_at(step, a.steps, a.lr, a.warm)
     for g in opt.param_groups: g['lr'] = lr
-    b = D.collate(stream.batch(step, a.batch), tok, n_img, 192)
+    b = data.collate(stream.batch(step, a.batch), tok, n_img, 192)
     logits, _ = model(b['input_ids'], b['images'])
     s, c = T.ntp_sum(logits, b['labels'])
     loss = s / c

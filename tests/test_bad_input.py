@@ -14,7 +14,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import data as D  # noqa: E402
+import data  # noqa: E402
 import eval as E  # noqa: E402
 import train  # noqa: E402
 
@@ -219,31 +219,31 @@ def test_over_long_sample_refused_before_the_first_step_from_scratch(tmp_path):
 def test_check_measures_against_the_training_context(tmp_path):
     # 13 images are 208 image tokens: over train.py's default context of 192, under the 512 `check` used to assume
     path = llava_one(tmp_path, "red", n_images=13)
-    problems = D.check(path)
+    problems = data.check(path)
     assert [(p.index, p.field) for p in problems] == [(0, "<sample>")] and "at most 192" in problems[0].expected
 
 
 def test_check_counts_the_soft_prompt_of_pairs(tmp_path):
     kp = karpathy(tmp_path, [("train", "a small red square to the left of a blue circle.")])
-    tok = D.train_tokenizer(D.world_texts(D.make_world("train", 8, 0)), 600)
-    pair = D.load_dataset(kp).pairs[0]
-    batch = D.collate_pairs([pair], tok, 16, D.n_soft_tokens(tok), 10 ** 6)  # the sequence training builds
+    tok = data.train_tokenizer(data.world_texts(data.make_world("train", 8, 0)), 600)
+    pair = data.load_dataset(kp).pairs[0]
+    batch = data.collate_pairs([pair], tok, 16, data.n_soft_tokens(tok), 10 ** 6)  # the sequence training builds
     n = batch["img_ids"].shape[1]
-    assert D.check(kp, tok, n_image_tokens=16, max_len=n) == []
-    assert [p.field for p in D.check(kp, tok, n_image_tokens=16, max_len=n - 1)] == ["<pair>"]
+    assert data.check(kp, tok, n_image_tokens=16, max_len=n) == []
+    assert [p.field for p in data.check(kp, tok, n_image_tokens=16, max_len=n - 1)] == ["<pair>"]
 
 
 def test_decompression_bomb_is_a_data_problem(tmp_path, monkeypatch):
     kp = karpathy(tmp_path, [("train", "a cat.")])
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 32x32 = 1024 pixels, over twice the limit
-    assert [p.field for p in D.check(kp)] == ["filename"] and "too large" in D.check(kp)[0].expected
+    assert [p.field for p in data.check(kp)] == ["filename"] and "too large" in data.check(kp)[0].expected
     with pytest.raises(SystemExit, match=r"(?s)--data .*record 0: field 'filename': image .* too large"):
         train.main(TINY + ["--data", str(kp), "--method", "vladva", "--out", str(tmp_path / "x.pt")])
 
 
 def test_16_bit_png_keeps_its_grey_level(tmp_path):
     Image.fromarray(np.full((8, 8), 32768, dtype=np.uint16)).save(tmp_path / "g16.png")  # mode I;16
-    x = D.load_image(tmp_path / "g16.png", 8)
+    x = data.load_image(tmp_path / "g16.png", 8)
     torch.testing.assert_close(x, torch.full((3, 8, 8), 32768 / 65535), atol=1 / 255, rtol=0)
 
 
@@ -251,7 +251,7 @@ def test_16_bit_png_keeps_its_grey_level(tmp_path):
                                         ("kp.json", '{"images": []}')])
 def test_empty_file_fails_check(tmp_path, name, text):
     (tmp_path / name).write_text(text)
-    assert [p.expected for p in D.check(tmp_path / name)] == ["at least one record (the file has none)"]
+    assert [p.expected for p in data.check(tmp_path / name)] == ["at least one record (the file has none)"]
 
 
 @pytest.mark.parametrize("kind", ["garbage", "not features"])
@@ -273,22 +273,22 @@ def test_each_problem_is_reported_once_in_json_terms(tmp_path):
     }
     for name, text in cases.items():
         (tmp_path / name).write_text(text)
-    assert [str(p) for p in D.check(tmp_path / "k.json")] == [
+    assert [str(p) for p in data.check(tmp_path / "k.json")] == [
         "record 0.sentences[0]: field 'raw': a required field 'raw' (missing)"]
-    assert [str(p) for p in D.check(tmp_path / "l.json")] == [
+    assert [str(p) for p in data.check(tmp_path / "l.json")] == [
         "record 0.conversations[0]: field '<record>': a JSON object, got string"]
-    assert [str(p) for p in D.check(tmp_path / "m.jsonl")] == [
+    assert [str(p) for p in data.check(tmp_path / "m.jsonl")] == [
         "record 1.image_info[0]: field 'matched_text_index': type integer, got null"]
     feats = tmp_path / "f.safetensors"
-    D.save_features(feats, {"image:a.png": (torch.ones(3), torch.ones(2) / 2 ** .5)})  # .uni is not unit norm
-    assert [(p.index, p.field) for p in D.check(feats)] == [("image:a.png.uni", "uni")]
+    data.save_features(feats, {"image:a.png": (torch.ones(3), torch.ones(2) / 2 ** .5)})  # .uni is not unit norm
+    assert [(p.index, p.field) for p in data.check(feats)] == [("image:a.png.uni", "uni")]
 
 
 def test_mmc4_records_are_numbered_by_line_from_one(tmp_path):
     png(tmp_path / "k0.png")
     good = json.dumps({"text_list": ["a"], "image_info": [{"image_name": "k0.png", "matched_text_index": 0}]})
     (tmp_path / "m.jsonl").write_text(good + "\n{broken\n" + good + "\n")
-    assert [(p.index, p.field) for p in D.check(tmp_path / "m.jsonl")] == [(2, "<line>")]
+    assert [(p.index, p.field) for p in data.check(tmp_path / "m.jsonl")] == [(2, "<line>")]
 
 
 def test_winoground_problems_name_the_file_line_and_field(tmp_path, ckpt):
@@ -301,7 +301,7 @@ def test_winoground_problems_name_the_file_line_and_field(tmp_path, ckpt):
              {**good, "image_1": "k0.png"}]
     path = tmp_path / "wino.jsonl"
     path.write_text("".join(json.dumps(x) + "\n" for x in lines) + "{broken\n")
-    assert [str(p) for p in D.check(path)] == [
+    assert [str(p) for p in data.check(path)] == [
         "record 2: field 'caption_1': type string, got null",
         "record 3: field 'image_0': a required field 'image_0' (missing)",
         f"record 4: field 'image_1': missing image file {tmp_path / 'nope.png'}",
@@ -330,7 +330,7 @@ def test_interleaved_suite_refuses_documents_it_cannot_query(tmp_path):
     path.write_text("\n" + json.dumps(doc) + "\n")
     room = model.cfg.llm.max_seq_len - model.cfg.n_soft_tokens
     # the document fits the context; its sentence with the soft prompt does not
-    D.load_dataset(path, tok, max_len=model.cfg.llm.max_seq_len)
-    assert D.sample_lengths([D.Sample([D.text_seg(long, False)])], tok, 16)[0] > room
+    data.load_dataset(path, tok, max_len=model.cfg.llm.max_seq_len)
+    assert data.sample_lengths([data.Sample([data.text_seg(long, False)])], tok, 16)[0] > room
     with pytest.raises(SystemExit, match=r"long.jsonl: record 2: a sentence with the summary's soft prompt"):
         E.main(["--ckpt", str(tmp_path / "c.pt"), "--data", str(path)])

@@ -112,18 +112,18 @@ def test_normalize_answer(pred, truth, same):
 
 
 def test_summary_row():
-    import data as D
-    rows = [D.summary_row(ids, 9, 2) for ids in ([5, 6, 7], [5, 6])]
+    import data
+    rows = [data.summary_row(ids, 9, 2) for ids in ([5, 6, 7], [5, 6])]
     assert rows == [([5, 6, 7, 9, 9], 4), ([5, 6, 9, 9], 3)]
 
 
 def test_eval_summaries_read_the_training_rows():
     """The Embedder's VladVA rows and summary positions are collate_pairs' (training's), token for token."""
-    import data as D
+    import data
     from types import SimpleNamespace
-    scenes = D.make_world("test", 3, 0, image_size=16).scenes
-    tok = D.train_tokenizer([s.short_caption + " " + s.long_caption for s in scenes], 300)
-    k, n_img = D.n_soft_tokens(tok), 4
+    scenes = data.make_world("test", 3, 0, image_size=16).scenes
+    tok = data.train_tokenizer([s.short_caption + " " + s.long_caption for s in scenes], 300)
+    k, n_img = data.n_soft_tokens(tok), 4
     seen = []
 
     class Recorder:  # stands in for the MLLM: records what the Embedder feeds it
@@ -141,7 +141,7 @@ def test_eval_summaries_read_the_training_rows():
     emb = E.Embedder(Recorder(), tok, 8, torch.device("cpu"))
     emb([E.img(s.image) for s in scenes], "summary", "image")
     emb([E.txt(s.short_caption) for s in scenes], "summary", "text")
-    b = D.collate_pairs(scenes, tok, n_img, k, 256)
+    b = data.collate_pairs(scenes, tok, n_img, k, 256)
     img_ids, img_pos, txt_ids, txt_pos = seen
     assert torch.equal(img_pos.cpu(), b["img_pos"]) and torch.equal(txt_pos.cpu(), b["txt_pos"])
     for row, pos, ref in zip(img_ids, img_pos, b["img_ids"]):
@@ -150,8 +150,8 @@ def test_eval_summaries_read_the_training_rows():
 
 
 def test_question_types_cover_the_world_templates():
-    import data as D
-    w = D.make_world("test", 30, 0)
+    import data
+    w = data.make_world("test", 30, 0)
     kinds = {E.question_type(q): q for s in w.scenes for q, _ in s.vqa}
     assert set(kinds) == {"count", "colour", "shape", "size", "relation"}
     assert kinds["relation"].startswith("is the")
@@ -243,17 +243,17 @@ def test_mmc4_and_winoground_files_give_their_metrics(tmp_path, monkeypatch):
 def test_interleaved_query_longer_than_the_context_drops_its_oldest_segments(tmp_path, monkeypatch):
     """A document that fits the context, whose last query does not once the summary's soft prompt is appended:
     the query keeps its newest segments (and the real model embeds it instead of refusing)."""
-    import data as D
+    import data
     from test_train import tiny_checkpoint
     write_shades(tmp_path)
     sentences = ["s zero one.", "s one two.", "s two three.", "s three zero."]
     docs = write_jsonl(tmp_path / "docs.jsonl", [doc(sentences, {"a": 0, "b": 1, "c": 2, "d": 3})])
     model, tok = tiny_checkpoint(tmp_path / "c.pt", ["s zero one two three."] * 3)
     room = model.cfg.llm.max_seq_len - model.cfg.n_soft_tokens
-    full = D.load_dataset(docs, tok, max_len=model.cfg.llm.max_seq_len).samples[0]
-    last = D.Sample([D.image_seg(s.image) if s.kind == "image" else D.text_seg(s.text, False)
-                     for s in full.segments[:6]] + [D.text_seg(sentences[3], False)])
-    assert D.sample_lengths([last], tok, 16)[0] > room  # the case: without the cut the model would refuse
+    full = data.load_dataset(docs, tok, max_len=model.cfg.llm.max_seq_len).samples[0]
+    last = data.Sample([data.image_seg(s.image) if s.kind == "image" else data.text_seg(s.text, False)
+                     for s in full.segments[:6]] + [data.text_seg(sentences[3], False)])
+    assert data.sample_lengths([last], tok, 16)[0] > room  # the case: without the cut the model would refuse
     seen = []
 
     class Recording(E.Embedder):
@@ -267,4 +267,4 @@ def test_interleaved_query_longer_than_the_context_drops_its_oldest_segments(tmp
     n_dropped = 7 - len(cut)
     assert n_dropped >= 1 and cut == [shade(x.image) if x.kind == "image" else x.text
                                       for x in last.segments[n_dropped:]]
-    assert D.sample_lengths([D.Sample(last.segments[n_dropped - 1:])], tok, 16)[0] > room  # none too many
+    assert data.sample_lengths([data.Sample(last.segments[n_dropped - 1:])], tok, 16)[0] > room  # none too many

@@ -250,7 +250,7 @@ def write_user_files(tmp_path: Path) -> dict[str, Path]:
     teacher-features file covering every slice of the MMC4 documents."""
     import numpy as np
     from PIL import Image
-    import data as D
+    import data
     (tmp_path / "img").mkdir()
     for k in range(4):
         Image.fromarray(np.random.default_rng(k).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / f"img/{k}.png")
@@ -269,9 +269,9 @@ def write_user_files(tmp_path: Path) -> dict[str, Path]:
     paths["karpathy"].write_text(json.dumps(karpathy))
     paths["mmc4"].write_text("\n".join(json.dumps(d) for d in docs) + "\n")
     unit = lambda k, d: torch.nn.functional.normalize(torch.randn(d, generator=torch.Generator().manual_seed(k)), dim=0)  # noqa: E731
-    feats = {D.feature_key("image", f"img/{k}.png"): (unit(k, 6), unit(10 + k, 4)) for k in range(4)}
-    feats.update({D.feature_key("text", s): (unit(20 + i, 6), unit(30 + i, 4)) for i, s in enumerate(sum(texts, []))})
-    D.save_features(paths["features"], feats)
+    feats = {data.feature_key("image", f"img/{k}.png"): (unit(k, 6), unit(10 + k, 4)) for k in range(4)}
+    feats.update({data.feature_key("text", s): (unit(20 + i, 6), unit(30 + i, 4)) for i, s in enumerate(sum(texts, []))})
+    data.save_features(paths["features"], feats)
     return paths
 
 
@@ -327,10 +327,10 @@ def test_fine_tune_from_hugging_face_checkpoints(tmp_path):
     new rows) and a CLIP vision tower saved by transformers; fine-tuning runs, and the loaded weights are the ones
     transformers saved."""
     import transformers
-    import data as D
+    import data
     from unimllm import load_llm
-    world = D.make_world("train", 24, 0)
-    tok = D.train_tokenizer(D.world_texts(world), 400)
+    world = data.make_world("train", 24, 0)
+    tok = data.train_tokenizer(data.world_texts(world), 400)
     torch.manual_seed(0)
     llm_cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
@@ -370,9 +370,9 @@ def test_hugging_face_ids_resolve_offline_from_the_cache(tmp_path, monkeypatch):
     the cache, a missing huggingface_hub and a path that is no id each stop with a message naming the flag."""
     huggingface_hub = pytest.importorskip("huggingface_hub")
     import transformers
-    import data as D
+    import data
     from unimllm import load_llm
-    tok = D.train_tokenizer(["a red cube.", "a blue ball."] * 3, 300)
+    tok = data.train_tokenizer(["a red cube.", "a blue ball."] * 3, 300)
     torch.manual_seed(0)
     llm_cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128)
@@ -510,15 +510,15 @@ def test_lambda_ntp_delta_and_switches_in_the_checkpoint(tmp_path, capsys):
 def tiny_checkpoint(path, texts, lora: dict | None = None):
     """A checkpoint file as train.py writes one, without training: a tiny random model sized to a tokenizer
     trained on `texts` (32-px images: 16 image tokens)."""
-    import data as D
+    import data
     from unimllm import CKPT_FIELDS, LLMConfig, MLLM, MLLMConfig, VisionConfig, apply_lora
-    tok = D.train_tokenizer(texts, 300)
+    tok = data.train_tokenizer(texts, 300)
     torch.manual_seed(0)
     cfg = MLLMConfig(VisionConfig(image_size=32, patch_size=8, hidden_size=32, num_layers=2, intermediate_size=64),
                      LLMConfig(vocab_size=tok.vocab_size, hidden_size=48, intermediate_size=96, num_layers=2,
                                max_seq_len=96),
                      image_token_id=tok.image_id, soft_image_token_id=tok.soft_image_id,
-                     soft_text_token_id=tok.soft_text_id, n_soft_tokens=D.n_soft_tokens(tok), proj_dim=16)
+                     soft_text_token_id=tok.soft_text_id, n_soft_tokens=data.n_soft_tokens(tok), proj_dim=16)
     model = MLLM(cfg).eval()
     if lora:
         apply_lora(model, [lora["targets"]], lora["r"], lora["alpha"])
@@ -597,14 +597,14 @@ def test_eval_on_llava_and_pope_files(tmp_path, monkeypatch):
 def test_eval_answers_a_prompt_near_the_context_end(tmp_path):
     """A question whose sample fits the context exactly but leaves fewer free positions than the answer budget:
     the answer is cut at the context's end instead of generation refusing."""
-    import data as D
+    import data
     write_user_files(tmp_path)
     _, tok = tiny_checkpoint(tmp_path / "c.pt", ["question follow-up is there red blue square two yes no"] * 3)
     question = " ".join(["red"] * 70)
     rec = {"image": "img/0.png", "conversations": [{"from": "human", "value": f"<image>\n{question}"},
                                                    {"from": "gpt", "value": "blue"}]}
     (tmp_path / "long.json").write_text(json.dumps([rec]))
-    n = D.sample_lengths(D.load_dataset(tmp_path / "long.json").samples, tok, 16)[0]
+    n = data.sample_lengths(data.load_dataset(tmp_path / "long.json").samples, tok, 16)[0]
     assert 96 - 16 < n - 2 < 96  # the prompt (the sample less answer and </s>) leaves under 16 positions
     metrics = E.main(["--ckpt", str(tmp_path / "c.pt"), "--data", str(tmp_path / "long.json")])
     assert set(metrics) == {"vqa/acc"}

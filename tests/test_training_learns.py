@@ -14,7 +14,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import data as D  # noqa: E402
+import data  # noqa: E402
 import train as T  # noqa: E402
 
 CPU = T.Dist(0, 1, torch.device("cpu"))
@@ -88,7 +88,7 @@ def test_finetuning_fits_a_fixed_batch_and_moves_only_its_trainable_set(method, 
     pb = batches("pretrain", cfg, tok, corpus, streams, model)
     fit(model, pb(0), pb.objective, 30, 1e-3)  # a base that has seen the data (LoRA on a random base barely moves)
     T.add_lora(model, cfg.finetune)
-    model.init_soft_prompts(*D.soft_prompt_ids(tok))
+    model.init_soft_prompts(*data.soft_prompt_ids(tok))
     ft = cfg.finetune
     if T.losses_of(method, ft)[1]:
         ft.gak_delta = T.estimate_gak_delta(corpus, streams, ft, CPU)
@@ -107,7 +107,7 @@ def test_finetuning_fits_a_fixed_batch_and_moves_only_its_trainable_set(method, 
     # raise the next-token term), so each term is fitted on its own: the method's trainable set must lower it
     for k in active:
         alone = copy.deepcopy(start)
-        weights = T.K.LossWeights(**{w: (1.0 if w == k else 0.0) for w in ("ntp", "contrastive", "structure")})
+        weights = T.kernel.LossWeights(**{w: (1.0 if w == k else 0.0) for w in ("ntp", "contrastive", "structure")})
         h = fit(alone, fb(0), dataclasses.replace(fb.objective, weights=weights), 40, 1e-2)
         assert h[-1][k] < 0.99 * h[0][k], (method, k, h[0], h[-1])
     moved = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}

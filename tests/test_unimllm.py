@@ -618,7 +618,6 @@ def test_from_scratch_init_starts_near_uniform_prediction():
 def test_export_loads_in_transformers_with_lora_merged(tmp_path: Path, tie: bool, bias: bool, llama3: bool) -> None:
     """transformers' own model class, loaded from the exported directory, gives our logits (LoRA unmerged, with
     random B so it counts); the other weights come back from mllm.safetensors, the tokenizer encodes alike."""
-    import data as D
     torch.manual_seed(0)
     llm_cfg = um.LLMConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_layers=2, max_seq_len=64,
                            tie_embeddings=tie, attention_bias=bias, rope_theta=500.0,
@@ -632,7 +631,7 @@ def test_export_loads_in_transformers_with_lora_merged(tmp_path: Path, tie: bool
         for n, p in model.named_parameters():
             if n.endswith("lora_B") or n.endswith("bias") or "norm" in n:
                 p.add_(torch.randn_like(p) * 0.1)
-    tok = D.train_tokenizer(["a red cube on the left.", "a blue ball to the right."] * 3, 300)
+    tok = data.train_tokenizer(["a red cube on the left.", "a blue ball to the right."] * 3, 300)
     ids = {"bos": tok.bos_id, "eos": tok.eos_id, "pad": tok.pad_id, "image": IMG}
     um.export_hf(model, tok.to_str(), tmp_path, ids)
     cls = transformers.Qwen2ForCausalLM if bias else transformers.LlamaForCausalLM
