@@ -826,9 +826,9 @@ def _make_scene(graph: SceneGraph, rng: random.Random, image_size: int) -> Scene
 
 def _scene_for_split(split: str, rng: random.Random) -> SceneGraph:
     while True:
-        g = _random_graph(rng)
-        if graph_split(g) == split:
-            return g
+        graph = _random_graph(rng)
+        if graph_split(graph) == split:
+            return graph
 
 
 def _frame(graph: SceneGraph, sentence: str, facts: list[str], image_size: int) -> Frame:

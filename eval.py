@@ -187,13 +187,13 @@ class Embedder:
         m, tok = self.model, self.tok
         if kind == "prefix":
             samples = [data.Sample(s.segments, [len(s.segments) - 1]) for s in samples]
-        b = data.collate(samples, tok, m.n_image_tokens, m.cfg.llm.max_seq_len)
-        ids, lengths = b["input_ids"], b["attention_mask"].sum(1)  # (B, T), (B,)
-        images = None if b["images"] is None else b["images"].to(self.device)
+        batch = data.collate(samples, tok, m.n_image_tokens, m.cfg.llm.max_seq_len)
+        ids, lengths = batch["input_ids"], batch["attention_mask"].sum(1)  # (B, T), (B,)
+        images = None if batch["images"] is None else batch["images"].to(self.device)
         if kind == "prefix":
             _, hidden = m(ids.to(self.device), images)
             keys = ("seg_batch", "seg_start", "seg_end", "seg_is_image", "prefix_seg")
-            segs = (b[k].to(self.device) for k in keys)
+            segs = (batch[k].to(self.device) for k in keys)
             return m.prefix_embeddings(hidden, *segs, self.pool).cpu()
         soft = tok.soft_image_id if side == "image" else tok.soft_text_id
         k = m.cfg.n_soft_tokens
@@ -309,8 +309,8 @@ def eval_compositional(world: data.World, emb: Embedder, kind: str) -> dict[str,
 
 def eval_winoground(world: data.World, emb: Embedder, kind: str) -> dict[str, float]:
     pairs = world.winoground
-    images = [img(x, data.cross_features(data.cross_facts_graph(g))) for p in pairs
-              for x, g in ((p.image_a, p.graph_a), (p.image_b, p.graph_b))]
+    images = [img(x, data.cross_features(data.cross_facts_graph(graph))) for p in pairs
+              for x, graph in ((p.image_a, p.graph_a), (p.image_b, p.graph_b))]
     captions = [txt(ph.text(), phrase_features(ph)) for p in pairs for ph in (p.phrase_a, p.phrase_b)]
     return winoground_suite(images, captions, emb, kind)
 

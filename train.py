@@ -77,12 +77,12 @@ def trainable_patterns(ft: "FinetuneArgs") -> list[str]:
     sits in every image-caption sequence, reached by the next-token loss on its long caption and by the
     contrastive loss; the text prompt and the temperature serve the contrastive loss; the retrieval projector
     the structure loss. A frozen soft prompt stays the handcrafted prompt it was initialised from."""
-    use_c, use_s = losses_of(ft.method, ft)
+    use_contrastive, use_structure = losses_of(ft.method, ft)
     lora = [r"\.lora_[AB]$"] if ft.adapt in ("lora", "both") else []
     prompts = ft.adapt in ("prompt", "both")
-    image_prompt = ["image_prompt"] if prompts and (use_c or ft.lambda_ntp > 0) else []
-    text_prompt = ["text_prompt"] if prompts and use_c else []
-    heads = (["logit_scale"] if use_c else []) + ([r"^projector\."] if use_s else [])
+    image_prompt = ["image_prompt"] if prompts and (use_contrastive or ft.lambda_ntp > 0) else []
+    text_prompt = ["text_prompt"] if prompts and use_contrastive else []
+    heads = (["logit_scale"] if use_contrastive else []) + ([r"^projector\."] if use_structure else [])
     return lora + image_prompt + text_prompt + heads
 
 
@@ -568,11 +568,11 @@ class Objective:
 
 def objective_of(stage: str, ft: FinetuneArgs) -> Objective:
     method = ft.method if stage == "finetune" else "generative"
-    use_c, use_s = losses_of(method, ft)
+    use_contrastive, use_structure = losses_of(method, ft)
     return Objective(kernel.LossWeights(ntp=ft.lambda_ntp if stage == "finetune" else 1.0,
-                                   contrastive=ft.lambda_contrastive if use_c else 0.0,
-                                   structure=ft.lambda_structure if use_s else 0.0),
-                     lm=method != "vladva", contrastive=use_c, structure=use_s, pool=ft.sugar_pool)
+                                   contrastive=ft.lambda_contrastive if use_contrastive else 0.0,
+                                   structure=ft.lambda_structure if use_structure else 0.0),
+                     lm=method != "vladva", contrastive=use_contrastive, structure=use_structure, pool=ft.sugar_pool)
 
 
 @dataclass
@@ -628,19 +628,19 @@ class Batches:
             if obj.structure:
                 # every rank builds the global targets' inputs in the gathered order: stories, then singles
                 ranks = [Dist(r, d.world, d.device) for r in range(d.world)]
-                glob = [s for r in ranks for s in shard(stories, ft.story_batch, r)]
+                global_samples = [s for r in ranks for s in shard(stories, ft.story_batch, r)]
                 if self.pair_singles:
                     out.singles = data.collate(singles(local_pairs), tok, n_img, L)
-                    glob += [s for r in ranks for s in singles(shard(pairs, ft.pair_batch, r))]
-                g = data.collate(glob, tok, n_img, L)
-                args = (g["slice_uni"], g["slice_cross"], g["seg_is_image"], g["prefix_slices"], g["prefix_len"],
-                        g["prefix_batch"])
+                    global_samples += [s for r in ranks for s in singles(shard(pairs, ft.pair_batch, r))]
+                global_batch = data.collate(global_samples, tok, n_img, L)
+                args = (global_batch["slice_uni"], global_batch["slice_cross"], global_batch["seg_is_image"], global_batch["prefix_slices"], global_batch["prefix_len"],
+                        global_batch["prefix_batch"])
                 if ft.sugar_alignment == "mean":  # Sugar Table 4b "w/o GAK"
                     out.sugar_targets = kernel.mean_targets(*args, kernel=ft.sugar_kernel)  # (P, P)
                 else:  # Sugar Eq. 2 + 4
                     out.sugar_targets = kernel.gak_targets(*args, delta=ft.gak_delta, kernel=ft.sugar_kernel,
                                                       single=ft.sugar_single)  # (P, P)
-        rows = [b["input_ids"] for b in (out.lm, out.stories, out.singles) if b is not None]
+        rows = [part["input_ids"] for part in (out.lm, out.stories, out.singles) if part is not None]
         if out.pairs is not None:
             rows.append(out.pairs["img_ids"])  # a pair is one sample (its caption side rides along)
         out.n_sequences = sum(r.shape[0] for r in rows)
@@ -775,13 +775,13 @@ def distil_vision(model: MLLM, images: Tensor, targets: Tensor, cfg: TrainConfig
     head = torch.nn.Linear(model.cfg.vision.hidden_size, targets.shape[1]).to(d.device)
     params = list(model.vision.parameters()) + list(head.parameters())  # layers past feature_layer get no grad
     opt = torch.optim.AdamW(params, lr=pc.vision_lr, betas=(0.9, 0.95))
-    g = torch.Generator().manual_seed(cfg.run.seed)
+    gen = torch.Generator().manual_seed(cfg.run.seed)
     for step in tqdm(range(pc.vision_steps), desc="vision", disable=not d.main, dynamic_ncols=True, file=sys.stderr):
         t0 = time.perf_counter()
         lr = lr_at(step, pc.vision_steps, pc.vision_lr, cfg.run.warmup_frac)
         for group in opt.param_groups:
             group["lr"] = lr
-        idx = torch.randint(len(images), (pc.vision_batch,), generator=g)
+        idx = torch.randint(len(images), (pc.vision_batch,), generator=gen)
         pooled = model.vision_features(images[idx].to(d.device)).mean(1)  # (B, Dv)
         loss = (1 - F.cosine_similarity(head(pooled), targets[idx].to(d.device), dim=-1)).mean()
         opt.zero_grad(set_to_none=True)
@@ -850,13 +850,13 @@ def prefix_embeddings(model: MLLM, batch: dict[str, Tensor], hidden: Tensor, poo
                                    batch["seg_is_image"], batch["prefix_seg"], pool)
 
 
-def predicted_tokens(b: Batch) -> int:
+def predicted_tokens(batch: Batch) -> int:
     """The tokens a batch's next-token loss predicts (label shift as in ntp_sum)."""
-    labels = [x[k] for x, k in ((b.lm, "labels"), (b.pairs, "img_labels"), (b.stories, "labels")) if x is not None]
+    labels = [x[k] for x, k in ((batch.lm, "labels"), (batch.pairs, "img_labels"), (batch.stories, "labels")) if x is not None]
     return sum(int((lab[:, 1:] != -100).sum()) for lab in labels)
 
 
-def compute_loss(model: torch.nn.Module, b: Batch, obj: Objective, world: int,
+def compute_loss(model: torch.nn.Module, batch: Batch, obj: Objective, world: int,
                  ntp_tokens: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """L = L_ntp + lambda_c * L_contrastive + lambda_s * L_structure for this rank's share
     of one micro-batch, on the device; `model` is the MLLM or its DDP / compiled wrapper. Returns the loss to
@@ -867,25 +867,25 @@ def compute_loss(model: torch.nn.Module, b: Batch, obj: Objective, world: int,
     core = unwrap(model)
     # Forward passes, each batch once: logits for L_ntp, hidden states for the summaries and prefix vectors.
     ntp_parts = []
-    if b.lm is not None:  # captions, VQA, RAG (pre-training: every sample)
-        logits, _ = model(b.lm["input_ids"], b.lm["images"])
-        ntp_parts.append(ntp_sum(logits, b.lm["labels"]))
-    if b.pairs is not None:  # [image][soft image prompt][long caption]
-        logits, img_hidden = model(b.pairs["img_ids"], b.pairs["images"])
-        ntp_parts.append(ntp_sum(logits, b.pairs["img_labels"]))
+    if batch.lm is not None:  # captions, VQA, RAG (pre-training: every sample)
+        logits, _ = model(batch.lm["input_ids"], batch.lm["images"])
+        ntp_parts.append(ntp_sum(logits, batch.lm["labels"]))
+    if batch.pairs is not None:  # [image][soft image prompt][long caption]
+        logits, img_hidden = model(batch.pairs["img_ids"], batch.pairs["images"])
+        ntp_parts.append(ntp_sum(logits, batch.pairs["img_labels"]))
         if obj.contrastive:  # VladVA: last-token summaries of the image side and [short caption][text prompt]
-            _, txt_hidden = model(b.pairs["txt_ids"], None)
-            img_emb = core.summary_embedding(img_hidden, b.pairs["img_pos"])  # (B, D)
-            txt_emb = core.summary_embedding(txt_hidden, b.pairs["txt_pos"])  # (B, D)
-    prefixes = []  # Sugar: one embedding per prefix, stories then singles (the order of b.sugar_targets)
-    if b.stories is not None:
-        logits, hidden = model(b.stories["input_ids"], b.stories["images"])
-        ntp_parts.append(ntp_sum(logits, b.stories["labels"]))
+            _, txt_hidden = model(batch.pairs["txt_ids"], None)
+            img_emb = core.summary_embedding(img_hidden, batch.pairs["img_pos"])  # (B, D)
+            txt_emb = core.summary_embedding(txt_hidden, batch.pairs["txt_pos"])  # (B, D)
+    prefixes = []  # Sugar: one embedding per prefix, stories then singles (the order of batch.sugar_targets)
+    if batch.stories is not None:
+        logits, hidden = model(batch.stories["input_ids"], batch.stories["images"])
+        ntp_parts.append(ntp_sum(logits, batch.stories["labels"]))
         if obj.structure:
-            prefixes.append(prefix_embeddings(core, b.stories, hidden, obj.pool))  # (P_story, proj_dim)
-    if b.singles is not None:
-        _, hidden = model(b.singles["input_ids"], b.singles["images"])
-        prefixes.append(prefix_embeddings(core, b.singles, hidden, obj.pool))  # (P_single, proj_dim)
+            prefixes.append(prefix_embeddings(core, batch.stories, hidden, obj.pool))  # (P_story, proj_dim)
+    if batch.singles is not None:
+        _, hidden = model(batch.singles["input_ids"], batch.singles["images"])
+        prefixes.append(prefix_embeddings(core, batch.singles, hidden, obj.pool))  # (P_single, proj_dim)
 
     # L_ntp: a mean over every predicted token of the GLOBAL batch: each rank sums its own tokens, divides by
     # the global count and multiplies by W (the DDP gradient argument, kernel.gather_with_grad).
@@ -901,7 +901,7 @@ def compute_loss(model: torch.nn.Module, b: Batch, obj: Objective, world: int,
     structure = None
     if obj.structure:
         r = torch.cat([kernel.gather_with_grad(e)[0] for e in prefixes])  # (P, proj_dim)
-        structure = kernel.structure_loss(r.float(), b.sugar_targets)
+        structure = kernel.structure_loss(r.float(), batch.sugar_targets)
 
     return kernel.combined_loss(ntp, contrastive, structure, obj.weights)
 
@@ -1012,15 +1012,15 @@ def train_stage(stage: Stage, model: MLLM, opt: torch.optim.Optimizer, batches: 
             wait = time.perf_counter() - t_wait
             # L_ntp is one mean over all tokens of the step: every micro-batch divides by the step's global count
             # (/ n_acc, undone by summing n_acc backward passes of loss / n_acc)
-            count = torch.tensor(float(sum(predicted_tokens(b) for b in step_batches)), device=d.device)
+            count = torch.tensor(float(sum(predicted_tokens(batch) for batch in step_batches)), device=d.device)
             ntp_tokens = all_sum(count) / n_acc
-            for micro, b in enumerate(step_batches):  # forward + backward; DDP syncs gradients on the last
-                b = b.map(lambda t: t.to(d.device, non_blocking=True))
-                n_samples += b.n_sequences * d.world
+            for micro, batch in enumerate(step_batches):  # forward + backward; DDP syncs gradients on the last
+                batch = batch.map(lambda t: t.to(d.device, non_blocking=True))
+                n_samples += batch.n_sequences * d.world
                 with nullcontext() if micro == n_acc - 1 or d.world == 1 else net.no_sync():
                     with autocast:
                         try:
-                            loss, terms = compute_loss(net, b, batches.objective, d.world, ntp_tokens)
+                            loss, terms = compute_loss(net, batch, batches.objective, d.world, ntp_tokens)
                         except ValueError as e:  # the model refuses a malformed batch
                             raise SystemExit(f"train.py: {stage.name} step {step}: {e}; stopping without "
                                              f"writing a checkpoint (the last good one, if any, stays at "
