@@ -1,5 +1,5 @@
 """bench_data.py — is training ever data-bound? Samples/s the data loader delivers vs samples/s one training step
-consumes, measured in the same run (issue 5, "Must show").
+consumes, measured in the same run.
 
 Loader side (all on the CPU, single process): building the built-in world (Pillow drawing, captions, negatives,
 teacher features) turned into LLaVA-style pretraining samples, `collate` of those samples, and `collate_pairs`.

@@ -56,7 +56,7 @@ def llava_one(tmp_path: Path, answer: str, n_images: int = 1) -> Path:
 @pytest.mark.parametrize("metric", ["recall", "pairwise", "winoground"])
 def test_metrics_refuse_non_finite_scores(metric):
     s = torch.randn(4, 4)
-    s[1, 2] = math.nan  # recall_at_k used to count every query as a hit when its scores held NaN
+    s[1, 2] = math.nan  # NaN compares False: counting the scores above the positive would rank this query first
     with pytest.raises(ValueError, match="NaN or infinite"):
         if metric == "recall":
             E.recall_at_k(s, torch.eye(4, dtype=torch.bool), (1,))
@@ -86,9 +86,9 @@ def test_nan_checkpoint_gives_no_metric_and_names_the_checkpoint(ckpt, tmp_path)
     (["--n-train", "0"], "--n-train must be >= 1"),
     (["--pretrain-lr", "-1"], "--pretrain-lr must be > 0"),
     (["--finetune-lr", "nan"], "--finetune-lr must be a finite number"),
-    (["--lambda-structure", "-1"], "--lambda-structure must be >= 0"),  # it used to switch the loss off
+    (["--lambda-structure", "-1"], "--lambda-structure must be >= 0"),  # refused, not read as "off"
     (["--lambda-contrastive", "-0.5"], "--lambda-contrastive must be >= 0"),
-    (["--stop-after", "-2"], "--stop-after must be >= 0"),  # it used to be ignored
+    (["--stop-after", "-2"], "--stop-after must be >= 0"),  # refused, not ignored
     (["--warmup-frac", "2"], "--warmup-frac is a fraction"),
     (["--image-size", "30"], "--image-size 30 must be a multiple of --patch-size 16"),
     (["--llm-heads", "5"], "--llm-width 64 must be a multiple of --llm-heads 5"),
@@ -217,7 +217,7 @@ def test_over_long_sample_refused_before_the_first_step_from_scratch(tmp_path):
 
 
 def test_check_measures_against_the_training_context(tmp_path):
-    # 13 images are 208 image tokens: over train.py's default context of 192, under the 512 `check` used to assume
+    # 13 images are 208 image tokens, over train.py's default context of 192, which check measures against
     path = llava_one(tmp_path, "red", n_images=13)
     problems = data.check(path)
     assert [(p.index, p.field) for p in problems] == [(0, "<sample>")] and "at most 192" in problems[0].expected

@@ -234,8 +234,8 @@ def test_non_finite_gradient_with_a_finite_loss_is_never_written(tmp_path, monke
 
 def test_diverging_run_never_writes_non_finite_tensors(tmp_path):
     """lr 1e3 diverges within a few steps; with a checkpoint after every step, whatever was written must hold
-    only finite weights and optimizer state (the guard once checked the loss alone: a finite loss with
-    non-finite gradients wrote a checkpoint with 45 non-finite tensors)."""
+    only finite weights and optimizer state (checking the loss alone is not enough: a finite loss
+    can have non-finite gradients, and the step they take makes every weight they reach non-finite)."""
     out = tmp_path / "l.pt"
     with pytest.raises(SystemExit, match="stopping without writing"):
         train.main(["--smoke", "--pretrain-lr", "1e3", "--ckpt-every", "1", "--out", str(out)])
