@@ -424,7 +424,7 @@ def eval_rag(world: data.World, model: MLLM, tok: data.Tokenizer, emb: Embedder,
     q = emb([txt(question) for question, _ in kb.questions], kind, "text")  # (Q, d)
     top = cosine(q, keys).topk(min(k, len(kb.entries)), dim=1).indices.tolist()
     with_ctx = [data.Sample([data.text_seg(kb.entries[e].description, False) for e in reversed(top[n])]
-                         + [data.text_seg(data.format_question(question), False)])
+                            + [data.text_seg(data.format_question(question), False)])
                 for n, (question, _) in enumerate(kb.questions)]
     without = [data.Sample([data.text_seg(data.format_question(question), False)]) for question, _ in kb.questions]
     oracle = [data.Sample([data.text_seg(e.description, False), data.text_seg(data.format_question(question), False)])
@@ -484,8 +484,8 @@ def evaluate_file(model: MLLM, tok: data.Tokenizer, method: str, args: EvalArgs,
     for path in args.data.split(","):
         try:
             loaded = data.load_dataset(path, tok=tok, n_image_tokens=model.n_image_tokens,
-                                    max_len=model.cfg.llm.max_seq_len, image_size=model.cfg.vision.image_size,
-                                    split=args.data_split)
+                                       max_len=model.cfg.llm.max_seq_len, image_size=model.cfg.vision.image_size,
+                                       split=args.data_split)
         except ValueError as e:  # data.py's DataError lists every problem of the file
             raise SystemExit(f"eval.py: {e}") from e
         metrics, kinds = evaluate_loaded(loaded, path, model, tok, method, args, device, pool)

@@ -468,7 +468,7 @@ def rag_corpus(cfg: TrainConfig) -> list[data.Sample]:
     a name out of its context rather than memorise a few dozen names; test names never occur in training."""
     n_kb = max(1, cfg.data.rag_kbs)
     worlds = [data.make_world("train", 1, cfg.data.data_seed * 1000 + 1 + k, image_size=cfg.model.image_size,
-                           n_stories=0, n_winoground=0, n_kb=48) for k in range(n_kb)]
+                              n_stories=0, n_winoground=0, n_kb=48) for k in range(n_kb)]
     return [s for w in worlds for s in data.rag_samples(w)]
 
 
@@ -481,7 +481,7 @@ def file_corpus(cfg: TrainConfig) -> Corpus:
     for path in cfg.data.data.split(","):
         try:
             loaded = data.load_dataset(path, image_size=cfg.model.image_size, features=feats,
-                                    split=cfg.data.data_split)
+                                       split=cfg.data.data_split)
         except ValueError as e:  # data.DataError lists every problem of the file
             raise SystemExit(f"train.py: --data {e}") from e
         stories += [s for s in loaded.samples if s.prefixes]
@@ -570,8 +570,8 @@ def objective_of(stage: str, ft: FinetuneArgs) -> Objective:
     method = ft.method if stage == "finetune" else "generative"
     use_contrastive, use_structure = losses_of(method, ft)
     return Objective(kernel.LossWeights(ntp=ft.lambda_ntp if stage == "finetune" else 1.0,
-                                   contrastive=ft.lambda_contrastive if use_contrastive else 0.0,
-                                   structure=ft.lambda_structure if use_structure else 0.0),
+                                        contrastive=ft.lambda_contrastive if use_contrastive else 0.0,
+                                        structure=ft.lambda_structure if use_structure else 0.0),
                      lm=method != "vladva", contrastive=use_contrastive, structure=use_structure, pool=ft.sugar_pool)
 
 
@@ -639,7 +639,7 @@ class Batches:
                     out.sugar_targets = kernel.mean_targets(*args, kernel=ft.sugar_kernel)  # (P, P)
                 else:  # Sugar Eq. 2 + 4
                     out.sugar_targets = kernel.gak_targets(*args, delta=ft.gak_delta, kernel=ft.sugar_kernel,
-                                                      single=ft.sugar_single)  # (P, P)
+                                                           single=ft.sugar_single)  # (P, P)
         rows = [part["input_ids"] for part in (out.lm, out.stories, out.singles) if part is not None]
         if out.pairs is not None:
             rows.append(out.pairs["img_ids"])  # a pair is one sample (its caption side rides along)
@@ -1178,8 +1178,8 @@ def estimate_gak_delta(corpus: Corpus, streams: dict[str, Stream], ft: FinetuneA
         samples += singles(streams["pairs"].batch(0, n_pairs))
     segs = [seg for smp in samples for seg in smp.segments]
     delta = kernel.estimate_delta(torch.stack([seg.uni for seg in segs]).double(),  # float64: a one-off estimate
-                             torch.stack([seg.cross for seg in segs]).double(),
-                             torch.tensor([seg.kind == "image" for seg in segs]), kernel=ft.sugar_kernel)
+                                  torch.stack([seg.cross for seg in segs]).double(),
+                                  torch.tensor([seg.kind == "image" for seg in segs]), kernel=ft.sugar_kernel)
     if d.main:
         print(f"train.py: GAK delta {delta:.4f}: the median slice distance ({ft.sugar_kernel} kernel) over "
               f"the {len(segs)} slices of {len(samples)} training samples (--gak-delta overrides)",

@@ -252,7 +252,7 @@ def test_interleaved_query_longer_than_the_context_drops_its_oldest_segments(tmp
     room = model.cfg.llm.max_seq_len - model.cfg.n_soft_tokens
     full = data.load_dataset(docs, tok, max_len=model.cfg.llm.max_seq_len).samples[0]
     last = data.Sample([data.image_seg(s.image) if s.kind == "image" else data.text_seg(s.text, False)
-                     for s in full.segments[:6]] + [data.text_seg(sentences[3], False)])
+                        for s in full.segments[:6]] + [data.text_seg(sentences[3], False)])
     assert data.sample_lengths([last], tok, 16)[0] > room  # the case: without the cut the model would refuse
     seen = []
 
