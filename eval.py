@@ -2,16 +2,17 @@
 eval.py — every metric of a unimllm checkpoint, on the built-in world's test split (or a user's file).
 
 Discriminative metrics use the embeddings of the method the checkpoint was trained with:
-  VladVA summaries (Ouali et al., CVPR 2025, arXiv 2412.04378): the L2-normalised final hidden state of the last
-    soft-prompt token after an image (`<image> <soft_image>*K`) or a text (`text <soft_text>*K`);
-  Sugar prefix embeddings (Chow et al., NeurIPS 2024, arXiv 2411.00304): the retrieval projector applied to the
-    vector of a sample's last segment (mean over an image's tokens, last token of a text).
+  VladVA summaries (Ouali et al., CVPR 2025, arXiv 2412.04378): the L2-normalised final hidden state of the
+    last soft-prompt token after an image (`<image> <soft_image>*K`) or a text (`text <soft_text>*K`);
+  Sugar prefix embeddings (Chow et al., NeurIPS 2024, arXiv 2411.00304): the retrieval projector applied to
+    the vector of a sample's last segment (mean over an image's tokens, last token of a text).
 Generative metrics decode greedily with the KV cache.
 
 Metrics (the JSON keys):
-  retrieval/{i2t,t2i}_r{1,5,10}   image <-> short caption recall@K (a hit is any item with the identical caption)
-  compositional/<category>, compositional/mean   SugarCrepe-style: the image scores its caption above the negative
-  winoground/{text,image,group}   two scenes whose captions differ by a swap (Thrush et al., CVPR 2022 scoring)
+  retrieval/{i2t,t2i}_r{1,5,10}   image <-> short caption recall@K (any item with an identical caption hits)
+  compositional/<category>, compositional/mean
+                                  SugarCrepe-style: the image scores its caption above the negative
+  winoground/{text,image,group}   two scenes, captions differing by a swap (Thrush et al., CVPR 2022 scoring)
   interleaved/r{1,5}              story so far + next sentence -> the next frame among all test frames (an
                                   MMC4 file: document so far + an image's sentence -> that image among all
                                   the file's images, document_queries)
@@ -19,17 +20,19 @@ Metrics (the JSON keys):
                                   colour, shape, size, relation questions, or a LLaVA file's "type")
   pope/{acc,precision,recall,f1,yes_ratio}   object-existence yes/no questions (POPE, Li et al., EMNLP 2023)
   rag/acc, rag/acc_without_retrieval   name questions about test objects whose names never occur in training:
-                                  answered with the top-k knowledge-base entries that the model's own embeddings
-                                  retrieve (question text -> entry image), and with no context at all
+                                  answered with the top-k knowledge-base entries that the model's own
+                                  embeddings retrieve (question text -> entry image), and with no context
+                                  at all
   rag/acc_oracle_context, rag/retrieval_r1   the two halves of rag/acc: answering with the right entry given,
                                   and how often the right entry is retrieved first
-  oracle/<suite>/...              the retrieval, compositional, Winoground and interleaved suites scored with the
-                                  teacher features instead of the model (TeacherEmbedder): the ceiling on this world
+  oracle/<suite>/...              the retrieval, compositional, Winoground and interleaved suites scored
+                                  with the teacher features instead of the model (TeacherEmbedder): the
+                                  ceiling on this world
 
 Run:
     python eval.py --ckpt out.pt                      # a table of every metric
     python eval.py --ckpt out.pt --json metrics.json  # and a flat JSON object metric -> number
-    python eval.py --ckpt out.pt --data sugarcrepe_replace_att.json   # a user's file (metrics its format allows)
+    python eval.py --ckpt out.pt --data sugarcrepe_replace_att.json   # a user's file (its format's metrics)
     python eval.py --ckpt out.pt --data coco_karpathy.json --data-split val   # a Karpathy file's val records
     python eval.py --ckpt out.pt --data llava_test.json,pope_random.jsonl     # vqa/* and pope/* of two files
     python eval.py --ckpt out.pt --data mmc4_docs.jsonl,winoground.jsonl      # interleaved/* and winoground/*
@@ -61,12 +64,12 @@ class EvalArgs:
     json: str = ""
     data: str = ""            # a user's file; empty: the built-in world's test split
     data_split: str = "test"  # the Karpathy records of --data scored: test | val | train (+ restval) | all
-    n_test: int = 200         # built-in world: test scenes (stories, Winoground pairs and the KB scale with it)
+    n_test: int = 200         # built-in world: test scenes (stories, Winoground pairs and KB scale with it)
     test_seed: int = 1
     batch: int = 64
     rag_k: int = 1            # knowledge-base entries put into the prompt
     embedding: str = "auto"   # auto (the checkpoint's method) | summary | prefix
-    blank_images: int = 0     # 1: every test image replaced by zeros (how much of each score comes from the image)
+    blank_images: int = 0     # 1: test images replaced by zeros (how much of a score comes from the image)
 
 
 def parse_args(argv: list[str] | None = None) -> EvalArgs:
@@ -89,7 +92,7 @@ def parse_args(argv: list[str] | None = None) -> EvalArgs:
     return args
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Metrics on score matrices (pure functions; tests/test_eval.py checks each on cases with known answers)
 
 
@@ -109,10 +112,12 @@ def recall_at_k(scores: Tensor, positive: Tensor, ks: tuple[int, ...]) -> dict[i
     """scores (Q, C), positive (Q, C) bool -> {k: fraction of queries with a positive among their top k}.
     Ties are broken against the query (a positive tied with a negative counts as ranked below it)."""
     if scores.shape != positive.shape or not bool(positive.any(1).all()):
-        raise ValueError("recall_at_k: scores and positive must match in shape and every query needs a positive")
+        raise ValueError("recall_at_k: scores and positive must match in shape and every query "
+                         "needs a positive")
     require_finite("recall_at_k: scores", scores)
     best_pos = scores.masked_fill(~positive, -math.inf).max(1).values  # (Q,)
-    n_neg_above = ((scores >= best_pos[:, None]) & ~positive).sum(1)  # (Q,) negatives ranked above the best hit
+    # (Q,) negatives ranked above the best hit
+    n_neg_above = ((scores >= best_pos[:, None]) & ~positive).sum(1)
     return {k: float((n_neg_above < k).float().mean()) for k in ks}
 
 
@@ -124,7 +129,8 @@ def pairwise_accuracy(pos: Tensor, neg: Tensor) -> float:
 
 def winoground_scores(s: Tensor) -> dict[str, float]:
     """s (N, 2, 2): s[n, i, j] = score(image i, caption j) of pair n; caption i matches image i.
-    text: each image prefers its caption; image: each caption prefers its image; group: both (Thrush et al.)."""
+    text: each image prefers its caption; image: each caption prefers its image; group: both (Thrush et
+    al.)."""
     require_finite("winoground_scores: scores", s)
     text = (s[:, 0, 0] > s[:, 0, 1]) & (s[:, 1, 1] > s[:, 1, 0])
     image = (s[:, 0, 0] > s[:, 1, 0]) & (s[:, 1, 1] > s[:, 0, 1])
@@ -133,26 +139,28 @@ def winoground_scores(s: Tensor) -> dict[str, float]:
 
 
 def yes_no_metrics(pred: list[str], truth: list[str]) -> dict[str, float]:
-    """POPE: accuracy, precision, recall and F1 with "yes" as the positive class, and the share of "yes" answers
-    (0.5 is unbiased), on normalised answers (so "Yes." is a yes). An answer that is neither yes nor no is wrong
-    for the accuracy and a "no" for the other four."""
+    """POPE: accuracy, precision, recall and F1 with "yes" as the positive class, and the share of "yes"
+    answers (0.5 is unbiased), on normalised answers (so "Yes." is a yes). An answer that is neither yes nor
+    no is wrong for the accuracy and a "no" for the other four."""
     pred, truth = [normalize_answer(x) for x in pred], [normalize_answer(x) for x in truth]
     p = torch.tensor([x == "yes" for x in pred])
     t = torch.tensor([x == "yes" for x in truth])
     tp, fp, fn = float((p & t).sum()), float((p & ~t).sum()), float((~p & t).sum())
     f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
-    return {"acc": sum(a == b for a, b in zip(pred, truth)) / len(truth), "precision": tp / (tp + fp) if tp + fp else 0.0,
+    return {"acc": sum(a == b for a, b in zip(pred, truth)) / len(truth),
+            "precision": tp / (tp + fp) if tp + fp else 0.0,
             "recall": tp / (tp + fn) if tp + fn else 0.0, "f1": f1, "yes_ratio": float(p.float().mean())}
 
 
-NUMBER_WORDS = {w: str(n) for n, w in enumerate(("zero", "one", "two", "three", "four", "five", "six", "seven",
-                                                 "eight", "nine", "ten"))}
+NUMBER_WORDS = {w: str(n) for n, w in enumerate(("zero", "one", "two", "three", "four", "five", "six",
+                                                 "seven", "eight", "nine", "ten"))}
 PUNCTUATION = re.compile(r"[^\w\s]")
 
 
 def normalize_answer(answer: str) -> str:
     """The VQA answer normalisation (Antol et al., ICCV 2015), simplified (our rules): lower case, punctuation
-    removed, the articles a / an / the dropped, number words zero..ten written as digits, whitespace collapsed."""
+    removed, the articles a / an / the dropped, number words zero..ten written as digits, whitespace
+    collapsed."""
     words = PUNCTUATION.sub("", answer.lower()).split()
     return " ".join(NUMBER_WORDS.get(w, w) for w in words if w not in ("a", "an", "the"))
 
@@ -162,7 +170,7 @@ def exact_match(pred: list[str], truth: list[str]) -> float:
     return sum(normalize_answer(a) == normalize_answer(b) for a, b in zip(pred, truth)) / len(truth)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Embeddings and generation from the model
 
 
@@ -204,12 +212,13 @@ class Embedder:
 
 
 class TeacherEmbedder:
-    """The oracle row: embeds a sample by the cross-modal teacher feature of its last segment, the exact featuriser
-    of the ground truth that Sugar's targets are built from (data.py: one fixed random vector per fact, summed and
-    normalised; an image's vector holds every fact of its scene, a caption's the facts it states). Its scores are
-    what the discriminative suites allow on this world when an embedding knows everything: a short caption truly
-    describes several images, so its retrieval recall stays below 1. The interleaved query's last segment is the
-    new sentence alone, so its row is what the sentence determines (the whole story determines the frame: 1.0)."""
+    """The oracle row: embeds a sample by the cross-modal teacher feature of its last segment, the exact
+    featuriser of the ground truth that Sugar's targets are built from (data.py: one fixed random vector per
+    fact, summed and normalised; an image's vector holds every fact of its scene, a caption's the facts it
+    states). Its scores are what the discriminative suites allow on this world when an embedding knows
+    everything: a short caption truly describes several images, so its retrieval recall stays below 1. The
+    interleaved query's last segment is the new sentence alone, so its row is what the sentence determines
+    (the whole story determines the frame: 1.0)."""
 
     def __init__(self) -> None:
         self.count = 0
@@ -225,8 +234,8 @@ class TeacherEmbedder:
 @torch.no_grad()
 def generate_answers(model: MLLM, tok: data.Tokenizer, prompts: list[data.Sample], device: torch.device,
                      batch: int, max_new_tokens: int = 6, desc: str = "generate") -> list[str]:
-    """Greedy answers to prompts (text segments without loss); prompts of equal token length share a batch, so no
-    padding ever sits between a prompt and its answer."""
+    """Greedy answers to prompts (text segments without loss); prompts of equal token length share a batch, so
+    no padding ever sits between a prompt and its answer."""
     rows = [data.collate([p], tok, model.n_image_tokens, model.cfg.llm.max_seq_len) for p in prompts]
     by_len: dict[int, list[int]] = {}
     for i, r in enumerate(rows):
@@ -237,7 +246,8 @@ def generate_answers(model: MLLM, tok: data.Tokenizer, prompts: list[data.Sample
         ids = torch.cat([rows[i]["input_ids"] for i in idx]).to(device)
         imgs = [rows[i]["images"] for i in idx if rows[i]["images"] is not None]
         images = torch.cat(imgs).to(device) if imgs else None
-        room = model.cfg.llm.max_seq_len - ids.shape[1]  # >= 1: a file's prompt is shorter than its checked sample
+        # >= 1: a file's prompt is shorter than its checked sample
+        room = model.cfg.llm.max_seq_len - ids.shape[1]
         new = model.generate(ids, images, max_new_tokens=min(max_new_tokens, room), eos_id=tok.eos_id).cpu()
         for i, row in zip(idx, new.tolist()):
             row = row[:row.index(tok.eos_id)] if tok.eos_id in row else row
@@ -245,13 +255,14 @@ def generate_answers(model: MLLM, tok: data.Tokenizer, prompts: list[data.Sample
     return answers
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # The evaluation suites of the built-in world
 
 
 def embedding_kinds(method: str, choice: str) -> dict[str, str]:
-    """Which embedding each discriminative suite uses. The unified model has both heads: image-text suites use the
-    contrastively trained summaries, the interleaved suite the structure-trained prefix embeddings (our choice)."""
+    """Which embedding each discriminative suite uses. The unified model has both heads: image-text suites use
+    the contrastively trained summaries, the interleaved suite the structure-trained prefix embeddings (our
+    choice)."""
     if choice != "auto":
         return {"pairs": choice, "interleaved": choice}
     if method == "sugar":
@@ -278,7 +289,8 @@ def cosine(a: Tensor, b: Tensor) -> Tensor:
 
 
 def eval_retrieval(pairs: list, emb: Embedder, kind: str) -> dict[str, float]:
-    """Image <-> short-caption recall@K over data.Scene or data.Pair items (anything with .image, .short_caption)."""
+    """Image <-> short-caption recall@K over data.Scene or data.Pair items (anything with
+    .image, .short_caption)."""
     caps = [s.short_caption for s in pairs]
     # teacher features ride along where the items have them (the built-in world; the oracle row reads them)
     i = emb([img(s.image, getattr(s, "cross_image", None)) for s in pairs], kind, "image")  # (N, d)
@@ -293,7 +305,8 @@ def eval_retrieval(pairs: list, emb: Embedder, kind: str) -> dict[str, float]:
 
 def eval_compositional(world: data.World, emb: Embedder, kind: str) -> dict[str, float]:
     i = emb([img(s.image, s.cross_image) for s in world.scenes], kind, "image")  # (N, d)
-    items = [(n, s.phrase, neg, cat) for n, s in enumerate(world.scenes) for cat, neg in s.negative_phrases.items()]
+    items = [(n, s.phrase, neg, cat) for n, s in enumerate(world.scenes)
+             for cat, neg in s.negative_phrases.items()]
     pos = emb([txt(p.text(), phrase_features(p)) for _, p, _, _ in items], kind, "text")
     neg = emb([txt(q.text(), phrase_features(q)) for _, _, q, _ in items], kind, "text")
     idx = torch.tensor([n for n, _, _, _ in items])
@@ -326,15 +339,17 @@ def winoground_suite(images: list[data.Sample], captions: list[data.Sample], emb
 
 
 def eval_interleaved(world: data.World, emb: Embedder, kind: str) -> dict[str, float]:
-    """Query: frames 0..k-1 with their sentences, then sentence k; target: frame k, among every test frame (a frame
-    with the same scene graph as the target counts as a hit too)."""
+    """Query: frames 0..k-1 with their sentences, then sentence k; target: frame k, among every test frame (a
+    frame with the same scene graph as the target counts as a hit too)."""
     frames = [f for st in world.stories for f in st.frames]
     queries, targets = [], []
     for st in world.stories:
         for k in range(1, len(st)):
-            segs = [seg for f in st.frames[:k] for seg in (data.image_seg(f.image), data.text_seg(f.sentence, False))]
+            segs = [seg for f in st.frames[:k]
+                    for seg in (data.image_seg(f.image), data.text_seg(f.sentence, False))]
             nxt = st.frames[k]
-            queries.append(data.Sample(segs + [data.text_seg(nxt.sentence, False, nxt.uni_text, nxt.cross_text)]))
+            queries.append(data.Sample(segs + [data.text_seg(nxt.sentence, False, nxt.uni_text,
+                                                             nxt.cross_text)]))
             targets.append(data.canonical(st.frames[k].graph))
     return interleaved_suite(queries, targets, [img(f.image, f.cross_image) for f in frames],
                              [data.canonical(f.graph) for f in frames], emb, kind)
@@ -350,8 +365,9 @@ def interleaved_suite(queries: list[data.Sample], targets: list[object], candida
     return {f"interleaved/r{k}": v for k, v in recall_at_k(cosine(q, cands), positive, (1, 5)).items()}
 
 
-def document_queries(docs: list[data.Sample]) -> tuple[list[tuple[int, data.Sample]], list[int], list[data.Sample],
-                                                      list[int]]:
+def document_queries(
+        docs: list[data.Sample],
+) -> tuple[list[tuple[int, data.Sample]], list[int], list[data.Sample], list[int]]:
     """The interleaved suite on MMC4 documents (data.read_mmc4 puts each image right before its matched
     sentence). As on the built-in stories, a query is the document before an image (its images and sentences)
     followed by the image's matched sentence (the first sentence after it), and the target is that image among
@@ -378,7 +394,8 @@ def document_queries(docs: list[data.Sample]) -> tuple[list[tuple[int, data.Samp
     return queries, targets, cands, keys
 
 
-def fit_context(query: data.Sample, tok: data.Tokenizer, n_image_tokens: int, room: int) -> data.Sample | None:
+def fit_context(query: data.Sample, tok: data.Tokenizer, n_image_tokens: int,
+                room: int) -> data.Sample | None:
     """The query with its oldest segments dropped until its tokens fit `room` (our choice: a document that
     fits the context for training can exceed it once the summary's soft prompt is appended); None if even its
     last segment does not fit."""
@@ -403,10 +420,12 @@ def question_type(question: str) -> str:
     return "relation"
 
 
-def eval_vqa_pope(world: data.World, model: MLLM, tok: data.Tokenizer, device: torch.device, batch: int) -> dict[str, float]:
+def eval_vqa_pope(world: data.World, model: MLLM, tok: data.Tokenizer, device: torch.device,
+                  batch: int) -> dict[str, float]:
     vqa = [(s.image, q, a) for s in world.scenes for q, a in s.vqa]
     pope = [(s.image, q, a) for s in world.scenes for q, a in s.pope]
-    answers = generate_answers(model, tok, [qa_prompt(i, q) for i, q, _ in vqa + pope], device, batch, desc="vqa+pope")
+    answers = generate_answers(model, tok, [qa_prompt(i, q) for i, q, _ in vqa + pope], device, batch,
+                               desc="vqa+pope")
     out = {"vqa/acc": exact_match(answers[:len(vqa)], [a for *_, a in vqa])}
     for kind in ("count", "colour", "shape", "size", "relation"):
         idx = [k for k, (_, q, _) in enumerate(vqa) if question_type(q) == kind]
@@ -415,10 +434,11 @@ def eval_vqa_pope(world: data.World, model: MLLM, tok: data.Tokenizer, device: t
     return out
 
 
-def eval_rag(world: data.World, model: MLLM, tok: data.Tokenizer, emb: Embedder, kind: str, k: int, device: torch.device,
-             batch: int) -> dict[str, float]:
-    """Names of test objects never occur in training: without retrieval only a guess can answer. With retrieval the
-    question's text embedding picks the k nearest knowledge-base entry images and their descriptions go first."""
+def eval_rag(world: data.World, model: MLLM, tok: data.Tokenizer, emb: Embedder, kind: str, k: int,
+             device: torch.device, batch: int) -> dict[str, float]:
+    """Names of test objects never occur in training: without retrieval only a guess can answer. With
+    retrieval the question's text embedding picks the k nearest knowledge-base entry images and their
+    descriptions go first."""
     kb = world.kb
     keys = emb([img(e.image) for e in kb.entries], kind, "image")  # (E, d)
     q = emb([txt(question) for question, _ in kb.questions], kind, "text")  # (Q, d)
@@ -426,11 +446,14 @@ def eval_rag(world: data.World, model: MLLM, tok: data.Tokenizer, emb: Embedder,
     with_ctx = [data.Sample([data.text_seg(kb.entries[e].description, False) for e in reversed(top[n])]
                             + [data.text_seg(data.format_question(question), False)])
                 for n, (question, _) in enumerate(kb.questions)]
-    without = [data.Sample([data.text_seg(data.format_question(question), False)]) for question, _ in kb.questions]
-    oracle = [data.Sample([data.text_seg(e.description, False), data.text_seg(data.format_question(question), False)])
+    without = [data.Sample([data.text_seg(data.format_question(question), False)])
+               for question, _ in kb.questions]
+    oracle = [data.Sample([data.text_seg(e.description, False),
+                           data.text_seg(data.format_question(question), False)])
               for e, (question, _) in zip(kb.entries, kb.questions)]
     truth = [name for _, name in kb.questions]
-    answers = generate_answers(model, tok, with_ctx + without + oracle, device, batch, max_new_tokens=8, desc="rag")
+    answers = generate_answers(model, tok, with_ctx + without + oracle, device, batch, max_new_tokens=8,
+                               desc="rag")
     n = len(truth)
     return {"rag/acc": exact_match(answers[:n], truth),
             "rag/acc_without_retrieval": exact_match(answers[n:2 * n], truth),
@@ -471,21 +494,24 @@ def evaluate_world(model: MLLM, tok: data.Tokenizer, method: str, args: EvalArgs
     return metrics, kinds
 
 
-def eval_discriminative(world: data.World, emb: Embedder | TeacherEmbedder, kinds: dict[str, str]) -> dict[str, float]:
-    return {**eval_retrieval(world.scenes, emb, kinds["pairs"]), **eval_compositional(world, emb, kinds["pairs"]),
-            **eval_winoground(world, emb, kinds["pairs"]), **eval_interleaved(world, emb, kinds["interleaved"])}
+def eval_discriminative(world: data.World, emb: Embedder | TeacherEmbedder,
+                        kinds: dict[str, str]) -> dict[str, float]:
+    return {**eval_retrieval(world.scenes, emb, kinds["pairs"]),
+            **eval_compositional(world, emb, kinds["pairs"]),
+            **eval_winoground(world, emb, kinds["pairs"]),
+            **eval_interleaved(world, emb, kinds["interleaved"])}
 
 
 def evaluate_file(model: MLLM, tok: data.Tokenizer, method: str, args: EvalArgs, device: torch.device,
                   pool: str = "mean") -> tuple[dict[str, float], dict[str, str]]:
-    """Users' files (--data, comma-separated): the union of each file's metrics (data.py lists which format gives
-    which); a metric that several files give is reported once per file, as `<metric>@<file stem>`."""
+    """Users' files (--data, comma-separated): the union of each file's metrics (data.py lists which format
+    gives which); a metric that several files give is reported once per file, as `<metric>@<file stem>`."""
     per_file = []
     for path in args.data.split(","):
         try:
             loaded = data.load_dataset(path, tok=tok, n_image_tokens=model.n_image_tokens,
-                                       max_len=model.cfg.llm.max_seq_len, image_size=model.cfg.vision.image_size,
-                                       split=args.data_split)
+                                       max_len=model.cfg.llm.max_seq_len,
+                                       image_size=model.cfg.vision.image_size, split=args.data_split)
         except ValueError as e:  # data.py's DataError lists every problem of the file
             raise SystemExit(f"eval.py: {e}") from e
         metrics, kinds = evaluate_loaded(loaded, path, model, tok, method, args, device, pool)
@@ -494,13 +520,15 @@ def evaluate_file(model: MLLM, tok: data.Tokenizer, method: str, args: EvalArgs,
     for _, m in per_file:
         for k in m:
             counts[k] = counts.get(k, 0) + 1
-    return {(k if counts[k] == 1 else f"{k}@{Path(path).stem}"): v for path, m in per_file for k, v in m.items()}, kinds
+    return {(k if counts[k] == 1 else f"{k}@{Path(path).stem}"): v for path, m in per_file
+            for k, v in m.items()}, kinds
 
 
-def evaluate_loaded(loaded: data.LoadedData, path: str, model: MLLM, tok: data.Tokenizer, method: str, args: EvalArgs,
+def evaluate_loaded(loaded: data.LoadedData, path: str, model: MLLM, tok: data.Tokenizer, method: str,
+                    args: EvalArgs,
                     device: torch.device, pool: str) -> tuple[dict[str, float], dict[str, str]]:
-    """One file's metrics: SugarCrepe-style negatives give compositional accuracy, Karpathy pairs retrieval, LLaVA
-    supervised turns VQA accuracy (greedy answers), POPE lines the yes/no metrics, MMC4 documents the
+    """One file's metrics: SugarCrepe-style negatives give compositional accuracy, Karpathy pairs retrieval,
+    LLaVA supervised turns VQA accuracy (greedy answers), POPE lines the yes/no metrics, MMC4 documents the
     interleaved recall (document_queries), Winoground lines the Winoground scores."""
     kinds = embedding_kinds(method, args.embedding)
     emb = Embedder(model, tok, args.batch, device, pool)
@@ -548,7 +576,8 @@ def eval_documents(loaded: data.LoadedData, path: str, model: MLLM, tok: data.To
 
 def eval_questions(questions: list[data.Question], model: MLLM, tok: data.Tokenizer, device: torch.device,
                    batch: int) -> dict[str, float]:
-    """vqa/acc (+ vqa/<type>) over the "vqa" questions and pope/* over the "pope" ones, from greedy answers."""
+    """vqa/acc (+ vqa/<type>) over the "vqa" questions and pope/* over the "pope" ones, from greedy
+    answers."""
     answers = generate_answers(model, tok, [q.prompt for q in questions], device, batch, max_new_tokens=16,
                                desc="questions")
     out = {}
@@ -585,7 +614,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     finetuned = ckpt["stage"] == "finetune"
     pool = ckpt["train_config"]["finetune"].get("sugar_pool", "mean") if finetuned else "mean"
     try:
-        metrics, kinds = (evaluate_file if args.data else evaluate_world)(model, tok, method, args, device, pool)
+        evaluate = evaluate_file if args.data else evaluate_world
+        metrics, kinds = evaluate(model, tok, method, args, device, pool)
     except NonFiniteError as e:
         raise SystemExit(f"eval.py: {args.ckpt}: the model's outputs are not finite ({e}); its weights are "
                          f"probably broken (a diverged run?), so no metric is reported") from e

@@ -5,20 +5,20 @@ train.py — the one training entry point of unimllm: generative pre-training of
 Fine-tuning objective:
     L = lambda_ntp * L_ntp + lambda_c * L_contrastive + lambda_s * L_structure
 - L_ntp: next-token loss on answers, captions, story sentences and long captions (never on image tokens).
-- L_contrastive: VladVA's symmetric InfoNCE between last-token summaries of an image (+ image soft prompt) and of
-  its short caption (+ text soft prompt) (Ouali et al., CVPR 2025, arXiv 2412.04378).
+- L_contrastive: VladVA's symmetric InfoNCE between last-token summaries of an image (+ image soft prompt) and
+  of its short caption (+ text soft prompt) (Ouali et al., CVPR 2025, arXiv 2412.04378).
 - L_structure: Sugar Eq. 3, the squared gap between the cosine matrix of prefix embeddings and the normalised
   global alignment kernel (Sugar Eq. 2) of their slice sequences under the triple kernel (Sugar Eq. 4)
   (Chow et al., NeurIPS 2024, arXiv 2411.00304).
 
-`--method` picks the fine-tuning losses; every method sees the same step schedule and starts from the same base:
+`--method` picks the fine-tuning losses; every method has the same step schedule and the same base:
   generative  L_ntp on captions + VQA + RAG (the "lm" stream), long captions and stories
   vladva      L_ntp on long captions + L_contrastive on short captions (VladVA trains on pairs only)
   sugar       generative's L_ntp + L_structure over story prefixes and single images / captions
   unified     all three
 
 Run:
-    python train.py                                 # pre-train + unified fine-tune on the built-in world -> out.pt
+    python train.py                                 # pre-train + unified fine-tune, built-in world -> out.pt
     python train.py --smoke --out /tmp/smoke.pt     # a tiny end-to-end run (under a minute on 2 CPU cores)
     python train.py --method vladva --init out.base.pt --out vladva.pt    # fine-tune only, from a saved base
     torchrun --nproc_per_node 8 train.py            # DDP, same flags (gloo on CPU, nccl on CUDA)
@@ -65,7 +65,8 @@ METHODS = ("generative", "vladva", "sugar", "unified")
 
 
 def losses_of(method: str, ft: "FinetuneArgs") -> tuple[bool, bool]:
-    """(contrastive on, structure on) for a fine-tuning method; a term whose lambda is 0 is not even computed."""
+    """(contrastive on, structure on) for a fine-tuning method; a term whose lambda is 0 is not even
+    computed."""
     return (method in ("vladva", "unified") and ft.lambda_contrastive > 0,
             method in ("sugar", "unified") and ft.lambda_structure > 0)
 
@@ -109,7 +110,7 @@ RECIPES: dict[str, dict[str, Any]] = {
 RECIPE = {"help": "default: the --method's recipe (train.RECIPES)"}
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Configs: one dataclass per concern; argparse is built from their fields
 
 
@@ -143,12 +144,12 @@ class DataArgs:
 
 @dataclass
 class PretrainArgs:
-    vision_steps: int = 600         # stage 0: distil the vision tower from the teacher's image features (0: skip)
+    vision_steps: int = 600         # stage 0: distil the vision tower from teacher image features (0: skip)
     vision_batch: int = 64          # images per stage-0 step
     vision_lr: float = 1e-3
     pretrain_steps: int = 1500
     pretrain_batch: int = 32        # global sequences per step
-    pretrain_lr: float = 6e-4       # peak lr; 1e-3 and 1.5e-3 left colour and shape at chance for 400 steps (README)
+    pretrain_lr: float = 6e-4       # peak lr (1e-3, 1.5e-3: colour, shape at chance after 400 steps; README)
 
 
 @dataclass
@@ -156,7 +157,7 @@ class FinetuneArgs:
     method: str = "unified"         # generative | vladva | sugar | unified: which fine-tuning losses
     finetune_steps: int = 200
     lm_batch: int = 16              # global caption / VQA / RAG sequences per step
-    pair_batch: int = 32            # global image-caption pairs per step (VladVA; Sugar's singles come from them)
+    pair_batch: int = 32            # global image-caption pairs per step (VladVA; also Sugar's singles)
     story_batch: int = 4            # global interleaved stories per step
     finetune_lr: float | None = field(default=None, metadata=RECIPE)
     lora_r: int | None = field(default=None, metadata=RECIPE)
@@ -171,7 +172,7 @@ class FinetuneArgs:
     sugar_alignment: str = "gak"    # Sugar Eq. 2 | mean: average slice similarity (Table 4b "w/o GAK")
     sugar_kernel: str = "triple"    # Sugar Eq. 4 | cross: cross-modal features only (Table 4b "w/o TK")
     sugar_pool: str = "mean"        # an image's prefix vector: mean of its tokens | last ("w/o AvgPool")
-    sugar_single: str = "cosine"    # two one-slice prefixes: Sugar §3.2's cosine | gak: the GAK value e/(2-e)
+    sugar_single: str = "cosine"    # two one-slice prefixes: Sugar §3.2's cosine | gak: GAK value e/(2-e)
 
 
 @dataclass
@@ -191,7 +192,7 @@ class RunArgs:
     grad_clip: float = 1.0  # max global gradient norm; 0: no clipping
     log_every: int = 10     # log (and check the losses and gradients for NaN) every N steps
     ckpt_every: int = 100   # write --out every N steps (atomically, after the NaN guard)
-    stop_after: int = 0     # end this invocation after N steps, with a checkpoint (0: run to the end); --resume continues
+    stop_after: int = 0     # stop after N steps with a checkpoint (0: run to the end); --resume continues
     compile: bool = False   # torch.compile the model (unmeasured on a GPU, so off by default)
 
 
@@ -206,7 +207,8 @@ class TrainConfig:
 
 # --smoke: a tiny configuration of the same code path (flags given explicitly still win)
 SMOKE = dict(vision_steps=4, vision_width=32, vision_layers=2, vision_heads=2, llm_width=64, llm_layers=2,
-             llm_heads=2, llm_kv_heads=1, llm_mlp=128, vocab_size=600, proj_dim=32, n_train=48, rag_kbs=1, pretrain_steps=6,
+             llm_heads=2, llm_kv_heads=1, llm_mlp=128, vocab_size=600, proj_dim=32, n_train=48, rag_kbs=1,
+             pretrain_steps=6,
              pretrain_batch=8, finetune_steps=6, lm_batch=4, pair_batch=4, story_batch=2, log_every=2,
              ckpt_every=4)
 
@@ -223,7 +225,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     for group in (ModelArgs, DataArgs, PretrainArgs, FinetuneArgs, RunArgs):
         data.add_flags(p, group)
     return p
@@ -345,7 +348,7 @@ def validate(cfg: TrainConfig) -> None:
         raise SystemExit(f"train.py: --gak-delta must be a finite number > 0, got {ft.gak_delta}")
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Distributed set-up (a few explicit lines, nanoGPT style)
 
 
@@ -373,8 +376,8 @@ def setup_dist() -> Dist:
 
 
 def shard(items: list, step_batch: int, d: Dist) -> list:
-    """This rank's contiguous chunk of a global batch (contiguous, so a gather across ranks restores the global
-    order that the Sugar targets are computed in)."""
+    """This rank's contiguous chunk of a global batch (contiguous, so a gather across ranks restores the
+    global order that the Sugar targets are computed in)."""
     if step_batch % d.world:
         raise SystemExit(f"train.py: a global batch of {step_batch} does not split over {d.world} ranks")
     n = step_batch // d.world
@@ -388,7 +391,7 @@ def all_sum(x: Tensor) -> Tensor:
     return x
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Data streams: the batch of step s is a pure function of (seed, stream, s), so resuming is exact
 
 
@@ -397,10 +400,11 @@ class Stream:
     of the current epoch is cached, so drawing an item costs O(1).
 
     With `lengths` (tokens per item) and group > 1, batches are length-grouped: the group * n items of steps
-    group*m .. group*m + group - 1 are sorted by length, cut into `group` batches of n, and those are visited in a
-    random order. Every item is still seen once per epoch and a step still has n items; what changes is that a
-    batch's sequences have similar lengths, so right-padding to the longest wastes little compute (on the built-in
-    world a random batch of 32 is 38% real tokens). Our choice (HF Trainer's `group_by_length` does the same)."""
+    group*m .. group*m + group - 1 are sorted by length, cut into `group` batches of n, and those are visited
+    in a random order. Every item is still seen once per epoch and a step still has n items; what changes is
+    that a batch's sequences have similar lengths, so right-padding to the longest wastes little compute (on
+    the built-in world a random batch of 32 is 38% real tokens). Our choice (HF Trainer's `group_by_length`
+    does the same)."""
 
     def __init__(self, name: str, items: list, seed: int, lengths: list[int] | None = None,
                  group: int = 1) -> None:
@@ -434,7 +438,8 @@ class Stream:
 class Corpus:
     """Everything training draws from, as lists of data.py samples / pair items."""
     lm: list            # data.Sample: captions, VQA conversations, RAG (next-token)
-    long: list          # data.Sample: [image][long caption] (pre-training only; fine-tuning sees them in pairs)
+    # data.Sample: [image][long caption] (pre-training only; fine-tuning sees them in pairs)
+    long: list
     stories: list       # data.Sample with prefixes (interleaved)
     pairs: list         # data.Scene or data.Pair (image, short caption, long caption)
     texts: list[str]    # for the tokenizer
@@ -460,12 +465,14 @@ def singles(pairs: list) -> list[data.Sample]:
 def builtin_corpus(cfg: TrainConfig) -> Corpus:
     world = data.make_world("train", cfg.data.n_train, cfg.data.data_seed, image_size=cfg.model.image_size)
     return Corpus(lm=data.pretrain_samples(world) + rag_corpus(cfg), long=long_caption_samples(world.scenes),
-                  stories=data.story_samples(world), pairs=world.scenes, texts=data.world_texts(world), pair_singles=True)
+                  stories=data.story_samples(world), pairs=world.scenes, texts=data.world_texts(world),
+                  pair_singles=True)
 
 
 def rag_corpus(cfg: TrainConfig) -> list[data.Sample]:
-    """RAG samples from several training knowledge bases (fresh made-up names in each), so the model learns to copy
-    a name out of its context rather than memorise a few dozen names; test names never occur in training."""
+    """RAG samples from several training knowledge bases (fresh made-up names in each), so the model learns to
+    copy a name out of its context rather than memorise a few dozen names; test names never occur in
+    training."""
     n_kb = max(1, cfg.data.rag_kbs)
     worlds = [data.make_world("train", 1, cfg.data.data_seed * 1000 + 1 + k, image_size=cfg.model.image_size,
                               n_stories=0, n_winoground=0, n_kb=48) for k in range(n_kb)]
@@ -473,9 +480,9 @@ def rag_corpus(cfg: TrainConfig) -> list[data.Sample]:
 
 
 def file_corpus(cfg: TrainConfig) -> Corpus:
-    """A user's files (comma-separated, any mix of formats): conversations feed the "lm" stream, interleaved samples
-    with prefixes (MMC4) the stories, Karpathy captions the pairs (the records of --data-split only). User
-    pairs carry no teacher features, so only the stories enter Sugar's structure loss."""
+    """A user's files (comma-separated, any mix of formats): conversations feed the "lm" stream, interleaved
+    samples with prefixes (MMC4) the stories, Karpathy captions the pairs (the records of --data-split only).
+    User pairs carry no teacher features, so only the stories enter Sugar's structure loss."""
     feats = load_features(cfg.data.features) if cfg.data.features else None
     lm, stories, pairs, texts, files = [], [], [], [], []
     for path in cfg.data.data.split(","):
@@ -523,9 +530,9 @@ def check_corpus(corpus: Corpus, cfg: TrainConfig, tok: data.Tokenizer, n_image_
         raise SystemExit(f"train.py: {where} has no samples to fine-tune on")
     if finetune and method in ("sugar", "unified"):
         if not corpus.stories:
-            raise SystemExit(f"train.py: the {method} structure loss needs interleaved samples with prefixes: "
-                             f"add an MMC4-style .jsonl to --data and its teacher features with --features "
-                             f"(see data.py); {where} has none. Or use --method generative, or "
+            raise SystemExit(f"train.py: the {method} structure loss needs interleaved samples with "
+                             "prefixes: add an MMC4-style .jsonl to --data and its teacher features with "
+                             f"--features (see data.py); {where} has none. Or use --method generative, or "
                              f"--finetune-steps 0 to pre-train only")
         bare = sum(seg.uni is None or seg.cross is None for s in corpus.stories for seg in s.segments)
         if bare:
@@ -563,7 +570,8 @@ class Objective:
     lm: bool            # L_ntp on the "lm" stream and the stories too (every method but vladva)
     contrastive: bool
     structure: bool
-    pool: str           # Sugar's image-segment vector: mean of its tokens | last token (Table 4b "w/o AvgPool")
+    # Sugar's image-segment vector: mean of its tokens | last token (Table 4b "w/o AvgPool")
+    pool: str
 
 
 def objective_of(stage: str, ft: FinetuneArgs) -> Objective:
@@ -572,7 +580,8 @@ def objective_of(stage: str, ft: FinetuneArgs) -> Objective:
     return Objective(kernel.LossWeights(ntp=ft.lambda_ntp if stage == "finetune" else 1.0,
                                         contrastive=ft.lambda_contrastive if use_contrastive else 0.0,
                                         structure=ft.lambda_structure if use_structure else 0.0),
-                     lm=method != "vladva", contrastive=use_contrastive, structure=use_structure, pool=ft.sugar_pool)
+                     lm=method != "vladva", contrastive=use_contrastive, structure=use_structure,
+                     pool=ft.sugar_pool)
 
 
 @dataclass
@@ -621,7 +630,8 @@ class Batches:
         if pairs:  # a conversations-only corpus fine-tunes generatively without them (check_corpus)
             out.pairs = data.collate_pairs(local_pairs, tok, n_img, self.model_cfg.n_soft_tokens, L)
         if obj.lm and self.streams["lm"].items:
-            out.lm = data.collate(shard(self.streams["lm"].batch(k, ft.lm_batch), ft.lm_batch, d), tok, n_img, L)
+            out.lm = data.collate(shard(self.streams["lm"].batch(k, ft.lm_batch), ft.lm_batch, d),
+                                  tok, n_img, L)
         if obj.lm and self.streams["stories"].items:
             stories = self.streams["stories"].batch(k, ft.story_batch)
             out.stories = data.collate(shard(stories, ft.story_batch, d), tok, n_img, L)
@@ -633,7 +643,8 @@ class Batches:
                     out.singles = data.collate(singles(local_pairs), tok, n_img, L)
                     global_samples += [s for r in ranks for s in singles(shard(pairs, ft.pair_batch, r))]
                 global_batch = data.collate(global_samples, tok, n_img, L)
-                args = (global_batch["slice_uni"], global_batch["slice_cross"], global_batch["seg_is_image"], global_batch["prefix_slices"], global_batch["prefix_len"],
+                args = (global_batch["slice_uni"], global_batch["slice_cross"], global_batch["seg_is_image"],
+                        global_batch["prefix_slices"], global_batch["prefix_len"],
                         global_batch["prefix_batch"])
                 if ft.sugar_alignment == "mean":  # Sugar Table 4b "w/o GAK"
                     out.sugar_targets = kernel.mean_targets(*args, kernel=ft.sugar_kernel)  # (P, P)
@@ -688,7 +699,7 @@ class Prefetch:
 
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Model construction and checkpoints
 
 
@@ -705,8 +716,8 @@ def model_config(cfg: ModelArgs, tok: data.Tokenizer) -> MLLMConfig:
 
 
 def model_from_hf(cfg: TrainConfig, tok: data.Tokenizer, vision: VisionEncoder) -> MLLM:
-    """A real LLM + vision tower; the adapter, soft prompts and projector are new. Token ids our tokenizer added
-    (<image>, soft-prompt markers) get new embedding rows at the mean embedding (our choice)."""
+    """A real LLM + vision tower; the adapter, soft prompts and projector are new. Token ids our tokenizer
+    added (<image>, soft-prompt markers) get new embedding rows at the mean embedding (our choice)."""
     llm = load_hf("--llm", load_llm, cfg.run.llm)
     weights = llm.state_dict()
     vocab = max(tok.vocab_size, llm.cfg.vocab_size)
@@ -734,10 +745,10 @@ def load_hf(flag: str, loader: Any, path: str | Path) -> Any:
 
 
 def pretrain_trainable(model: MLLM, vision_frozen: bool) -> None:
-    """Pre-training trains every weight the next-token loss reaches: not the soft prompts, the projector or the
-    temperature (fine-tuning's), nor the vision layers after LLaVA's feature layer (DDP needs every trainable
-    tensor to receive a gradient), nor the vision tower at all once stage 0 has distilled it (LLaVA keeps its
-    CLIP tower frozen)."""
+    """Pre-training trains every weight the next-token loss reaches: not the soft prompts, the projector or
+    the temperature (fine-tuning's), nor the vision layers after LLaVA's feature layer (DDP needs every
+    trainable tensor to receive a gradient), nor the vision tower at all once stage 0 has distilled it (LLaVA
+    keeps its CLIP tower frozen)."""
     first_unused = model.vision.layer_index(model.cfg.feature_layer)
     unused = [r"^(image_prompt|text_prompt|logit_scale)$", r"^projector\.", r"^vision\.post_layernorm\."]
     unused += [r"^vision\."] if vision_frozen else []
@@ -747,7 +758,8 @@ def pretrain_trainable(model: MLLM, vision_frozen: bool) -> None:
 
 
 def teacher_images(corpus: Corpus) -> tuple[Tensor, Tensor] | None:
-    """Every distinct training image that carries a cross-modal teacher feature: (N, 3, H, W), (N, C), or None."""
+    """Every distinct training image that carries a cross-modal teacher feature: (N, 3, H, W), (N, C), or
+    None."""
     seen: dict[int, tuple[Tensor, Tensor]] = {}
     for sample in corpus.lm + corpus.stories:
         for seg in sample.segments:
@@ -760,23 +772,26 @@ def teacher_images(corpus: Corpus) -> tuple[Tensor, Tensor] | None:
 
 
 def distil_vision(model: MLLM, images: Tensor, targets: Tensor, cfg: TrainConfig, d: Dist) -> None:
-    """Stage 0: train the vision tower to predict each image's cross-modal teacher feature from its mean-pooled
-    patch features (a linear head, discarded afterwards), maximising their cosine similarity.
+    """Stage 0: train the vision tower to predict each image's cross-modal teacher feature from its
+    mean-pooled patch features (a linear head, discarded afterwards), maximising their cosine similarity.
 
-    Why: LLaVA starts from a CLIP tower that already sees; trained from scratch through the LLM's next-token loss
-    alone, our tower never learns shape: the image-dependent part of the image tokens stays tiny, the LLM learns
-    the answers' prior instead, and the gradient reaching the tower dies out (tests/test_learning.py trains the
-    same path at a small scale). The teacher feature is the stand-in for CLIP's image embedding (data.py: the
-    exact featuriser of the scene, whose facts are objects, their colours, shapes, sizes, cells and relations), so
-    this is feature distillation from the frozen teacher, the loss a mean over the batch of 1 - cos. Our choice;
-    neither paper trains a tower. Every rank runs the same steps on the same images (seeded), so the replicas
-    stay identical without communication. images (N, 3, H, W), targets (N, C) from `teacher_images`."""
+    Why: LLaVA starts from a CLIP tower that already sees; trained from scratch through the LLM's next-token
+    loss alone, our tower never learns shape: the image-dependent part of the image tokens stays tiny, the LLM
+    learns the answers' prior instead, and the gradient reaching the tower dies out (tests/test_learning.py
+    trains the same path at a small scale). The teacher feature is the stand-in for CLIP's image embedding
+    (data.py: the exact featuriser of the scene, whose facts are objects, their colours, shapes, sizes, cells
+    and relations), so this is feature distillation from the frozen teacher, the loss a mean over the batch of
+    1 - cos. Our choice; neither paper trains a tower. Every rank runs the same steps on the same images
+    (seeded), so the replicas stay identical without communication. images (N, 3, H, W), targets (N, C) from
+    `teacher_images`."""
     pc = cfg.pretrain
     head = torch.nn.Linear(model.cfg.vision.hidden_size, targets.shape[1]).to(d.device)
-    params = list(model.vision.parameters()) + list(head.parameters())  # layers past feature_layer get no grad
+    # layers past feature_layer get no grad
+    params = list(model.vision.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=pc.vision_lr, betas=(0.9, 0.95))
     gen = torch.Generator().manual_seed(cfg.run.seed)
-    for step in tqdm(range(pc.vision_steps), desc="vision", disable=not d.main, dynamic_ncols=True, file=sys.stderr):
+    for step in tqdm(range(pc.vision_steps), desc="vision", disable=not d.main, dynamic_ncols=True,
+                     file=sys.stderr):
         t0 = time.perf_counter()
         lr = lr_at(step, pc.vision_steps, pc.vision_lr, cfg.run.warmup_frac)
         for group in opt.param_groups:
@@ -789,8 +804,8 @@ def distil_vision(model: MLLM, images: Tensor, targets: Tensor, cfg: TrainConfig
         opt.step()
         if d.main and (step % cfg.run.log_every == 0 or step == pc.vision_steps - 1):
             dt = time.perf_counter() - t0
-            tqdm.write(f"vision step {step:5d} | 1-cos {loss.item():.4f} | lr {lr:.2e} | {dt * 1000:.0f} ms | "
-                       f"{pc.vision_batch / dt:.1f} images/s", file=sys.stderr)
+            tqdm.write(f"vision step {step:5d} | 1-cos {loss.item():.4f} | lr {lr:.2e} | {dt * 1000:.0f} ms "
+                       f"| {pc.vision_batch / dt:.1f} images/s", file=sys.stderr)
 
 
 def add_lora(model: MLLM, ft: FinetuneArgs) -> None:
@@ -804,8 +819,8 @@ def checkpoint_model(ckpt: dict[str, Any], where: str) -> tuple[MLLM, data.Token
 
 def make_checkpoint(model: MLLM, tok: data.Tokenizer, cfg: TrainConfig, stage: "Stage", step: int,
                     opt: torch.optim.Optimizer, history: dict[str, list[dict[str, float]]]) -> dict[str, Any]:
-    """Everything eval.py and --resume need: configs, tokenizer, weights (LoRA unmerged), step, optimizer, RNG, and
-    the loss terms of every step so far."""
+    """Everything eval.py and --resume need: configs, tokenizer, weights (LoRA unmerged), step, optimizer,
+    RNG, and the loss terms of every step so far."""
     return {
         "format": CKPT_FORMAT, "stage": stage.name, "step": step, "done": step == stage.total,
         "method": cfg.finetune.method, "train_config": asdict(cfg), "model_config": model.cfg.to_dict(),
@@ -826,15 +841,16 @@ def check_compatible(ckpt: dict[str, Any], cfg: TrainConfig, where: str) -> None
                                  f"resume with the same flags or start a new --out")
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # The loss of one micro-batch
 
 
 def ntp_sum(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """Summed next-token cross-entropy and the number of predicted tokens (HF convention: labels[t] is the token at
-    t; position t-1 predicts it)."""
+    """Summed next-token cross-entropy and the number of predicted tokens (HF convention: labels[t] is the
+    token at t; position t-1 predicts it)."""
     target = labels[:, 1:]
-    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), target.flatten(), ignore_index=-100, reduction="sum")
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), target.flatten(), ignore_index=-100,
+                           reduction="sum")
     return loss, (target != -100).sum()
 
 
@@ -852,7 +868,8 @@ def prefix_embeddings(model: MLLM, batch: dict[str, Tensor], hidden: Tensor, poo
 
 def predicted_tokens(batch: Batch) -> int:
     """The tokens a batch's next-token loss predicts (label shift as in ntp_sum)."""
-    labels = [x[k] for x, k in ((batch.lm, "labels"), (batch.pairs, "img_labels"), (batch.stories, "labels")) if x is not None]
+    labels = [x[k] for x, k in ((batch.lm, "labels"), (batch.pairs, "img_labels"), (batch.stories, "labels"))
+              if x is not None]
     return sum(int((lab[:, 1:] != -100).sum()) for lab in labels)
 
 
@@ -906,7 +923,7 @@ def compute_loss(model: torch.nn.Module, batch: Batch, obj: Objective, world: in
     return kernel.combined_loss(ntp, contrastive, structure, obj.weights)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # The loop
 
 
@@ -927,7 +944,8 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> to
 
 @dataclass
 class Stage:
-    """One stage's fixed settings: which, how many steps, the peak lr, and the LoRA recipe stored with checkpoints."""
+    """One stage's fixed settings: which, how many steps, the peak lr, and the LoRA recipe stored with
+    checkpoints."""
     name: str
     total: int
     peak_lr: float
@@ -988,8 +1006,10 @@ class LoopTimes:
 
 def train_stage(stage: Stage, model: MLLM, opt: torch.optim.Optimizer, batches: Batches,
                 history: dict[str, list], start: int, stop: float, times: LoopTimes | None = None) -> bool:
-    """Steps start..min(total, stop)-1 of one stage, appending each step's global loss terms to history[stage].
-    Returns True when the stage is complete (False: --stop-after ended this invocation; --resume continues)."""
+    """Steps start..min(total, stop)-1 of one stage, appending each step's global loss terms to
+    history[stage].
+    Returns True when the stage is complete (False: --stop-after ended this invocation; --resume
+    continues)."""
     cfg, d = batches.cfg, batches.d
     run, out, end = cfg.run, Path(cfg.run.out), min(stage.total, stop)
     cuda = d.device.type == "cuda"
@@ -1010,11 +1030,13 @@ def train_stage(stage: Stage, model: MLLM, opt: torch.optim.Optimizer, batches: 
             micro_terms, t_wait = [], time.perf_counter()
             step_batches = [prefetch.next() for _ in range(n_acc)]
             wait = time.perf_counter() - t_wait
-            # L_ntp is one mean over all tokens of the step: every micro-batch divides by the step's global count
-            # (/ n_acc, undone by summing n_acc backward passes of loss / n_acc)
-            count = torch.tensor(float(sum(predicted_tokens(batch) for batch in step_batches)), device=d.device)
+            # L_ntp is one mean over all tokens of the step: every micro-batch divides by the step's global
+            # count (/ n_acc, undone by summing n_acc backward passes of loss / n_acc)
+            count = torch.tensor(float(sum(predicted_tokens(batch) for batch in step_batches)),
+                                 device=d.device)
             ntp_tokens = all_sum(count) / n_acc
-            for micro, batch in enumerate(step_batches):  # forward + backward; DDP syncs gradients on the last
+            # forward + backward; DDP syncs gradients on the last
+            for micro, batch in enumerate(step_batches):
                 batch = batch.map(lambda t: t.to(d.device, non_blocking=True))
                 n_samples += batch.n_sequences * d.world
                 with nullcontext() if micro == n_acc - 1 or d.world == 1 else net.no_sync():
@@ -1085,12 +1107,13 @@ class TrainResult:
 def train(cfg: TrainConfig, d: Dist) -> TrainResult:
     run, out = cfg.run, Path(cfg.run.out)
     announce(cfg, d)
-    torch.manual_seed(run.seed + d.rank)  # seeds offset by rank; the data order is shared by all ranks (Stream)
+    # seeds offset by rank; the data order is shared by all ranks (Stream)
+    torch.manual_seed(run.seed + d.rank)
     init = load_checkpoint(run.init) if run.init else None
     if init is not None:
         if init["lora"] is not None:
-            raise SystemExit(f"{run.init}: --init needs a pre-trained base (stage 'pretrain'); this checkpoint is "
-                             f"already fine-tuned with LoRA (method {init['method']})")
+            raise SystemExit(f"{run.init}: --init needs a pre-trained base (stage 'pretrain'); this "
+                             f"checkpoint is already fine-tuned with LoRA (method {init['method']})")
         cfg.model = ModelArgs(**init["train_config"]["model"])  # the base fixes image size and context length
     hf_vision = load_hf("--vision", load_vision, run.vision) if run.llm else None
     if hf_vision is not None:  # the vision tower fixes the size images are drawn / loaded at
@@ -1117,7 +1140,7 @@ def train(cfg: TrainConfig, d: Dist) -> TrainResult:
         return Batches(stage, streams, cfg, d, tok, model.cfg, objective_of(stage, cfg.finetune),
                        corpus.pair_singles)
 
-    # --- stage 1: generative pre-training of all weights (skipped with --init / --llm, or when resuming past it)
+    # --- stage 1: generative pre-training of all weights (skipped with --init / --llm or resuming past it)
     if in_finetune(resume):
         model, _ = checkpoint_model(resume, str(out))
     elif init is not None:
@@ -1142,7 +1165,8 @@ def train(cfg: TrainConfig, d: Dist) -> TrainResult:
             return TrainResult(model, history, False)
         stop -= stage.total - start
         if d.main:
-            save_checkpoint(base_path(out), make_checkpoint(model, tok, cfg, stage, stage.total, opt, history))
+            save_checkpoint(base_path(out),
+                            make_checkpoint(model, tok, cfg, stage, stage.total, opt, history))
             if cfg.finetune.finetune_steps == 0:  # pre-training only: the base is the result
                 save_checkpoint(out, make_checkpoint(model, tok, cfg, stage, stage.total, opt, history))
         if cfg.finetune.finetune_steps == 0:
@@ -1177,7 +1201,8 @@ def estimate_gak_delta(corpus: Corpus, streams: dict[str, Stream], ft: FinetuneA
     if corpus.pair_singles:
         samples += singles(streams["pairs"].batch(0, n_pairs))
     segs = [seg for smp in samples for seg in smp.segments]
-    delta = kernel.estimate_delta(torch.stack([seg.uni for seg in segs]).double(),  # float64: a one-off estimate
+    # float64: a one-off estimate
+    delta = kernel.estimate_delta(torch.stack([seg.uni for seg in segs]).double(),
                                   torch.stack([seg.cross for seg in segs]).double(),
                                   torch.tensor([seg.kind == "image" for seg in segs]), kernel=ft.sugar_kernel)
     if d.main:
@@ -1212,10 +1237,12 @@ def restore(ckpt: dict[str, Any], model: MLLM, opt: torch.optim.Optimizer,
 
 
 def export(argv: list[str]) -> None:
-    """`train.py export --ckpt out.pt --out DIR`: the checkpoint's model as Hugging Face files (unimllm.export_hf)."""
+    """`train.py export --ckpt out.pt --out DIR`: the checkpoint's model as Hugging Face files
+    (unimllm.export_hf)."""
     p = argparse.ArgumentParser(prog="train.py export", description=export.__doc__)
     p.add_argument("--ckpt", required=True, help="a checkpoint written by train.py")
-    p.add_argument("--out", required=True, help="the directory to write (created; existing files are replaced)")
+    p.add_argument("--out", required=True,
+                   help="the directory to write (created; existing files are replaced)")
     a = p.parse_args(argv)
     if Path(a.out).exists() and not Path(a.out).is_dir():
         raise SystemExit(f"train.py export: --out {a.out} exists and is not a directory")
@@ -1237,8 +1264,10 @@ def main(argv: list[str] | None = None) -> None:
         t0 = time.perf_counter()
         result = train(cfg, d)
         if d.main:
-            what = "finished" if result.complete else f"stopped after {cfg.run.stop_after} steps (--resume continues)"
-            print(f"train.py: {what}; wrote {cfg.run.out} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+            what = ("finished" if result.complete
+                    else f"stopped after {cfg.run.stop_after} steps (--resume continues)")
+            print(f"train.py: {what}; wrote {cfg.run.out} in {time.perf_counter() - t0:.0f} s",
+                  file=sys.stderr)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
