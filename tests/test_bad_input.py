@@ -1,6 +1,6 @@
-"""What unimllm promises about bad input: a wrong flag, a broken checkpoint or a faulty data file stops the run
-before any work with a one-line reason naming the flag / file / field; never a traceback, never a metric made
-better by a broken model, never a checkpoint or a temporary file left where it should not be."""
+"""What unimllm promises about bad input: a wrong flag, a broken checkpoint or a faulty data file stops the
+run before any work with a one-line reason naming the flag / file / field; never a traceback, never a metric
+made better by a broken model, never a checkpoint or a temporary file left where it should not be."""
 import json
 import math
 import os
@@ -47,16 +47,18 @@ def llava_one(tmp_path: Path, answer: str, n_images: int = 1) -> Path:
     paths = [png(tmp_path / f"l{i}.png", i) for i in range(n_images)]
     path = tmp_path / "llava.json"
     path.write_text(json.dumps([{"image": paths, "conversations": [
-        {"from": "human", "value": "<image>" * n_images + " what is it?"}, {"from": "gpt", "value": answer}]}]))
+        {"from": "human", "value": "<image>" * n_images + " what is it?"},
+        {"from": "gpt", "value": answer}]}]))
     return path
 
 
-# ---- metrics never improve because the model broke ---------------------------------------------------------------
+# ---- metrics never improve because the model broke ---------------------------------------------------------
 
 @pytest.mark.parametrize("metric", ["recall", "pairwise", "winoground"])
 def test_metrics_refuse_non_finite_scores(metric):
     s = torch.randn(4, 4)
-    s[1, 2] = math.nan  # NaN compares False: counting the scores above the positive would rank this query first
+    # NaN compares False: counting the scores above the positive would rank this query first
+    s[1, 2] = math.nan
     with pytest.raises(ValueError, match="NaN or infinite"):
         if metric == "recall":
             E.recall_at_k(s, torch.eye(4, dtype=torch.bool), (1,))
@@ -74,7 +76,7 @@ def test_nan_checkpoint_gives_no_metric_and_names_the_checkpoint(ckpt, tmp_path)
         E.main(["--ckpt", str(tmp_path / "nan.pt"), "--n-test", "4"])
 
 
-# ---- every flag is checked before any work -----------------------------------------------------------------------
+# ---- every flag is checked before any work -----------------------------------------------------------------
 
 @pytest.mark.parametrize("flags, message", [
     (["--pretrain-batch", "0"], "--pretrain-batch must be >= 1"),
@@ -111,7 +113,8 @@ def test_global_batches_must_split_over_the_ranks(tmp_path, monkeypatch):
 
 def test_empty_hugging_face_directories_are_refused(tmp_path):
     with pytest.raises(SystemExit, match="--llm .*not a Hugging Face model directory"):
-        train.main(TINY + ["--llm", str(tmp_path), "--vision", str(tmp_path), "--out", str(tmp_path / "x.pt")])
+        train.main(TINY + ["--llm", str(tmp_path), "--vision", str(tmp_path), "--out",
+                           str(tmp_path / "x.pt")])
 
 
 @pytest.mark.parametrize("where", ["a directory", "under a file"])
@@ -146,12 +149,13 @@ def test_eval_json_path_checked_before_the_evaluation(ckpt, tmp_path):
     assert json.loads(out.read_text()) == pytest.approx(metrics)
 
 
-# ---- checkpoints --------------------------------------------------------------------------------------------------
+# ---- checkpoints -------------------------------------------------------------------------------------------
 
 def test_checkpoint_with_format_but_missing_fields_is_refused(tmp_path):
     path = tmp_path / "partial.pt"
     torch.save({"format": train.CKPT_FORMAT, "stage": "finetune"}, path)
-    with pytest.raises(SystemExit, match=r"partial\.pt: an incomplete unimllm checkpoint: no step, .*tokenizer"):
+    with pytest.raises(SystemExit,
+                       match=r"partial\.pt: an incomplete unimllm checkpoint: no step, .*tokenizer"):
         E.main(["--ckpt", str(path)])
     with pytest.raises(SystemExit, match="incomplete unimllm checkpoint"):
         train.main(TINY + ["--init", str(path), "--out", str(tmp_path / "x.pt")])
@@ -181,10 +185,11 @@ def test_failed_save_leaves_no_temporary_file(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-# ---- data files ---------------------------------------------------------------------------------------------------
+# ---- data files --------------------------------------------------------------------------------------------
 
 def test_karpathy_training_uses_train_and_restval_only(tmp_path):
-    kp = karpathy(tmp_path, [("train", "a cat."), ("restval", "a dog."), ("test", "a cow."), ("val", "a hen.")])
+    kp = karpathy(tmp_path, [("train", "a cat."), ("restval", "a dog."), ("test", "a cow."),
+                             ("val", "a hen.")])
     cfg = train.parse_args(TINY + ["--data", str(kp), "--out", str(tmp_path / "x.pt")])
     _, corpus = train.tokenizer_and_corpus(cfg, None)
     assert sorted(p.short_caption for p in corpus.pairs) == ["a cat.", "a dog."]
@@ -197,7 +202,8 @@ def test_karpathy_training_uses_train_and_restval_only(tmp_path):
 
 
 def test_karpathy_evaluation_scores_the_test_split_only(ckpt, tmp_path, monkeypatch):
-    kp = karpathy(tmp_path, [("train", "a cat."), ("test", "a cow."), ("test", "a hen."), ("restval", "a dog.")])
+    kp = karpathy(tmp_path, [("train", "a cat."), ("test", "a cow."), ("test", "a hen."),
+                             ("restval", "a dog.")])
     seen = []
     real = E.eval_retrieval
     monkeypatch.setattr(E, "eval_retrieval", lambda pairs, *a: seen.append([p.short_caption for p in pairs])
@@ -220,14 +226,16 @@ def test_check_measures_against_the_training_context(tmp_path):
     # 13 images are 208 image tokens, over train.py's default context of 192, which check measures against
     path = llava_one(tmp_path, "red", n_images=13)
     problems = data.check(path)
-    assert [(p.index, p.field) for p in problems] == [(0, "<sample>")] and "at most 192" in problems[0].expected
+    assert [(p.index, p.field) for p in problems] == [(0, "<sample>")]
+    assert "at most 192" in problems[0].expected
 
 
 def test_check_counts_the_soft_prompt_of_pairs(tmp_path):
     kp = karpathy(tmp_path, [("train", "a small red square to the left of a blue circle.")])
     tok = data.train_tokenizer(data.world_texts(data.make_world("train", 8, 0)), 600)
     pair = data.load_dataset(kp).pairs[0]
-    batch = data.collate_pairs([pair], tok, 16, data.n_soft_tokens(tok), 10 ** 6)  # the sequence training builds
+    # the sequence training builds
+    batch = data.collate_pairs([pair], tok, 16, data.n_soft_tokens(tok), 10 ** 6)
     n = batch["img_ids"].shape[1]
     assert data.check(kp, tok, n_image_tokens=16, max_len=n) == []
     assert [p.field for p in data.check(kp, tok, n_image_tokens=16, max_len=n - 1)] == ["<pair>"]
@@ -266,7 +274,8 @@ def test_features_errors_are_reported_as_features(tmp_path, kind):
 def test_each_problem_is_reported_once_in_json_terms(tmp_path):
     png(tmp_path / "k0.png")
     cases = {
-        "k.json": json.dumps({"images": [{"filename": "k0.png", "split": "train", "sentences": [{"text": "x"}]}]}),
+        "k.json": json.dumps({"images": [{"filename": "k0.png", "split": "train",
+                                          "sentences": [{"text": "x"}]}]}),
         "l.json": json.dumps([{"conversations": ["hello", {"from": "gpt", "value": "hi"}]}]),
         "m.jsonl": json.dumps({"text_list": ["a"], "image_info": [{"image_name": "k0.png",
                                                                     "matched_text_index": None}]}),
@@ -280,7 +289,8 @@ def test_each_problem_is_reported_once_in_json_terms(tmp_path):
     assert [str(p) for p in data.check(tmp_path / "m.jsonl")] == [
         "record 1.image_info[0]: field 'matched_text_index': type integer, got null"]
     feats = tmp_path / "f.safetensors"
-    data.save_features(feats, {"image:a.png": (torch.ones(3), torch.ones(2) / 2 ** .5)})  # .uni is not unit norm
+    # .uni is not unit norm
+    data.save_features(feats, {"image:a.png": (torch.ones(3), torch.ones(2) / 2 ** .5)})
     assert [(p.index, p.field) for p in data.check(feats)] == [("image:a.png.uni", "uni")]
 
 

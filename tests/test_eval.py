@@ -30,7 +30,8 @@ def test_perfect_embeddings_give_recall_one():
 def test_shuffled_index_gives_chance():
     # every query's positive sits at a known rank: rank i for query i -> recall@k = k / n exactly
     n = 20
-    scores = torch.arange(n, 0, -1, dtype=torch.float).repeat(n, 1)  # candidate c scores n - c for every query
+    # candidate c scores n - c for every query
+    scores = torch.arange(n, 0, -1, dtype=torch.float).repeat(n, 1)
     positive = torch.eye(n, dtype=torch.bool)  # query q's positive is candidate q, ranked q-th
     r = E.recall_at_k(scores, positive, (1, 5, 10))
     assert r == pytest.approx({1: 1 / n, 5: 5 / n, 10: 10 / n})
@@ -65,7 +66,8 @@ def test_pairwise_accuracy():
 def test_winoground_scores_known_cases():
     perfect = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
     assert E.winoground_scores(perfect) == {"text": 1.0, "image": 1.0, "group": 1.0}
-    # image 0 likes both captions most (a "bag of words" model): captions pick the right image only for caption 0
+    # image 0 likes both captions most (a "bag of words" model): captions pick the right image only for
+    # caption 0
     s = torch.tensor([[[0.9, 0.8], [0.1, 0.5]]])
     # text: image0 prefers cap0 (0.9 > 0.8), image1 prefers cap1 (0.5 > 0.1) -> 1
     # image: cap0 prefers image0 (0.9 > 0.1), cap1 prefers image1? 0.5 > 0.8 no -> 0
@@ -76,16 +78,18 @@ def test_winoground_scores_known_cases():
 
 def test_yes_no_metrics():
     truth = ["yes", "no", "yes", "no"]
-    assert E.yes_no_metrics(truth, truth) == {"acc": 1.0, "precision": 1.0, "recall": 1.0, "f1": 1.0, "yes_ratio": 0.5}
+    assert E.yes_no_metrics(truth, truth) == {"acc": 1.0, "precision": 1.0, "recall": 1.0, "f1": 1.0,
+                                              "yes_ratio": 0.5}
     always_yes = E.yes_no_metrics(["Yes."] * 4, truth)
-    assert always_yes == {"acc": 0.5, "precision": 0.5, "recall": 1.0, "f1": pytest.approx(2 * 2 / (2 * 2 + 2)),
-                          "yes_ratio": 1.0}
+    assert always_yes == {"acc": 0.5, "precision": 0.5, "recall": 1.0,
+                          "f1": pytest.approx(2 * 2 / (2 * 2 + 2)), "yes_ratio": 1.0}
     garbage = E.yes_no_metrics(["maybe"] * 4, truth)  # neither yes nor no: wrong, and not a "yes"
     assert garbage == {"acc": 0.0, "precision": 0.0, "recall": 0.0, "f1": 0.0, "yes_ratio": 0.0}
 
 
 @settings(max_examples=50, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(["yes", "no"]), st.sampled_from(["yes", "no"])), min_size=1, max_size=30))
+@given(st.lists(st.tuples(st.sampled_from(["yes", "no"]), st.sampled_from(["yes", "no"])), min_size=1,
+                max_size=30))
 def test_yes_no_metrics_match_confusion_counts(rows):
     """Against counts from an explicit loop over the confusion matrix."""
     pred, truth = [p for p, _ in rows], [t for _, t in rows]
@@ -94,7 +98,8 @@ def test_yes_no_metrics_match_confusion_counts(rows):
     prec = tp / (tp + fp) if tp + fp else 0.0
     rec = tp / (tp + fn) if tp + fn else 0.0
     m = E.yes_no_metrics(pred, truth)
-    assert m["acc"] == pytest.approx((tp + tn) / len(rows)) and m["yes_ratio"] == pytest.approx((tp + fp) / len(rows))
+    assert m["acc"] == pytest.approx((tp + tn) / len(rows))
+    assert m["yes_ratio"] == pytest.approx((tp + fp) / len(rows))
     assert m["precision"] == pytest.approx(prec) and m["recall"] == pytest.approx(rec)
     assert m["f1"] == pytest.approx(2 * prec * rec / (prec + rec) if prec + rec else 0.0)
 
@@ -267,4 +272,5 @@ def test_interleaved_query_longer_than_the_context_drops_its_oldest_segments(tmp
     n_dropped = 7 - len(cut)
     assert n_dropped >= 1 and cut == [shade(x.image) if x.kind == "image" else x.text
                                       for x in last.segments[n_dropped:]]
-    assert data.sample_lengths([data.Sample(last.segments[n_dropped - 1:])], tok, 16)[0] > room  # none too many
+    assert data.sample_lengths([data.Sample(last.segments[n_dropped - 1:])], tok,
+                               16)[0] > room  # none too many

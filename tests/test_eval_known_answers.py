@@ -71,7 +71,8 @@ def test_random_embeddings_score_at_chance(world):
 def test_a_generator_that_reads_the_scene_scores_vqa_and_pope_one(world):
     texts = [data.format_question(q) + " " + a for s in world.scenes for q, a in s.vqa + s.pope]
     tok = data.train_tokenizer(texts, 400)
-    answers = {(s.image.numpy().tobytes(), data.format_question(q)): a for s in world.scenes for q, a in s.vqa + s.pope}
+    answers = {(s.image.numpy().tobytes(), data.format_question(q)): a
+               for s in world.scenes for q, a in s.vqa + s.pope}
 
     class SceneReader:  # what generate_answers needs of an MLLM, answering from the scene graph
         n_image_tokens = 4

@@ -1,10 +1,11 @@
 """The image reaches the answer: a tiny MLLM trained for a few hundred CPU steps answers "what colour is the
 <shape>?" about single-object scenes far above chance, and with black images it cannot. This guards the whole
-image path (rendering, pixel normalisation, vision tower, adapter, the scatter of image tokens into the sequence,
-the labels) against regressions that leave every shape test green, e.g. images paired with the wrong rows.
+image path (rendering, pixel normalisation, vision tower, adapter, the scatter of image tokens into the
+sequence, the labels) against regressions that leave every shape test green, e.g. images paired with the wrong
+rows.
 
-Also the training conversations: no turn can be answered from an earlier turn of the same conversation (a model
-trained on such data learns to copy the answer and never to read the image)."""
+Also the training conversations: no turn can be answered from an earlier turn of the same conversation (a
+model trained on such data learns to copy the answer and never to read the image)."""
 import random
 import re
 import sys
@@ -58,12 +59,13 @@ def test_a_tiny_model_reads_colour_from_the_image_and_not_without_it():
     assert all(len(tok.encode(" " + c)) == 1 for c in data.COLOURS)
     vision = VisionConfig(image_size=32, patch_size=8, hidden_size=32, num_layers=2, num_heads=2,
                           intermediate_size=64)
-    llm = LLMConfig(vocab_size=tok.vocab_size, hidden_size=48, intermediate_size=96, num_layers=2, num_heads=2,
-                    num_kv_heads=1, max_seq_len=64)
+    llm = LLMConfig(vocab_size=tok.vocab_size, hidden_size=48, intermediate_size=96, num_layers=2,
+                    num_heads=2, num_kv_heads=1, max_seq_len=64)
     model = MLLM(MLLMConfig(vision, llm, image_token_id=tok.image_id, soft_image_token_id=tok.soft_image_id,
                             soft_text_token_id=tok.soft_text_id, n_soft_tokens=1))
-    # lr 6e-4 with a 50-step warm-up: at 1e-3 this model's from-scratch vision path collapses (image tokens stop
-    # varying with the image) and colour stays at chance for 600 steps; at 6e-4 it is learned by step ~330
+    # lr 6e-4 with a 50-step warm-up: at 1e-3 this model's from-scratch vision path collapses (image tokens
+    # stop varying with the image) and colour stays at chance for 600 steps; at 6e-4 it is learned by
+    # step ~330
     opt = torch.optim.AdamW(model.parameters(), lr=6e-4)
     for step in range(400):
         opt.param_groups[0]["lr"] = 6e-4 * min(1.0, (step + 1) / 50)
