@@ -1,18 +1,45 @@
-"""data.py — everything unimllm trains and is evaluated on: the built-in synthetic world, readers for the formats a
-user brings, tokenizers, teacher features and the one batch format (`collate`, `collate_pairs`).
+"""data.py — everything unimllm trains and is evaluated on: the one batch format (`collate`,
+`collate_pairs`) and its tokenizer, the built-in synthetic world, and readers for the formats a user brings.
+
+The file reads in that order: segments, samples and the tokenizer, then `collate` / `collate_pairs`; then the
+built-in world (scene graphs, rendering, captions, hard negatives, questions, teacher features, stories, the
+RAG knowledge base, `make_world` and the sample builders); then the file readers and `check`.
 
 Implements the data side of two papers:
-- Sugar (interleaved retrieval + generation): samples are interleaved image/text *slices*; every prefix of a sample
-  gets an embedding, and the structure loss (Sugar Eq. 3) compares prefixes through a GAK (Sugar Eq. 2) over the
-  slices' teacher features, combined by the triple kernel (Sugar Eq. 4: uni-modal image, uni-modal text and
-  cross-modal features). `collate` therefore returns every slice's boundaries, its teacher features and, for every
-  prefix, which slices it covers.
-- VladVA (contrastive + next-token on one LLM): an image sequence `<image>*n <soft_image>*K long caption </s>` and a
-  text sequence `short caption <soft_text>*K`; `collate_pairs` builds both (VladVA Sec. 3, E5-V style prompts).
+- Sugar (interleaved retrieval + generation): samples are interleaved image/text *slices*; every prefix of a
+  sample gets an embedding, and the structure loss (Sugar Eq. 3) compares prefixes through a GAK (Sugar Eq. 2)
+  over the slices' teacher features, combined by the triple kernel (Sugar Eq. 4: uni-modal image, uni-modal
+  text and cross-modal features). `collate` therefore returns every slice's boundaries, its teacher features
+  and, for every prefix, which slices it covers.
+- VladVA (contrastive + next-token on one LLM): an image sequence `<image>*n <soft_image>*K long caption </s>`
+  and a text sequence `short caption <soft_text>*K`; `collate_pairs` builds both (VladVA Sec. 3, E5-V style
+  prompts).
 
-The built-in world (`make_world`) is deterministic per seed and needs no download: Pillow-drawn scenes of 1–4 shapes
-(4 shapes x 6 colours x 2 sizes on a 3x3 grid; within one scene every object has its own shape and its own colour,
-so "the red square" always names exactly one object and every hard negative below is provably false).
+Batch format. A Sample is a list of Segments (an image, or a text with or without loss, each with optional
+teacher features) and the indices of the segments that end a Sugar prefix. `collate` turns B samples into one
+right-padded batch; with T tokens, S segments (slices) over the batch, P prefixes and L = the longest prefix,
+its keys are:
+  input_ids (B, T) long, pad_id after each row's end; labels (B, T) long, -100 where there is no loss
+    (images, prompts, padding); attention_mask (B, T) bool, True on real tokens;
+  images (N, 3, H, W) float, the batch's images in order, or None when it has none;
+  seg_batch, seg_start, seg_end (S,) long: each segment's sample and token span [start, end);
+    seg_is_image (S,) bool; slice_uni (S, Du), slice_cross (S, Dc) float teacher features (zeros where a
+    segment has none); has_teacher (S,) bool;
+  prefix_seg (P,) long: the segment (index into S) that ends each prefix; prefix_batch (P,) long: its
+    sample; prefix_slices (P, L) long: the segments (indices into S) of each prefix in order, zero-padded;
+    prefix_len (P,) long.
+`collate_pairs` turns B (image, short caption, long caption) items into VladVA's two sequences:
+  img_ids (B, Ti) long: [bos] <image>*n <soft_image>*K long_caption </s>, pad_id after each row's end;
+  img_labels (B, Ti) long: the long caption and its </s>, -100 elsewhere;
+  img_pos (B,) long: the position of the last <soft_image>, where the summary embedding is read;
+  images (B, 3, H, W) float;
+  txt_ids (B, Tt) long: [bos] short_caption <soft_text>*K, pad_id after each row's end;
+  txt_pos (B,) long: the position of the last <soft_text>.
+
+The built-in world (`make_world`) is deterministic per seed and needs no download: Pillow-drawn scenes of 1-4
+shapes (4 shapes x 6 colours x 2 sizes on a 3x3 grid; within one scene every object has its own shape and its
+own colour, so "the red square" always names exactly one object and every hard negative below is provably
+false).
 
 Run:
     python data.py check PATH [--tokenizer tokenizer.json] [--max-len 192] [--n-image-tokens 16]
@@ -41,8 +68,9 @@ User formats (found by suffix and content; image paths are relative to the file;
   paths written out (its "ex_0_img_0" needs its folder and ".png") (eval: winoground/text|image|group):
       {"id": 0, "image_0": "img/0.png", "image_1": "img/1.png",
        "caption_0": "a red square left of a blue circle.", "caption_1": "a blue square left of a red circle."}
-  Teacher features .safetensors (train --features): tensors "image:<path>.uni|cross", "text:<sha256>.uni|cross"
-      written by save_features({feature_key("image", "img/0.png"): (uni, cross), ...}).
+  Teacher features .safetensors (train --features): tensors "image:<path>.uni|cross",
+      "text:<sha256>.uni|cross", written by
+      save_features({feature_key("image", "img/0.png"): (uni, cross), ...}).
 """
 from __future__ import annotations
 
@@ -64,14 +92,329 @@ import torch
 from PIL import Image, ImageDraw, UnidentifiedImageError
 from torch import Tensor
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
+# Batch format constants
+# ------------------------------------------------------------------------------------------------------------
+SPECIALS = ("<pad>", "<s>", "</s>", "<image>", "<soft_image>", "<soft_text>")
+IMAGE_PROMPT = "Summarize above image in one word:"
+TEXT_PROMPT = "Summarize above sentence in one word:"
+IMAGE_TOKEN = "<image>"
+MAX_LEN = 192  # train.py's default context (--max-len); `check` measures samples against it by default
+N_IMAGE_TOKENS = 16  # image tokens of train.py's default vision tower (32x32 images, 8x8 patches)
+# teacher feature widths of the built-in world; collate's zero features where a batch has none
+UNI_DIM = 64
+CROSS_DIM = 64
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Segments and samples
+# ------------------------------------------------------------------------------------------------------------
+@dataclass
+class Segment:
+    kind: str                  # "image" | "text"
+    image: Tensor | None = None
+    text: str | None = None
+    loss: bool = False
+    uni: Tensor | None = None
+    cross: Tensor | None = None
+
+
+@dataclass
+class Sample:
+    segments: list[Segment]
+    prefixes: list[int] = field(default_factory=list)  # indices of segments that end a Sugar prefix
+
+
+def image_seg(image: Tensor, uni: Tensor | None = None, cross: Tensor | None = None) -> Segment:
+    return Segment("image", image=image, uni=uni, cross=cross)
+
+
+def text_seg(text: str, loss: bool, uni: Tensor | None = None, cross: Tensor | None = None) -> Segment:
+    return Segment("text", text=text, loss=loss, uni=uni, cross=cross)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Tokenizer
+# ------------------------------------------------------------------------------------------------------------
+class Tokenizer:
+    """A `tokenizers.Tokenizer` plus the ids of the special tokens unimllm needs."""
+
+    def __init__(self, tk: "tokenizers.Tokenizer") -> None:  # noqa: F821
+        self.tk = tk
+        ids = {s: tk.token_to_id(s) for s in SPECIALS}
+        missing = [s for s, i in ids.items() if i is None]
+        if missing:
+            raise ValueError(f"Tokenizer: special tokens {missing} are missing (use "
+                             "load_tokenizer to add them)")
+        self.pad_id, self.bos_id, self.eos_id = ids["<pad>"], ids["<s>"], ids["</s>"]
+        self.image_id, self.soft_image_id = ids["<image>"], ids["<soft_image>"]
+        self.soft_text_id = ids["<soft_text>"]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tk.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        for s in SPECIALS:
+            if s in text:
+                raise ValueError(f"Tokenizer.encode: text contains the special token {s!r}; pass images as "
+                                 f"image segments, not as text: {text[:80]!r}")
+        return self.tk.encode(text, add_special_tokens=False).ids
+
+    def count(self, texts: Sequence[str]) -> list[int]:
+        """len(encode(t)) for each text, each distinct text encoded once, in one batched call (length checks
+        over a whole corpus, whose questions and captions repeat)."""
+        distinct = list(dict.fromkeys(texts))
+        encoded = self.tk.encode_batch(distinct, add_special_tokens=False)
+        n = {t: len(e.ids) for t, e in zip(distinct, encoded)}
+        return [n[t] for t in texts]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tk.decode(list(ids), skip_special_tokens=True)
+
+    def to_str(self) -> str:
+        return self.tk.to_str()
+
+    @classmethod
+    def from_str(cls, s: str) -> "Tokenizer":
+        import tokenizers
+        return cls(tokenizers.Tokenizer.from_str(s))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_str())
+
+
+def train_tokenizer(texts: Sequence[str], vocab_size: int = 1024) -> Tokenizer:
+    """Byte-level BPE trained on `texts`; with the default size every world word is a single token."""
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+    tk = HFTokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIALS), min_frequency=2,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tk.train_from_iterator(list(texts), trainer)
+    return Tokenizer(tk)
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """A real LLM's tokenizer.json (or one saved by Tokenizer.save); missing unimllm special tokens are
+    added."""
+    import tokenizers
+    p = Path(path)
+    if p.is_dir():
+        p = p / "tokenizer.json"
+    if not p.is_file():
+        raise ValueError(f"load_tokenizer: {p} does not exist (expected a tokenizer.json)")
+    try:
+        tk = tokenizers.Tokenizer.from_file(str(p))
+    except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
+        raise ValueError(f"load_tokenizer: {p} is not a valid tokenizer.json: {e}") from e
+    missing = [s for s in SPECIALS if tk.token_to_id(s) is None]
+    if missing:
+        tk.add_special_tokens(missing)
+    return Tokenizer(tk)
+
+
+def soft_prompt_ids(tok: Tokenizer) -> tuple[list[int], list[int]]:
+    """Token ids of IMAGE_PROMPT and TEXT_PROMPT, right-padded with pad_id to the same K (for
+    init_soft_prompts)."""
+    a, b = tok.encode(IMAGE_PROMPT), tok.encode(TEXT_PROMPT)
+    k = max(len(a), len(b))
+    return a + [tok.pad_id] * (k - len(a)), b + [tok.pad_id] * (k - len(b))
+
+
+def n_soft_tokens(tok: Tokenizer) -> int:
+    return len(soft_prompt_ids(tok)[0])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Batching
+# ------------------------------------------------------------------------------------------------------------
+def segment_text(text: str, after_text: bool) -> str:
+    """The string actually encoded for a text segment: one space separates it from a preceding text segment,
+    so an answer after "answer:" is encoded as " red", the same single token as inside a caption (eval strips
+    it)."""
+    return " " + text if after_text and not text[:1].isspace() else text
+
+
+def _segment_ids(seg: Segment, tok: Tokenizer, n_image_tokens: int, where: str,
+                 after_text: bool) -> list[int]:
+    if seg.kind == "image":
+        if seg.image is None or seg.image.dim() != 3 or seg.image.shape[0] != 3:
+            raise ValueError(f"{where}: image segment needs an image tensor (3, H, W)")
+        return [tok.image_id] * n_image_tokens
+    if seg.kind != "text":
+        raise ValueError(f"{where}: segment kind must be 'image' or 'text', got {seg.kind!r}")
+    if not seg.text or not seg.text.strip():
+        raise ValueError(f"{where}: text segment is empty")
+    return tok.encode(segment_text(seg.text, after_text))
+
+
+def _teacher_dims(samples: Sequence[Sample]) -> tuple[int, int]:
+    du = {s.uni.shape[-1] for x in samples for s in x.segments if s.uni is not None}
+    dc = {s.cross.shape[-1] for x in samples for s in x.segments if s.cross is not None}
+    if len(du) > 1 or len(dc) > 1:
+        raise ValueError(f"collate: teacher feature widths differ within the batch: uni {du}, cross {dc}")
+    return (du.pop() if du else UNI_DIM), (dc.pop() if dc else CROSS_DIM)
+
+
+def ends_turn(segments: Sequence[Segment], i: int) -> bool:
+    """A supervised text segment not followed by another one ends a turn and gets </s> (LLaVA: every assistant
+    answer ends with </s>, so the model learns to stop after each answer, not only after the last)."""
+    seg, nxt = segments[i], segments[i + 1] if i + 1 < len(segments) else None
+    return seg.kind == "text" and seg.loss and not (nxt is not None and nxt.kind == "text" and nxt.loss)
+
+
+def collate(samples: Sequence[Sample], tok: Tokenizer, n_image_tokens: int,
+            max_len: int) -> dict[str, Tensor]:
+    """Interleaved samples -> one right-padded batch. Raises on too-long samples (no truncation).
+
+    Sequence: [bos] seg_0 seg_1 ... with [eos] after each turn of supervised text (ends_turn). The eos is
+    labelled but belongs to no segment, so a text segment's last token is its own last text token (Sugar's
+    slice summary). A text segment right after another text segment is encoded with a leading space
+    (segment_text).
+    The keys and their shapes are listed in the module docstring (Batch format)."""
+    if not samples:
+        raise ValueError("collate: empty batch")
+    du, dc = _teacher_dims(samples)
+    rows, labs = [], []
+    images: list[Tensor] = []
+    seg_batch, seg_start, seg_end, seg_is_image, uni, cross, has_t = [], [], [], [], [], [], []
+    prefix_seg, prefix_batch, prefix_slices = [], [], []
+    for b, smp in enumerate(samples):
+        ids, lab = [tok.bos_id], [-100]
+        first_global = len(seg_batch)
+        for i, seg in enumerate(smp.segments):
+            after_text = i > 0 and smp.segments[i - 1].kind == "text"
+            seg_ids = _segment_ids(seg, tok, n_image_tokens, f"collate: sample {b} segment {i}", after_text)
+            seg_batch.append(b)
+            seg_start.append(len(ids))
+            ids += seg_ids
+            seg_end.append(len(ids))
+            seg_is_image.append(seg.kind == "image")
+            lab += seg_ids if (seg.kind == "text" and seg.loss) else [-100] * len(seg_ids)
+            if seg.kind == "image":
+                images.append(seg.image)
+            uni.append(seg.uni if seg.uni is not None else torch.zeros(du))
+            cross.append(seg.cross if seg.cross is not None else torch.zeros(dc))
+            has_t.append(seg.uni is not None and seg.cross is not None)
+            if ends_turn(smp.segments, i):
+                ids.append(tok.eos_id)
+                lab.append(tok.eos_id)
+        if len(ids) > max_len:
+            raise ValueError(f"collate: sample {b} has {len(ids)} tokens > max_len {max_len} "
+                             f"(refusing to truncate; shorten the sample or raise max_len)")
+        for p in smp.prefixes:
+            if not 0 <= p < len(smp.segments):
+                raise ValueError(f"collate: sample {b} prefix {p} is not a segment index "
+                                 f"(0..{len(smp.segments) - 1})")
+            prefix_seg.append(first_global + p)
+            prefix_batch.append(b)
+            prefix_slices.append(list(range(first_global, first_global + p + 1)))
+        rows.append(ids)
+        labs.append(lab)
+    T = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), T), tok.pad_id, dtype=torch.long)  # (B, T)
+    labels = torch.full((len(rows), T), -100, dtype=torch.long)           # (B, T)
+    for b, (r, l) in enumerate(zip(rows, labs)):
+        input_ids[b, :len(r)] = torch.tensor(r)
+        labels[b, :len(l)] = torch.tensor(l)
+    L = max((len(p) for p in prefix_slices), default=0)
+    slices = torch.zeros((len(prefix_slices), L), dtype=torch.long)       # (P, L)
+    for k, p in enumerate(prefix_slices):
+        slices[k, :len(p)] = torch.tensor(p)
+    return {
+        "input_ids": input_ids, "labels": labels,
+        "attention_mask": torch.arange(T)[None, :] < torch.tensor([len(r) for r in rows])[:, None],  # (B, T)
+        "images": _stack_images(images),
+        "seg_batch": torch.tensor(seg_batch, dtype=torch.long),
+        "seg_start": torch.tensor(seg_start, dtype=torch.long),
+        "seg_end": torch.tensor(seg_end, dtype=torch.long), "seg_is_image": torch.tensor(seg_is_image),
+        "slice_uni": torch.stack(uni).float(), "slice_cross": torch.stack(cross).float(),
+        "has_teacher": torch.tensor(has_t),
+        "prefix_seg": torch.tensor(prefix_seg, dtype=torch.long),
+        "prefix_batch": torch.tensor(prefix_batch, dtype=torch.long),
+        "prefix_slices": slices,
+        "prefix_len": torch.tensor([len(p) for p in prefix_slices], dtype=torch.long),
+    }
+
+
+def _stack_images(images: list[Tensor]) -> Tensor | None:
+    """(N, 3, H, W) or None when the batch has no image."""
+    if not images:
+        return None
+    shapes = {tuple(im.shape) for im in images}
+    if len(shapes) > 1:
+        raise ValueError(f"collate: images in one batch must share a size, got {sorted(shapes)}")
+    return torch.stack(images).float()
+
+
+def _pair_fields(item: object) -> tuple[Tensor, str, str]:
+    if isinstance(item, tuple):
+        if len(item) != 3:
+            raise ValueError("collate_pairs: a tuple item must be (image, short_caption, long_caption)")
+        return item
+    return item.image, item.short_caption, item.long_caption
+
+
+def summary_row(ids: list[int], soft_id: int, n_soft: int) -> tuple[list[int], int]:
+    """VladVA's summary input: a sample's tokens, then the K soft-prompt tokens of its side (<soft_image>
+    after an image, <soft_text> after a text); the summary embedding is read at the last of them, whose
+    position is returned. Training (collate_pairs) and eval.py's embeddings build their rows here."""
+    return ids + [soft_id] * n_soft, len(ids) + n_soft - 1
+
+
+def collate_pairs(items: Sequence[object], tok: Tokenizer, n_image_tokens: int, n_soft: int,
+                  max_len: int) -> dict[str, Tensor]:
+    """VladVA batch from Scenes / Pairs (anything with .image .short_caption .long_caption) or (image, short,
+    long).
+
+    img_ids: [bos] <image>*n <soft_image>*K long_caption </s>   (labels on long caption + </s>)
+    txt_ids: [bos] short_caption <soft_text>*K"""
+    if not items:
+        raise ValueError("collate_pairs: empty batch")
+    img_rows, img_labs, img_pos, txt_rows, txt_pos, images = [], [], [], [], [], []
+    for b, item in enumerate(items):
+        image, short, long_ = _pair_fields(item)
+        if not short.strip() or not long_.strip():
+            raise ValueError(f"collate_pairs: item {b} has an empty caption")
+        head, img_p = summary_row([tok.bos_id] + [tok.image_id] * n_image_tokens, tok.soft_image_id, n_soft)
+        cap = tok.encode(long_) + [tok.eos_id]
+        txt, txt_p = summary_row([tok.bos_id] + tok.encode(short), tok.soft_text_id, n_soft)
+        for name, row in (("image", head + cap), ("text", txt)):
+            if len(row) > max_len:
+                raise ValueError(f"collate_pairs: item {b} {name} sequence has {len(row)} tokens > "
+                                 f"max_len {max_len}")
+        img_rows.append(head + cap)
+        img_labs.append([-100] * len(head) + cap)
+        img_pos.append(img_p)
+        txt_rows.append(txt)
+        txt_pos.append(txt_p)
+        images.append(image)
+    return {
+        "img_ids": _pad(img_rows, tok.pad_id), "img_labels": _pad(img_labs, -100),
+        "img_pos": torch.tensor(img_pos, dtype=torch.long), "images": _stack_images(images),
+        "txt_ids": _pad(txt_rows, tok.pad_id), "txt_pos": torch.tensor(txt_pos, dtype=torch.long),
+    }
+
+
+def _pad(rows: list[list[int]], value: int) -> Tensor:
+    T = max(len(r) for r in rows)
+    out = torch.full((len(rows), T), value, dtype=torch.long)  # (B, T)
+    for b, r in enumerate(rows):
+        out[b, :len(r)] = torch.tensor(r)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------
 # World vocabulary
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 SHAPES = ("square", "circle", "triangle", "cross")
 COLOURS = {"red": (230, 40, 40), "green": (40, 190, 60), "blue": (50, 90, 240), "yellow": (235, 215, 40),
            "purple": (160, 60, 210), "cyan": (40, 220, 220)}
 SIZES = ("small", "large")
-GRID = 3  # a 3x3 grid: shapes ~14 px (large) / ~9 px (small) wide at train.py's 48x48, one 16-px patch per cell
+# a 3x3 grid: shapes ~14 px (large) / ~9 px (small) wide at train.py's 48x48, one 16-px patch per cell
+GRID = 3
 POSITIONS = {(0, 0): "top left", (0, 1): "top", (0, 2): "top right", (1, 0): "left", (1, 1): "center",
              (1, 2): "right", (2, 0): "bottom left", (2, 1): "bottom", (2, 2): "bottom right"}
 REL_WORDS = {"left": "to the left of", "right": "to the right of", "above": "above", "below": "below"}
@@ -80,26 +423,17 @@ NUMBERS = ("zero", "one", "two", "three", "four")
 CATEGORIES = ("replace_att", "replace_obj", "replace_rel", "swap_att", "swap_obj", "add_obj", "add_att")
 BACKGROUND = (16, 16, 16)
 SUPERSAMPLE = 4  # draw at 4x and box-filter down: anti-aliased edges keep shapes recognisable at 32x32
-UNI_DIM = 64
-CROSS_DIM = 64
-TEST_FRACTION = 4  # a scene graph belongs to the test split iff crc32(graph) % 4 == 0 (content-disjoint splits)
-# RAG names: three consonant-vowel syllables; a hash of the whole name decides its split (name_split), so test names
-# are new names made of known syllables.
+# a scene graph belongs to the test split iff crc32(graph) % 4 == 0 (content-disjoint splits)
+TEST_FRACTION = 4
+# RAG names: three consonant-vowel syllables; a hash of the whole name decides its split (name_split), so test
+# names are new names made of known syllables.
 NAME_CONSONANTS = "bdfgklmprtvz"
 NAME_VOWELS = "aeiou"
 
-SPECIALS = ("<pad>", "<s>", "</s>", "<image>", "<soft_image>", "<soft_text>")
-IMAGE_PROMPT = "Summarize above image in one word:"
-TEXT_PROMPT = "Summarize above sentence in one word:"
-IMAGE_TOKEN = "<image>"
-MAX_LEN = 192  # train.py's default context (--max-len); `check` measures samples against it by default
-N_IMAGE_TOKENS = 16  # image tokens of train.py's default vision tower (32x32 images, 8x8 patches)
-KARPATHY_SPLITS = ("train", "val", "test", "all")  # "train" takes restval too (Karpathy's extra train images)
 
-
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Scene graphs
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Obj:
     shape: str
@@ -145,7 +479,8 @@ def canonical(graph: SceneGraph) -> str:
 
 
 def graph_split(graph: SceneGraph) -> str:
-    """Content-based split: train and test scene graphs are disjoint sets, not just drawn from different seeds."""
+    """Content-based split: train and test scene graphs are disjoint sets, not just drawn from different
+    seeds."""
     return "test" if zlib.crc32(canonical(graph).encode()) % TEST_FRACTION == 0 else "train"
 
 
@@ -157,9 +492,9 @@ def _random_graph(rng: random.Random, n_min: int = 1, n_max: int = 4) -> SceneGr
     return SceneGraph([Obj(s, c, rng.choice(SIZES), r, q) for s, c, (r, q) in zip(shapes, colours, cells)])
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Rendering
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 def render(graph: SceneGraph, image_size: int = 32) -> Tensor:
     """Draw the scene: (3, H, W) float in [0, 1]."""
     big = image_size * SUPERSAMPLE
@@ -189,9 +524,9 @@ def pil_to_tensor(img: Image.Image) -> Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()  # (3, H, W)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Captions: a tiny phrase grammar  NP [REL NP] {and NP};  NP = "a" [size] colour shape
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class NP:
     colour: str
@@ -239,11 +574,11 @@ def _long_caption(graph: SceneGraph) -> str:
     return " ".join(parts)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# SugarCrepe-style hard negatives. Every negative is false because (colour, shape) pairs are unique in a scene:
-# a changed colour/shape/size names an object that does not exist, an opposite relation cannot hold.
+# ------------------------------------------------------------------------------------------------------------
+# SugarCrepe-style hard negatives. Every negative is false because (colour, shape) pairs are unique in a
+# scene: a changed colour/shape/size names an object that does not exist, an opposite relation cannot hold.
 # Categories that a scene cannot support (relations/swaps need 2 objects) are left out of its dict.
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 def _absent_np(graph: SceneGraph, rng: random.Random) -> NP:
     present = {(o.colour, o.shape) for o in graph.objects}
     options = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present]
@@ -279,9 +614,9 @@ def make_negatives(graph: SceneGraph, phrase: Phrase, rng: random.Random) -> dic
     return out
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # VQA and POPE
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 def format_question(question: str) -> str:
     """The prompt text segment put before a single-word answer (train and eval must agree on it)."""
     return f"question: {question} answer:"
@@ -305,7 +640,8 @@ def _vqa(graph: SceneGraph, rng: random.Random) -> list[tuple[str, str]]:
 
 
 def _pope(graph: SceneGraph, rng: random.Random) -> list[tuple[str, str]]:
-    """POPE-style object existence: one "yes" per object, as many "no" about absent (colour, shape) objects."""
+    """POPE-style object existence: one "yes" per object, as many "no" about absent (colour, shape)
+    objects."""
     present = [(o.colour, o.shape) for o in graph.objects]
     absent = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present]
     qs = [(f"is there a {c} {s} in the image?", "yes") for c, s in present]
@@ -314,14 +650,15 @@ def _pope(graph: SceneGraph, rng: random.Random) -> list[tuple[str, str]]:
     return qs
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Teacher features. For the built-in world an EXACT featuriser of the ground-truth scene graph stands in for the
-# frozen encoders of the papers (DINOv2 for uni-modal image, BGE for uni-modal text, CLIP for cross-modal): each
-# feature is a sum of fixed random Gaussian vectors, one per discrete fact ("red square", "square at top left",
-# "red square left of blue circle"...), then L2-normalised. A random projection preserves the overlap of the fact
-# sets, so scenes/sentences sharing facts get similar vectors; image and text share one cross-modal fact space, so a
-# long caption (which states every fact) has exactly its image's cross-modal vector.
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
+# Teacher features. For the built-in world an EXACT featuriser of the ground-truth scene graph stands in for
+# the frozen encoders of the papers (DINOv2 for uni-modal image, BGE for uni-modal text, CLIP for
+# cross-modal): each feature is a sum of fixed random Gaussian vectors, one per discrete fact ("red square",
+# "square at top left", "red square left of blue circle"...), then L2-normalised. A random projection
+# preserves the overlap of the fact sets, so scenes/sentences sharing facts get similar vectors; image and
+# text share one cross-modal fact space, so a long caption (which states every fact) has exactly its image's
+# cross-modal vector.
+# ------------------------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
 def _fact_vec(space: str, fact: str, dim: int) -> np.ndarray:
     rng = np.random.default_rng(zlib.crc32(f"{space}|{fact}".encode()))
@@ -398,9 +735,9 @@ def cross_features(facts: Sequence[str]) -> Tensor:
     return featurise("cross", facts, CROSS_DIM)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # World objects
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 @dataclass
 class Scene:
     image: Tensor                      # (3, H, W) in [0, 1]
@@ -456,7 +793,8 @@ class WinoPair:
     caption_b: str
     graph_a: SceneGraph
     graph_b: SceneGraph
-    kind: str                          # "swap_obj" (the two objects trade places) | "swap_att" (trade colours)
+    # "swap_obj" (the two objects trade places) | "swap_att" (trade colours)
+    kind: str
     phrase_a: Phrase                   # the structures behind caption_a / caption_b (their teacher features)
     phrase_b: Phrase
 
@@ -509,9 +847,9 @@ def _make_scene(graph: SceneGraph, rng: random.Random, image_size: int) -> Scene
 
 def _scene_for_split(split: str, rng: random.Random) -> SceneGraph:
     while True:
-        g = _random_graph(rng)
-        if graph_split(g) == split:
-            return g
+        graph = _random_graph(rng)
+        if graph_split(graph) == split:
+            return graph
 
 
 def _frame(graph: SceneGraph, sentence: str, facts: list[str], image_size: int) -> Frame:
@@ -520,7 +858,8 @@ def _frame(graph: SceneGraph, sentence: str, facts: list[str], image_size: int) 
 
 
 def _story_step(graph: SceneGraph, rng: random.Random) -> tuple[SceneGraph, str, list[str]]:
-    """One event: an object appears, moves, or changes colour. Returns the new graph, its sentence and its facts."""
+    """One event: an object appears, moves, or changes colour. Returns the new graph, its sentence and its
+    facts."""
     objs = list(graph.objects)
     free = [p for p in sorted(POSITIONS) if all((o.row, o.col) != p for o in objs)]
     used_c, used_s = {o.colour for o in objs}, {o.shape for o in objs}
@@ -561,20 +900,23 @@ def _make_wino(rng: random.Random, image_size: int, kind: str) -> WinoPair:
     a, b = ga.objects
     rel = rng.choice(_relations_between(a, b))
     if kind == "swap_obj":  # the objects trade places; caption B names them in swapped order
-        gb = SceneGraph([Obj(a.shape, a.colour, a.size, b.row, b.col), Obj(b.shape, b.colour, b.size, a.row, a.col)])
+        gb = SceneGraph([Obj(a.shape, a.colour, a.size, b.row, b.col),
+                         Obj(b.shape, b.colour, b.size, a.row, a.col)])
         phrase_b = Phrase(NP(b.colour, b.shape), rel, NP(a.colour, a.shape))
     else:  # the objects trade colours; caption B has the colour words swapped
-        gb = SceneGraph([Obj(a.shape, b.colour, a.size, a.row, a.col), Obj(b.shape, a.colour, b.size, b.row, b.col)])
+        gb = SceneGraph([Obj(a.shape, b.colour, a.size, a.row, a.col),
+                         Obj(b.shape, a.colour, b.size, b.row, b.col)])
         phrase_b = Phrase(NP(b.colour, a.shape), rel, NP(a.colour, b.shape))
     phrase_a = Phrase(NP(a.colour, a.shape), rel, NP(b.colour, b.shape))
-    return WinoPair(render(ga, image_size), phrase_a.text(), render(gb, image_size), phrase_b.text(), ga, gb, kind,
-                    phrase_a, phrase_b)
+    return WinoPair(render(ga, image_size), phrase_a.text(), render(gb, image_size), phrase_b.text(), ga, gb,
+                    kind, phrase_a, phrase_b)
 
 
 def name_split(name: str) -> str:
-    """The split a made-up name belongs to: test iff crc32(name) % TEST_FRACTION == 0. Both splits draw names from
-    the same syllables (so the tokens of a test name are known, and copying it from a retrieved description is
-    learnable), but no test name is ever a training name, so only retrieval can answer a test question."""
+    """The split a made-up name belongs to: test iff crc32(name) % TEST_FRACTION == 0. Both splits draw names
+    from the same syllables (so the tokens of a test name are known, and copying it from a retrieved
+    description is learnable), but no test name is ever a training name, so only retrieval can answer a test
+    question."""
     return "test" if zlib.crc32(name.encode()) % TEST_FRACTION == 0 else "train"
 
 
@@ -598,22 +940,24 @@ def _make_kb(rng: random.Random, split: str, n: int, image_size: int) -> KB:
         obj = Obj(s, c, z, 1, 1)
         # the name follows a space, as in the answer " name": BPE gives both the same tokens, so answering is
         # copying them (a name opening the description is split differently, without the leading space)
-        entries.append(KBEntry(name, f"the {z} {c} {s} is called {name}.", render(SceneGraph([obj]), image_size),
-                               obj))
+        entries.append(KBEntry(name, f"the {z} {c} {s} is called {name}.",
+                               render(SceneGraph([obj]), image_size), obj))
         questions.append((f"what is the name of the {z} {c} {s}?", name))
     return KB(entries, questions)
 
 
 def make_world(split: str, n: int, seed: int, image_size: int = 32, n_stories: int | None = None,
                n_winoground: int | None = None, n_kb: int | None = None, story_len: int = 4) -> World:
-    """The built-in world: n scenes (+ n//4 stories, n//4 Winoground pairs, a KB of min(48, max(4, n//4)) names).
+    """The built-in world: n scenes (+ n//4 stories, n//4 Winoground pairs, a KB of min(48, max(4, n//4))
+    names).
 
-    Deterministic per (split, seed); every random stream is seeded with a string naming the split, so train and
-    test never share a seed, and scene graphs are also content-disjoint (graph_split)."""
+    Deterministic per (split, seed); every random stream is seeded with a string naming the split, so train
+    and test never share a seed, and scene graphs are also content-disjoint (graph_split)."""
     if split not in ("train", "test"):
         raise ValueError(f"make_world: split must be 'train' or 'test', got {split!r}")
     if n < 1 or image_size < GRID * 4:
-        raise ValueError(f"make_world: need n >= 1 and image_size >= {GRID * 4}, got n={n}, image_size={image_size}")
+        raise ValueError(f"make_world: need n >= 1 and image_size >= {GRID * 4}, got n={n}, "
+                         f"image_size={image_size}")
     n_stories = max(1, n // 4) if n_stories is None else n_stories
     n_winoground = max(1, n // 4) if n_winoground is None else n_winoground
     n_kb = min(48, max(4, n // 4)) if n_kb is None else n_kb
@@ -644,319 +988,27 @@ def world_texts(world: World) -> list[str]:
     return out + [IMAGE_PROMPT, TEXT_PROMPT]
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Tokenizer
-# ----------------------------------------------------------------------------------------------------------------
-class Tokenizer:
-    """A `tokenizers.Tokenizer` plus the ids of the special tokens unimllm needs."""
-
-    def __init__(self, tk: "tokenizers.Tokenizer") -> None:  # noqa: F821
-        self.tk = tk
-        ids = {s: tk.token_to_id(s) for s in SPECIALS}
-        missing = [s for s, i in ids.items() if i is None]
-        if missing:
-            raise ValueError(f"Tokenizer: special tokens {missing} are missing (use load_tokenizer to add them)")
-        self.pad_id, self.bos_id, self.eos_id = ids["<pad>"], ids["<s>"], ids["</s>"]
-        self.image_id, self.soft_image_id, self.soft_text_id = ids["<image>"], ids["<soft_image>"], ids["<soft_text>"]
-
-    @property
-    def vocab_size(self) -> int:
-        return self.tk.get_vocab_size(with_added_tokens=True)
-
-    def encode(self, text: str) -> list[int]:
-        for s in SPECIALS:
-            if s in text:
-                raise ValueError(f"Tokenizer.encode: text contains the special token {s!r}; pass images as image "
-                                 f"segments, not as text: {text[:80]!r}")
-        return self.tk.encode(text, add_special_tokens=False).ids
-
-    def count(self, texts: Sequence[str]) -> list[int]:
-        """len(encode(t)) for each text, each distinct text encoded once, in one batched call (length checks
-        over a whole corpus, whose questions and captions repeat)."""
-        distinct = list(dict.fromkeys(texts))
-        encoded = self.tk.encode_batch(distinct, add_special_tokens=False)
-        n = {t: len(e.ids) for t, e in zip(distinct, encoded)}
-        return [n[t] for t in texts]
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.tk.decode(list(ids), skip_special_tokens=True)
-
-    def to_str(self) -> str:
-        return self.tk.to_str()
-
-    @classmethod
-    def from_str(cls, s: str) -> "Tokenizer":
-        import tokenizers
-        return cls(tokenizers.Tokenizer.from_str(s))
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_str())
-
-
-def train_tokenizer(texts: Sequence[str], vocab_size: int = 1024) -> Tokenizer:
-    """Byte-level BPE trained on `texts`; with the default size every world word is a single token."""
-    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
-    tk = HFTokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIALS), min_frequency=2,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tk.train_from_iterator(list(texts), trainer)
-    return Tokenizer(tk)
-
-
-def load_tokenizer(path: str | Path) -> Tokenizer:
-    """A real LLM's tokenizer.json (or one saved by Tokenizer.save); missing unimllm special tokens are added."""
-    import tokenizers
-    p = Path(path)
-    if p.is_dir():
-        p = p / "tokenizer.json"
-    if not p.is_file():
-        raise ValueError(f"load_tokenizer: {p} does not exist (expected a tokenizer.json)")
-    try:
-        tk = tokenizers.Tokenizer.from_file(str(p))
-    except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
-        raise ValueError(f"load_tokenizer: {p} is not a valid tokenizer.json: {e}") from e
-    missing = [s for s in SPECIALS if tk.token_to_id(s) is None]
-    if missing:
-        tk.add_special_tokens(missing)
-    return Tokenizer(tk)
-
-
-def soft_prompt_ids(tok: Tokenizer) -> tuple[list[int], list[int]]:
-    """Token ids of IMAGE_PROMPT and TEXT_PROMPT, right-padded with pad_id to the same K (for init_soft_prompts)."""
-    a, b = tok.encode(IMAGE_PROMPT), tok.encode(TEXT_PROMPT)
-    k = max(len(a), len(b))
-    return a + [tok.pad_id] * (k - len(a)), b + [tok.pad_id] * (k - len(b))
-
-
-def n_soft_tokens(tok: Tokenizer) -> int:
-    return len(soft_prompt_ids(tok)[0])
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Samples and batching
-# ----------------------------------------------------------------------------------------------------------------
-@dataclass
-class Segment:
-    kind: str                  # "image" | "text"
-    image: Tensor | None = None
-    text: str | None = None
-    loss: bool = False
-    uni: Tensor | None = None
-    cross: Tensor | None = None
-
-
-@dataclass
-class Sample:
-    segments: list[Segment]
-    prefixes: list[int] = field(default_factory=list)  # indices of segments that end a Sugar prefix
-
-
-def image_seg(image: Tensor, uni: Tensor | None = None, cross: Tensor | None = None) -> Segment:
-    return Segment("image", image=image, uni=uni, cross=cross)
-
-
-def text_seg(text: str, loss: bool, uni: Tensor | None = None, cross: Tensor | None = None) -> Segment:
-    return Segment("text", text=text, loss=loss, uni=uni, cross=cross)
-
-
-def segment_text(text: str, after_text: bool) -> str:
-    """The string actually encoded for a text segment: one space separates it from a preceding text segment, so
-    an answer after "answer:" is encoded as " red", the same single token as inside a caption (eval strips it)."""
-    return " " + text if after_text and not text[:1].isspace() else text
-
-
-def _segment_ids(seg: Segment, tok: Tokenizer, n_image_tokens: int, where: str, after_text: bool) -> list[int]:
-    if seg.kind == "image":
-        if seg.image is None or seg.image.dim() != 3 or seg.image.shape[0] != 3:
-            raise ValueError(f"{where}: image segment needs an image tensor (3, H, W)")
-        return [tok.image_id] * n_image_tokens
-    if seg.kind != "text":
-        raise ValueError(f"{where}: segment kind must be 'image' or 'text', got {seg.kind!r}")
-    if not seg.text or not seg.text.strip():
-        raise ValueError(f"{where}: text segment is empty")
-    return tok.encode(segment_text(seg.text, after_text))
-
-
-def _teacher_dims(samples: Sequence[Sample]) -> tuple[int, int]:
-    du = {s.uni.shape[-1] for x in samples for s in x.segments if s.uni is not None}
-    dc = {s.cross.shape[-1] for x in samples for s in x.segments if s.cross is not None}
-    if len(du) > 1 or len(dc) > 1:
-        raise ValueError(f"collate: teacher feature widths differ within the batch: uni {du}, cross {dc}")
-    return (du.pop() if du else UNI_DIM), (dc.pop() if dc else CROSS_DIM)
-
-
-def ends_turn(segments: Sequence[Segment], i: int) -> bool:
-    """A supervised text segment not followed by another one ends a turn and gets </s> (LLaVA: every assistant
-    answer ends with </s>, so the model learns to stop after each answer, not only after the last)."""
-    seg, nxt = segments[i], segments[i + 1] if i + 1 < len(segments) else None
-    return seg.kind == "text" and seg.loss and not (nxt is not None and nxt.kind == "text" and nxt.loss)
-
-
-def collate(samples: Sequence[Sample], tok: Tokenizer, n_image_tokens: int, max_len: int) -> dict[str, Tensor]:
-    """Interleaved samples -> one right-padded batch. Raises on too-long samples (no truncation).
-
-    Sequence: [bos] seg_0 seg_1 ... with [eos] after each turn of supervised text (ends_turn). The eos is
-    labelled but belongs to no segment, so a text segment's last token is its own last text token (Sugar's
-    slice summary). A text segment right after another text segment is encoded with a leading space
-    (segment_text).
-    Keys, with B samples, T tokens, S segments (slices) over the batch, P prefixes, L = the longest prefix:
-      input_ids (B, T) long, pad_id after each row's end; labels (B, T) long, -100 where there is no loss
-        (images, prompts, padding); attention_mask (B, T) bool, True on real tokens;
-      images (N, 3, H, W) float, the batch's images in order, or None when it has none;
-      seg_batch, seg_start, seg_end (S,) long: each segment's sample and token span [start, end);
-        seg_is_image (S,) bool; slice_uni (S, Du), slice_cross (S, Dc) float teacher features (zeros where a
-        segment has none); has_teacher (S,) bool;
-      prefix_seg (P,) long: the segment (index into S) that ends each prefix; prefix_batch (P,) long: its
-        sample; prefix_slices (P, L) long: the segments (indices into S) of each prefix in order, zero-padded;
-        prefix_len (P,) long."""
-    if not samples:
-        raise ValueError("collate: empty batch")
-    du, dc = _teacher_dims(samples)
-    rows, labs = [], []
-    images: list[Tensor] = []
-    seg_batch, seg_start, seg_end, seg_is_image, uni, cross, has_t = [], [], [], [], [], [], []
-    prefix_seg, prefix_batch, prefix_slices = [], [], []
-    for b, smp in enumerate(samples):
-        ids, lab = [tok.bos_id], [-100]
-        first_global = len(seg_batch)
-        for i, seg in enumerate(smp.segments):
-            after_text = i > 0 and smp.segments[i - 1].kind == "text"
-            seg_ids = _segment_ids(seg, tok, n_image_tokens, f"collate: sample {b} segment {i}", after_text)
-            seg_batch.append(b)
-            seg_start.append(len(ids))
-            ids += seg_ids
-            seg_end.append(len(ids))
-            seg_is_image.append(seg.kind == "image")
-            lab += seg_ids if (seg.kind == "text" and seg.loss) else [-100] * len(seg_ids)
-            if seg.kind == "image":
-                images.append(seg.image)
-            uni.append(seg.uni if seg.uni is not None else torch.zeros(du))
-            cross.append(seg.cross if seg.cross is not None else torch.zeros(dc))
-            has_t.append(seg.uni is not None and seg.cross is not None)
-            if ends_turn(smp.segments, i):
-                ids.append(tok.eos_id)
-                lab.append(tok.eos_id)
-        if len(ids) > max_len:
-            raise ValueError(f"collate: sample {b} has {len(ids)} tokens > max_len {max_len} "
-                             f"(refusing to truncate; shorten the sample or raise max_len)")
-        for p in smp.prefixes:
-            if not 0 <= p < len(smp.segments):
-                raise ValueError(f"collate: sample {b} prefix {p} is not a segment index (0..{len(smp.segments) - 1})")
-            prefix_seg.append(first_global + p)
-            prefix_batch.append(b)
-            prefix_slices.append(list(range(first_global, first_global + p + 1)))
-        rows.append(ids)
-        labs.append(lab)
-    T = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), T), tok.pad_id, dtype=torch.long)  # (B, T)
-    labels = torch.full((len(rows), T), -100, dtype=torch.long)           # (B, T)
-    for b, (r, l) in enumerate(zip(rows, labs)):
-        input_ids[b, :len(r)] = torch.tensor(r)
-        labels[b, :len(l)] = torch.tensor(l)
-    L = max((len(p) for p in prefix_slices), default=0)
-    slices = torch.zeros((len(prefix_slices), L), dtype=torch.long)       # (P, L)
-    for k, p in enumerate(prefix_slices):
-        slices[k, :len(p)] = torch.tensor(p)
-    return {
-        "input_ids": input_ids, "labels": labels,
-        "attention_mask": torch.arange(T)[None, :] < torch.tensor([len(r) for r in rows])[:, None],  # (B, T)
-        "images": _stack_images(images),
-        "seg_batch": torch.tensor(seg_batch, dtype=torch.long), "seg_start": torch.tensor(seg_start, dtype=torch.long),
-        "seg_end": torch.tensor(seg_end, dtype=torch.long), "seg_is_image": torch.tensor(seg_is_image),
-        "slice_uni": torch.stack(uni).float(), "slice_cross": torch.stack(cross).float(),
-        "has_teacher": torch.tensor(has_t),
-        "prefix_seg": torch.tensor(prefix_seg, dtype=torch.long),
-        "prefix_batch": torch.tensor(prefix_batch, dtype=torch.long),
-        "prefix_slices": slices, "prefix_len": torch.tensor([len(p) for p in prefix_slices], dtype=torch.long),
-    }
-
-
-def _stack_images(images: list[Tensor]) -> Tensor | None:
-    """(N, 3, H, W) or None when the batch has no image."""
-    if not images:
-        return None
-    shapes = {tuple(im.shape) for im in images}
-    if len(shapes) > 1:
-        raise ValueError(f"collate: images in one batch must share a size, got {sorted(shapes)}")
-    return torch.stack(images).float()
-
-
-def _pair_fields(item: object) -> tuple[Tensor, str, str]:
-    if isinstance(item, tuple):
-        if len(item) != 3:
-            raise ValueError("collate_pairs: a tuple item must be (image, short_caption, long_caption)")
-        return item
-    return item.image, item.short_caption, item.long_caption
-
-
-def summary_row(ids: list[int], soft_id: int, n_soft: int) -> tuple[list[int], int]:
-    """VladVA's summary input: a sample's tokens, then the K soft-prompt tokens of its side (<soft_image>
-    after an image, <soft_text> after a text); the summary embedding is read at the last of them, whose
-    position is returned. Training (collate_pairs) and eval.py's embeddings build their rows here."""
-    return ids + [soft_id] * n_soft, len(ids) + n_soft - 1
-
-
-def collate_pairs(items: Sequence[object], tok: Tokenizer, n_image_tokens: int, n_soft: int,
-                  max_len: int) -> dict[str, Tensor]:
-    """VladVA batch from Scenes / Pairs (anything with .image .short_caption .long_caption) or (image, short, long).
-
-    img_ids: [bos] <image>*n <soft_image>*K long_caption </s>   (labels on long caption + </s>)
-    txt_ids: [bos] short_caption <soft_text>*K"""
-    if not items:
-        raise ValueError("collate_pairs: empty batch")
-    img_rows, img_labs, img_pos, txt_rows, txt_pos, images = [], [], [], [], [], []
-    for b, item in enumerate(items):
-        image, short, long_ = _pair_fields(item)
-        if not short.strip() or not long_.strip():
-            raise ValueError(f"collate_pairs: item {b} has an empty caption")
-        head, img_p = summary_row([tok.bos_id] + [tok.image_id] * n_image_tokens, tok.soft_image_id, n_soft)
-        cap = tok.encode(long_) + [tok.eos_id]
-        txt, txt_p = summary_row([tok.bos_id] + tok.encode(short), tok.soft_text_id, n_soft)
-        for name, row in (("image", head + cap), ("text", txt)):
-            if len(row) > max_len:
-                raise ValueError(f"collate_pairs: item {b} {name} sequence has {len(row)} tokens > max_len {max_len}")
-        img_rows.append(head + cap)
-        img_labs.append([-100] * len(head) + cap)
-        img_pos.append(img_p)
-        txt_rows.append(txt)
-        txt_pos.append(txt_p)
-        images.append(image)
-    return {
-        "img_ids": _pad(img_rows, tok.pad_id), "img_labels": _pad(img_labs, -100),
-        "img_pos": torch.tensor(img_pos, dtype=torch.long), "images": _stack_images(images),
-        "txt_ids": _pad(txt_rows, tok.pad_id), "txt_pos": torch.tensor(txt_pos, dtype=torch.long),
-    }
-
-
-def _pad(rows: list[list[int]], value: int) -> Tensor:
-    T = max(len(r) for r in rows)
-    out = torch.full((len(rows), T), value, dtype=torch.long)  # (B, T)
-    for b, r in enumerate(rows):
-        out[b, :len(r)] = torch.tensor(r)
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Sample builders for the built-in world
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 def turn_objects(graph: SceneGraph, question: str, answer: str) -> frozenset[int]:
-    """The scene objects a (question, answer) turn names: those whose colour or shape word occurs in either."""
+    """The scene objects a (question, answer) turn names: those whose colour or shape word occurs in
+    either."""
     words = set(f"{question} {answer}".replace("?", " ").split())
     return frozenset(i for i, o in enumerate(graph.objects) if o.colour in words or o.shape in words)
 
 
 def conversations(graph: SceneGraph, qa: Sequence[tuple[str, str]], rng: random.Random,
                   max_turns: int) -> list[list[tuple[str, str]]]:
-    """Pack (question, answer) turns into conversations of <= max_turns in which no two turns name the same object.
+    """Pack (question, answer) turns into conversations of <= max_turns in which no two turns name the same
+    object.
 
-    Why: a turn gives away what it names. After "what colour is the square? red", the turn "what shape is the red
-    object?" is answered by copying "square" from the context, and "is there a red square in the image?" by
-    seeing it named: the image is never needed, so the model never learns to read shape from it (and learns that
-    an object not yet named is absent, i.e. POPE always "no"). Evaluation asks one question at a time, so every
-    training turn must be answerable from the image and its own question only. Our choice; LLaVA's multi-turn
-    data has the same hazard, hidden by the variety of real conversations."""
+    Why: a turn gives away what it names. After "what colour is the square? red", the turn "what shape is the
+    red object?" is answered by copying "square" from the context, and "is there a red square in the image?"
+    by seeing it named: the image is never needed, so the model never learns to read shape from it (and learns
+    that an object not yet named is absent, i.e. POPE always "no"). Evaluation asks one question at a time, so
+    every training turn must be answerable from the image and its own question only. Our choice; LLaVA's
+    multi-turn data has the same hazard, hidden by the variety of real conversations."""
     turns = list(qa)
     rng.shuffle(turns)
     packed: list[tuple[set[int], list[tuple[str, str]]]] = []
@@ -974,8 +1026,8 @@ def conversations(graph: SceneGraph, qa: Sequence[tuple[str, str]], rng: random.
 
 def pretrain_samples(world: World, max_turns: int = 4) -> list[Sample]:
     """LLaVA-style: per scene one caption sample [image, short caption] and conversations of <= max_turns
-    (question, single-word answer) turns covering all VQA and POPE pairs, packed so that no turn can be answered
-    from an earlier one (`conversations`); loss on captions and answers only."""
+    (question, single-word answer) turns covering all VQA and POPE pairs, packed so that no turn can be
+    answered from an earlier one (`conversations`); loss on captions and answers only."""
     out = []
     for i, s in enumerate(world.scenes):
         img = image_seg(s.image, s.uni_image, s.cross_image)
@@ -990,8 +1042,8 @@ def pretrain_samples(world: World, max_turns: int = 4) -> list[Sample]:
 
 
 def story_samples(world: World) -> list[Sample]:
-    """Sugar interleaved samples: image_0 sentence_0 image_1 sentence_1 ...; every segment ends a prefix; loss on
-    the sentences."""
+    """Sugar interleaved samples: image_0 sentence_0 image_1 sentence_1 ...; every segment ends a prefix; loss
+    on the sentences."""
     out = []
     for st in world.stories:
         segs = []
@@ -1003,7 +1055,8 @@ def story_samples(world: World) -> list[Sample]:
 
 
 def rag_samples(world: World) -> list[Sample]:
-    """Retrieval-augmented generation with the right KB description in context (oracle retrieval for training)."""
+    """Retrieval-augmented generation with the right KB description in context (oracle retrieval for
+    training)."""
     out = []
     for e, (q, name) in zip(world.kb.entries, world.kb.questions):
         out.append(Sample([text_seg(e.description, False), text_seg(format_question(q), False),
@@ -1011,9 +1064,12 @@ def rag_samples(world: World) -> list[Sample]:
     return out
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Readers for user data, with a validator that collects every problem
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
+KARPATHY_SPLITS = ("train", "val", "test", "all")  # "train" takes restval too (Karpathy's extra train images)
+
+
 @dataclass
 class Problem:
     index: int | str
@@ -1058,8 +1114,9 @@ class NegativeItem:
 
 @dataclass
 class Question:
-    """A question with one reference answer, for eval.py: `prompt` is everything the model sees before answering
-    (a LLaVA conversation up to a supervised turn; a POPE image + question); kind: "vqa" | "pope"."""
+    """A question with one reference answer, for eval.py: `prompt` is everything the model sees before
+    answering (a LLaVA conversation up to a supervised turn; a POPE image + question); kind: "vqa" |
+    "pope"."""
     prompt: Sample
     answer: str
     kind: str
@@ -1081,7 +1138,8 @@ class LoadedData:
     samples: list[Sample] = field(default_factory=list)       # for collate (NTP / Sugar)
     pairs: list[Pair] = field(default_factory=list)           # for collate_pairs (VladVA); Karpathy only
     negatives: list[NegativeItem] = field(default_factory=list)  # SugarCrepe-style evaluation items
-    questions: list[Question] = field(default_factory=list)   # LLaVA turns and POPE lines (eval.py: vqa/, pope/)
+    # LLaVA turns and POPE lines (eval.py: vqa/, pope/)
+    questions: list[Question] = field(default_factory=list)
     winoground: list[WinoItem] = field(default_factory=list)  # eval.py: winoground/; never trained on
     features: "Features | None" = None
     sample_records: list[int | str] = field(default_factory=list)  # file record of each sample (for messages)
@@ -1186,7 +1244,8 @@ def _need(ctx: _Ctx, rec: object, index: int | str, key: str, typ: type) -> obje
 
 
 def _split_image_text(text: str) -> list[str | None]:
-    """'<image>\\nWhat is it?' -> [None, 'What is it?'] (None marks an image slot); whitespace-only pieces dropped."""
+    """'<image>\\nWhat is it?' -> [None, 'What is it?'] (None marks an image slot); whitespace-only pieces
+    dropped."""
     out: list[str | None] = []
     for k, piece in enumerate(text.split(IMAGE_TOKEN)):
         if k > 0:
@@ -1197,9 +1256,10 @@ def _split_image_text(text: str) -> list[str | None]:
 
 
 def read_llava(ctx: _Ctx, records: object) -> LoadedData:
-    """LLaVA conversation JSON: [{"id", "image": path | [paths] (optional), "type": str (optional), "conversations":
-    [{"from": "human"|"gpt", "value": str}, ...]}]; <image> placeholders in human turns mark where images go, in
-    order. Every supervised (gpt) turn is also a Question: the conversation before it, its text the answer."""
+    """LLaVA conversation JSON: [{"id", "image": path | [paths] (optional), "type": str (optional),
+    "conversations": [{"from": "human"|"gpt", "value": str}, ...]}]; <image> placeholders in human turns mark
+    where images go, in order. Every supervised (gpt) turn is also a Question: the conversation before it, its
+    text the answer."""
     data = LoadedData("llava")
     if not isinstance(records, list):
         ctx.bad("<file>", "<root>", "a JSON list of conversation records")
@@ -1246,7 +1306,8 @@ def read_llava(ctx: _Ctx, records: object) -> LoadedData:
             ok = False
         if ok and all(im is not None for im in imgs):
             data.add_sample(i, Sample(segs))
-            data.questions += [Question(Sample(segs[:k]), seg.text, "vqa", qtype) for k, seg in enumerate(segs)
+            data.questions += [Question(Sample(segs[:k]), seg.text, "vqa", qtype)
+                               for k, seg in enumerate(segs)
                                if seg.loss and k > 0 and not segs[k - 1].loss]
     return data
 
@@ -1293,8 +1354,8 @@ def read_karpathy(ctx: _Ctx, root: object, split: str | None = None) -> LoadedDa
 
 
 def jsonl_records(ctx: _Ctx, lines: list[str]) -> Iterator[tuple[int, object]]:
-    """(line number from 1, as editors count, parsed record) for each non-empty line; a line that is not JSON is
-    reported as a problem and skipped."""
+    """(line number from 1, as editors count, parsed record) for each non-empty line; a line that is not JSON
+    is reported as a problem and skipped."""
     for i, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -1306,7 +1367,8 @@ def jsonl_records(ctx: _Ctx, lines: list[str]) -> Iterator[tuple[int, object]]:
 
 def read_mmc4(ctx: _Ctx, lines: list[str]) -> LoadedData:
     """MMC4-style JSONL: one document per line, {"text_list": [str], "image_info": [{"image_name",
-    "matched_text_index"}]}; each image goes right before its matched sentence; every segment ends a prefix."""
+    "matched_text_index"}]}; each image goes right before its matched sentence; every segment ends a
+    prefix."""
     data = LoadedData("mmc4")
     for i, rec in jsonl_records(ctx, lines):
         texts = _need(ctx, rec, i, "text_list", list)
@@ -1322,7 +1384,8 @@ def read_mmc4(ctx: _Ctx, lines: list[str]) -> LoadedData:
                 ok = False
                 continue
             if not 0 <= idx < len(texts):
-                ctx.bad(i, f"image_info[{k}].matched_text_index", f"an index into text_list (0..{len(texts) - 1})")
+                ctx.bad(i, f"image_info[{k}].matched_text_index",
+                        f"an index into text_list (0..{len(texts) - 1})")
                 ok = False
             img = ctx.image(i, f"image_info[{k}].image_name", name)
             if img is None:
@@ -1347,8 +1410,8 @@ POPE_LABELS = ("yes", "no")
 
 
 def read_pope(ctx: _Ctx, lines: list[str]) -> LoadedData:
-    """POPE question JSONL (Li et al., EMNLP 2023): one {"question_id", "image", "text", "label": "yes"|"no"} per
-    line. Each line is a Question (kind "pope") and a training sample [image, question, answer]."""
+    """POPE question JSONL (Li et al., EMNLP 2023): one {"question_id", "image", "text", "label": "yes"|"no"}
+    per line. Each line is a Question (kind "pope") and a training sample [image, question, answer]."""
     data = LoadedData("pope")
     for i, rec in jsonl_records(ctx, lines):
         name, text, label = (_need(ctx, rec, i, k, str) for k in ("image", "text", "label"))
@@ -1368,10 +1431,11 @@ def read_pope(ctx: _Ctx, lines: list[str]) -> LoadedData:
 
 
 def read_sugarcrepe(ctx: _Ctx, root: object, category: str) -> LoadedData:
-    """SugarCrepe JSON: {"0": {"filename", "caption", "negative_caption"}, ...} (or a list of such records); the
-    category comes from each record's "category" field, else from the file name (e.g. swap_att.json)."""
+    """SugarCrepe JSON: {"0": {"filename", "caption", "negative_caption"}, ...} (or a list of such records);
+    the category comes from each record's "category" field, else from the file name (e.g. swap_att.json)."""
     data = LoadedData("sugarcrepe")
-    recs = list(root.items()) if isinstance(root, dict) else list(enumerate(root)) if isinstance(root, list) else None
+    recs = (list(root.items()) if isinstance(root, dict)
+            else list(enumerate(root)) if isinstance(root, list) else None)
     if recs is None:
         ctx.bad("<file>", "<root>", "a JSON object or list of records")
         return data
@@ -1410,9 +1474,10 @@ def read_winoground(ctx: _Ctx, lines: list[str]) -> LoadedData:
     return data
 
 
-# ---- teacher features for real data ----------------------------------------------------------------------------
-# File format: safetensors with two float tensors per slice, "<key>.uni" (Du,) and "<key>.cross" (Dc,), unit norm.
-# <key> is "image:<path as written in the data file>" for an image, "text:<sha256 hex of the UTF-8 text>" for text.
+# ---- teacher features for real data ------------------------------------------------------------------------
+# File format: safetensors with two float tensors per slice, "<key>.uni" (Du,) and "<key>.cross" (Dc,), unit
+# norm. <key> is "image:<path as written in the data file>" for an image, "text:<sha256 hex of the UTF-8
+# text>" for text.
 def feature_key(kind: str, ident: str) -> str:
     if kind == "image":
         return f"image:{ident}"
@@ -1485,10 +1550,11 @@ def detect_format(path: Path) -> str:
         if isinstance(root, dict) else None
     if isinstance(first, dict) and "conversations" in first:
         return "llava"
-    if path.stem in CATEGORIES or isinstance(first, dict) and ("negative_caption" in first or "caption" in first):
+    if path.stem in CATEGORIES or isinstance(first, dict) and ("negative_caption" in first
+                                                               or "caption" in first):
         return "sugarcrepe"
-    raise ValueError(f"{path}: cannot tell the format: expected LLaVA records with 'conversations', a Karpathy "
-                     f"object with 'images', or SugarCrepe records with 'negative_caption'")
+    raise ValueError(f"{path}: cannot tell the format: expected LLaVA records with 'conversations', a "
+                     f"Karpathy object with 'images', or SugarCrepe records with 'negative_caption'")
 
 
 def _first_jsonl_keys(path: Path) -> set[str]:
@@ -1517,7 +1583,8 @@ def read_json(path: Path) -> object:
 
 
 def _attach_features(ctx: _Ctx, data: LoadedData, feats: Features) -> None:
-    """Give every slice found in the features file its (uni, cross); images are matched by their path in the file."""
+    """Give every slice found in the features file its (uni, cross); images are matched by their path in the
+    file."""
     path_of = {id(t): rel for rel, t in ctx.cache.items()}  # each path is loaded once, so tensors are shared
     for smp in data.samples:
         for seg in smp.segments:
@@ -1563,11 +1630,11 @@ def length_problems(data: LoadedData, tok: Tokenizer, n_image_tokens: int, max_l
 def load_dataset(path: str | Path, tok: Tokenizer | None = None, n_image_tokens: int = N_IMAGE_TOKENS,
                  max_len: int = MAX_LEN, image_size: int = 32, image_root: str | Path | None = None,
                  features: "str | Path | Features | None" = None, split: str | None = None) -> LoadedData:
-    """Detect the format of `path` and read it (train.py --data). Every problem in the file is collected and raised
-    together as one DataError; nothing is dropped or truncated silently. With `tok`, samples longer than max_len
-    are problems too. `features`: teacher features (a safetensors file, see feature_key, or its loaded
-    Features) attached to text slices and to image slices by path. `split`: which Karpathy records to keep
-    (read_karpathy)."""
+    """Detect the format of `path` and read it (train.py --data). Every problem in the file is collected and
+    raised together as one DataError; nothing is dropped or truncated silently. With `tok`, samples longer
+    than max_len are problems too. `features`: teacher features (a safetensors file, see feature_key, or its
+    loaded Features) attached to text slices and to image slices by path. `split`: which Karpathy records to
+    keep (read_karpathy)."""
     if split is not None and split not in KARPATHY_SPLITS:
         raise ValueError(f"split must be one of {', '.join(KARPATHY_SPLITS)}, got {split!r}")
     data, ctx = _read_any(Path(path), tok, n_image_tokens, max_len, image_size, image_root, split)

@@ -1,4 +1,5 @@
-"""Differentiable dynamic time warping for unimllm: one batched dynamic program, two implementations, four uses.
+"""Differentiable dynamic time warping for unimllm: one batched dynamic program, two implementations, four
+uses.
 
 What lives here:
 - `soft_dtw`: soft-DTW of a batch of cost matrices (Cuturi & Blondel, ICML 2017, arXiv 1703.01541, Eq. 1-2).
@@ -6,66 +7,73 @@ What lives here:
 - `soft_dtw_divergence`: D(x,y) = sdtw(x,y) - ½(sdtw(x,x) + sdtw(y,y)) (Blondel, Mensch & Vert, AISTATS 2021,
   Eq. 5), ≥ 0 and 0 iff x = y.
 - `gak`, `gak_gram` (from `log_gak`, `normalised_gak`): Cuturi's global alignment kernel (Cuturi, Vert,
-  Birkenes & Matsui, ICASSP 2007; the kernel Sugar's Eq. 2 uses), K(x,y) = Σ_alignments Π exp(-φ_σ(x_i, y_j))
-  with the local cost `phi_sigma`
+  Birkenes & Matsui, ICASSP 2007; the kernel Sugar's Eq. 2 uses), K(x,y) = Σ_alignments Π exp(-φ_σ(x_i,
+  y_j)) with the local cost `phi_sigma`
       φ_σ(d²) = d²/(2σ²) + log(2 - exp(-d²/(2σ²))),
-  so log K = -(soft-DTW with γ = 1 on the φ_σ cost) -- the same kernel. Normalised like `tslearn.metrics.gak`:
-  log K̃(x,y) = log K(x,y) - ½(log K(x,x) + log K(y,y)), K̃ ∈ (0, 1], K̃(x,x) = 1. σ here is tslearn's σ.
+  so log K = -(soft-DTW with γ = 1 on the φ_σ cost) -- the same kernel. Normalised like
+  `tslearn.metrics.gak`: log K̃(x,y) = log K(x,y) - ½(log K(x,x) + log K(y,y)), K̃ ∈ (0, 1],
+  K̃(x,x) = 1. σ here is tslearn's σ.
 - `sq_euclidean`, `pairwise_sq_euclidean`: squared-Euclidean cost matrices from one matmul each.
 
 1. The recursion and its backward. For an n × m cost matrix C (Cuturi & Blondel Eq. 1-2),
-      R[i,j] = C[i,j] + softmin_γ(R[i-1,j-1], R[i-1,j], R[i,j-1]),  softmin_γ(a) = -γ log Σ_p exp(-a_p / γ),
+      R[i,j] = C[i,j] + softmin_γ(R[i-1,j-1], R[i-1,j], R[i,j-1]),
+      softmin_γ(a) = -γ log Σ_p exp(-a_p / γ),
   with R[0,0] = 0 and +inf on the other borders (row 0, column 0); soft-DTW is R[n,m]; γ = 0 is hard DTW (the
   plain min). The DP runs on Q = -R/γ (Q = -R when γ = 0), where the soft-min becomes a log-sum-exp:
       Q[i,j] = -C[i,j]/γ + M + log Σ_p exp(Q_p - M),   M = max_p Q_p,  p ∈ {diag, up, left} predecessors,
-  and the soft-min weights π_p(i,j) = exp(Q_p - M) / Σ_p' exp(Q_p' - M) (one-hot argmax when γ = 0) sum to 1.
-  The gradient is the expected alignment matrix E[i,j] = ∂R[n,m]/∂C[i,j] = ∂R[n,m]/∂R[i,j] (Eq. 3-4), and the
-  chain rule through the three successors of (i,j) gives the backward recursion
+  and the soft-min weights π_p(i,j) = exp(Q_p - M) / Σ_p' exp(Q_p' - M) (one-hot argmax when γ = 0) sum
+  to 1.
+  The gradient is the expected alignment matrix E[i,j] = ∂R[n,m]/∂C[i,j] = ∂R[n,m]/∂R[i,j] (Eq. 3-4),
+  and the chain rule through the three successors of (i,j) gives the backward recursion
       E[n,m] = 1,   E[i,j] = π_diag(i+1,j+1) E[i+1,j+1] + π_up(i+1,j) E[i+1,j] + π_left(i,j+1) E[i,j+1].
-  Numerics. Most public implementations recompute π in the backward as exp((R_next - R - C)/γ), a difference of
-  large, nearly equal numbers (catastrophic cancellation in float32). Here the forward stores the three weights of
-  every cell and the backward is a sum of non-negative products: no cancellation. The other float32 error source
-  is Q itself: |Q| grows like the path cost (~1e6 at n = m = 512, d = 64, γ = 0.1, where float32's spacing is
-  0.06, enough to move mid-range weights by several percent), so Q is kept in float64 for both input dtypes. Only
-  its additions and the max run in float64; the small differences Q_p - M go back to the input dtype for exp and
-  log, and the weights and E are stored in the input dtype (float32 weights and E alone cost ~1e-7 relative).
-  Per-pair lengths (n_b, m_b) on both sides and a Sakoe-Chiba band (on each pair's own lengths, the definition of
-  `tslearn.metrics.sakoe_chiba_mask`) mask cells: a masked cell has a large finite negative Q (not -inf, so no
-  inf - inf = NaN ever appears) and receives an exactly-zero weight, hence E = 0.
-  Cells with i + j = k depend only on the anti-diagonals k-1 and k-2, so both passes run as n+m-1 wavefront steps.
-  The (n+1)×(m+1) grid (border included) is stored diagonal-major ("skewed"): diagonal k is a contiguous run of
-  cells starting at row offset[k], and the predecessors of a run of diagonal-k cells are runs of diagonals k-1, k-2.
+  Numerics. Most public implementations recompute π in the backward as exp((R_next - R - C)/γ), a difference
+  of large, nearly equal numbers (catastrophic cancellation in float32). Here the forward stores the three
+  weights of every cell and the backward is a sum of non-negative products: no cancellation. The other float32
+  error source is Q itself: |Q| grows like the path cost (~1e6 at n = m = 512, d = 64, γ = 0.1, where
+  float32's spacing is 0.06, enough to move mid-range weights by several percent), so Q is kept in float64 for
+  both input dtypes. Only its additions and the max run in float64; the small differences Q_p - M go back to
+  the input dtype for exp and log, and the weights and E are stored in the input dtype (float32 weights and E
+  alone cost ~1e-7 relative).
+  Per-pair lengths (n_b, m_b) on both sides and a Sakoe-Chiba band (on each pair's own lengths, the definition
+  of `tslearn.metrics.sakoe_chiba_mask`) mask cells: a masked cell has a large finite negative Q (not -inf, so
+  no inf - inf = NaN ever appears) and receives an exactly-zero weight, hence E = 0.
+  Cells with i + j = k depend only on the anti-diagonals k-1 and k-2, so both passes run as n+m-1 wavefront
+  steps.
+  The (n+1)×(m+1) grid (border included) is stored diagonal-major ("skewed"): diagonal k is a contiguous run
+  of cells starting at row offset[k], and the predecessors of a run of diagonal-k cells are runs of diagonals
+  k-1, k-2.
 
-2. CPU tensors: a wavefront of PyTorch ops. Each step is a handful of vectorised ops over (diagonal cells × pairs)
-  on views of the skewed (G, B) buffers, pair index innermost (no torch.cat, no index tensors). Pairs are split
-  into cache-sized column chunks, and weights / gradient terms are cut before they turn denormal (denormal
-  arithmetic is 10-100x slower). Memory per grid cell, in floats of the input dtype, float32: forward Q (2, being
-  float64) + 3 weights + a ¼ mask; backward 3 weights + E + the returned gradient.
+2. CPU tensors: a wavefront of PyTorch ops. Each step is a handful of vectorised ops over (diagonal cells ×
+  pairs) on views of the skewed (G, B) buffers, pair index innermost (no torch.cat, no index tensors). Pairs
+  are split into cache-sized column chunks, and weights / gradient terms are cut before they turn denormal
+  (denormal arithmetic is 10-100x slower). Memory per grid cell, in floats of the input dtype, float32:
+  forward Q (2, being float64) + 3 weights + a ¼ mask; backward 3 weights + E + the returned gradient.
 
-3. CUDA tensors: a hand-written Triton kernel per pass (forward, backward), each one launch. On a GPU every PyTorch
-  op is a kernel launch, so the wavefront of ops above would cost ~10 launches per anti-diagonal; instead one
-  program owns a block of whole pairs for the whole DP and loops over the anti-diagonals itself. Programs never
-  talk to each other; inside a program, the stores of diagonal k are made visible to the threads that read them
-  at k+1 and k+2 by `tl.debug_barrier()` (CUDA's __syncthreads, which orders global memory within a block). Q, the
-  weights and E live in global memory in the skewed layout (the working diagonals stay in L1/L2; their loads use
-  the ".cg" cache modifier, L2 only, so no thread can read a stale L1 line). A diagonal longer than BLOCK_W cells
-  is processed in chunks of BLOCK_W, so there is no length cap (the grid is limited only by memory).
-  The work of a program is a (BLOCK_W diagonal cells) × (BLOCK_B pairs) tile; `_launch_config` picks one of two
-  layouts for the workload:
-  - many short pairs (65,536 pairs of length 8): BLOCK_B up to 128 pairs per program, so one lane per (cell, pair)
-    and hundreds of programs; the buffers are (G, B) and the costs are transposed to (n, m, B), pair innermost, so
-    the 32 lanes of a warp touching one cell of 32 pairs make one coalesced 128-byte access.
-  - few long pairs (8 pairs of length 512): BLOCK_B = 1, one program per pair sweeping each diagonal with up to
-    256 lanes; the buffers are (B, G), diagonal-contiguous, so neighbouring lanes read neighbouring cells.
-  The backward is pull-based: each cell reads its three successors on diagonals k+1, k+2 and writes only itself
-  (no atomics), and writes E · (incoming gradient) straight into the (B, n, m) gradient. Memory per grid cell:
-  forward Q (2 for float32) + 3 weights + 1 for the transposed costs (pair-innermost layout only); backward 3
-  weights + E + the gradient. `hard_dtw_path` runs the same kernels with one-hot weights (E = 1 exactly on the path)
-  and lists the path cells of the 0/1 matrix on the host. Triton is imported on the first CUDA call, so a
-  CPU-only install never needs it.
-  Testing without a GPU: Triton's interpreter runs kernels on CPU tensors when TRITON_INTERPRET=1 is set before
-  triton is imported. With that set and the internal switch `_TRITON_ON_CPU = True`, CPU tensors take the Triton
-  path; tests/test_dtw_triton.py does this in a subprocess.
+3. CUDA tensors: a hand-written Triton kernel per pass (forward, backward), each one launch. On a GPU every
+  PyTorch op is a kernel launch, so the wavefront of ops above would cost ~10 launches per anti-diagonal;
+  instead one program owns a block of whole pairs for the whole DP and loops over the anti-diagonals itself.
+  Programs never talk to each other; inside a program, the stores of diagonal k are made visible to the
+  threads that read them at k+1 and k+2 by `tl.debug_barrier()` (CUDA's __syncthreads, which orders global
+  memory within a block). Q, the weights and E live in global memory in the skewed layout (the working
+  diagonals stay in L1/L2; their loads use the ".cg" cache modifier, L2 only, so no thread can read a stale L1
+  line). A diagonal longer than BLOCK_W cells is processed in chunks of BLOCK_W, so there is no length cap
+  (the grid is limited only by memory).
+  The work of a program is a (BLOCK_W diagonal cells) × (BLOCK_B pairs) tile; `_launch_config` picks one of
+  two layouts for the workload:
+  - many short pairs (65,536 pairs of length 8): BLOCK_B up to 128 pairs per program, so one lane per (cell,
+    pair) and hundreds of programs; the buffers are (G, B) and the costs are transposed to (n, m, B), pair
+    innermost, so the 32 lanes of a warp touching one cell of 32 pairs make one coalesced 128-byte access.
+  - few long pairs (8 pairs of length 512): BLOCK_B = 1, one program per pair sweeping each diagonal with up
+    to 256 lanes; the buffers are (B, G), diagonal-contiguous, so neighbouring lanes read neighbouring cells.
+  The backward is pull-based: each cell reads its three successors on diagonals k+1, k+2 and writes only
+  itself (no atomics), and writes E · (incoming gradient) straight into the (B, n, m) gradient. Memory per
+  grid cell: forward Q (2 for float32) + 3 weights + 1 for the transposed costs (pair-innermost layout only);
+  backward 3 weights + E + the gradient. `hard_dtw_path` runs the same kernels with one-hot weights (E = 1
+  exactly on the path) and lists the path cells of the 0/1 matrix on the host. Triton is imported on the first
+  CUDA call, so a CPU-only install never needs it.
+  Testing without a GPU: Triton's interpreter runs kernels on CPU tensors when TRITON_INTERPRET=1 is set
+  before triton is imported. With that set and the internal switch `_TRITON_ON_CPU = True`, CPU tensors take
+  the Triton path; tests/test_dtw_triton.py does this in a subprocess.
 
 Run the tests with `python -m pytest tests/test_dtw.py tests/test_dtw_triton.py -x -q`, the benchmark with
 `python bench/bench_dtw.py [--device cuda]`.
@@ -81,7 +89,7 @@ import torch
 from torch import Tensor
 
 
-# ----------------------------------------------------------------------------- input checks and the skewed plan
+# --------------------------------------------------------------------------- input checks and the skewed plan
 def _check_lengths(lengths: Tensor | None, batch: int, size: int, name: str) -> Tensor | None:
     """Validate a (B,) lengths tensor: integers in [1, size]."""
     if lengths is None:
@@ -90,7 +98,8 @@ def _check_lengths(lengths: Tensor | None, batch: int, size: int, name: str) -> 
         raise ValueError(f"dtw.py: {name} must be an integer tensor of shape ({batch},), got "
                          f"{getattr(lengths, 'shape', type(lengths))} {getattr(lengths, 'dtype', '')}")
     if batch and (int(lengths.min()) < 1 or int(lengths.max()) > size):
-        raise ValueError(f"dtw.py: {name} must lie in [1, {size}], got [{int(lengths.min())}, {int(lengths.max())}]")
+        raise ValueError(f"dtw.py: {name} must lie in [1, {size}], got [{int(lengths.min())}, "
+                         f"{int(lengths.max())}]")
     return lengths.long()
 
 
@@ -112,8 +121,9 @@ def _valid_cells(grid_i: Tensor, grid_j: Tensor, n: int, m: int, x_lengths: Tens
                  y_lengths: Tensor | None, bandwidth: int | None, batch: int) -> Tensor:
     """(G, B) bool: interior cells inside each pair's lengths and Sakoe-Chiba band.
 
-    Band as `tslearn.metrics.sakoe_chiba_mask(n_b, m_b, r)`: j - i ∈ [-r - max(0, n_b - m_b), r + max(0, m_b - n_b)],
-    which always contains the end cell (n_b, m_b) and keeps every band cell reachable from (1, 1).
+    Band as `tslearn.metrics.sakoe_chiba_mask(n_b, m_b, r)`: j - i ∈ [-r - max(0, n_b - m_b), r + max(0,
+    m_b - n_b)], which always contains the end cell (n_b, m_b) and keeps every band cell reachable from
+    (1, 1).
     """
     device = grid_i.device
     gi, gj = grid_i.view(-1, 1), grid_j.view(-1, 1)  # (G, 1)
@@ -161,9 +171,9 @@ def _plan(n: int, m: int) -> tuple[list[tuple[int, int, int, int]], Tensor, Tens
 
 # ----------------------------------------------------------------------------- 2. the CPU wavefront
 # Pairs are processed in column chunks so that one diagonal step's working set stays in L2 cache: with many
-# short sequences (65,536 pairs of length 8) a whole-batch diagonal is megabytes and every op would go to DRAM.
-# The chunks run one after another, each on ATen's intra-op threads. On an accelerator the whole batch is one
-# chunk.
+# short sequences (65,536 pairs of length 8) a whole-batch diagonal is megabytes and every op would go to
+# DRAM. The chunks run one after another, each on ATen's intra-op threads. On an accelerator the whole batch
+# is one chunk.
 _CHUNK_ELEMENTS = 1 << 16
 
 
@@ -176,20 +186,23 @@ def _chunks(batch: int, steps: list[tuple[int, int, int, int]], device: torch.de
     return [slice(start, min(start + size, batch)) for start in range(0, batch, size)]
 
 
-# Denormal floats make x86 arithmetic 10-100x slower, and soft-min weights of far-off-path cells underflow into
-# them (exp(-90) in float32). So exponents below -_EXP_CUT become exactly 0 (forward), and pushed gradient terms
-# below _FLUSH become exactly 0 (backward). Then every product weight·E is ≥ exp(-_EXP_CUT)/3 · _FLUSH, a normal
-# number; what is dropped is < 1e-17 (float32) / 1e-130 (float64) relative to the end cell's weight of 1.
+# Denormal floats make x86 arithmetic 10-100x slower, and soft-min weights of far-off-path cells underflow
+# into them (exp(-90) in float32). So exponents below -_EXP_CUT become exactly 0 (forward), and pushed
+# gradient terms below _FLUSH become exactly 0 (backward). Then every product weight·E is ≥
+# exp(-_EXP_CUT)/3 · _FLUSH, a normal number; what is dropped is < 1e-17 (float32) / 1e-130 (float64)
+# relative to the end cell's weight of 1.
 _EXP_CUT = {torch.float32: 40.0, torch.float64: 300.0}
 _FLUSH = {torch.float32: 1e-18, torch.float64: 1e-150}
 
 
 def _wavefront(q: Tensor, steps: list[tuple[int, int, int, int]], weights: Tensor | None, hard: bool,
                dtype: torch.dtype) -> None:
-    """Fill q (G, B) float64 in place: q[cell] += max / log-sum-exp of its three predecessors (soft-min of -R/γ).
+    """Fill q (G, B) float64 in place: q[cell] += max / log-sum-exp of its three predecessors (soft-min of
+    -R/γ).
 
-    q enters holding -C/γ on interior cells (-C when hard) and the border values; weights (G, 3, B) in the input
-    dtype, when given, receives the soft-min weights (one-hot argmax when hard) of (diag, up, left) predecessors.
+    q enters holding -C/γ on interior cells (-C when hard) and the border values; weights (G, 3, B) in the
+    input dtype, when given, receives the soft-min weights (one-hot argmax when hard) of (diag, up, left)
+    predecessors.
     """
     for cols in _chunks(q.shape[1], steps, q.device):
         _wavefront_chunk(q[:, cols], steps, None if weights is None else weights[:, :, cols], hard, dtype)
@@ -197,7 +210,8 @@ def _wavefront(q: Tensor, steps: list[tuple[int, int, int, int]], weights: Tenso
 
 def _wavefront_chunk(q: Tensor, steps: list[tuple[int, int, int, int]], weights: Tensor | None,
                      hard: bool, dtype: torch.dtype) -> None:
-    """_wavefront on one column chunk; q (G, b) and weights (G, 3, b) may be column slices of larger buffers."""
+    """_wavefront on one column chunk; q (G, b) and weights (G, 3, b) may be column slices of larger
+    buffers."""
     batch, row = q.shape[1], q.stride(0)
     width = max(w for _, w, _, _ in steps)
     scratch = None if weights is not None else q.new_empty(width, 3, batch, dtype=dtype)
@@ -262,7 +276,8 @@ def _sentinel(dtype: torch.dtype, n: int, m: int) -> float:
 
 def _prepare(cost: Tensor, gamma: float, x_lengths: Tensor | None, y_lengths: Tensor | None,
              bandwidth: int | None) -> tuple[Tensor, list, Tensor, Tensor]:
-    """Skew the costs into q (G, B) float64 = -C/γ (masked cells: the sentinel), plus the plan and end rows."""
+    """Skew the costs into q (G, B) float64 = -C/γ (masked cells: the sentinel), plus the plan and end
+    rows."""
     batch, n, m = cost.shape
     steps, interior_idx, grid_i, grid_j, diag_offset, diag_low = _plan(n, m)
     device = cost.device
@@ -276,10 +291,12 @@ def _prepare(cost: Tensor, gamma: float, x_lengths: Tensor | None, y_lengths: Te
     scale = -1.0 / gamma if gamma > 0 else -1.0
     for k, (cur, w, _, _) in enumerate(steps, start=2):
         a = max(1, k - m)  # the diagonal's cells C[:, i-1, k-i-1], i = a..a+w-1, one strided (w, B) view
-        diagonal = c.as_strided((w, batch), (si - sj, sb), c.storage_offset() + (a - 1) * si + (k - a - 1) * sj)
+        diagonal = c.as_strided((w, batch), (si - sj, sb),
+                                c.storage_offset() + (a - 1) * si + (k - a - 1) * sj)
         q[cur:cur + w].copy_(diagonal).mul_(scale)
     if x_lengths is not None or y_lengths is not None or bandwidth is not None:
-        valid = _valid_cells(grid_i.to(device), grid_j.to(device), n, m, x_lengths, y_lengths, bandwidth, batch)
+        valid = _valid_cells(grid_i.to(device), grid_j.to(device), n, m, x_lengths, y_lengths, bandwidth,
+                             batch)
         q.masked_fill_(~valid, sentinel)
     q[0] = 0.0  # R[0, 0] = 0
     nb = x_lengths if x_lengths is not None else torch.full((batch,), n, device=device, dtype=torch.long)
@@ -304,8 +321,8 @@ def _check_finite(value: Tensor) -> None:
 # Internal switch: run the Triton kernels on CPU tensors under Triton's interpreter (tests only; it needs
 # TRITON_INTERPRET=1 in the environment before triton is first imported).
 _TRITON_ON_CPU = False
-# Launch configuration (see `_launch_config`): the largest tile of one program, the widest chunk of a diagonal,
-# the most pairs per program, and how many programs to keep at least (about two per SM of an H100).
+# Launch configuration (see `_launch_config`): the largest tile of one program, the widest chunk of a
+# diagonal, the most pairs per program, and how many programs to keep at least (about two per SM of an H100).
 _MAX_TILE = 1024
 _MAX_BLOCK_W = 256
 _MAX_BLOCK_B = 128
@@ -351,7 +368,8 @@ def _triton_kernels() -> tuple:
                 inside = (i <= last_i) & live  # (BLOCK_W, BLOCK_B)
                 valid = inside & (i <= nb) & (j <= mb)
                 if BANDED:  # tslearn's sakoe_chiba_mask on the pair's own lengths
-                    valid &= (j - i >= -band - tl.maximum(nb - mb, 0)) & (j - i <= band + tl.maximum(mb - nb, 0))
+                    valid &= (j - i >= -band - tl.maximum(nb - mb, 0)) & (j - i <= band
+                                                                          + tl.maximum(mb - nb, 0))
                 q_diag = tl.load(q_ptr + (row_2 + i - 1) * s_qr + b * s_qb, mask=valid, other=0.0,
                                  cache_modifier=".cg")  # Q[i-1, j-1]
                 q_up = tl.load(q_ptr + (row_1 + i - 1) * s_qr + b * s_qb, mask=valid, other=0.0,
@@ -390,8 +408,8 @@ def _triton_kernels() -> tuple:
             tl.debug_barrier()  # diagonal k is stored before any thread reads it
 
     @triton.jit
-    def backward_kernel(w_ptr, e_ptr, grad_ptr, dvalue_ptr, offset_ptr, xlen_ptr, ylen_ptr, batch, n, m, flush,
-                        s_er, s_eb, s_wr, s_wp, s_wb, s_gb, s_gi, s_gj,
+    def backward_kernel(w_ptr, e_ptr, grad_ptr, dvalue_ptr, offset_ptr, xlen_ptr, ylen_ptr, batch, n, m,
+                        flush, s_er, s_eb, s_wr, s_wp, s_wb, s_gb, s_gi, s_gj,
                         BLOCK_B: tl.constexpr, BLOCK_W: tl.constexpr):
         """E (skewed, seeded with 1 at each end cell) pulled from the successors, diagonals in reverse;
         grad[b, i-1, j-1] = E[i, j] · dvalue[b]."""
@@ -441,7 +459,8 @@ def _triton_kernels() -> tuple:
 
 @functools.lru_cache(maxsize=64)
 def _diag_offsets(n: int, m: int, device: torch.device) -> Tensor:
-    """(n+m+3,) int64: first skewed row of each diagonal k = 0..n+m+2 (the last two: past the end), as `_plan`."""
+    """(n+m+3,) int64: first skewed row of each diagonal k = 0..n+m+2 (the last two: past the end), as
+    `_plan`."""
     k = torch.arange(n + m + 3)
     width = (k.clamp(max=n) - (k - m).clamp(min=0) + 1).clamp(min=0)  # cells of diagonal k
     return torch.cat([torch.zeros(1, dtype=torch.long), width.cumsum(0)[:-1]]).to(device)
@@ -450,8 +469,9 @@ def _diag_offsets(n: int, m: int, device: torch.device) -> Tensor:
 def _launch_config(batch: int, n: int, m: int) -> tuple[int, int, int]:
     """(BLOCK_W, BLOCK_B, num_warps): cells per diagonal chunk, pairs per program, warps per program.
 
-    BLOCK_W covers the longest diagonal up to _MAX_BLOCK_W; pairs per program double while the tile stays within
-    _MAX_TILE and at least _MIN_PROGRAMS programs remain. BLOCK_B > 1 selects the pair-innermost layout.
+    BLOCK_W covers the longest diagonal up to _MAX_BLOCK_W; pairs per program double while the tile stays
+    within _MAX_TILE and at least _MIN_PROGRAMS programs remain. BLOCK_B > 1 selects the pair-innermost
+    layout.
     """
     block_w = min(1 << (min(n, m) - 1).bit_length(), _MAX_BLOCK_W)
     block_b = 1
@@ -502,7 +522,7 @@ def _triton_forward(cost: Tensor, gamma: float, x_lengths: Tensor | None, y_leng
         BANDED=bandwidth is not None, STORE_W=need_weights, EXP_CUT=_EXP_CUT[cost.dtype], BLOCK_B=block_b,
         BLOCK_W=block_w, num_warps=warps)
     end = offsets[xl + yl] + xl - (xl + yl - m).clamp(min=0)  # (B,) skewed row of (n_b, m_b)
-    q_end = q.gather(0, end.view(1, -1)).view(batch) if pair_inner else q.gather(1, end.view(-1, 1)).view(batch)
+    q_end = (q.gather(0, end.view(1, -1)) if pair_inner else q.gather(1, end.view(-1, 1))).view(batch)
     if not need_weights:
         return q_end, None
     return q_end, _TritonPass(weights, offsets, xl, yl, end, (block_w, block_b, warps))
@@ -645,7 +665,8 @@ def sq_euclidean(x: Tensor, y: Tensor) -> Tensor:
 
 
 def pairwise_sq_euclidean(x: Tensor, y: Tensor) -> Tensor:
-    """All-pairs squared Euclidean costs (A, B, n, m) of x (A, n, d) and y (B, m, d) from one (A·n × B·m) matmul.
+    """All-pairs squared Euclidean costs (A, B, n, m) of x (A, n, d) and y (B, m, d) from one (A·n × B·m)
+    matmul.
 
     No (A, B, n, m, d) tensor and no per-pair loop; the result is a permuted view of the matmul output.
     """
@@ -660,16 +681,18 @@ def pairwise_sq_euclidean(x: Tensor, y: Tensor) -> Tensor:
 
 
 def phi_sigma(sq_dist: Tensor, sigma: float) -> Tensor:
-    """GAK local cost φ_σ(d²) = d²/(2σ²) + log(2 - exp(-d²/(2σ²))) (Cuturi et al. 2007; tslearn's σ).
+    """GAK local cost φ_σ(d²) = d²/(2σ²) + log(2 - exp(-d²/(2σ²))) (Cuturi et al. 2007; tslearn's
+    σ).
 
-    exp(-φ_σ) = κ/(2 - κ) with the Gaussian κ = exp(-d²/(2σ²)): the local kernel that Cuturi shows makes K
-    positive definite.
+    exp(-φ_σ) = κ/(2 - κ) with the Gaussian κ = exp(-d²/(2σ²)): the local kernel that Cuturi shows
+    makes K positive definite.
     """
     if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma > 0):
         raise ValueError(f"dtw.py: sigma must be a finite float > 0, got {sigma!r}")
     a = sq_dist * (0.5 / (sigma * sigma))
     if torch.is_grad_enabled() and a.requires_grad:
-        return a + math.log(2.0) + torch.log1p(-0.5 * torch.exp(-a))  # log(2 - e^-a) = log 2 + log1p(-e^-a / 2)
+        # log(2 - e^-a) = log 2 + log1p(-e^-a / 2)
+        return a + math.log(2.0) + torch.log1p(-0.5 * torch.exp(-a))
     # no autograd: the same formula in place, one temporary instead of five (Gram matrices are large)
     return torch.neg(a).exp_().mul_(-0.5).log1p_().add_(a).add_(math.log(2.0))
 
@@ -678,7 +701,8 @@ def _self_and_cross(x: Tensor, y: Tensor, x_lengths: Tensor | None, y_lengths: T
                     ) -> tuple[Tensor, Tensor, Tensor]:
     """Costs of (x,y), (x,x), (y,y) padded to one (3B, L, L) batch, with per-pair lengths (3B,) each side."""
     if x.dim() != 3 or y.dim() != 3 or x.shape[0] != y.shape[0] or x.shape[2] != y.shape[2]:
-        raise ValueError(f"dtw.py: expected x (B, n, d) and y (B, m, d), got {tuple(x.shape)} and {tuple(y.shape)}")
+        raise ValueError(f"dtw.py: expected x (B, n, d) and y (B, m, d), got {tuple(x.shape)} and "
+                         f"{tuple(y.shape)}")
     (batch, n, _), m = x.shape, y.shape[1]
     xl = _check_lengths(x_lengths, batch, n, "x_lengths")
     yl = _check_lengths(y_lengths, batch, m, "y_lengths")
@@ -707,8 +731,9 @@ def soft_dtw_divergence(x: Tensor, y: Tensor, gamma: float, x_lengths: Tensor | 
 def log_gak(sq_dist: Tensor, sigma: float | Tensor, x_lengths: Tensor | None = None,
             y_lengths: Tensor | None = None) -> Tensor:
     """Unnormalised log K (B,) of each (n_b × m_b) squared-distance matrix in sq_dist (B, n, m):
-    log K = -soft_dtw(φ_σ(d²), γ=1). sigma: one float, or a (B,) tensor, one σ per pair (Sugar's σ depends
-    on the pair's lengths; φ_σ(d²) = φ_1(d²/σ²), so a per-pair σ is folded into the distances)."""
+    log K = -soft_dtw(φ_σ(d²), γ=1). sigma: one float, or a (B,) tensor, one σ per pair (Sugar's σ
+    depends on the pair's lengths; φ_σ(d²) = φ_1(d²/σ²), so a per-pair σ is folded into the
+    distances)."""
     if isinstance(sigma, Tensor):
         cost = phi_sigma(sq_dist / sigma.pow(2).view(-1, 1, 1), 1.0)  # (B, n, m)
     else:
@@ -726,13 +751,15 @@ def normalised_gak(log_xy: Tensor, log_xx: Tensor, log_yy: Tensor) -> Tensor:
 
 def gak(x: Tensor, y: Tensor, sigma: float, x_lengths: Tensor | None = None,
         y_lengths: Tensor | None = None) -> Tensor:
-    """Normalised global alignment kernel K̃(x_b, y_b) ∈ (0, 1], (B,) (tslearn's `gak` with the same σ)."""
+    """Normalised global alignment kernel K̃(x_b, y_b) ∈ (0, 1], (B,) (tslearn's `gak` with the same
+    σ)."""
     cost, left, right = _self_and_cross(x, y, x_lengths, y_lengths)
     log_xy, log_xx, log_yy = log_gak(cost, sigma, left, right).chunk(3)
     return normalised_gak(log_xy, log_xx, log_yy)
 
 
-def _default_lengths(lengths: Tensor | None, count: int, size: int, device: torch.device, name: str) -> Tensor:
+def _default_lengths(lengths: Tensor | None, count: int, size: int, device: torch.device,
+                     name: str) -> Tensor:
     """Validated lengths, or the full length for every sequence."""
     checked = _check_lengths(lengths, count, size, name)
     return checked if checked is not None else torch.full((count,), size, dtype=torch.long, device=device)

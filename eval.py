@@ -2,16 +2,17 @@
 eval.py — every metric of a unimllm checkpoint, on the built-in world's test split (or a user's file).
 
 Discriminative metrics use the embeddings of the method the checkpoint was trained with:
-  VladVA summaries (Ouali et al., CVPR 2025, arXiv 2412.04378): the L2-normalised final hidden state of the last
-    soft-prompt token after an image (`<image> <soft_image>*K`) or a text (`text <soft_text>*K`);
-  Sugar prefix embeddings (Chow et al., NeurIPS 2024, arXiv 2411.00304): the retrieval projector applied to the
-    vector of a sample's last segment (mean over an image's tokens, last token of a text).
+  VladVA summaries (Ouali et al., CVPR 2025, arXiv 2412.04378): the L2-normalised final hidden state of the
+    last soft-prompt token after an image (`<image> <soft_image>*K`) or a text (`text <soft_text>*K`);
+  Sugar prefix embeddings (Chow et al., NeurIPS 2024, arXiv 2411.00304): the retrieval projector applied to
+    the vector of a sample's last segment (mean over an image's tokens, last token of a text).
 Generative metrics decode greedily with the KV cache.
 
 Metrics (the JSON keys):
-  retrieval/{i2t,t2i}_r{1,5,10}   image <-> short caption recall@K (a hit is any item with the identical caption)
-  compositional/<category>, compositional/mean   SugarCrepe-style: the image scores its caption above the negative
-  winoground/{text,image,group}   two scenes whose captions differ by a swap (Thrush et al., CVPR 2022 scoring)
+  retrieval/{i2t,t2i}_r{1,5,10}   image <-> short caption recall@K (any item with an identical caption hits)
+  compositional/<category>, compositional/mean
+                                  SugarCrepe-style: the image scores its caption above the negative
+  winoground/{text,image,group}   two scenes, captions differing by a swap (Thrush et al., CVPR 2022 scoring)
   interleaved/r{1,5}              story so far + next sentence -> the next frame among all test frames (an
                                   MMC4 file: document so far + an image's sentence -> that image among all
                                   the file's images, document_queries)
@@ -19,17 +20,19 @@ Metrics (the JSON keys):
                                   colour, shape, size, relation questions, or a LLaVA file's "type")
   pope/{acc,precision,recall,f1,yes_ratio}   object-existence yes/no questions (POPE, Li et al., EMNLP 2023)
   rag/acc, rag/acc_without_retrieval   name questions about test objects whose names never occur in training:
-                                  answered with the top-k knowledge-base entries that the model's own embeddings
-                                  retrieve (question text -> entry image), and with no context at all
+                                  answered with the top-k knowledge-base entries that the model's own
+                                  embeddings retrieve (question text -> entry image), and with no context
+                                  at all
   rag/acc_oracle_context, rag/retrieval_r1   the two halves of rag/acc: answering with the right entry given,
                                   and how often the right entry is retrieved first
-  oracle/<suite>/...              the retrieval, compositional, Winoground and interleaved suites scored with the
-                                  teacher features instead of the model (TeacherEmbedder): the ceiling on this world
+  oracle/<suite>/...              the retrieval, compositional, Winoground and interleaved suites scored
+                                  with the teacher features instead of the model (TeacherEmbedder): the
+                                  ceiling on this world
 
 Run:
     python eval.py --ckpt out.pt                      # a table of every metric
     python eval.py --ckpt out.pt --json metrics.json  # and a flat JSON object metric -> number
-    python eval.py --ckpt out.pt --data sugarcrepe_replace_att.json   # a user's file (metrics its format allows)
+    python eval.py --ckpt out.pt --data sugarcrepe_replace_att.json   # a user's file (its format's metrics)
     python eval.py --ckpt out.pt --data coco_karpathy.json --data-split val   # a Karpathy file's val records
     python eval.py --ckpt out.pt --data llava_test.json,pope_random.jsonl     # vqa/* and pope/* of two files
     python eval.py --ckpt out.pt --data mmc4_docs.jsonl,winoground.jsonl      # interleaved/* and winoground/*
@@ -51,7 +54,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-import data as D
+import data
 from unimllm import MLLM, load_checkpoint, output_problem
 
 
@@ -61,22 +64,22 @@ class EvalArgs:
     json: str = ""
     data: str = ""            # a user's file; empty: the built-in world's test split
     data_split: str = "test"  # the Karpathy records of --data scored: test | val | train (+ restval) | all
-    n_test: int = 200         # built-in world: test scenes (stories, Winoground pairs and the KB scale with it)
+    n_test: int = 200         # built-in world: test scenes (stories, Winoground pairs and KB scale with it)
     test_seed: int = 1
     batch: int = 64
     rag_k: int = 1            # knowledge-base entries put into the prompt
     embedding: str = "auto"   # auto (the checkpoint's method) | summary | prefix
-    blank_images: int = 0     # 1: every test image replaced by zeros (how much of each score comes from the image)
+    blank_images: int = 0     # 1: test images replaced by zeros (how much of a score comes from the image)
 
 
 def parse_args(argv: list[str] | None = None) -> EvalArgs:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    D.add_flags(p, EvalArgs)
+    data.add_flags(p, EvalArgs)
     args = EvalArgs(**vars(p.parse_args(argv)))
     if args.embedding not in ("auto", "summary", "prefix"):
         raise SystemExit(f"eval.py: --embedding must be auto, summary or prefix, got {args.embedding!r}")
-    if args.data_split not in D.KARPATHY_SPLITS:
-        raise SystemExit(f"eval.py: --data-split must be one of {', '.join(D.KARPATHY_SPLITS)}, "
+    if args.data_split not in data.KARPATHY_SPLITS:
+        raise SystemExit(f"eval.py: --data-split must be one of {', '.join(data.KARPATHY_SPLITS)}, "
                          f"got {args.data_split!r}")
     for name in ("n_test", "batch", "rag_k"):
         if getattr(args, name) < 1:
@@ -89,7 +92,7 @@ def parse_args(argv: list[str] | None = None) -> EvalArgs:
     return args
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Metrics on score matrices (pure functions; tests/test_eval.py checks each on cases with known answers)
 
 
@@ -109,10 +112,12 @@ def recall_at_k(scores: Tensor, positive: Tensor, ks: tuple[int, ...]) -> dict[i
     """scores (Q, C), positive (Q, C) bool -> {k: fraction of queries with a positive among their top k}.
     Ties are broken against the query (a positive tied with a negative counts as ranked below it)."""
     if scores.shape != positive.shape or not bool(positive.any(1).all()):
-        raise ValueError("recall_at_k: scores and positive must match in shape and every query needs a positive")
+        raise ValueError("recall_at_k: scores and positive must match in shape and every query "
+                         "needs a positive")
     require_finite("recall_at_k: scores", scores)
     best_pos = scores.masked_fill(~positive, -math.inf).max(1).values  # (Q,)
-    n_neg_above = ((scores >= best_pos[:, None]) & ~positive).sum(1)  # (Q,) negatives ranked above the best hit
+    # (Q,) negatives ranked above the best hit
+    n_neg_above = ((scores >= best_pos[:, None]) & ~positive).sum(1)
     return {k: float((n_neg_above < k).float().mean()) for k in ks}
 
 
@@ -124,7 +129,8 @@ def pairwise_accuracy(pos: Tensor, neg: Tensor) -> float:
 
 def winoground_scores(s: Tensor) -> dict[str, float]:
     """s (N, 2, 2): s[n, i, j] = score(image i, caption j) of pair n; caption i matches image i.
-    text: each image prefers its caption; image: each caption prefers its image; group: both (Thrush et al.)."""
+    text: each image prefers its caption; image: each caption prefers its image; group: both (Thrush et
+    al.)."""
     require_finite("winoground_scores: scores", s)
     text = (s[:, 0, 0] > s[:, 0, 1]) & (s[:, 1, 1] > s[:, 1, 0])
     image = (s[:, 0, 0] > s[:, 1, 0]) & (s[:, 1, 1] > s[:, 0, 1])
@@ -133,26 +139,28 @@ def winoground_scores(s: Tensor) -> dict[str, float]:
 
 
 def yes_no_metrics(pred: list[str], truth: list[str]) -> dict[str, float]:
-    """POPE: accuracy, precision, recall and F1 with "yes" as the positive class, and the share of "yes" answers
-    (0.5 is unbiased), on normalised answers (so "Yes." is a yes). An answer that is neither yes nor no is wrong
-    for the accuracy and a "no" for the other four."""
+    """POPE: accuracy, precision, recall and F1 with "yes" as the positive class, and the share of "yes"
+    answers (0.5 is unbiased), on normalised answers (so "Yes." is a yes). An answer that is neither yes nor
+    no is wrong for the accuracy and a "no" for the other four."""
     pred, truth = [normalize_answer(x) for x in pred], [normalize_answer(x) for x in truth]
     p = torch.tensor([x == "yes" for x in pred])
     t = torch.tensor([x == "yes" for x in truth])
     tp, fp, fn = float((p & t).sum()), float((p & ~t).sum()), float((~p & t).sum())
     f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
-    return {"acc": sum(a == b for a, b in zip(pred, truth)) / len(truth), "precision": tp / (tp + fp) if tp + fp else 0.0,
+    return {"acc": sum(a == b for a, b in zip(pred, truth)) / len(truth),
+            "precision": tp / (tp + fp) if tp + fp else 0.0,
             "recall": tp / (tp + fn) if tp + fn else 0.0, "f1": f1, "yes_ratio": float(p.float().mean())}
 
 
-NUMBER_WORDS = {w: str(n) for n, w in enumerate(("zero", "one", "two", "three", "four", "five", "six", "seven",
-                                                 "eight", "nine", "ten"))}
+NUMBER_WORDS = {w: str(n) for n, w in enumerate(("zero", "one", "two", "three", "four", "five", "six",
+                                                 "seven", "eight", "nine", "ten"))}
 PUNCTUATION = re.compile(r"[^\w\s]")
 
 
 def normalize_answer(answer: str) -> str:
     """The VQA answer normalisation (Antol et al., ICCV 2015), simplified (our rules): lower case, punctuation
-    removed, the articles a / an / the dropped, number words zero..ten written as digits, whitespace collapsed."""
+    removed, the articles a / an / the dropped, number words zero..ten written as digits, whitespace
+    collapsed."""
     words = PUNCTUATION.sub("", answer.lower()).split()
     return " ".join(NUMBER_WORDS.get(w, w) for w in words if w not in ("a", "an", "the"))
 
@@ -162,7 +170,7 @@ def exact_match(pred: list[str], truth: list[str]) -> float:
     return sum(normalize_answer(a) == normalize_answer(b) for a, b in zip(pred, truth)) / len(truth)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Embeddings and generation from the model
 
 
@@ -170,51 +178,52 @@ class Embedder:
     """Embeds data.py samples with one of the two methods' embeddings, in batches, without gradient. pool:
     how a prefix embedding pools an image's tokens, as the checkpoint was trained (train.py --sugar-pool)."""
 
-    def __init__(self, model: MLLM, tok: D.Tokenizer, batch: int, device: torch.device,
+    def __init__(self, model: MLLM, tok: data.Tokenizer, batch: int, device: torch.device,
                  pool: str = "mean") -> None:
         self.model, self.tok, self.batch, self.device, self.pool = model, tok, batch, device, pool
         self.count = 0  # embeddings computed (the throughput figure)
 
     @torch.no_grad()
-    def __call__(self, samples: list[D.Sample], kind: str, side: str) -> Tensor:
+    def __call__(self, samples: list[data.Sample], kind: str, side: str) -> Tensor:
         out = torch.cat([self._batch(samples[i:i + self.batch], kind, side)
                          for i in range(0, len(samples), self.batch)])  # (N, d)
         require_finite(f"{kind} embeddings of {len(samples)} {side} samples", out)  # guards RAG's top-k too
         self.count += len(samples)
         return out
 
-    def _batch(self, samples: list[D.Sample], kind: str, side: str) -> Tensor:
+    def _batch(self, samples: list[data.Sample], kind: str, side: str) -> Tensor:
         m, tok = self.model, self.tok
         if kind == "prefix":
-            samples = [D.Sample(s.segments, [len(s.segments) - 1]) for s in samples]
-        b = D.collate(samples, tok, m.n_image_tokens, m.cfg.llm.max_seq_len)
-        ids, lengths = b["input_ids"], b["attention_mask"].sum(1)  # (B, T), (B,)
-        images = None if b["images"] is None else b["images"].to(self.device)
+            samples = [data.Sample(s.segments, [len(s.segments) - 1]) for s in samples]
+        batch = data.collate(samples, tok, m.n_image_tokens, m.cfg.llm.max_seq_len)
+        ids, lengths = batch["input_ids"], batch["attention_mask"].sum(1)  # (B, T), (B,)
+        images = None if batch["images"] is None else batch["images"].to(self.device)
         if kind == "prefix":
             _, hidden = m(ids.to(self.device), images)
             keys = ("seg_batch", "seg_start", "seg_end", "seg_is_image", "prefix_seg")
-            segs = (b[k].to(self.device) for k in keys)
+            segs = (batch[k].to(self.device) for k in keys)
             return m.prefix_embeddings(hidden, *segs, self.pool).cpu()
         soft = tok.soft_image_id if side == "image" else tok.soft_text_id
         k = m.cfg.n_soft_tokens
-        rows = [D.summary_row(r[:n], soft, k) for r, n in zip(ids.tolist(), lengths.tolist())]
+        rows = [data.summary_row(r[:n], soft, k) for r, n in zip(ids.tolist(), lengths.tolist())]
         ids = torch.nn.utils.rnn.pad_sequence([torch.tensor(r) for r, _ in rows], True, tok.pad_id)  # (B, T')
         _, hidden = m(ids.to(self.device), images)
         return m.summary_embedding(hidden, torch.tensor([p for _, p in rows], device=self.device)).cpu()
 
 
 class TeacherEmbedder:
-    """The oracle row: embeds a sample by the cross-modal teacher feature of its last segment, the exact featuriser
-    of the ground truth that Sugar's targets are built from (data.py: one fixed random vector per fact, summed and
-    normalised; an image's vector holds every fact of its scene, a caption's the facts it states). Its scores are
-    what the discriminative suites allow on this world when an embedding knows everything: a short caption truly
-    describes several images, so its retrieval recall stays below 1. The interleaved query's last segment is the
-    new sentence alone, so its row is what the sentence determines (the whole story determines the frame: 1.0)."""
+    """The oracle row: embeds a sample by the cross-modal teacher feature of its last segment, the exact
+    featuriser of the ground truth that Sugar's targets are built from (data.py: one fixed random vector per
+    fact, summed and normalised; an image's vector holds every fact of its scene, a caption's the facts it
+    states). Its scores are what the discriminative suites allow on this world when an embedding knows
+    everything: a short caption truly describes several images, so its retrieval recall stays below 1. The
+    interleaved query's last segment is the new sentence alone, so its row is what the sentence determines
+    (the whole story determines the frame: 1.0)."""
 
     def __init__(self) -> None:
         self.count = 0
 
-    def __call__(self, samples: list[D.Sample], kind: str, side: str) -> Tensor:
+    def __call__(self, samples: list[data.Sample], kind: str, side: str) -> Tensor:
         last = [s.segments[-1].cross for s in samples]
         if any(c is None for c in last):
             raise ValueError("the teacher embedder needs samples whose last segment carries teacher features")
@@ -223,11 +232,11 @@ class TeacherEmbedder:
 
 
 @torch.no_grad()
-def generate_answers(model: MLLM, tok: D.Tokenizer, prompts: list[D.Sample], device: torch.device,
+def generate_answers(model: MLLM, tok: data.Tokenizer, prompts: list[data.Sample], device: torch.device,
                      batch: int, max_new_tokens: int = 6, desc: str = "generate") -> list[str]:
-    """Greedy answers to prompts (text segments without loss); prompts of equal token length share a batch, so no
-    padding ever sits between a prompt and its answer."""
-    rows = [D.collate([p], tok, model.n_image_tokens, model.cfg.llm.max_seq_len) for p in prompts]
+    """Greedy answers to prompts (text segments without loss); prompts of equal token length share a batch, so
+    no padding ever sits between a prompt and its answer."""
+    rows = [data.collate([p], tok, model.n_image_tokens, model.cfg.llm.max_seq_len) for p in prompts]
     by_len: dict[int, list[int]] = {}
     for i, r in enumerate(rows):
         by_len.setdefault(r["input_ids"].shape[1], []).append(i)
@@ -237,7 +246,8 @@ def generate_answers(model: MLLM, tok: D.Tokenizer, prompts: list[D.Sample], dev
         ids = torch.cat([rows[i]["input_ids"] for i in idx]).to(device)
         imgs = [rows[i]["images"] for i in idx if rows[i]["images"] is not None]
         images = torch.cat(imgs).to(device) if imgs else None
-        room = model.cfg.llm.max_seq_len - ids.shape[1]  # >= 1: a file's prompt is shorter than its checked sample
+        # >= 1: a file's prompt is shorter than its checked sample
+        room = model.cfg.llm.max_seq_len - ids.shape[1]
         new = model.generate(ids, images, max_new_tokens=min(max_new_tokens, room), eos_id=tok.eos_id).cpu()
         for i, row in zip(idx, new.tolist()):
             row = row[:row.index(tok.eos_id)] if tok.eos_id in row else row
@@ -245,13 +255,14 @@ def generate_answers(model: MLLM, tok: D.Tokenizer, prompts: list[D.Sample], dev
     return answers
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # The evaluation suites of the built-in world
 
 
 def embedding_kinds(method: str, choice: str) -> dict[str, str]:
-    """Which embedding each discriminative suite uses. The unified model has both heads: image-text suites use the
-    contrastively trained summaries, the interleaved suite the structure-trained prefix embeddings (our choice)."""
+    """Which embedding each discriminative suite uses. The unified model has both heads: image-text suites use
+    the contrastively trained summaries, the interleaved suite the structure-trained prefix embeddings (our
+    choice)."""
     if choice != "auto":
         return {"pairs": choice, "interleaved": choice}
     if method == "sugar":
@@ -261,16 +272,16 @@ def embedding_kinds(method: str, choice: str) -> dict[str, str]:
     return {"pairs": "summary", "interleaved": "summary"}
 
 
-def img(x: Tensor, cross: Tensor | None = None) -> D.Sample:
-    return D.Sample([D.image_seg(x, cross=cross)])
+def img(x: Tensor, cross: Tensor | None = None) -> data.Sample:
+    return data.Sample([data.image_seg(x, cross=cross)])
 
 
-def txt(x: str, cross: Tensor | None = None) -> D.Sample:
-    return D.Sample([D.text_seg(x, False, cross=cross)])
+def txt(x: str, cross: Tensor | None = None) -> data.Sample:
+    return data.Sample([data.text_seg(x, False, cross=cross)])
 
 
-def phrase_features(phrase: D.Phrase) -> Tensor:
-    return D.cross_features(D.cross_facts_phrase(phrase))
+def phrase_features(phrase: data.Phrase) -> Tensor:
+    return data.cross_features(data.cross_facts_phrase(phrase))
 
 
 def cosine(a: Tensor, b: Tensor) -> Tensor:
@@ -278,7 +289,8 @@ def cosine(a: Tensor, b: Tensor) -> Tensor:
 
 
 def eval_retrieval(pairs: list, emb: Embedder, kind: str) -> dict[str, float]:
-    """Image <-> short-caption recall@K over data.Scene or data.Pair items (anything with .image, .short_caption)."""
+    """Image <-> short-caption recall@K over data.Scene or data.Pair items (anything with
+    .image, .short_caption)."""
     caps = [s.short_caption for s in pairs]
     # teacher features ride along where the items have them (the built-in world; the oracle row reads them)
     i = emb([img(s.image, getattr(s, "cross_image", None)) for s in pairs], kind, "image")  # (N, d)
@@ -291,15 +303,16 @@ def eval_retrieval(pairs: list, emb: Embedder, kind: str) -> dict[str, float]:
     return out
 
 
-def eval_compositional(world: D.World, emb: Embedder, kind: str) -> dict[str, float]:
+def eval_compositional(world: data.World, emb: Embedder, kind: str) -> dict[str, float]:
     i = emb([img(s.image, s.cross_image) for s in world.scenes], kind, "image")  # (N, d)
-    items = [(n, s.phrase, neg, cat) for n, s in enumerate(world.scenes) for cat, neg in s.negative_phrases.items()]
+    items = [(n, s.phrase, neg, cat) for n, s in enumerate(world.scenes)
+             for cat, neg in s.negative_phrases.items()]
     pos = emb([txt(p.text(), phrase_features(p)) for _, p, _, _ in items], kind, "text")
     neg = emb([txt(q.text(), phrase_features(q)) for _, _, q, _ in items], kind, "text")
     idx = torch.tensor([n for n, _, _, _ in items])
     pos_s, neg_s = (i[idx] * pos).sum(1), (i[idx] * neg).sum(1)
     out = {}
-    for cat in D.CATEGORIES:
+    for cat in data.CATEGORIES:
         mask = torch.tensor([c == cat for *_, c in items])
         if bool(mask.any()):
             out[f"compositional/{cat}"] = pairwise_accuracy(pos_s[mask], neg_s[mask])
@@ -307,15 +320,15 @@ def eval_compositional(world: D.World, emb: Embedder, kind: str) -> dict[str, fl
     return out
 
 
-def eval_winoground(world: D.World, emb: Embedder, kind: str) -> dict[str, float]:
+def eval_winoground(world: data.World, emb: Embedder, kind: str) -> dict[str, float]:
     pairs = world.winoground
-    images = [img(x, D.cross_features(D.cross_facts_graph(g))) for p in pairs
-              for x, g in ((p.image_a, p.graph_a), (p.image_b, p.graph_b))]
+    images = [img(x, data.cross_features(data.cross_facts_graph(graph))) for p in pairs
+              for x, graph in ((p.image_a, p.graph_a), (p.image_b, p.graph_b))]
     captions = [txt(ph.text(), phrase_features(ph)) for p in pairs for ph in (p.phrase_a, p.phrase_b)]
     return winoground_suite(images, captions, emb, kind)
 
 
-def winoground_suite(images: list[D.Sample], captions: list[D.Sample], emb: Embedder,
+def winoground_suite(images: list[data.Sample], captions: list[data.Sample], emb: Embedder,
                      kind: str) -> dict[str, float]:
     """images, captions: 2N samples, example n's image k and caption k at 2n + k (caption k fits image k)."""
     n = len(images) // 2
@@ -325,22 +338,24 @@ def winoground_suite(images: list[D.Sample], captions: list[D.Sample], emb: Embe
     return {f"winoground/{k}": v for k, v in winoground_scores(s).items()}
 
 
-def eval_interleaved(world: D.World, emb: Embedder, kind: str) -> dict[str, float]:
-    """Query: frames 0..k-1 with their sentences, then sentence k; target: frame k, among every test frame (a frame
-    with the same scene graph as the target counts as a hit too)."""
+def eval_interleaved(world: data.World, emb: Embedder, kind: str) -> dict[str, float]:
+    """Query: frames 0..k-1 with their sentences, then sentence k; target: frame k, among every test frame (a
+    frame with the same scene graph as the target counts as a hit too)."""
     frames = [f for st in world.stories for f in st.frames]
     queries, targets = [], []
     for st in world.stories:
         for k in range(1, len(st)):
-            segs = [seg for f in st.frames[:k] for seg in (D.image_seg(f.image), D.text_seg(f.sentence, False))]
+            segs = [seg for f in st.frames[:k]
+                    for seg in (data.image_seg(f.image), data.text_seg(f.sentence, False))]
             nxt = st.frames[k]
-            queries.append(D.Sample(segs + [D.text_seg(nxt.sentence, False, nxt.uni_text, nxt.cross_text)]))
-            targets.append(D.canonical(st.frames[k].graph))
+            queries.append(data.Sample(segs + [data.text_seg(nxt.sentence, False, nxt.uni_text,
+                                                             nxt.cross_text)]))
+            targets.append(data.canonical(st.frames[k].graph))
     return interleaved_suite(queries, targets, [img(f.image, f.cross_image) for f in frames],
-                             [D.canonical(f.graph) for f in frames], emb, kind)
+                             [data.canonical(f.graph) for f in frames], emb, kind)
 
 
-def interleaved_suite(queries: list[D.Sample], targets: list[object], candidates: list[D.Sample],
+def interleaved_suite(queries: list[data.Sample], targets: list[object], candidates: list[data.Sample],
                       keys: list[object], emb: Embedder, kind: str) -> dict[str, float]:
     """recall@1, @5 of each query's next image among the candidates; a candidate whose key equals the query's
     target key is a hit."""
@@ -350,8 +365,9 @@ def interleaved_suite(queries: list[D.Sample], targets: list[object], candidates
     return {f"interleaved/r{k}": v for k, v in recall_at_k(cosine(q, cands), positive, (1, 5)).items()}
 
 
-def document_queries(docs: list[D.Sample]) -> tuple[list[tuple[int, D.Sample]], list[int], list[D.Sample],
-                                                      list[int]]:
+def document_queries(
+        docs: list[data.Sample],
+) -> tuple[list[tuple[int, data.Sample]], list[int], list[data.Sample], list[int]]:
     """The interleaved suite on MMC4 documents (data.read_mmc4 puts each image right before its matched
     sentence). As on the built-in stories, a query is the document before an image (its images and sentences)
     followed by the image's matched sentence (the first sentence after it), and the target is that image among
@@ -363,7 +379,7 @@ def document_queries(docs: list[D.Sample]) -> tuple[list[tuple[int, D.Sample]], 
     key_of: dict[bytes, int] = {}
     queries, targets, cands, keys = [], [], [], []
     for d, doc in enumerate(docs):
-        segs = [D.image_seg(s.image) if s.kind == "image" else D.text_seg(s.text, False)
+        segs = [data.image_seg(s.image) if s.kind == "image" else data.text_seg(s.text, False)
                 for s in doc.segments]  # loss off, as the stories' queries
         for p, seg in enumerate(segs):
             if seg.kind != "image":
@@ -373,25 +389,26 @@ def document_queries(docs: list[D.Sample]) -> tuple[list[tuple[int, D.Sample]], 
             keys.append(key)
             if p > 0:
                 sentence = next(s for s in segs[p + 1:] if s.kind == "text")  # read_mmc4: one follows
-                queries.append((d, D.Sample(segs[:p] + [sentence])))
+                queries.append((d, data.Sample(segs[:p] + [sentence])))
                 targets.append(key)
     return queries, targets, cands, keys
 
 
-def fit_context(query: D.Sample, tok: D.Tokenizer, n_image_tokens: int, room: int) -> D.Sample | None:
+def fit_context(query: data.Sample, tok: data.Tokenizer, n_image_tokens: int,
+                room: int) -> data.Sample | None:
     """The query with its oldest segments dropped until its tokens fit `room` (our choice: a document that
     fits the context for training can exceed it once the summary's soft prompt is appended); None if even its
     last segment does not fit."""
     segs = query.segments
-    while D.sample_lengths([D.Sample(segs)], tok, n_image_tokens)[0] > room:
+    while data.sample_lengths([data.Sample(segs)], tok, n_image_tokens)[0] > room:
         if len(segs) == 1:
             return None
         segs = segs[1:]
-    return D.Sample(segs)
+    return data.Sample(segs)
 
 
-def qa_prompt(image: Tensor, question: str) -> D.Sample:
-    return D.Sample([D.image_seg(image), D.text_seg(D.format_question(question), False)])
+def qa_prompt(image: Tensor, question: str) -> data.Sample:
+    return data.Sample([data.image_seg(image), data.text_seg(data.format_question(question), False)])
 
 
 def question_type(question: str) -> str:
@@ -403,10 +420,12 @@ def question_type(question: str) -> str:
     return "relation"
 
 
-def eval_vqa_pope(world: D.World, model: MLLM, tok: D.Tokenizer, device: torch.device, batch: int) -> dict[str, float]:
+def eval_vqa_pope(world: data.World, model: MLLM, tok: data.Tokenizer, device: torch.device,
+                  batch: int) -> dict[str, float]:
     vqa = [(s.image, q, a) for s in world.scenes for q, a in s.vqa]
     pope = [(s.image, q, a) for s in world.scenes for q, a in s.pope]
-    answers = generate_answers(model, tok, [qa_prompt(i, q) for i, q, _ in vqa + pope], device, batch, desc="vqa+pope")
+    answers = generate_answers(model, tok, [qa_prompt(i, q) for i, q, _ in vqa + pope], device, batch,
+                               desc="vqa+pope")
     out = {"vqa/acc": exact_match(answers[:len(vqa)], [a for *_, a in vqa])}
     for kind in ("count", "colour", "shape", "size", "relation"):
         idx = [k for k, (_, q, _) in enumerate(vqa) if question_type(q) == kind]
@@ -415,22 +434,26 @@ def eval_vqa_pope(world: D.World, model: MLLM, tok: D.Tokenizer, device: torch.d
     return out
 
 
-def eval_rag(world: D.World, model: MLLM, tok: D.Tokenizer, emb: Embedder, kind: str, k: int, device: torch.device,
-             batch: int) -> dict[str, float]:
-    """Names of test objects never occur in training: without retrieval only a guess can answer. With retrieval the
-    question's text embedding picks the k nearest knowledge-base entry images and their descriptions go first."""
+def eval_rag(world: data.World, model: MLLM, tok: data.Tokenizer, emb: Embedder, kind: str, k: int,
+             device: torch.device, batch: int) -> dict[str, float]:
+    """Names of test objects never occur in training: without retrieval only a guess can answer. With
+    retrieval the question's text embedding picks the k nearest knowledge-base entry images and their
+    descriptions go first."""
     kb = world.kb
     keys = emb([img(e.image) for e in kb.entries], kind, "image")  # (E, d)
     q = emb([txt(question) for question, _ in kb.questions], kind, "text")  # (Q, d)
     top = cosine(q, keys).topk(min(k, len(kb.entries)), dim=1).indices.tolist()
-    with_ctx = [D.Sample([D.text_seg(kb.entries[e].description, False) for e in reversed(top[n])]
-                         + [D.text_seg(D.format_question(question), False)])
+    with_ctx = [data.Sample([data.text_seg(kb.entries[e].description, False) for e in reversed(top[n])]
+                            + [data.text_seg(data.format_question(question), False)])
                 for n, (question, _) in enumerate(kb.questions)]
-    without = [D.Sample([D.text_seg(D.format_question(question), False)]) for question, _ in kb.questions]
-    oracle = [D.Sample([D.text_seg(e.description, False), D.text_seg(D.format_question(question), False)])
+    without = [data.Sample([data.text_seg(data.format_question(question), False)])
+               for question, _ in kb.questions]
+    oracle = [data.Sample([data.text_seg(e.description, False),
+                           data.text_seg(data.format_question(question), False)])
               for e, (question, _) in zip(kb.entries, kb.questions)]
     truth = [name for _, name in kb.questions]
-    answers = generate_answers(model, tok, with_ctx + without + oracle, device, batch, max_new_tokens=8, desc="rag")
+    answers = generate_answers(model, tok, with_ctx + without + oracle, device, batch, max_new_tokens=8,
+                               desc="rag")
     n = len(truth)
     return {"rag/acc": exact_match(answers[:n], truth),
             "rag/acc_without_retrieval": exact_match(answers[n:2 * n], truth),
@@ -438,7 +461,7 @@ def eval_rag(world: D.World, model: MLLM, tok: D.Tokenizer, emb: Embedder, kind:
             "rag/retrieval_r1": float(sum(top[i][0] == i for i in range(n)) / n)}
 
 
-def blank_world_images(world: D.World) -> None:
+def blank_world_images(world: data.World) -> None:
     """The diagnostic of --blank-images: every image of the test split becomes black."""
     for s in world.scenes:
         s.image = torch.zeros_like(s.image)
@@ -451,9 +474,9 @@ def blank_world_images(world: D.World) -> None:
         e.image = torch.zeros_like(e.image)
 
 
-def evaluate_world(model: MLLM, tok: D.Tokenizer, method: str, args: EvalArgs, device: torch.device,
+def evaluate_world(model: MLLM, tok: data.Tokenizer, method: str, args: EvalArgs, device: torch.device,
                    pool: str = "mean") -> tuple[dict[str, float], dict[str, str]]:
-    world = D.make_world("test", args.n_test, args.test_seed, image_size=model.cfg.vision.image_size)
+    world = data.make_world("test", args.n_test, args.test_seed, image_size=model.cfg.vision.image_size)
     if args.blank_images:
         blank_world_images(world)
     kinds = embedding_kinds(method, args.embedding)
@@ -471,21 +494,24 @@ def evaluate_world(model: MLLM, tok: D.Tokenizer, method: str, args: EvalArgs, d
     return metrics, kinds
 
 
-def eval_discriminative(world: D.World, emb: Embedder | TeacherEmbedder, kinds: dict[str, str]) -> dict[str, float]:
-    return {**eval_retrieval(world.scenes, emb, kinds["pairs"]), **eval_compositional(world, emb, kinds["pairs"]),
-            **eval_winoground(world, emb, kinds["pairs"]), **eval_interleaved(world, emb, kinds["interleaved"])}
+def eval_discriminative(world: data.World, emb: Embedder | TeacherEmbedder,
+                        kinds: dict[str, str]) -> dict[str, float]:
+    return {**eval_retrieval(world.scenes, emb, kinds["pairs"]),
+            **eval_compositional(world, emb, kinds["pairs"]),
+            **eval_winoground(world, emb, kinds["pairs"]),
+            **eval_interleaved(world, emb, kinds["interleaved"])}
 
 
-def evaluate_file(model: MLLM, tok: D.Tokenizer, method: str, args: EvalArgs, device: torch.device,
+def evaluate_file(model: MLLM, tok: data.Tokenizer, method: str, args: EvalArgs, device: torch.device,
                   pool: str = "mean") -> tuple[dict[str, float], dict[str, str]]:
-    """Users' files (--data, comma-separated): the union of each file's metrics (data.py lists which format gives
-    which); a metric that several files give is reported once per file, as `<metric>@<file stem>`."""
+    """Users' files (--data, comma-separated): the union of each file's metrics (data.py lists which format
+    gives which); a metric that several files give is reported once per file, as `<metric>@<file stem>`."""
     per_file = []
     for path in args.data.split(","):
         try:
-            loaded = D.load_dataset(path, tok=tok, n_image_tokens=model.n_image_tokens,
-                                    max_len=model.cfg.llm.max_seq_len, image_size=model.cfg.vision.image_size,
-                                    split=args.data_split)
+            loaded = data.load_dataset(path, tok=tok, n_image_tokens=model.n_image_tokens,
+                                       max_len=model.cfg.llm.max_seq_len,
+                                       image_size=model.cfg.vision.image_size, split=args.data_split)
         except ValueError as e:  # data.py's DataError lists every problem of the file
             raise SystemExit(f"eval.py: {e}") from e
         metrics, kinds = evaluate_loaded(loaded, path, model, tok, method, args, device, pool)
@@ -494,13 +520,15 @@ def evaluate_file(model: MLLM, tok: D.Tokenizer, method: str, args: EvalArgs, de
     for _, m in per_file:
         for k in m:
             counts[k] = counts.get(k, 0) + 1
-    return {(k if counts[k] == 1 else f"{k}@{Path(path).stem}"): v for path, m in per_file for k, v in m.items()}, kinds
+    return {(k if counts[k] == 1 else f"{k}@{Path(path).stem}"): v for path, m in per_file
+            for k, v in m.items()}, kinds
 
 
-def evaluate_loaded(loaded: D.LoadedData, path: str, model: MLLM, tok: D.Tokenizer, method: str, args: EvalArgs,
+def evaluate_loaded(loaded: data.LoadedData, path: str, model: MLLM, tok: data.Tokenizer, method: str,
+                    args: EvalArgs,
                     device: torch.device, pool: str) -> tuple[dict[str, float], dict[str, str]]:
-    """One file's metrics: SugarCrepe-style negatives give compositional accuracy, Karpathy pairs retrieval, LLaVA
-    supervised turns VQA accuracy (greedy answers), POPE lines the yes/no metrics, MMC4 documents the
+    """One file's metrics: SugarCrepe-style negatives give compositional accuracy, Karpathy pairs retrieval,
+    LLaVA supervised turns VQA accuracy (greedy answers), POPE lines the yes/no metrics, MMC4 documents the
     interleaved recall (document_queries), Winoground lines the Winoground scores."""
     kinds = embedding_kinds(method, args.embedding)
     emb = Embedder(model, tok, args.batch, device, pool)
@@ -527,7 +555,7 @@ def evaluate_loaded(loaded: D.LoadedData, path: str, model: MLLM, tok: D.Tokeniz
     return metrics, kinds
 
 
-def eval_documents(loaded: D.LoadedData, path: str, model: MLLM, tok: D.Tokenizer, emb: Embedder,
+def eval_documents(loaded: data.LoadedData, path: str, model: MLLM, tok: data.Tokenizer, emb: Embedder,
                    kind: str) -> dict[str, float]:
     """interleaved/r1, r5 on an MMC4 file's documents (document_queries), each query fitted to the context."""
     queries, targets, cands, keys = document_queries(loaded.samples)
@@ -546,9 +574,10 @@ def eval_documents(loaded: D.LoadedData, path: str, model: MLLM, tok: D.Tokenize
     return interleaved_suite(fitted, targets, cands, keys, emb, kind)
 
 
-def eval_questions(questions: list[D.Question], model: MLLM, tok: D.Tokenizer, device: torch.device,
+def eval_questions(questions: list[data.Question], model: MLLM, tok: data.Tokenizer, device: torch.device,
                    batch: int) -> dict[str, float]:
-    """vqa/acc (+ vqa/<type>) over the "vqa" questions and pope/* over the "pope" ones, from greedy answers."""
+    """vqa/acc (+ vqa/<type>) over the "vqa" questions and pope/* over the "pope" ones, from greedy
+    answers."""
     answers = generate_answers(model, tok, [q.prompt for q in questions], device, batch, max_new_tokens=16,
                                desc="questions")
     out = {}
@@ -579,13 +608,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ckpt = load_checkpoint(args.ckpt)
-    model, tok = MLLM.from_checkpoint(ckpt, args.ckpt), D.Tokenizer.from_str(ckpt["tokenizer"])
+    model, tok = MLLM.from_checkpoint(ckpt, args.ckpt), data.Tokenizer.from_str(ckpt["tokenizer"])
     model = model.to(device).eval()
     method = ckpt["method"] if ckpt["stage"] == "finetune" else "generative"
     finetuned = ckpt["stage"] == "finetune"
     pool = ckpt["train_config"]["finetune"].get("sugar_pool", "mean") if finetuned else "mean"
     try:
-        metrics, kinds = (evaluate_file if args.data else evaluate_world)(model, tok, method, args, device, pool)
+        evaluate = evaluate_file if args.data else evaluate_world
+        metrics, kinds = evaluate(model, tok, method, args, device, pool)
     except NonFiniteError as e:
         raise SystemExit(f"eval.py: {args.ckpt}: the model's outputs are not finite ({e}); its weights are "
                          f"probably broken (a diverged run?), so no metric is reported") from e

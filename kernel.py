@@ -44,7 +44,8 @@ def _check_finite(name: str, t: Tensor) -> None:
     # Reading a value makes the host wait for an accelerator, every call: checked on the CPU only (train.py's
     # NaN guard catches a non-finite loss on log and checkpoint steps instead).
     if t.device.type == "cpu" and not bool(torch.isfinite(t).all()):
-        raise ValueError(f"kernel.py: {name} contains non-finite values (NaN or inf); expected finite numbers")
+        raise ValueError(f"kernel.py: {name} contains non-finite values (NaN or inf); "
+                         "expected finite numbers")
 
 
 def _check_matrix(name: str, t: Tensor) -> None:
@@ -132,7 +133,8 @@ def triple_kernel_sqdist(
     if uni_a.shape[1] != uni_b.shape[1]:
         raise ValueError(f"kernel.py: uni-modal feature widths differ: {uni_a.shape[1]} vs {uni_b.shape[1]}")
     if cross_a.shape[1] != cross_b.shape[1]:
-        raise ValueError(f"kernel.py: cross-modal feature widths differ: {cross_a.shape[1]} vs {cross_b.shape[1]}")
+        raise ValueError(f"kernel.py: cross-modal feature widths differ: {cross_a.shape[1]} vs "
+                         f"{cross_b.shape[1]}")
     return _slice_matrix(_sqdist, uni_a, cross_a, is_img_a, uni_b, cross_b, is_img_b, kernel)
 
 
@@ -152,19 +154,22 @@ def _check_prefixes(prefix_slices: Tensor, prefix_len: Tensor, prefix_batch: Ten
     if n_prefixes == 0:
         return
     if int(prefix_len.min()) < 1:
-        raise ValueError("kernel.py: prefix_len has an empty slice sequence (length 0); every prefix needs >= 1 slice")
+        raise ValueError("kernel.py: prefix_len has an empty slice sequence (length 0); every prefix "
+                         "needs >= 1 slice")
     if int(prefix_len.max()) > width:
-        raise ValueError(f"kernel.py: prefix_len up to {int(prefix_len.max())} but prefix_slices has only {width} columns")
+        raise ValueError(f"kernel.py: prefix_len up to {int(prefix_len.max())} but prefix_slices has "
+                         f"only {width} columns")
     if int(prefix_slices.min()) < 0 or int(prefix_slices.max()) >= n_slices:
-        raise ValueError(f"kernel.py: prefix_slices must index the {n_slices} slices, got values outside [0, {n_slices})")
+        raise ValueError(f"kernel.py: prefix_slices must index the {n_slices} slices, got values "
+                         f"outside [0, {n_slices})")
 
 
 def _median_distance(sq: Tensor) -> float:
     """The median positive distance between two different slices, from their (S, S) squared distances; 1.0
     when there is none (every phi is then 0 and any delta gives the same targets)."""
     upper = sq[torch.triu(torch.ones_like(sq, dtype=torch.bool), diagonal=1)]  # each slice pair once
-    # Two identical slices (a caption or image that recurs) are 0 apart, but _sqdist's expansion leaves rounding
-    # noise of a few eps * |a|^2: a distance below that tolerance counts as 0.
+    # Two identical slices (a caption or image that recurs) are 0 apart, but _sqdist's expansion leaves
+    # rounding noise of a few eps * |a|^2: a distance below that tolerance counts as 0.
     tol = 64 * torch.finfo(sq.dtype).eps * float(upper.max()) if upper.numel() > 0 else 0.0
     positive = upper[upper > tol]
     # sqrt is monotone and torch.median picks an element (the lower middle), so sqrt(median d^2) = median d
@@ -240,7 +245,8 @@ def gak_targets(
     The self terms use the pair's own sigma, so Cauchy-Schwarz for the (positive definite) GAK keeps K~ <= 1
     even when sigma differs between pairs."""
     if sigma is not None and delta is not None:
-        raise ValueError("kernel.py: gak_targets takes sigma (fixed) or delta (Sugar's per-pair scale), not both")
+        raise ValueError("kernel.py: gak_targets takes sigma (fixed) or delta (Sugar's per-pair "
+                         "scale), not both")
     if sigma is not None:
         _check_positive("sigma", float(sigma))
     if delta is not None:
@@ -250,7 +256,8 @@ def gak_targets(
         raise ValueError(f"kernel.py: single must be one of {SINGLES}, got {single!r}")
     _check_slices(("slice_uni", "slice_cross", "slice_is_image"), slice_uni, slice_cross, slice_is_image)
     _check_prefixes(prefix_slices, prefix_len, prefix_batch, slice_uni.shape[0])
-    dtype = torch.promote_types(slice_uni.dtype, torch.float32)  # bf16 features would lose the GAK's precision
+    # bf16 features would lose the GAK's precision
+    dtype = torch.promote_types(slice_uni.dtype, torch.float32)
     uni, cross = slice_uni.to(dtype), slice_cross.to(dtype)
     slices = (uni, cross, slice_is_image, uni, cross, slice_is_image)
     sq_all = _slice_matrix(_sqdist, *slices, kernel)  # (S, S), gathered per pair below
@@ -276,7 +283,8 @@ def gak_targets(
 
     # Self terms log K(x, x; sigma) for every prefix and every sigma it meets: with a fixed sigma one per
     # prefix, with Sugar's sigma one per (prefix, partner length) — P * L DTWs instead of 2 per pair.
-    partner = torch.arange(1, int(lengths.max()) + 1, device=idx.device) if sigma is None else lengths[:1]  # (Lp,)
+    # (Lp,)
+    partner = torch.arange(1, int(lengths.max()) + 1, device=idx.device) if sigma is None else lengths[:1]
     n_partner = partner.numel()
     own = lengths.repeat_interleave(n_partner)  # (P*Lp,)
     self_sigma = _pair_sigma(own, partner.repeat(n_prefixes), sigma, delta).to(dtype)  # (P*Lp,)
@@ -331,8 +339,8 @@ def mean_targets(
 
 
 def structure_loss(r: Tensor, targets: Tensor) -> Tensor:
-    """Sugar Eq. 3: L = (1/n) sum_ij (cos(r_i, r_j) - M_l[i, j])^2 with n = P prefixes (a mean over rows of the
-    summed squared errors). r (P, d) prefix embeddings, targets M_l (P, P). No positives, no temperature.
+    """Sugar Eq. 3: L = (1/n) sum_ij (cos(r_i, r_j) - M_l[i, j])^2 with n = P prefixes (a mean over rows of
+    the summed squared errors). r (P, d) prefix embeddings, targets M_l (P, P). No positives, no temperature.
     With P = 0 the loss is a zero that stays attached to r's graph (DDP then still sees every parameter)."""
     n_prefixes = r.shape[0]
     assert r.dim() == 2 and targets.shape == (n_prefixes, n_prefixes), (tuple(r.shape), tuple(targets.shape))
@@ -366,7 +374,8 @@ def gather_with_grad(x: Tensor) -> tuple[Tensor, int]:
     return torch.cat(dist_fn.all_gather(x), dim=0), dist.get_rank()
 
 
-def contrastive_loss(img: Tensor, txt: Tensor, logit_scale: Tensor, max_scale: float = MAX_LOGIT_SCALE) -> Tensor:
+def contrastive_loss(img: Tensor, txt: Tensor, logit_scale: Tensor,
+                     max_scale: float = MAX_LOGIT_SCALE) -> Tensor:
     """VladVA's symmetric InfoNCE (CLIP form): the mean of the image->text and text->image cross-entropies
     over the logits exp(logit_scale) * <img_i, txt_j>, exp(logit_scale) clamped at max_scale. img, txt (B, d),
     row k of each a positive pair (L2-normalised here); logit_scale a scalar, log of the inverse temperature.
@@ -382,7 +391,8 @@ def contrastive_loss(img: Tensor, txt: Tensor, logit_scale: Tensor, max_scale: f
     scale = logit_scale.reshape(()).clamp(max=math.log(max_scale)).exp()  # CLIP's clamp at 100
     logits_img = scale * img_local @ txt_all.T  # (B, W*B): my images against every caption
     logits_txt = scale * txt_local @ img_all.T  # (B, W*B): my captions against every image
-    labels = torch.arange(img.shape[0], device=img.device) + rank * img.shape[0]  # (B,) positives, offset by rank
+    # (B,) positives, offset by rank
+    labels = torch.arange(img.shape[0], device=img.device) + rank * img.shape[0]
     return 0.5 * (F.cross_entropy(logits_img, labels) + F.cross_entropy(logits_txt, labels))
 
 
@@ -413,7 +423,8 @@ class LossWeights:
     structure: float = 1.0
 
     def __post_init__(self) -> None:
-        for name, value in (("ntp", self.ntp), ("contrastive", self.contrastive), ("structure", self.structure)):
+        for name, value in (("ntp", self.ntp), ("contrastive", self.contrastive),
+                            ("structure", self.structure)):
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"kernel.py: LossWeights.{name} must be a finite number >= 0, got {value}")
 

@@ -5,20 +5,20 @@ train.py — the one training entry point of unimllm: generative pre-training of
 Fine-tuning objective:
     L = lambda_ntp * L_ntp + lambda_c * L_contrastive + lambda_s * L_structure
 - L_ntp: next-token loss on answers, captions, story sentences and long captions (never on image tokens).
-- L_contrastive: VladVA's symmetric InfoNCE between last-token summaries of an image (+ image soft prompt) and of
-  its short caption (+ text soft prompt) (Ouali et al., CVPR 2025, arXiv 2412.04378).
+- L_contrastive: VladVA's symmetric InfoNCE between last-token summaries of an image (+ image soft prompt) and
+  of its short caption (+ text soft prompt) (Ouali et al., CVPR 2025, arXiv 2412.04378).
 - L_structure: Sugar Eq. 3, the squared gap between the cosine matrix of prefix embeddings and the normalised
   global alignment kernel (Sugar Eq. 2) of their slice sequences under the triple kernel (Sugar Eq. 4)
   (Chow et al., NeurIPS 2024, arXiv 2411.00304).
 
-`--method` picks the fine-tuning losses; every method sees the same step schedule and starts from the same base:
+`--method` picks the fine-tuning losses; every method has the same step schedule and the same base:
   generative  L_ntp on captions + VQA + RAG (the "lm" stream), long captions and stories
   vladva      L_ntp on long captions + L_contrastive on short captions (VladVA trains on pairs only)
   sugar       generative's L_ntp + L_structure over story prefixes and single images / captions
   unified     all three
 
 Run:
-    python train.py                                 # pre-train + unified fine-tune on the built-in world -> out.pt
+    python train.py                                 # pre-train + unified fine-tune, built-in world -> out.pt
     python train.py --smoke --out /tmp/smoke.pt     # a tiny end-to-end run (under a minute on 2 CPU cores)
     python train.py --method vladva --init out.base.pt --out vladva.pt    # fine-tune only, from a saved base
     torchrun --nproc_per_node 8 train.py            # DDP, same flags (gloo on CPU, nccl on CUDA)
@@ -54,9 +54,9 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-import data as D
+import data
 from data import flag_of
-import kernel as K
+import kernel
 from unimllm import (CKPT_FORMAT, EXPORT_MANIFEST, EXPORT_REST, LLMConfig, MLLM, MLLMConfig, VisionConfig,
                      VisionEncoder, apply_lora, export_hf, load_checkpoint, load_llm, load_vision,
                      output_problem, resolve_model_path, save_checkpoint, set_trainable)
@@ -65,7 +65,8 @@ METHODS = ("generative", "vladva", "sugar", "unified")
 
 
 def losses_of(method: str, ft: "FinetuneArgs") -> tuple[bool, bool]:
-    """(contrastive on, structure on) for a fine-tuning method; a term whose lambda is 0 is not even computed."""
+    """(contrastive on, structure on) for a fine-tuning method; a term whose lambda is 0 is not even
+    computed."""
     return (method in ("vladva", "unified") and ft.lambda_contrastive > 0,
             method in ("sugar", "unified") and ft.lambda_structure > 0)
 
@@ -77,12 +78,12 @@ def trainable_patterns(ft: "FinetuneArgs") -> list[str]:
     sits in every image-caption sequence, reached by the next-token loss on its long caption and by the
     contrastive loss; the text prompt and the temperature serve the contrastive loss; the retrieval projector
     the structure loss. A frozen soft prompt stays the handcrafted prompt it was initialised from."""
-    use_c, use_s = losses_of(ft.method, ft)
+    use_contrastive, use_structure = losses_of(ft.method, ft)
     lora = [r"\.lora_[AB]$"] if ft.adapt in ("lora", "both") else []
     prompts = ft.adapt in ("prompt", "both")
-    image_prompt = ["image_prompt"] if prompts and (use_c or ft.lambda_ntp > 0) else []
-    text_prompt = ["text_prompt"] if prompts and use_c else []
-    heads = (["logit_scale"] if use_c else []) + ([r"^projector\."] if use_s else [])
+    image_prompt = ["image_prompt"] if prompts and (use_contrastive or ft.lambda_ntp > 0) else []
+    text_prompt = ["text_prompt"] if prompts and use_contrastive else []
+    heads = (["logit_scale"] if use_contrastive else []) + ([r"^projector\."] if use_structure else [])
     return lora + image_prompt + text_prompt + heads
 
 
@@ -109,7 +110,7 @@ RECIPES: dict[str, dict[str, Any]] = {
 RECIPE = {"help": "default: the --method's recipe (train.RECIPES)"}
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Configs: one dataclass per concern; argparse is built from their fields
 
 
@@ -127,7 +128,7 @@ class ModelArgs:
     llm_kv_heads: int = 2
     llm_mlp: int = 512
     vocab_size: int = 1024
-    max_len: int = D.MAX_LEN
+    max_len: int = data.MAX_LEN
     proj_dim: int = 128
 
 
@@ -143,12 +144,12 @@ class DataArgs:
 
 @dataclass
 class PretrainArgs:
-    vision_steps: int = 600         # stage 0: distil the vision tower from the teacher's image features (0: skip)
+    vision_steps: int = 600         # stage 0: distil the vision tower from teacher image features (0: skip)
     vision_batch: int = 64          # images per stage-0 step
     vision_lr: float = 1e-3
     pretrain_steps: int = 2000
     pretrain_batch: int = 32        # global sequences per step
-    pretrain_lr: float = 6e-4       # peak lr; 1e-3 and 1.5e-3 left colour and shape at chance for 400 steps (README)
+    pretrain_lr: float = 6e-4       # peak lr (1e-3, 1.5e-3: colour, shape at chance after 400 steps; README)
 
 
 @dataclass
@@ -156,7 +157,7 @@ class FinetuneArgs:
     method: str = "unified"         # generative | vladva | sugar | unified: which fine-tuning losses
     finetune_steps: int = 200
     lm_batch: int = 16              # global caption / VQA / RAG sequences per step
-    pair_batch: int = 32            # global image-caption pairs per step (VladVA; Sugar's singles come from them)
+    pair_batch: int = 32            # global image-caption pairs per step (VladVA; also Sugar's singles)
     story_batch: int = 4            # global interleaved stories per step
     finetune_lr: float | None = field(default=None, metadata=RECIPE)
     lora_r: int | None = field(default=None, metadata=RECIPE)
@@ -171,7 +172,7 @@ class FinetuneArgs:
     sugar_alignment: str = "gak"    # Sugar Eq. 2 | mean: average slice similarity (Table 4b "w/o GAK")
     sugar_kernel: str = "triple"    # Sugar Eq. 4 | cross: cross-modal features only (Table 4b "w/o TK")
     sugar_pool: str = "mean"        # an image's prefix vector: mean of its tokens | last ("w/o AvgPool")
-    sugar_single: str = "cosine"    # two one-slice prefixes: Sugar §3.2's cosine | gak: the GAK value e/(2-e)
+    sugar_single: str = "cosine"    # two one-slice prefixes: Sugar §3.2's cosine | gak: GAK value e/(2-e)
 
 
 @dataclass
@@ -191,7 +192,7 @@ class RunArgs:
     grad_clip: float = 1.0  # max global gradient norm; 0: no clipping
     log_every: int = 10     # log (and check the losses and gradients for NaN) every N steps
     ckpt_every: int = 100   # write --out every N steps (atomically, after the NaN guard)
-    stop_after: int = 0     # end this invocation after N steps, with a checkpoint (0: run to the end); --resume continues
+    stop_after: int = 0     # stop after N steps with a checkpoint (0: run to the end); --resume continues
     compile: bool = False   # torch.compile the model (unmeasured on a GPU, so off by default)
 
 
@@ -206,7 +207,8 @@ class TrainConfig:
 
 # --smoke: a tiny configuration of the same code path (flags given explicitly still win)
 SMOKE = dict(vision_steps=4, vision_width=32, vision_layers=2, vision_heads=2, llm_width=64, llm_layers=2,
-             llm_heads=2, llm_kv_heads=1, llm_mlp=128, vocab_size=600, proj_dim=32, n_train=48, rag_kbs=1, pretrain_steps=6,
+             llm_heads=2, llm_kv_heads=1, llm_mlp=128, vocab_size=600, proj_dim=32, n_train=48, rag_kbs=1,
+             pretrain_steps=6,
              pretrain_batch=8, finetune_steps=6, lm_batch=4, pair_batch=4, story_batch=2, log_every=2,
              ckpt_every=4)
 
@@ -223,9 +225,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     for group in (ModelArgs, DataArgs, PretrainArgs, FinetuneArgs, RunArgs):
-        D.add_flags(p, group)
+        data.add_flags(p, group)
     return p
 
 
@@ -265,8 +268,8 @@ def validate(cfg: TrainConfig) -> None:
     ft, run = cfg.finetune, cfg.run
     if ft.method not in METHODS:
         raise SystemExit(f"train.py: --method must be one of {', '.join(METHODS)}, got {ft.method!r}")
-    if cfg.data.data_split not in D.KARPATHY_SPLITS:
-        raise SystemExit(f"train.py: --data-split must be one of {', '.join(D.KARPATHY_SPLITS)}, "
+    if cfg.data.data_split not in data.KARPATHY_SPLITS:
+        raise SystemExit(f"train.py: --data-split must be one of {', '.join(data.KARPATHY_SPLITS)}, "
                          f"got {cfg.data.data_split!r}")
     if bool(run.llm) != bool(run.vision):
         raise SystemExit("train.py: --llm and --vision go together (a Hugging Face LLM and vision tower)")
@@ -329,9 +332,9 @@ def validate(cfg: TrainConfig) -> None:
             raise SystemExit(f"train.py: --out {run.out}: {out} {why}")
     for flag, value, allowed in (("--adapt", ft.adapt, ("lora", "prompt", "both", None)),
                                  ("--sugar-alignment", ft.sugar_alignment, ("gak", "mean")),
-                                 ("--sugar-kernel", ft.sugar_kernel, K.KERNELS),
+                                 ("--sugar-kernel", ft.sugar_kernel, kernel.KERNELS),
                                  ("--sugar-pool", ft.sugar_pool, ("mean", "last")),
-                                 ("--sugar-single", ft.sugar_single, K.SINGLES)):
+                                 ("--sugar-single", ft.sugar_single, kernel.SINGLES)):
         if value not in allowed:
             names = ", ".join(a for a in allowed if a)
             raise SystemExit(f"train.py: {flag} must be one of {names}, got {value!r}")
@@ -345,7 +348,7 @@ def validate(cfg: TrainConfig) -> None:
         raise SystemExit(f"train.py: --gak-delta must be a finite number > 0, got {ft.gak_delta}")
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Distributed set-up (a few explicit lines, nanoGPT style)
 
 
@@ -373,8 +376,8 @@ def setup_dist() -> Dist:
 
 
 def shard(items: list, step_batch: int, d: Dist) -> list:
-    """This rank's contiguous chunk of a global batch (contiguous, so a gather across ranks restores the global
-    order that the Sugar targets are computed in)."""
+    """This rank's contiguous chunk of a global batch (contiguous, so a gather across ranks restores the
+    global order that the Sugar targets are computed in)."""
     if step_batch % d.world:
         raise SystemExit(f"train.py: a global batch of {step_batch} does not split over {d.world} ranks")
     n = step_batch // d.world
@@ -388,7 +391,7 @@ def all_sum(x: Tensor) -> Tensor:
     return x
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Data streams: the batch of step s is a pure function of (seed, stream, s), so resuming is exact
 
 
@@ -397,10 +400,11 @@ class Stream:
     of the current epoch is cached, so drawing an item costs O(1).
 
     With `lengths` (tokens per item) and group > 1, batches are length-grouped: the group * n items of steps
-    group*m .. group*m + group - 1 are sorted by length, cut into `group` batches of n, and those are visited in a
-    random order. Every item is still seen once per epoch and a step still has n items; what changes is that a
-    batch's sequences have similar lengths, so right-padding to the longest wastes little compute (on the built-in
-    world a random batch of 32 is 38% real tokens). Our choice (HF Trainer's `group_by_length` does the same)."""
+    group*m .. group*m + group - 1 are sorted by length, cut into `group` batches of n, and those are visited
+    in a random order. Every item is still seen once per epoch and a step still has n items; what changes is
+    that a batch's sequences have similar lengths, so right-padding to the longest wastes little compute (on
+    the built-in world a random batch of 32 is 38% real tokens). Our choice (HF Trainer's `group_by_length`
+    does the same)."""
 
     def __init__(self, name: str, items: list, seed: int, lengths: list[int] | None = None,
                  group: int = 1) -> None:
@@ -434,68 +438,71 @@ class Stream:
 class Corpus:
     """Everything training draws from, as lists of data.py samples / pair items."""
     lm: list            # data.Sample: captions, VQA conversations, RAG (next-token)
-    long: list          # data.Sample: [image][long caption] (pre-training only; fine-tuning sees them in pairs)
+    # data.Sample: [image][long caption] (pre-training only; fine-tuning sees them in pairs)
+    long: list
     stories: list       # data.Sample with prefixes (interleaved)
     pairs: list         # data.Scene or data.Pair (image, short caption, long caption)
     texts: list[str]    # for the tokenizer
     pair_singles: bool  # pairs carry teacher features, so they also enter the structure loss (see `singles`)
-    files: list[tuple[str, D.LoadedData]] = field(default_factory=list)  # --data files as read
+    files: list[tuple[str, data.LoadedData]] = field(default_factory=list)  # --data files as read
 
 
-def long_caption_samples(items: list) -> list[D.Sample]:
-    return [D.Sample([D.image_seg(s.image), D.text_seg(s.long_caption, True)]) for s in items]
+def long_caption_samples(items: list) -> list[data.Sample]:
+    return [data.Sample([data.image_seg(s.image), data.text_seg(s.long_caption, True)]) for s in items]
 
 
-def singles(pairs: list) -> list[D.Sample]:
+def singles(pairs: list) -> list[data.Sample]:
     """Sugar's single-slice samples: [image] and [short caption] of each pair, each its own one-slice prefix.
     They make the structure loss shape the same embeddings eval.py retrieves with (our choice: Sugar's paper
     trains on COYO pairs as two-slice interleaved samples, which would give no text-only prefix)."""
     out = []
     for s in pairs:
-        out.append(D.Sample([D.image_seg(s.image, s.uni_image, s.cross_image)], [0]))
-        out.append(D.Sample([D.text_seg(s.short_caption, False, s.uni_short, s.cross_short)], [0]))
+        out.append(data.Sample([data.image_seg(s.image, s.uni_image, s.cross_image)], [0]))
+        out.append(data.Sample([data.text_seg(s.short_caption, False, s.uni_short, s.cross_short)], [0]))
     return out
 
 
 def builtin_corpus(cfg: TrainConfig) -> Corpus:
-    world = D.make_world("train", cfg.data.n_train, cfg.data.data_seed, image_size=cfg.model.image_size)
-    return Corpus(lm=D.pretrain_samples(world) + rag_corpus(cfg), long=long_caption_samples(world.scenes),
-                  stories=D.story_samples(world), pairs=world.scenes, texts=D.world_texts(world), pair_singles=True)
+    world = data.make_world("train", cfg.data.n_train, cfg.data.data_seed, image_size=cfg.model.image_size)
+    return Corpus(lm=data.pretrain_samples(world) + rag_corpus(cfg), long=long_caption_samples(world.scenes),
+                  stories=data.story_samples(world), pairs=world.scenes, texts=data.world_texts(world),
+                  pair_singles=True)
 
 
-def rag_corpus(cfg: TrainConfig) -> list[D.Sample]:
-    """RAG samples from several training knowledge bases (fresh made-up names in each), so the model learns to copy
-    a name out of its context rather than memorise a few dozen names; test names never occur in training."""
+def rag_corpus(cfg: TrainConfig) -> list[data.Sample]:
+    """RAG samples from several training knowledge bases (fresh made-up names in each), so the model learns to
+    copy a name out of its context rather than memorise a few dozen names; test names never occur in
+    training."""
     n_kb = max(1, cfg.data.rag_kbs)
-    worlds = [D.make_world("train", 1, cfg.data.data_seed * 1000 + 1 + k, image_size=cfg.model.image_size,
-                           n_stories=0, n_winoground=0, n_kb=48) for k in range(n_kb)]
-    return [s for w in worlds for s in D.rag_samples(w)]
+    worlds = [data.make_world("train", 1, cfg.data.data_seed * 1000 + 1 + k, image_size=cfg.model.image_size,
+                              n_stories=0, n_winoground=0, n_kb=48) for k in range(n_kb)]
+    return [s for w in worlds for s in data.rag_samples(w)]
 
 
 def file_corpus(cfg: TrainConfig) -> Corpus:
-    """A user's files (comma-separated, any mix of formats): conversations feed the "lm" stream, interleaved samples
-    with prefixes (MMC4) the stories, Karpathy captions the pairs (the records of --data-split only). User
-    pairs carry no teacher features, so only the stories enter Sugar's structure loss."""
+    """A user's files (comma-separated, any mix of formats): conversations feed the "lm" stream, interleaved
+    samples with prefixes (MMC4) the stories, Karpathy captions the pairs (the records of --data-split only).
+    User pairs carry no teacher features, so only the stories enter Sugar's structure loss."""
     feats = load_features(cfg.data.features) if cfg.data.features else None
     lm, stories, pairs, texts, files = [], [], [], [], []
     for path in cfg.data.data.split(","):
         try:
-            loaded = D.load_dataset(path, image_size=cfg.model.image_size, features=feats,
-                                    split=cfg.data.data_split)
+            loaded = data.load_dataset(path, image_size=cfg.model.image_size, features=feats,
+                                       split=cfg.data.data_split)
         except ValueError as e:  # data.DataError lists every problem of the file
             raise SystemExit(f"train.py: --data {e}") from e
         stories += [s for s in loaded.samples if s.prefixes]
         lm += [s for s in loaded.samples if not s.prefixes]
         pairs += loaded.pairs
-        texts += D.data_texts(loaded)
+        texts += data.data_texts(loaded)
         files.append((path, loaded))
     return Corpus(lm=lm, long=long_caption_samples(pairs), stories=stories, pairs=pairs, texts=texts,
                   pair_singles=False, files=files)
 
 
-def load_features(path: str) -> D.Features:
+def load_features(path: str) -> data.Features:
     try:
-        loaded = D.load_dataset(path)
+        loaded = data.load_dataset(path)
     except ValueError as e:  # data.DataError lists every problem of the file
         raise SystemExit(f"train.py: --features {e}") from e
     if loaded.features is None:
@@ -504,7 +511,7 @@ def load_features(path: str) -> D.Features:
     return loaded.features
 
 
-def check_corpus(corpus: Corpus, cfg: TrainConfig, tok: D.Tokenizer, n_image_tokens: int,
+def check_corpus(corpus: Corpus, cfg: TrainConfig, tok: data.Tokenizer, n_image_tokens: int,
                  pretrain: bool, finetune: bool) -> None:
     """Refuse, before any step, a corpus that lacks what the chosen stages need or holds a sample longer than
     the context (measured with the tokenizer training will use, so a run never meets one hours in)."""
@@ -523,9 +530,9 @@ def check_corpus(corpus: Corpus, cfg: TrainConfig, tok: D.Tokenizer, n_image_tok
         raise SystemExit(f"train.py: {where} has no samples to fine-tune on")
     if finetune and method in ("sugar", "unified"):
         if not corpus.stories:
-            raise SystemExit(f"train.py: the {method} structure loss needs interleaved samples with prefixes: "
-                             f"add an MMC4-style .jsonl to --data and its teacher features with --features "
-                             f"(see data.py); {where} has none. Or use --method generative, or "
+            raise SystemExit(f"train.py: the {method} structure loss needs interleaved samples with "
+                             "prefixes: add an MMC4-style .jsonl to --data and its teacher features with "
+                             f"--features (see data.py); {where} has none. Or use --method generative, or "
                              f"--finetune-steps 0 to pre-train only")
         bare = sum(seg.uni is None or seg.cross is None for s in corpus.stories for seg in s.segments)
         if bare:
@@ -533,23 +540,23 @@ def check_corpus(corpus: Corpus, cfg: TrainConfig, tok: D.Tokenizer, n_image_tok
                              f"{bare} slices of {where} have none (give --features FILE)")
     max_len = cfg.model.max_len
     for path, loaded in corpus.files:
-        problems = D.length_problems(loaded, tok, n_image_tokens, max_len)
+        problems = data.length_problems(loaded, tok, n_image_tokens, max_len)
         if problems:
-            raise SystemExit(f"train.py: --data {D.DataError(path, problems)}\n(the context is --max-len "
+            raise SystemExit(f"train.py: --data {data.DataError(path, problems)}\n(the context is --max-len "
                              f"{max_len}; nothing is truncated)")
     if not corpus.files:
-        longest = max(D.sample_lengths(corpus.lm + corpus.stories, tok, n_image_tokens)
-                      + D.pair_lengths(corpus.pairs, tok, n_image_tokens))
+        longest = max(data.sample_lengths(corpus.lm + corpus.stories, tok, n_image_tokens)
+                      + data.pair_lengths(corpus.pairs, tok, n_image_tokens))
         if longest > max_len:
             raise SystemExit(f"train.py: {where} has samples of up to {longest} tokens, more than --max-len "
                              f"{max_len} (nothing is truncated)")
 
 
-def build_streams(corpus: Corpus, seed: int, tok: D.Tokenizer, n_image_tokens: int,
+def build_streams(corpus: Corpus, seed: int, tok: data.Tokenizer, n_image_tokens: int,
                   group: int) -> dict[str, Stream]:
     """The streams batches are drawn from; the next-token ones are length-grouped (see Stream)."""
     pre = corpus.lm + corpus.long + corpus.stories
-    lengths = D.sample_lengths(pre, tok, n_image_tokens)
+    lengths = data.sample_lengths(pre, tok, n_image_tokens)
     return {"pretrain": Stream("pretrain", pre, seed, lengths, group),
             "lm": Stream("lm", corpus.lm, seed, lengths[:len(corpus.lm)], group),
             "stories": Stream("stories", corpus.stories, seed), "pairs": Stream("pairs", corpus.pairs, seed)}
@@ -559,20 +566,22 @@ def build_streams(corpus: Corpus, seed: int, tok: D.Tokenizer, n_image_tokens: i
 class Objective:
     """Which terms of L = L_ntp + lambda_c * L_contrastive + lambda_s * L_structure a stage trains.
     Pre-training: L_ntp alone; fine-tuning: the terms of --method (a term whose lambda is 0 is skipped)."""
-    weights: K.LossWeights
+    weights: kernel.LossWeights
     lm: bool            # L_ntp on the "lm" stream and the stories too (every method but vladva)
     contrastive: bool
     structure: bool
-    pool: str           # Sugar's image-segment vector: mean of its tokens | last token (Table 4b "w/o AvgPool")
+    # Sugar's image-segment vector: mean of its tokens | last token (Table 4b "w/o AvgPool")
+    pool: str
 
 
 def objective_of(stage: str, ft: FinetuneArgs) -> Objective:
     method = ft.method if stage == "finetune" else "generative"
-    use_c, use_s = losses_of(method, ft)
-    return Objective(K.LossWeights(ntp=ft.lambda_ntp if stage == "finetune" else 1.0,
-                                   contrastive=ft.lambda_contrastive if use_c else 0.0,
-                                   structure=ft.lambda_structure if use_s else 0.0),
-                     lm=method != "vladva", contrastive=use_c, structure=use_s, pool=ft.sugar_pool)
+    use_contrastive, use_structure = losses_of(method, ft)
+    return Objective(kernel.LossWeights(ntp=ft.lambda_ntp if stage == "finetune" else 1.0,
+                                        contrastive=ft.lambda_contrastive if use_contrastive else 0.0,
+                                        structure=ft.lambda_structure if use_structure else 0.0),
+                     lm=method != "vladva", contrastive=use_contrastive, structure=use_structure,
+                     pool=ft.sugar_pool)
 
 
 @dataclass
@@ -603,7 +612,7 @@ class Batches:
     streams: dict[str, Stream]
     cfg: TrainConfig
     d: Dist
-    tok: D.Tokenizer
+    tok: data.Tokenizer
     model_cfg: MLLMConfig
     objective: Objective
     pair_singles: bool  # pairs carry teacher features, so they also enter the structure loss (see `singles`)
@@ -613,34 +622,36 @@ class Batches:
         n_img = self.model_cfg.vision.num_patches
         if self.stage == "pretrain":
             items = self.streams["pretrain"].batch(k, cfg.pretrain.pretrain_batch)
-            lm = D.collate(shard(items, cfg.pretrain.pretrain_batch, d), tok, n_img, L)
+            lm = data.collate(shard(items, cfg.pretrain.pretrain_batch, d), tok, n_img, L)
             return Batch(lm=lm, n_sequences=lm["input_ids"].shape[0])
         ft, obj, out = cfg.finetune, self.objective, Batch()
         pairs = self.streams["pairs"].batch(k, ft.pair_batch) if self.streams["pairs"].items else []
         local_pairs = shard(pairs, ft.pair_batch, d)
         if pairs:  # a conversations-only corpus fine-tunes generatively without them (check_corpus)
-            out.pairs = D.collate_pairs(local_pairs, tok, n_img, self.model_cfg.n_soft_tokens, L)
+            out.pairs = data.collate_pairs(local_pairs, tok, n_img, self.model_cfg.n_soft_tokens, L)
         if obj.lm and self.streams["lm"].items:
-            out.lm = D.collate(shard(self.streams["lm"].batch(k, ft.lm_batch), ft.lm_batch, d), tok, n_img, L)
+            out.lm = data.collate(shard(self.streams["lm"].batch(k, ft.lm_batch), ft.lm_batch, d),
+                                  tok, n_img, L)
         if obj.lm and self.streams["stories"].items:
             stories = self.streams["stories"].batch(k, ft.story_batch)
-            out.stories = D.collate(shard(stories, ft.story_batch, d), tok, n_img, L)
+            out.stories = data.collate(shard(stories, ft.story_batch, d), tok, n_img, L)
             if obj.structure:
                 # every rank builds the global targets' inputs in the gathered order: stories, then singles
                 ranks = [Dist(r, d.world, d.device) for r in range(d.world)]
-                glob = [s for r in ranks for s in shard(stories, ft.story_batch, r)]
+                global_samples = [s for r in ranks for s in shard(stories, ft.story_batch, r)]
                 if self.pair_singles:
-                    out.singles = D.collate(singles(local_pairs), tok, n_img, L)
-                    glob += [s for r in ranks for s in singles(shard(pairs, ft.pair_batch, r))]
-                g = D.collate(glob, tok, n_img, L)
-                args = (g["slice_uni"], g["slice_cross"], g["seg_is_image"], g["prefix_slices"], g["prefix_len"],
-                        g["prefix_batch"])
+                    out.singles = data.collate(singles(local_pairs), tok, n_img, L)
+                    global_samples += [s for r in ranks for s in singles(shard(pairs, ft.pair_batch, r))]
+                global_batch = data.collate(global_samples, tok, n_img, L)
+                args = (global_batch["slice_uni"], global_batch["slice_cross"], global_batch["seg_is_image"],
+                        global_batch["prefix_slices"], global_batch["prefix_len"],
+                        global_batch["prefix_batch"])
                 if ft.sugar_alignment == "mean":  # Sugar Table 4b "w/o GAK"
-                    out.sugar_targets = K.mean_targets(*args, kernel=ft.sugar_kernel)  # (P, P)
+                    out.sugar_targets = kernel.mean_targets(*args, kernel=ft.sugar_kernel)  # (P, P)
                 else:  # Sugar Eq. 2 + 4
-                    out.sugar_targets = K.gak_targets(*args, delta=ft.gak_delta, kernel=ft.sugar_kernel,
-                                                      single=ft.sugar_single)  # (P, P)
-        rows = [b["input_ids"] for b in (out.lm, out.stories, out.singles) if b is not None]
+                    out.sugar_targets = kernel.gak_targets(*args, delta=ft.gak_delta, kernel=ft.sugar_kernel,
+                                                           single=ft.sugar_single)  # (P, P)
+        rows = [part["input_ids"] for part in (out.lm, out.stories, out.singles) if part is not None]
         if out.pairs is not None:
             rows.append(out.pairs["img_ids"])  # a pair is one sample (its caption side rides along)
         out.n_sequences = sum(r.shape[0] for r in rows)
@@ -688,11 +699,11 @@ class Prefetch:
 
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Model construction and checkpoints
 
 
-def model_config(cfg: ModelArgs, tok: D.Tokenizer) -> MLLMConfig:
+def model_config(cfg: ModelArgs, tok: data.Tokenizer) -> MLLMConfig:
     vision = VisionConfig(image_size=cfg.image_size, patch_size=cfg.patch_size, hidden_size=cfg.vision_width,
                           num_layers=cfg.vision_layers, num_heads=cfg.vision_heads,
                           intermediate_size=4 * cfg.vision_width)
@@ -700,13 +711,13 @@ def model_config(cfg: ModelArgs, tok: D.Tokenizer) -> MLLMConfig:
                     num_layers=cfg.llm_layers, num_heads=cfg.llm_heads, num_kv_heads=cfg.llm_kv_heads,
                     max_seq_len=cfg.max_len)
     return MLLMConfig(vision, llm, image_token_id=tok.image_id, soft_image_token_id=tok.soft_image_id,
-                      soft_text_token_id=tok.soft_text_id, n_soft_tokens=D.n_soft_tokens(tok),
+                      soft_text_token_id=tok.soft_text_id, n_soft_tokens=data.n_soft_tokens(tok),
                       proj_dim=cfg.proj_dim)
 
 
-def model_from_hf(cfg: TrainConfig, tok: D.Tokenizer, vision: VisionEncoder) -> MLLM:
-    """A real LLM + vision tower; the adapter, soft prompts and projector are new. Token ids our tokenizer added
-    (<image>, soft-prompt markers) get new embedding rows at the mean embedding (our choice)."""
+def model_from_hf(cfg: TrainConfig, tok: data.Tokenizer, vision: VisionEncoder) -> MLLM:
+    """A real LLM + vision tower; the adapter, soft prompts and projector are new. Token ids our tokenizer
+    added (<image>, soft-prompt markers) get new embedding rows at the mean embedding (our choice)."""
     llm = load_hf("--llm", load_llm, cfg.run.llm)
     weights = llm.state_dict()
     vocab = max(tok.vocab_size, llm.cfg.vocab_size)
@@ -716,7 +727,7 @@ def model_from_hf(cfg: TrainConfig, tok: D.Tokenizer, vision: VisionEncoder) -> 
             weights[name] = torch.cat([w, w.mean(0, keepdim=True).expand(vocab - w.shape[0], -1)])
     llm_cfg = LLMConfig(**{**asdict(llm.cfg), "vocab_size": vocab})
     mcfg = MLLMConfig(vision.cfg, llm_cfg, image_token_id=tok.image_id, soft_image_token_id=tok.soft_image_id,
-                      soft_text_token_id=tok.soft_text_id, n_soft_tokens=D.n_soft_tokens(tok),
+                      soft_text_token_id=tok.soft_text_id, n_soft_tokens=data.n_soft_tokens(tok),
                       proj_dim=cfg.model.proj_dim)
     model = MLLM(mcfg)
     model.llm.load_state_dict(weights)
@@ -734,10 +745,10 @@ def load_hf(flag: str, loader: Any, path: str | Path) -> Any:
 
 
 def pretrain_trainable(model: MLLM, vision_frozen: bool) -> None:
-    """Pre-training trains every weight the next-token loss reaches: not the soft prompts, the projector or the
-    temperature (fine-tuning's), nor the vision layers after LLaVA's feature layer (DDP needs every trainable
-    tensor to receive a gradient), nor the vision tower at all once stage 0 has distilled it (LLaVA keeps its
-    CLIP tower frozen)."""
+    """Pre-training trains every weight the next-token loss reaches: not the soft prompts, the projector or
+    the temperature (fine-tuning's), nor the vision layers after LLaVA's feature layer (DDP needs every
+    trainable tensor to receive a gradient), nor the vision tower at all once stage 0 has distilled it (LLaVA
+    keeps its CLIP tower frozen)."""
     first_unused = model.vision.layer_index(model.cfg.feature_layer)
     unused = [r"^(image_prompt|text_prompt|logit_scale)$", r"^projector\.", r"^vision\.post_layernorm\."]
     unused += [r"^vision\."] if vision_frozen else []
@@ -747,7 +758,8 @@ def pretrain_trainable(model: MLLM, vision_frozen: bool) -> None:
 
 
 def teacher_images(corpus: Corpus) -> tuple[Tensor, Tensor] | None:
-    """Every distinct training image that carries a cross-modal teacher feature: (N, 3, H, W), (N, C), or None."""
+    """Every distinct training image that carries a cross-modal teacher feature: (N, 3, H, W), (N, C), or
+    None."""
     seen: dict[int, tuple[Tensor, Tensor]] = {}
     for sample in corpus.lm + corpus.stories:
         for seg in sample.segments:
@@ -760,28 +772,31 @@ def teacher_images(corpus: Corpus) -> tuple[Tensor, Tensor] | None:
 
 
 def distil_vision(model: MLLM, images: Tensor, targets: Tensor, cfg: TrainConfig, d: Dist) -> None:
-    """Stage 0: train the vision tower to predict each image's cross-modal teacher feature from its mean-pooled
-    patch features (a linear head, discarded afterwards), maximising their cosine similarity.
+    """Stage 0: train the vision tower to predict each image's cross-modal teacher feature from its
+    mean-pooled patch features (a linear head, discarded afterwards), maximising their cosine similarity.
 
-    Why: LLaVA starts from a CLIP tower that already sees; trained from scratch through the LLM's next-token loss
-    alone, our tower never learns shape: the image-dependent part of the image tokens stays tiny, the LLM learns
-    the answers' prior instead, and the gradient reaching the tower dies out (tests/test_learning.py trains the
-    same path at a small scale). The teacher feature is the stand-in for CLIP's image embedding (data.py: the
-    exact featuriser of the scene, whose facts are objects, their colours, shapes, sizes, cells and relations), so
-    this is feature distillation from the frozen teacher, the loss a mean over the batch of 1 - cos. Our choice;
-    neither paper trains a tower. Every rank runs the same steps on the same images (seeded), so the replicas
-    stay identical without communication. images (N, 3, H, W), targets (N, C) from `teacher_images`."""
+    Why: LLaVA starts from a CLIP tower that already sees; trained from scratch through the LLM's next-token
+    loss alone, our tower never learns shape: the image-dependent part of the image tokens stays tiny, the LLM
+    learns the answers' prior instead, and the gradient reaching the tower dies out (tests/test_learning.py
+    trains the same path at a small scale). The teacher feature is the stand-in for CLIP's image embedding
+    (data.py: the exact featuriser of the scene, whose facts are objects, their colours, shapes, sizes, cells
+    and relations), so this is feature distillation from the frozen teacher, the loss a mean over the batch of
+    1 - cos. Our choice; neither paper trains a tower. Every rank runs the same steps on the same images
+    (seeded), so the replicas stay identical without communication. images (N, 3, H, W), targets (N, C) from
+    `teacher_images`."""
     pc = cfg.pretrain
     head = torch.nn.Linear(model.cfg.vision.hidden_size, targets.shape[1]).to(d.device)
-    params = list(model.vision.parameters()) + list(head.parameters())  # layers past feature_layer get no grad
+    # layers past feature_layer get no grad
+    params = list(model.vision.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=pc.vision_lr, betas=(0.9, 0.95))
-    g = torch.Generator().manual_seed(cfg.run.seed)
-    for step in tqdm(range(pc.vision_steps), desc="vision", disable=not d.main, dynamic_ncols=True, file=sys.stderr):
+    gen = torch.Generator().manual_seed(cfg.run.seed)
+    for step in tqdm(range(pc.vision_steps), desc="vision", disable=not d.main, dynamic_ncols=True,
+                     file=sys.stderr):
         t0 = time.perf_counter()
         lr = lr_at(step, pc.vision_steps, pc.vision_lr, cfg.run.warmup_frac)
         for group in opt.param_groups:
             group["lr"] = lr
-        idx = torch.randint(len(images), (pc.vision_batch,), generator=g)
+        idx = torch.randint(len(images), (pc.vision_batch,), generator=gen)
         pooled = model.vision_features(images[idx].to(d.device)).mean(1)  # (B, Dv)
         loss = (1 - F.cosine_similarity(head(pooled), targets[idx].to(d.device), dim=-1)).mean()
         opt.zero_grad(set_to_none=True)
@@ -789,23 +804,23 @@ def distil_vision(model: MLLM, images: Tensor, targets: Tensor, cfg: TrainConfig
         opt.step()
         if d.main and (step % cfg.run.log_every == 0 or step == pc.vision_steps - 1):
             dt = time.perf_counter() - t0
-            tqdm.write(f"vision step {step:5d} | 1-cos {loss.item():.4f} | lr {lr:.2e} | {dt * 1000:.0f} ms | "
-                       f"{pc.vision_batch / dt:.1f} images/s", file=sys.stderr)
+            tqdm.write(f"vision step {step:5d} | 1-cos {loss.item():.4f} | lr {lr:.2e} | {dt * 1000:.0f} ms "
+                       f"| {pc.vision_batch / dt:.1f} images/s", file=sys.stderr)
 
 
 def add_lora(model: MLLM, ft: FinetuneArgs) -> None:
     apply_lora(model, [ft.lora_targets], ft.lora_r, ft.lora_alpha)
 
 
-def checkpoint_model(ckpt: dict[str, Any], where: str) -> tuple[MLLM, D.Tokenizer]:
+def checkpoint_model(ckpt: dict[str, Any], where: str) -> tuple[MLLM, data.Tokenizer]:
     """The model (MLLM.from_checkpoint) and tokenizer of a loaded checkpoint."""
-    return MLLM.from_checkpoint(ckpt, where), D.Tokenizer.from_str(ckpt["tokenizer"])
+    return MLLM.from_checkpoint(ckpt, where), data.Tokenizer.from_str(ckpt["tokenizer"])
 
 
-def make_checkpoint(model: MLLM, tok: D.Tokenizer, cfg: TrainConfig, stage: "Stage", step: int,
+def make_checkpoint(model: MLLM, tok: data.Tokenizer, cfg: TrainConfig, stage: "Stage", step: int,
                     opt: torch.optim.Optimizer, history: dict[str, list[dict[str, float]]]) -> dict[str, Any]:
-    """Everything eval.py and --resume need: configs, tokenizer, weights (LoRA unmerged), step, optimizer, RNG, and
-    the loss terms of every step so far."""
+    """Everything eval.py and --resume need: configs, tokenizer, weights (LoRA unmerged), step, optimizer,
+    RNG, and the loss terms of every step so far."""
     return {
         "format": CKPT_FORMAT, "stage": stage.name, "step": step, "done": step == stage.total,
         "method": cfg.finetune.method, "train_config": asdict(cfg), "model_config": model.cfg.to_dict(),
@@ -826,15 +841,16 @@ def check_compatible(ckpt: dict[str, Any], cfg: TrainConfig, where: str) -> None
                                  f"resume with the same flags or start a new --out")
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # The loss of one micro-batch
 
 
 def ntp_sum(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """Summed next-token cross-entropy and the number of predicted tokens (HF convention: labels[t] is the token at
-    t; position t-1 predicts it)."""
+    """Summed next-token cross-entropy and the number of predicted tokens (HF convention: labels[t] is the
+    token at t; position t-1 predicts it)."""
     target = labels[:, 1:]
-    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), target.flatten(), ignore_index=-100, reduction="sum")
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), target.flatten(), ignore_index=-100,
+                           reduction="sum")
     return loss, (target != -100).sum()
 
 
@@ -850,13 +866,14 @@ def prefix_embeddings(model: MLLM, batch: dict[str, Tensor], hidden: Tensor, poo
                                    batch["seg_is_image"], batch["prefix_seg"], pool)
 
 
-def predicted_tokens(b: Batch) -> int:
+def predicted_tokens(batch: Batch) -> int:
     """The tokens a batch's next-token loss predicts (label shift as in ntp_sum)."""
-    labels = [x[k] for x, k in ((b.lm, "labels"), (b.pairs, "img_labels"), (b.stories, "labels")) if x is not None]
+    labels = [x[k] for x, k in ((batch.lm, "labels"), (batch.pairs, "img_labels"), (batch.stories, "labels"))
+              if x is not None]
     return sum(int((lab[:, 1:] != -100).sum()) for lab in labels)
 
 
-def compute_loss(model: torch.nn.Module, b: Batch, obj: Objective, world: int,
+def compute_loss(model: torch.nn.Module, batch: Batch, obj: Objective, world: int,
                  ntp_tokens: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """L = L_ntp + lambda_c * L_contrastive + lambda_s * L_structure for this rank's share
     of one micro-batch, on the device; `model` is the MLLM or its DDP / compiled wrapper. Returns the loss to
@@ -867,25 +884,25 @@ def compute_loss(model: torch.nn.Module, b: Batch, obj: Objective, world: int,
     core = unwrap(model)
     # Forward passes, each batch once: logits for L_ntp, hidden states for the summaries and prefix vectors.
     ntp_parts = []
-    if b.lm is not None:  # captions, VQA, RAG (pre-training: every sample)
-        logits, _ = model(b.lm["input_ids"], b.lm["images"])
-        ntp_parts.append(ntp_sum(logits, b.lm["labels"]))
-    if b.pairs is not None:  # [image][soft image prompt][long caption]
-        logits, img_hidden = model(b.pairs["img_ids"], b.pairs["images"])
-        ntp_parts.append(ntp_sum(logits, b.pairs["img_labels"]))
+    if batch.lm is not None:  # captions, VQA, RAG (pre-training: every sample)
+        logits, _ = model(batch.lm["input_ids"], batch.lm["images"])
+        ntp_parts.append(ntp_sum(logits, batch.lm["labels"]))
+    if batch.pairs is not None:  # [image][soft image prompt][long caption]
+        logits, img_hidden = model(batch.pairs["img_ids"], batch.pairs["images"])
+        ntp_parts.append(ntp_sum(logits, batch.pairs["img_labels"]))
         if obj.contrastive:  # VladVA: last-token summaries of the image side and [short caption][text prompt]
-            _, txt_hidden = model(b.pairs["txt_ids"], None)
-            img_emb = core.summary_embedding(img_hidden, b.pairs["img_pos"])  # (B, D)
-            txt_emb = core.summary_embedding(txt_hidden, b.pairs["txt_pos"])  # (B, D)
-    prefixes = []  # Sugar: one embedding per prefix, stories then singles (the order of b.sugar_targets)
-    if b.stories is not None:
-        logits, hidden = model(b.stories["input_ids"], b.stories["images"])
-        ntp_parts.append(ntp_sum(logits, b.stories["labels"]))
+            _, txt_hidden = model(batch.pairs["txt_ids"], None)
+            img_emb = core.summary_embedding(img_hidden, batch.pairs["img_pos"])  # (B, D)
+            txt_emb = core.summary_embedding(txt_hidden, batch.pairs["txt_pos"])  # (B, D)
+    prefixes = []  # Sugar: one embedding per prefix, stories then singles (the order of batch.sugar_targets)
+    if batch.stories is not None:
+        logits, hidden = model(batch.stories["input_ids"], batch.stories["images"])
+        ntp_parts.append(ntp_sum(logits, batch.stories["labels"]))
         if obj.structure:
-            prefixes.append(prefix_embeddings(core, b.stories, hidden, obj.pool))  # (P_story, proj_dim)
-    if b.singles is not None:
-        _, hidden = model(b.singles["input_ids"], b.singles["images"])
-        prefixes.append(prefix_embeddings(core, b.singles, hidden, obj.pool))  # (P_single, proj_dim)
+            prefixes.append(prefix_embeddings(core, batch.stories, hidden, obj.pool))  # (P_story, proj_dim)
+    if batch.singles is not None:
+        _, hidden = model(batch.singles["input_ids"], batch.singles["images"])
+        prefixes.append(prefix_embeddings(core, batch.singles, hidden, obj.pool))  # (P_single, proj_dim)
 
     # L_ntp: a mean over every predicted token of the GLOBAL batch: each rank sums its own tokens, divides by
     # the global count and multiplies by W (the DDP gradient argument, kernel.gather_with_grad).
@@ -894,19 +911,19 @@ def compute_loss(model: torch.nn.Module, b: Batch, obj: Objective, world: int,
     ntp = sum(p[0] for p in ntp_parts) / ntp_tokens.clamp_min(1) * world
 
     # L_contrastive: VladVA's symmetric InfoNCE, this rank's rows against every rank's (kernel.py).
-    contrastive = K.contrastive_loss(img_emb, txt_emb, core.logit_scale) if obj.contrastive else None
+    contrastive = kernel.contrastive_loss(img_emb, txt_emb, core.logit_scale) if obj.contrastive else None
 
     # L_structure: Sugar Eq. 3 over the prefixes of the whole global batch against the GAK targets (Eq. 2, 4).
     # Every rank computes the same full loss on the gathered embeddings (the DDP gradient argument).
     structure = None
     if obj.structure:
-        r = torch.cat([K.gather_with_grad(e)[0] for e in prefixes])  # (P, proj_dim)
-        structure = K.structure_loss(r.float(), b.sugar_targets)
+        r = torch.cat([kernel.gather_with_grad(e)[0] for e in prefixes])  # (P, proj_dim)
+        structure = kernel.structure_loss(r.float(), batch.sugar_targets)
 
-    return K.combined_loss(ntp, contrastive, structure, obj.weights)
+    return kernel.combined_loss(ntp, contrastive, structure, obj.weights)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # The loop
 
 
@@ -927,7 +944,8 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> to
 
 @dataclass
 class Stage:
-    """One stage's fixed settings: which, how many steps, the peak lr, and the LoRA recipe stored with checkpoints."""
+    """One stage's fixed settings: which, how many steps, the peak lr, and the LoRA recipe stored with
+    checkpoints."""
     name: str
     total: int
     peak_lr: float
@@ -988,8 +1006,10 @@ class LoopTimes:
 
 def train_stage(stage: Stage, model: MLLM, opt: torch.optim.Optimizer, batches: Batches,
                 history: dict[str, list], start: int, stop: float, times: LoopTimes | None = None) -> bool:
-    """Steps start..min(total, stop)-1 of one stage, appending each step's global loss terms to history[stage].
-    Returns True when the stage is complete (False: --stop-after ended this invocation; --resume continues)."""
+    """Steps start..min(total, stop)-1 of one stage, appending each step's global loss terms to
+    history[stage].
+    Returns True when the stage is complete (False: --stop-after ended this invocation; --resume
+    continues)."""
     cfg, d = batches.cfg, batches.d
     run, out, end = cfg.run, Path(cfg.run.out), min(stage.total, stop)
     cuda = d.device.type == "cuda"
@@ -998,7 +1018,7 @@ def train_stage(stage: Stage, model: MLLM, opt: torch.optim.Optimizer, batches: 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
     params = [p for p in model.parameters() if p.requires_grad]
     n_acc, log = run.grad_accum, StepLog(stage.name, d.world, out)
-    data = Prefetch(batches, range(start * n_acc, end * n_acc), pin=cuda)
+    prefetch = Prefetch(batches, range(start * n_acc, end * n_acc), pin=cuda)
     t_log, n_steps, n_samples = time.perf_counter(), 0, 0
     try:
         bar = tqdm(range(start, end), stage.name, disable=not d.main, dynamic_ncols=True, file=sys.stderr)
@@ -1008,19 +1028,21 @@ def train_stage(stage: Stage, model: MLLM, opt: torch.optim.Optimizer, batches: 
             for group in opt.param_groups:
                 group["lr"] = lr
             micro_terms, t_wait = [], time.perf_counter()
-            step_batches = [data.next() for _ in range(n_acc)]
+            step_batches = [prefetch.next() for _ in range(n_acc)]
             wait = time.perf_counter() - t_wait
-            # L_ntp is one mean over all tokens of the step: every micro-batch divides by the step's global count
-            # (/ n_acc, undone by summing n_acc backward passes of loss / n_acc)
-            count = torch.tensor(float(sum(predicted_tokens(b) for b in step_batches)), device=d.device)
+            # L_ntp is one mean over all tokens of the step: every micro-batch divides by the step's global
+            # count (/ n_acc, undone by summing n_acc backward passes of loss / n_acc)
+            count = torch.tensor(float(sum(predicted_tokens(batch) for batch in step_batches)),
+                                 device=d.device)
             ntp_tokens = all_sum(count) / n_acc
-            for micro, b in enumerate(step_batches):  # forward + backward; DDP syncs gradients on the last
-                b = b.map(lambda t: t.to(d.device, non_blocking=True))
-                n_samples += b.n_sequences * d.world
+            # forward + backward; DDP syncs gradients on the last
+            for micro, batch in enumerate(step_batches):
+                batch = batch.map(lambda t: t.to(d.device, non_blocking=True))
+                n_samples += batch.n_sequences * d.world
                 with nullcontext() if micro == n_acc - 1 or d.world == 1 else net.no_sync():
                     with autocast:
                         try:
-                            loss, terms = compute_loss(net, b, batches.objective, d.world, ntp_tokens)
+                            loss, terms = compute_loss(net, batch, batches.objective, d.world, ntp_tokens)
                         except ValueError as e:  # the model refuses a malformed batch
                             raise SystemExit(f"train.py: {stage.name} step {step}: {e}; stopping without "
                                              f"writing a checkpoint (the last good one, if any, stays at "
@@ -1053,7 +1075,7 @@ def train_stage(stage: Stage, model: MLLM, opt: torch.optim.Optimizer, batches: 
                 times.data_wait_s.append(wait)
                 times.log_s.append(time.perf_counter() - t_host)
     finally:
-        data.close()
+        prefetch.close()
     return end == stage.total
 
 
@@ -1062,17 +1084,17 @@ def base_path(out: Path) -> Path:
     return out.with_name(out.stem + ".base" + out.suffix)
 
 
-def tokenizer_and_corpus(cfg: TrainConfig, source: dict[str, Any] | None) -> tuple[D.Tokenizer, Corpus]:
+def tokenizer_and_corpus(cfg: TrainConfig, source: dict[str, Any] | None) -> tuple[data.Tokenizer, Corpus]:
     """The tokenizer of the checkpoint we continue, of the real LLM, or trained on the training text."""
     corpus = file_corpus(cfg) if cfg.data.data else builtin_corpus(cfg)
     if source is not None:
-        return D.Tokenizer.from_str(source["tokenizer"]), corpus
+        return data.Tokenizer.from_str(source["tokenizer"]), corpus
     if cfg.run.llm:
-        return load_hf("--llm", D.load_tokenizer, Path(cfg.run.llm) / "tokenizer.json"), corpus
-    tok_json = [D.train_tokenizer(corpus.texts, cfg.model.vocab_size).to_str()]
+        return load_hf("--llm", data.load_tokenizer, Path(cfg.run.llm) / "tokenizer.json"), corpus
+    tok_json = [data.train_tokenizer(corpus.texts, cfg.model.vocab_size).to_str()]
     if dist.is_initialized():  # one tokenizer for all ranks, whatever BPE training's tie-breaking does
         dist.broadcast_object_list(tok_json, src=0)
-    return D.Tokenizer.from_str(tok_json[0]), corpus
+    return data.Tokenizer.from_str(tok_json[0]), corpus
 
 
 @dataclass
@@ -1085,12 +1107,13 @@ class TrainResult:
 def train(cfg: TrainConfig, d: Dist) -> TrainResult:
     run, out = cfg.run, Path(cfg.run.out)
     announce(cfg, d)
-    torch.manual_seed(run.seed + d.rank)  # seeds offset by rank; the data order is shared by all ranks (Stream)
+    # seeds offset by rank; the data order is shared by all ranks (Stream)
+    torch.manual_seed(run.seed + d.rank)
     init = load_checkpoint(run.init) if run.init else None
     if init is not None:
         if init["lora"] is not None:
-            raise SystemExit(f"{run.init}: --init needs a pre-trained base (stage 'pretrain'); this checkpoint is "
-                             f"already fine-tuned with LoRA (method {init['method']})")
+            raise SystemExit(f"{run.init}: --init needs a pre-trained base (stage 'pretrain'); this "
+                             f"checkpoint is already fine-tuned with LoRA (method {init['method']})")
         cfg.model = ModelArgs(**init["train_config"]["model"])  # the base fixes image size and context length
     hf_vision = load_hf("--vision", load_vision, run.vision) if run.llm else None
     if hf_vision is not None:  # the vision tower fixes the size images are drawn / loaded at
@@ -1117,7 +1140,7 @@ def train(cfg: TrainConfig, d: Dist) -> TrainResult:
         return Batches(stage, streams, cfg, d, tok, model.cfg, objective_of(stage, cfg.finetune),
                        corpus.pair_singles)
 
-    # --- stage 1: generative pre-training of all weights (skipped with --init / --llm, or when resuming past it)
+    # --- stage 1: generative pre-training of all weights (skipped with --init / --llm or resuming past it)
     if in_finetune(resume):
         model, _ = checkpoint_model(resume, str(out))
     elif init is not None:
@@ -1142,7 +1165,8 @@ def train(cfg: TrainConfig, d: Dist) -> TrainResult:
             return TrainResult(model, history, False)
         stop -= stage.total - start
         if d.main:
-            save_checkpoint(base_path(out), make_checkpoint(model, tok, cfg, stage, stage.total, opt, history))
+            save_checkpoint(base_path(out),
+                            make_checkpoint(model, tok, cfg, stage, stage.total, opt, history))
             if cfg.finetune.finetune_steps == 0:  # pre-training only: the base is the result
                 save_checkpoint(out, make_checkpoint(model, tok, cfg, stage, stage.total, opt, history))
         if cfg.finetune.finetune_steps == 0:
@@ -1152,7 +1176,7 @@ def train(cfg: TrainConfig, d: Dist) -> TrainResult:
     model = model.to(d.device)
     if not in_finetune(resume):
         add_lora(model, cfg.finetune)
-        model.init_soft_prompts(*D.soft_prompt_ids(tok))
+        model.init_soft_prompts(*data.soft_prompt_ids(tok))
     ft = cfg.finetune
     if ft.gak_delta is None and losses_of(ft.method, ft)[1] and ft.sugar_alignment == "gak":
         ft.gak_delta = estimate_gak_delta(corpus, streams, ft, d)
@@ -1177,9 +1201,10 @@ def estimate_gak_delta(corpus: Corpus, streams: dict[str, Stream], ft: FinetuneA
     if corpus.pair_singles:
         samples += singles(streams["pairs"].batch(0, n_pairs))
     segs = [seg for smp in samples for seg in smp.segments]
-    delta = K.estimate_delta(torch.stack([seg.uni for seg in segs]).double(),  # float64: a one-off estimate
-                             torch.stack([seg.cross for seg in segs]).double(),
-                             torch.tensor([seg.kind == "image" for seg in segs]), kernel=ft.sugar_kernel)
+    # float64: a one-off estimate
+    delta = kernel.estimate_delta(torch.stack([seg.uni for seg in segs]).double(),
+                                  torch.stack([seg.cross for seg in segs]).double(),
+                                  torch.tensor([seg.kind == "image" for seg in segs]), kernel=ft.sugar_kernel)
     if d.main:
         print(f"train.py: GAK delta {delta:.4f}: the median slice distance ({ft.sugar_kernel} kernel) over "
               f"the {len(segs)} slices of {len(samples)} training samples (--gak-delta overrides)",
@@ -1212,10 +1237,12 @@ def restore(ckpt: dict[str, Any], model: MLLM, opt: torch.optim.Optimizer,
 
 
 def export(argv: list[str]) -> None:
-    """`train.py export --ckpt out.pt --out DIR`: the checkpoint's model as Hugging Face files (unimllm.export_hf)."""
+    """`train.py export --ckpt out.pt --out DIR`: the checkpoint's model as Hugging Face files
+    (unimllm.export_hf)."""
     p = argparse.ArgumentParser(prog="train.py export", description=export.__doc__)
     p.add_argument("--ckpt", required=True, help="a checkpoint written by train.py")
-    p.add_argument("--out", required=True, help="the directory to write (created; existing files are replaced)")
+    p.add_argument("--out", required=True,
+                   help="the directory to write (created; existing files are replaced)")
     a = p.parse_args(argv)
     if Path(a.out).exists() and not Path(a.out).is_dir():
         raise SystemExit(f"train.py export: --out {a.out} exists and is not a directory")
@@ -1237,8 +1264,10 @@ def main(argv: list[str] | None = None) -> None:
         t0 = time.perf_counter()
         result = train(cfg, d)
         if d.main:
-            what = "finished" if result.complete else f"stopped after {cfg.run.stop_after} steps (--resume continues)"
-            print(f"train.py: {what}; wrote {cfg.run.out} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+            what = ("finished" if result.complete
+                    else f"stopped after {cfg.run.stop_after} steps (--resume continues)")
+            print(f"train.py: {what}; wrote {cfg.run.out} in {time.perf_counter() - t0:.0f} s",
+                  file=sys.stderr)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -6,9 +6,10 @@ unimllm.py — the multimodal LLM (MLLM) shared by both methods this repository 
 - VladVA (Ouali et al., CVPR 2025, arXiv 2412.04378): L2-normalised last-token "summary" embeddings after a
   learnable soft prompt (E5-V style), trained with LoRA.
 
-The network is LLaVA-1.5 shaped (Liu et al., arXiv 2310.03744): a ViT vision tower (CLIP or SigLIP, Hugging Face
-layout), features from one of its layers (LLaVA: the second-to-last, CLS dropped), a two-layer GELU MLP adapter,
-and a Llama-family decoder (RMSNorm, RoPE, grouped-query attention, SwiGLU, optional q/k/v bias as in Qwen2).
+The network is LLaVA-1.5 shaped (Liu et al., arXiv 2310.03744): a ViT vision tower (CLIP or SigLIP, Hugging
+Face layout), features from one of its layers (LLaVA: the second-to-last, CLS dropped), a two-layer GELU MLP
+adapter, and a Llama-family decoder (RMSNorm, RoPE, grouped-query attention, SwiGLU, optional q/k/v bias as in
+Qwen2).
 Module names mirror Hugging Face, so loading a checkpoint is a near-identity name map (`load_llm`,
 `load_vision`); every key and shape is checked.
 
@@ -22,7 +23,7 @@ Use it:
     logits = llm(input_ids)                        # (B, T, V)
     enc = load_vision("path/to/clip-vit-base-patch32")
     feats = enc(pixel_values, layer=-2)            # Hugging Face's hidden_states[-2], CLS included
-    export_hf(mllm, tok_json, "out/", ids)         # LoRA merged; LlamaForCausalLM.from_pretrained("out/") loads it
+    export_hf(mllm, tok_json, "out/", ids)         # LoRA merged, for LlamaForCausalLM.from_pretrained
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from data import read_json
 VISION_ACTS = ("quick_gelu", "gelu_tanh", "gelu")
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Configs
 
 
@@ -72,9 +73,11 @@ class VisionConfig:
         if self.act not in VISION_ACTS:
             raise ValueError(f"VisionConfig.act must be one of {VISION_ACTS}, got {self.act!r}")
         if self.image_size % self.patch_size:
-            raise ValueError(f"VisionConfig.image_size={self.image_size} is not a multiple of patch_size={self.patch_size}")
+            raise ValueError(f"VisionConfig.image_size={self.image_size} is not a multiple of "
+                             f"patch_size={self.patch_size}")
         if self.hidden_size % self.num_heads:
-            raise ValueError(f"VisionConfig.hidden_size={self.hidden_size} is not a multiple of num_heads={self.num_heads}")
+            raise ValueError(f"VisionConfig.hidden_size={self.hidden_size} is not a multiple of "
+                             f"num_heads={self.num_heads}")
 
     @property
     def num_patches(self) -> int:
@@ -104,10 +107,12 @@ class LLMConfig:
     def __post_init__(self) -> None:
         if self.head_dim is None:
             if self.hidden_size % self.num_heads:
-                raise ValueError(f"LLMConfig.hidden_size={self.hidden_size} is not a multiple of num_heads={self.num_heads}")
+                raise ValueError(f"LLMConfig.hidden_size={self.hidden_size} is not a multiple of "
+                                 f"num_heads={self.num_heads}")
             self.head_dim = self.hidden_size // self.num_heads
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"LLMConfig.num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+            raise ValueError(f"LLMConfig.num_heads={self.num_heads} is not a multiple of "
+                             f"num_kv_heads={self.num_kv_heads}")
         if self.head_dim % 2:
             raise ValueError(f"LLMConfig.head_dim={self.head_dim} must be even for RoPE")
         if self.rope_scaling_factor is not None and self.rope_high_freq_factor <= self.rope_low_freq_factor:
@@ -126,15 +131,17 @@ class MLLMConfig:
     soft_text_token_id: int
     n_soft_tokens: int
     proj_dim: int = 128  # width of Sugar's retrieval projector (the paper does not give it)
-    # pixel normalisation applied to images in [0, 1] before the vision tower (CLIP's processor constants; a Hugging
-    # Face pipeline does this in its image processor, we keep it with the model so a checkpoint is self-contained)
+    # pixel normalisation applied to images in [0, 1] before the vision tower (CLIP's processor constants; a
+    # Hugging Face pipeline does this in its image processor, we keep it with the model so a checkpoint is
+    # self-contained)
     image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
     image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 
     def __post_init__(self) -> None:
         n = self.vision.num_layers
         if not -(n + 1) <= self.feature_layer <= n:
-            raise ValueError(f"MLLMConfig.feature_layer={self.feature_layer} is out of range for {n} vision layers")
+            raise ValueError(f"MLLMConfig.feature_layer={self.feature_layer} is out of range for "
+                             f"{n} vision layers")
         if self.n_soft_tokens < 1:
             raise ValueError(f"MLLMConfig.n_soft_tokens must be >= 1, got {self.n_soft_tokens}")
 
@@ -143,11 +150,12 @@ class MLLMConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "MLLMConfig":
-        rest = {k: (tuple(v) if k in ("image_mean", "image_std") else v) for k, v in d.items() if k not in ("vision", "llm")}
+        rest = {k: (tuple(v) if k in ("image_mean", "image_std") else v) for k, v in d.items()
+                if k not in ("vision", "llm")}
         return cls(VisionConfig(**d["vision"]), LLMConfig(**d["llm"]), **rest)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Vision encoder (CLIP / SigLIP vision tower, Hugging Face layout)
 
 
@@ -168,7 +176,8 @@ class VisionEmbeddings(nn.Module):
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, cfg.patch_size, bias=cfg.patch_bias)
+        self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, cfg.patch_size,
+                                         bias=cfg.patch_bias)
         if cfg.use_cls:
             self.class_embedding = nn.Parameter(torch.randn(cfg.hidden_size) * 0.02)
         self.position_embedding = nn.Embedding(cfg.num_patches + int(cfg.use_cls), cfg.hidden_size)
@@ -191,7 +200,8 @@ class VisionAttention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         B, T, D = x.shape
-        q, k, v = (p(x).view(B, T, self.num_heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (p(x).view(B, T, self.num_heads, -1).transpose(1, 2)
+                   for p in (self.q_proj, self.k_proj, self.v_proj))
         y = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, hd), bidirectional
         return self.out_proj(y.transpose(1, 2).reshape(B, T, D))
 
@@ -230,9 +240,9 @@ class VisionLayers(nn.Module):
 
 class VisionEncoder(nn.Module):
     """CLIP / SigLIP vision tower. `forward(pixel_values, layer)` is Hugging Face's `hidden_states[layer]`:
-    index 0 is the embeddings (after `pre_layrnorm` for CLIP), index i the output of encoder layer i, -1 the last
-    layer *before* `post_layernorm`. `post_layernorm` is held (so checkpoints load strictly) and applied only by
-    `pooled()`; SigLIP's attention-pooling head (`head.*`) is not held: we only need hidden states."""
+    index 0 is the embeddings (after `pre_layrnorm` for CLIP), index i the output of encoder layer i, -1 the
+    last layer *before* `post_layernorm`. `post_layernorm` is held (so checkpoints load strictly) and applied
+    only by `pooled()`; SigLIP's attention-pooling head (`head.*`) is not held: we only need hidden states."""
 
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
@@ -264,13 +274,14 @@ class VisionEncoder(nn.Module):
         return x
 
     def pooled(self, pixel_values: Tensor) -> Tensor:
-        """The last layer after `post_layernorm`: CLIP's pooler input at CLS / SigLIP's `last_hidden_state`."""
+        """The last layer after `post_layernorm`: CLIP's pooler input at CLS / SigLIP's
+        `last_hidden_state`."""
         if not self.cfg.post_layernorm:
             raise ValueError("this VisionConfig has post_layernorm=False")
         return self.post_layernorm(self(pixel_values, layer=-1))
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Llama-family decoder
 
 
@@ -288,12 +299,13 @@ class RMSNorm(nn.Module):
 
 
 def rope_inv_freq(cfg: LLMConfig, device: torch.device) -> Tensor:
-    """RoPE (Su et al., arXiv 2104.09864) frequencies theta^(-2i/d), i < d/2, in float32 as Hugging Face computes
-    them; with `rope_scaling_factor`, Llama 3.1's rescaling: wavelengths longer than original_max_len / low_freq_factor
-    are slowed by the factor, shorter than original_max_len / high_freq_factor kept, and the band between
-    interpolated (transformers' _compute_llama3_parameters)."""
+    """RoPE (Su et al., arXiv 2104.09864) frequencies theta^(-2i/d), i < d/2, in float32 as Hugging Face
+    computes them; with `rope_scaling_factor`, Llama 3.1's rescaling: wavelengths longer than original_max_len
+    / low_freq_factor are slowed by the factor, shorter than original_max_len / high_freq_factor kept, and the
+    band between interpolated (transformers' _compute_llama3_parameters)."""
     d = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float, device=device) / d))  # (d/2,)
+    exponents = torch.arange(0, d, 2, dtype=torch.float, device=device) / d  # (d/2,)
+    inv_freq = 1.0 / (cfg.rope_theta ** exponents)  # (d/2,)
     factor = cfg.rope_scaling_factor
     if factor is None:
         return inv_freq
@@ -327,7 +339,8 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 class KVCache:
     """Pre-allocated keys and values of every layer: (layers, B, H_kv, max_len, hd)."""
 
-    def __init__(self, cfg: LLMConfig, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, cfg: LLMConfig, batch_size: int, max_len: int, device: torch.device,
+                 dtype: torch.dtype) -> None:
         assert max_len <= cfg.max_seq_len, (max_len, cfg.max_seq_len)  # LLM.generate checks the request
         shape = (cfg.num_layers, batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
@@ -365,13 +378,15 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer, start_pos, k, v)  # (B, Hkv, start_pos + T, hd)
-        # GQA: query head h reads kv head h // (H / Hkv), Hugging Face's repeat_kv. Explicit repeat rather than SDPA's
-        # enable_gqa, whose CPU path is ~100x slower for one decoded query.
+        # GQA: query head h reads kv head h // (H / Hkv), Hugging Face's repeat_kv. Explicit repeat rather
+        # than SDPA's enable_gqa, whose CPU path is ~100x slower for one decoded query.
         groups = self.num_heads // self.num_kv_heads
-        k, v = k.to(q.dtype).repeat_interleave(groups, dim=1), v.to(q.dtype).repeat_interleave(groups, dim=1)  # (B, H, Tk, hd)
+        # (B, H, Tk, hd)
+        k, v = k.to(q.dtype).repeat_interleave(groups, dim=1), v.to(q.dtype).repeat_interleave(groups, dim=1)
         t_k = k.shape[2]
         if mask is None:  # plain causal attention over positions 0..t_k-1
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=offset_causal_mask(T, t_k, x.device), is_causal=T == t_k > 1)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=offset_causal_mask(T, t_k, x.device),
+                                               is_causal=T == t_k > 1)
         else:  # (B, 1, T, t_k) from generate on right-padded prompts
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
@@ -422,10 +437,11 @@ class LLM(nn.Module):
         if not cfg.tie_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
-    def forward(self, input_ids: Tensor | None = None, inputs_embeds: Tensor | None = None, kv_cache: KVCache | None = None,
+    def forward(self, input_ids: Tensor | None = None, inputs_embeds: Tensor | None = None,
+                kv_cache: KVCache | None = None,
                 start_pos: int = 0, return_hidden: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-        """logits (B, T, V) for tokens at positions start_pos..start_pos+T-1 (earlier ones held by `kv_cache`);
-        with return_hidden also the hidden states after the final RMSNorm (B, T, D)."""
+        """logits (B, T, V) for tokens at positions start_pos..start_pos+T-1 (earlier ones held by
+        `kv_cache`); with return_hidden also the hidden states after the final RMSNorm (B, T, D)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, D)
@@ -435,30 +451,35 @@ class LLM(nn.Module):
             raise ValueError("start_pos > 0 needs a kv_cache holding the earlier positions")
         limit = kv_cache.max_len if kv_cache is not None else self.cfg.max_seq_len
         if end > limit:
-            raise ValueError(f"positions up to {end} exceed the {'KV cache length' if kv_cache is not None else 'max_seq_len'} {limit}")
+            raise ValueError(f"positions up to {end} exceed the "
+                             f"{'KV cache length' if kv_cache is not None else 'max_seq_len'} {limit}")
         positions = torch.arange(start_pos, end, device=x.device).expand(B, T)  # (B, T)
         logits, hidden = self.run(x, positions, kv_cache, start_pos, None)
         return (logits, hidden) if return_hidden else logits
 
     def run(self, x: Tensor, positions: Tensor, kv_cache: KVCache | None, start_pos: int,
             mask: Tensor | None) -> tuple[Tensor, Tensor]:
-        """The decoder on embeddings x (B, T, D) at RoPE positions (B, T), written to cache slots start_pos.. ;
-        mask (B, 1, T, start_pos + T) or None for plain causal attention."""
+        """The decoder on embeddings x (B, T, D) at RoPE positions (B, T), written to cache slots
+        start_pos.. ; mask (B, 1, T, start_pos + T) or None for plain causal attention."""
         cos, sin = rope_cos_sin(positions, rope_inv_freq(self.cfg, x.device), x.dtype)
         for block in self.layers:
             x = block(x, cos, sin, kv_cache, start_pos, mask)
         hidden = self.norm(x)  # (B, T, D)
-        logits = F.linear(hidden, self.embed_tokens.weight) if self.cfg.tie_embeddings else self.lm_head(hidden)  # (B, T, V)
+        if self.cfg.tie_embeddings:
+            logits = F.linear(hidden, self.embed_tokens.weight)  # (B, T, V)
+        else:
+            logits = self.lm_head(hidden)  # (B, T, V)
         return logits, hidden
 
     @torch.no_grad()
-    def generate(self, input_ids: Tensor | None = None, inputs_embeds: Tensor | None = None, max_new_tokens: int = 32,
+    def generate(self, input_ids: Tensor | None = None, inputs_embeds: Tensor | None = None,
+                 max_new_tokens: int = 32,
                  temperature: float = 0.0, eos_id: int | None = None, lengths: Tensor | None = None,
                  use_cache: bool = True, generator: torch.Generator | None = None) -> Tensor:
-        """Greedy (temperature 0) or sampled decoding -> (B, new). `lengths` (B,) gives each row's prompt length
-        for right-padded prompts (default: all T). After a row emits `eos_id` it is padded with `eos_id`; decoding
-        stops once every row has, so `new` may be < max_new_tokens. `use_cache=False` recomputes the whole sequence
-        every step (the benchmark's reference)."""
+        """Greedy (temperature 0) or sampled decoding -> (B, new). `lengths` (B,) gives each row's prompt
+        length for right-padded prompts (default: all T). After a row emits `eos_id` it is padded with
+        `eos_id`; decoding stops once every row has, so `new` may be < max_new_tokens. `use_cache=False`
+        recomputes the whole sequence every step (the benchmark's reference)."""
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         if (input_ids is None) == (inputs_embeds is None):
@@ -467,10 +488,12 @@ class LLM(nn.Module):
         B, T, _ = x.shape
         slots = DecodeSlots(lengths, B, T, max_new_tokens, x.device)
         if slots.total > self.cfg.max_seq_len:
-            raise ValueError(f"prompt {T} + max_new_tokens {max_new_tokens} exceeds max_seq_len {self.cfg.max_seq_len}")
+            raise ValueError(f"prompt {T} + max_new_tokens {max_new_tokens} exceeds max_seq_len "
+                             f"{self.cfg.max_seq_len}")
         cache = KVCache(self.cfg, B, slots.total, x.device, x.dtype) if use_cache else None
         logits = self.run(x, slots.positions(0, T), cache, 0, slots.mask(0, T))[0]
-        logits = logits[torch.arange(B, device=x.device), slots.lengths - 1]  # (B, V) at each row's last prompt token
+        # (B, V) at each row's last prompt token
+        logits = logits[torch.arange(B, device=x.device), slots.lengths - 1]
         done = torch.zeros(B, dtype=torch.bool, device=x.device)
         out: list[Tensor] = []
         for step in range(max_new_tokens):
@@ -492,16 +515,18 @@ class LLM(nn.Module):
 
 
 class DecodeSlots:
-    """Where tokens sit during generation from right-padded prompts. Slot j < T holds prompt position j (pads for
-    j >= lengths[b], masked out); generated token s sits in slot T + s at RoPE position lengths[b] + s, so every row
-    sees exactly its own prompt followed by its own tokens, as if it had been decoded alone."""
+    """Where tokens sit during generation from right-padded prompts. Slot j < T holds prompt position j (pads
+    for j >= lengths[b], masked out); generated token s sits in slot T + s at RoPE position lengths[b] + s, so
+    every row sees exactly its own prompt followed by its own tokens, as if it had been decoded alone."""
 
-    def __init__(self, lengths: Tensor | None, batch: int, prompt_len: int, max_new: int, device: torch.device) -> None:
+    def __init__(self, lengths: Tensor | None, batch: int, prompt_len: int, max_new: int,
+                 device: torch.device) -> None:
         if lengths is None:
             lengths = torch.full((batch,), prompt_len, device=device)
         lengths = lengths.to(device=device, dtype=torch.long)
         if lengths.shape != (batch,) or bool(((lengths < 1) | (lengths > prompt_len)).any()):
-            raise ValueError(f"lengths must be (B,)=({batch},) with values in [1, {prompt_len}], got {lengths.tolist()}")
+            raise ValueError(f"lengths must be (B,)=({batch},) with values in [1, {prompt_len}], got "
+                             f"{lengths.tolist()}")
         self.lengths, self.prompt_len, self.total = lengths, prompt_len, prompt_len + max_new
         self.padded = bool((lengths < prompt_len).any())
         j = torch.arange(self.total, device=device)
@@ -515,7 +540,8 @@ class DecodeSlots:
         return self.pos[:, start:end]  # (B, end - start)
 
     def mask(self, start: int, end: int) -> Tensor | None:
-        """Queries in slots start..end-1 over keys in slots 0..end-1; None (plain causal) when nothing is padded."""
+        """Queries in slots start..end-1 over keys in slots 0..end-1; None (plain causal) when nothing is
+        padded."""
         return None if self.full_mask is None else self.full_mask[:, :, start:end, :end]  # (B, 1, Tq, Tk)
 
 
@@ -526,12 +552,13 @@ def next_token(logits: Tensor, temperature: float, generator: torch.Generator | 
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # The MLLM
 
 
 class Adapter(nn.Module):
-    """LLaVA-1.5's projector: Linear -> GELU -> Linear, vision width -> LLM width (HF `multi_modal_projector`)."""
+    """LLaVA-1.5's projector: Linear -> GELU -> Linear, vision width -> LLM width (HF
+    `multi_modal_projector`)."""
 
     def __init__(self, d_vision: int, d_llm: int) -> None:
         super().__init__()
@@ -550,7 +577,8 @@ class MLLM(nn.Module):
         self.vision = VisionEncoder(cfg.vision)
         self.adapter = Adapter(cfg.vision.hidden_size, d)
         self.llm = LLM(cfg.llm)
-        # VladVA soft prompts; random until init_soft_prompts copies a handcrafted prompt's embeddings into them
+        # VladVA soft prompts; random until init_soft_prompts copies a handcrafted prompt's embeddings into
+        # them
         self.image_prompt = nn.Parameter(torch.randn(k, d) * 0.02)
         self.text_prompt = nn.Parameter(torch.randn(k, d) * 0.02)
         # Sugar's retrieval projector (an MLP; its size is our choice, the paper does not give it)
@@ -564,7 +592,8 @@ class MLLM(nn.Module):
         return self.cfg.vision.num_patches
 
     def vision_features(self, images: Tensor) -> Tensor:
-        """images (N, 3, H, W) in [0, 1] -> LLaVA's patch features (N, P, Dv) from `feature_layer`, CLS dropped."""
+        """images (N, 3, H, W) in [0, 1] -> LLaVA's patch features (N, P, Dv) from `feature_layer`, CLS
+        dropped."""
         mean = torch.tensor(self.cfg.image_mean, dtype=images.dtype, device=images.device)[:, None, None]
         std = torch.tensor(self.cfg.image_std, dtype=images.dtype, device=images.device)[:, None, None]
         feats = self.vision((images - mean) / std, layer=self.cfg.feature_layer)  # (N, P(+1), Dv)
@@ -598,34 +627,37 @@ class MLLM(nn.Module):
     @torch.no_grad()
     def init_soft_prompts(self, image_prompt_ids: list[int], text_prompt_ids: list[int]) -> None:
         k = self.cfg.n_soft_tokens
-        for name, ids, prompt in (("image", image_prompt_ids, self.image_prompt), ("text", text_prompt_ids, self.text_prompt)):
+        for name, ids, prompt in (("image", image_prompt_ids, self.image_prompt),
+                                  ("text", text_prompt_ids, self.text_prompt)):
             if len(ids) != k:
                 raise ValueError(f"{name}_prompt_ids has {len(ids)} ids, expected n_soft_tokens={k}")
             idx = torch.tensor(ids, dtype=torch.long, device=prompt.device)
             prompt.copy_(self.llm.embed_tokens.weight[idx])
 
     @torch.no_grad()
-    def generate(self, input_ids: Tensor, images: Tensor | None = None, max_new_tokens: int = 32, temperature: float = 0.0,
-                 eos_id: int | None = None, lengths: Tensor | None = None,
+    def generate(self, input_ids: Tensor, images: Tensor | None = None, max_new_tokens: int = 32,
+                 temperature: float = 0.0, eos_id: int | None = None, lengths: Tensor | None = None,
                  generator: torch.Generator | None = None) -> Tensor:
         """(B, new) tokens after each prompt; `lengths` (B,) for right-padded prompts (see LLM.generate)."""
         return self.llm.generate(inputs_embeds=self.embed(input_ids, images), max_new_tokens=max_new_tokens,
                                  temperature=temperature, eos_id=eos_id, lengths=lengths, generator=generator)
 
     def summary_embedding(self, hidden: Tensor, pos: Tensor) -> Tensor:
-        """VladVA: the final hidden state at `pos` (the last soft-prompt token), L2-normalised. (B,T,D) -> (B,D)."""
+        """VladVA: the final hidden state at `pos` (the last soft-prompt token), L2-normalised. (B,T,D) ->
+        (B,D)."""
         return F.normalize(hidden[torch.arange(hidden.shape[0], device=hidden.device), pos].float(), dim=-1)
 
     def prefix_embeddings(self, hidden: Tensor, seg_batch: Tensor, seg_start: Tensor, seg_end: Tensor,
                           seg_is_image: Tensor, prefix_seg: Tensor, pool: str = "mean") -> Tensor:
-        """Sugar: for each prefix, the vector of its last segment (mean over an image's tokens, the last token of a
-        text segment; causal attention makes it a summary of the whole prefix), through the retrieval projector,
-        L2-normalised. hidden (B, T, D) -> (P, proj_dim). pool="last" (Sugar Table 4b "w/o AvgPool"): an
-        image's last token instead of the mean over its tokens; text segments are unchanged."""
+        """Sugar: for each prefix, the vector of its last segment (mean over an image's tokens, the last token
+        of a text segment; causal attention makes it a summary of the whole prefix), through the retrieval
+        projector, L2-normalised. hidden (B, T, D) -> (P, proj_dim). pool="last" (Sugar Table 4b "w/o
+        AvgPool"): an image's last token instead of the mean over its tokens; text segments are unchanged."""
         if pool not in ("mean", "last"):
             raise ValueError(f"prefix_embeddings: pool must be 'mean' or 'last', got {pool!r}")
         B, T, D = hidden.shape
-        b, s, e, img = seg_batch[prefix_seg], seg_start[prefix_seg], seg_end[prefix_seg], seg_is_image[prefix_seg].bool()
+        b, s, e = seg_batch[prefix_seg], seg_start[prefix_seg], seg_end[prefix_seg]
+        img = seg_is_image[prefix_seg].bool()
         assert not bool(((e <= s) | (s < 0) | (e > T)).any()), "segments need 0 <= start < end <= T"
         t = torch.arange(T, device=hidden.device)
         in_seg = (t >= s[:, None]) & (t < e[:, None])  # (P, T)
@@ -659,7 +691,8 @@ def count_runs(mask: Tensor, k: int, name: str) -> int:
     positions split exactly into such groups (every image / soft prompt whole and within one row)."""
     per_row = mask.sum(1)  # (B,)
     if bool((per_row % k).any()):
-        raise ValueError(f"{name} ids must come in runs of {k} consecutive positions; the rows hold {per_row.tolist()}")
+        raise ValueError(f"{name} ids must come in runs of {k} consecutive positions; the rows hold "
+                         f"{per_row.tolist()}")
     flat = mask.flatten().nonzero()[:, 0]  # (n,) row-major positions
     i = torch.arange(flat.numel(), device=mask.device)
     group_start = flat[i - i % k]  # position of the first id of each id's group
@@ -669,9 +702,9 @@ def count_runs(mask: Tensor, k: int, name: str) -> int:
 
 
 def init_weights(module: nn.Module) -> None:
-    """From-scratch init, as Hugging Face's Llama / CLIP (initializer_range 0.02): N(0, 0.02) for linear and embedding
-    weights, zero biases. PyTorch's N(0, 1) embeddings would make a tied head's initial logits ~sqrt(D) wide (an
-    initial loss far above log V). Loading a checkpoint overwrites all of it."""
+    """From-scratch init, as Hugging Face's Llama / CLIP (initializer_range 0.02): N(0, 0.02) for linear and
+    embedding weights, zero biases. PyTorch's N(0, 1) embeddings would make a tied head's initial logits
+    ~sqrt(D) wide (an initial loss far above log V). Loading a checkpoint overwrites all of it."""
     if isinstance(module, (nn.Linear, nn.Embedding)):
         nn.init.normal_(module.weight, std=0.02)
     if isinstance(module, nn.Linear) and module.bias is not None:
@@ -686,13 +719,14 @@ def fill_runs(x: Tensor, mask: Tensor, prompt: Tensor, name: str) -> Tensor:
     return x.masked_scatter(mask[..., None], prompt.to(x.dtype).repeat(n, 1))
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # LoRA (Hu et al., arXiv 2106.09685)
 
 
 class LoRALinear(nn.Linear):
-    """y = W x + b + (alpha / r) B A x. Shares the wrapped layer's weight and bias, so names (`q_proj.weight`) and
-    memory stay those of the base model; A is Kaiming-uniform, B zero, so the output is unchanged at init."""
+    """y = W x + b + (alpha / r) B A x. Shares the wrapped layer's weight and bias, so names (`q_proj.weight`)
+    and memory stay those of the base model; A is Kaiming-uniform, B zero, so the output is unchanged at
+    init."""
 
     def __init__(self, base: nn.Linear, r: int, alpha: float) -> None:
         if r < 1:
@@ -727,8 +761,8 @@ class LoRALinear(nn.Linear):
 
 
 def apply_lora(model: nn.Module, patterns: list[str], r: int, alpha: float) -> list[str]:
-    """Wrap every nn.Linear whose module name matches one of the regexes (re.search) in a LoRALinear. Returns the
-    wrapped names; raises if nothing matches (a typo would otherwise silently train nothing)."""
+    """Wrap every nn.Linear whose module name matches one of the regexes (re.search) in a LoRALinear. Returns
+    the wrapped names; raises if nothing matches (a typo would otherwise silently train nothing)."""
     names = [n for n, m in model.named_modules()
              if type(m) is nn.Linear and any(re.search(p, n) for p in patterns)]
     if not names:
@@ -766,7 +800,7 @@ def set_trainable(model: nn.Module, patterns: list[str], lora: bool = True) -> l
     return trainable
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # unimllm checkpoints (train.py writes them, eval.py and --init / --resume read them)
 
 CKPT_FORMAT = "unimllm-checkpoint-v1"
@@ -846,11 +880,12 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Loading Hugging Face checkpoints
 
 LLM_TYPES = ("llama", "qwen2")
-VISION_TYPES = {"clip": "clip", "clip_vision_model": "clip", "siglip": "siglip", "siglip_vision_model": "siglip"}
+VISION_TYPES = {"clip": "clip", "clip_vision_model": "clip", "siglip": "siglip",
+                "siglip_vision_model": "siglip"}
 # our name -> Hugging Face name; "{}" is the layer index (gpt-fast style)
 LLM_NAME_MAP = {
     "embed_tokens.weight": "model.embed_tokens.weight",
@@ -905,8 +940,9 @@ def hf_name(ours: str) -> str:
 
 
 def rope_fields(cfg: dict[str, Any], where: Path) -> dict[str, Any]:
-    """LLMConfig's RoPE fields. `rope_theta` sits at the top level (transformers < 5) or inside `rope_parameters`
-    (transformers 5); scaling in `rope_parameters` or the older `rope_scaling`. Plain and "llama3" RoPE only."""
+    """LLMConfig's RoPE fields. `rope_theta` sits at the top level (transformers < 5) or inside
+    `rope_parameters` (transformers 5); scaling in `rope_parameters` or the older `rope_scaling`. Plain and
+    "llama3" RoPE only."""
     params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
     rope_type = params.get("rope_type", params.get("type", "default"))
     if "rope_theta" in cfg:
@@ -918,7 +954,8 @@ def rope_fields(cfg: dict[str, Any], where: Path) -> dict[str, Any]:
     if rope_type == "default":
         return {"rope_theta": theta}
     if rope_type != "llama3":
-        raise ValueError(f"{where}: rope_type {rope_type!r} is not supported (supported: 'default', 'llama3')")
+        raise ValueError(f"{where}: rope_type {rope_type!r} is not supported (supported: "
+                         "'default', 'llama3')")
     return {"rope_theta": theta, "rope_scaling_factor": float(need(params, "factor", where)),
             "rope_low_freq_factor": float(need(params, "low_freq_factor", where)),
             "rope_high_freq_factor": float(need(params, "high_freq_factor", where)),
@@ -928,7 +965,8 @@ def rope_fields(cfg: dict[str, Any], where: Path) -> dict[str, Any]:
 def llm_config_from_hf(cfg: dict[str, Any], where: Path) -> LLMConfig:
     model_type = need(cfg, "model_type", where)
     if model_type not in LLM_TYPES:
-        raise ValueError(f"{where}: model_type {model_type!r} is not supported (supported: {', '.join(LLM_TYPES)})")
+        raise ValueError(f"{where}: model_type {model_type!r} is not supported (supported: "
+                         f"{', '.join(LLM_TYPES)})")
     if cfg.get("hidden_act", "silu") != "silu":
         raise ValueError(f"{where}: hidden_act {cfg['hidden_act']!r} is not supported (only 'silu')")
     if cfg.get("mlp_bias", False):
@@ -960,12 +998,15 @@ def check_and_load(model: nn.Module, tensors: dict[str, Tensor], where: Path, dt
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
     if missing:
-        raise ValueError(f"{where}: checkpoint is missing tensor {missing[0]!r} ({len(missing)} missing in all)")
+        raise ValueError(f"{where}: checkpoint is missing tensor {missing[0]!r} "
+                         f"({len(missing)} missing in all)")
     if extra:
-        raise ValueError(f"{where}: checkpoint has unexpected tensor {extra[0]!r} ({len(extra)} extra in all)")
+        raise ValueError(f"{where}: checkpoint has unexpected tensor {extra[0]!r} "
+                         f"({len(extra)} extra in all)")
     for k, shape in expected.items():
         if tensors[k].shape != shape:
-            raise ValueError(f"{where}: tensor {k!r} has shape {tuple(tensors[k].shape)}, expected {tuple(shape)}")
+            raise ValueError(f"{where}: tensor {k!r} has shape {tuple(tensors[k].shape)}, "
+                             f"expected {tuple(shape)}")
     model.load_state_dict({k: v.to(dtype) for k, v in tensors.items()}, strict=True, assign=True)
 
 
@@ -975,8 +1016,8 @@ HUB_FILES = ["*.json", "*.safetensors"]  # configs, tokenizer, weights (and shar
 
 def resolve_model_path(name: str | Path) -> Path:
     """A local path as it is; otherwise a Hugging Face Hub id (`owner/name`) fetched into, or found in, the
-    Hugging Face cache by `huggingface_hub.snapshot_download` (an optional dependency). With HF_HUB_OFFLINE=1 only
-    the cache is read. ValueError, saying which, when it is neither."""
+    Hugging Face cache by `huggingface_hub.snapshot_download` (an optional dependency). With HF_HUB_OFFLINE=1
+    only the cache is read. ValueError, saying which, when it is neither."""
     if Path(name).exists():
         return Path(name)
     if not HUB_ID.match(str(name)):
@@ -988,10 +1029,11 @@ def resolve_model_path(name: str | Path) -> Path:
                          f"huggingface_hub (pip install huggingface_hub)") from e
     try:
         return Path(snapshot_download(str(name), allow_patterns=HUB_FILES))
-    except Exception as e:  # huggingface_hub's errors (offline, unknown or gated id, network) share no base class
-        raise ValueError(f"{name}: not a local directory, and the Hugging Face Hub could not provide it (offline, "
-                         f"or HF_HUB_OFFLINE=1 and not in the cache, or no such model?): {type(e).__name__}: "
-                         f"{e}") from e
+    except Exception as e:
+        # huggingface_hub's errors (offline, unknown or gated id, network) share no base class
+        raise ValueError(f"{name}: not a local directory, and the Hugging Face Hub could not provide it "
+                         "(offline, or HF_HUB_OFFLINE=1 and not in the cache, or no such model?): "
+                         f"{type(e).__name__}: {e}") from e
 
 
 def load_llm(path: str | Path, dtype: torch.dtype = torch.float32) -> LLM:
@@ -1007,10 +1049,12 @@ def load_llm(path: str | Path, dtype: torch.dtype = torch.float32) -> LLM:
         if key not in hf:
             raise ValueError(f"{path}: checkpoint is missing tensor {key!r}")
         ours[name] = hf.pop(key)
-    if cfg.tie_embeddings and "lm_head.weight" in hf and torch.equal(hf["lm_head.weight"], ours["embed_tokens.weight"]):
+    if (cfg.tie_embeddings and "lm_head.weight" in hf
+            and torch.equal(hf["lm_head.weight"], ours["embed_tokens.weight"])):
         hf.pop("lm_head.weight")  # some tied checkpoints store the shared matrix twice
     if hf:
-        raise ValueError(f"{path}: checkpoint has unexpected tensor {sorted(hf)[0]!r} ({len(hf)} extra in all)")
+        raise ValueError(f"{path}: checkpoint has unexpected tensor {sorted(hf)[0]!r} "
+                         f"({len(hf)} extra in all)")
     check_and_load(model, ours, path, dtype)
     return model.eval()
 
@@ -1018,13 +1062,15 @@ def load_llm(path: str | Path, dtype: torch.dtype = torch.float32) -> LLM:
 def vision_config_from_hf(cfg: dict[str, Any], where: Path) -> VisionConfig:
     model_type = need(cfg, "model_type", where)
     if model_type not in VISION_TYPES:
-        raise ValueError(f"{where}: model_type {model_type!r} is not supported (supported: {', '.join(VISION_TYPES)})")
+        raise ValueError(f"{where}: model_type {model_type!r} is not supported (supported: "
+                         f"{', '.join(VISION_TYPES)})")
     vcfg = cfg["vision_config"] if "vision_config" in cfg else cfg
     family = VISION_TYPES[model_type]
     acts = {"quick_gelu": "quick_gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
     act = vcfg.get("hidden_act", "quick_gelu" if family == "clip" else "gelu_pytorch_tanh")
     if act not in acts:
-        raise ValueError(f"{where}: vision hidden_act {act!r} is not supported (supported: {', '.join(acts)})")
+        raise ValueError(f"{where}: vision hidden_act {act!r} is not supported (supported: "
+                         f"{', '.join(acts)})")
     clip = family == "clip"
     return VisionConfig(
         image_size=need(vcfg, "image_size", where),
@@ -1040,9 +1086,9 @@ def vision_config_from_hf(cfg: dict[str, Any], where: Path) -> VisionConfig:
 
 
 def load_vision(path: str | Path, dtype: torch.dtype = torch.float32) -> VisionEncoder:
-    """A CLIP / SigLIP Hugging Face directory (vision tower alone, or a full CLIPModel / SiglipModel whose text
-    tower and projections are ignored) -> VisionEncoder (with `.cfg`). SigLIP's pooling head (`head.*`) is
-    dropped: the MLLM only reads hidden states."""
+    """A CLIP / SigLIP Hugging Face directory (vision tower alone, or a full CLIPModel / SiglipModel whose
+    text tower and projections are ignored) -> VisionEncoder (with `.cfg`). SigLIP's pooling head (`head.*`)
+    is dropped: the MLLM only reads hidden states."""
     path = Path(path)
     cfg = vision_config_from_hf(read_json(path / "config.json"), path / "config.json")
     hf = read_safetensors(path)
@@ -1055,7 +1101,7 @@ def load_vision(path: str | Path, dtype: torch.dtype = torch.float32) -> VisionE
     return model.eval()
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Exporting to Hugging Face
 
 EXPORT_REST = "mllm.safetensors"  # the vision tower, adapter, soft prompts, projector and temperature
@@ -1063,18 +1109,21 @@ EXPORT_MANIFEST = "mllm.json"
 
 
 def llm_config_to_hf(cfg: LLMConfig, token_ids: dict[str, int]) -> dict[str, Any]:
-    """The inverse of llm_config_from_hf: a transformers 5 `config.json` (RoPE in `rope_parameters`). q/k/v biases
-    make it a Qwen2 model, since Llama's attention_bias would also add an o_proj bias we do not have."""
+    """The inverse of llm_config_from_hf: a transformers 5 `config.json` (RoPE in `rope_parameters`). q/k/v
+    biases make it a Qwen2 model, since Llama's attention_bias would also add an o_proj bias we do not
+    have."""
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
     if cfg.rope_scaling_factor is not None:
-        rope.update(rope_type="llama3", factor=cfg.rope_scaling_factor, low_freq_factor=cfg.rope_low_freq_factor,
-                    high_freq_factor=cfg.rope_high_freq_factor,
+        rope.update(rope_type="llama3", factor=cfg.rope_scaling_factor,
+                    low_freq_factor=cfg.rope_low_freq_factor, high_freq_factor=cfg.rope_high_freq_factor,
                     original_max_position_embeddings=cfg.rope_original_max_len)
     qwen2 = cfg.attention_bias
     out = {"architectures": ["Qwen2ForCausalLM" if qwen2 else "LlamaForCausalLM"],
-           "model_type": "qwen2" if qwen2 else "llama", "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
+           "model_type": "qwen2" if qwen2 else "llama", "vocab_size": cfg.vocab_size,
+           "hidden_size": cfg.hidden_size,
            "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_layers,
-           "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
+           "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
+           "head_dim": cfg.head_dim,
            "hidden_act": "silu", "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.rms_norm_eps,
            "rope_parameters": rope, "tie_word_embeddings": cfg.tie_embeddings, "dtype": "float32",
            **{f"{k}_token_id": v for k, v in token_ids.items() if k in ("bos", "eos", "pad")}}
@@ -1089,8 +1138,8 @@ def export_hf(model: MLLM, tokenizer_json: str, out: str | Path, token_ids: dict
     """Write `out/`: the LLM with LoRA merged as a Hugging Face directory (`config.json`, `model.safetensors`,
     `tokenizer.json`, `tokenizer_config.json`; `LlamaForCausalLM.from_pretrained(out)` loads it, and so does
     load_llm), plus every other weight in `mllm.safetensors` under our names, described by `mllm.json` (the
-    MLLMConfig and the special token ids). `token_ids` names the tokenizer's bos / eos / pad / image / soft-prompt
-    ids. `model` itself is left unmerged."""
+    MLLMConfig and the special token ids). `token_ids` names the tokenizer's bos / eos / pad / image /
+    soft-prompt ids. `model` itself is left unmerged."""
     from safetensors.torch import save_file
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -1102,14 +1151,16 @@ def export_hf(model: MLLM, tokenizer_json: str, out: str | Path, token_ids: dict
     (out / "tokenizer.json").write_text(tokenizer_json)
     names = {v: k for k, v in json.loads(tokenizer_json).get("model", {}).get("vocab", {}).items()}
     names.update({t["id"]: t["content"] for t in json.loads(tokenizer_json).get("added_tokens", [])})
-    special = {f"{k}_token": names[v] for k, v in token_ids.items() if k in ("bos", "eos", "pad") and v in names}
+    special = {f"{k}_token": names[v] for k, v in token_ids.items() if k in ("bos", "eos", "pad")
+               and v in names}
     (out / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
-                                                           "model_max_length": model.cfg.llm.max_seq_len, **special},
+                                                           "model_max_length": model.cfg.llm.max_seq_len,
+                                                           **special},
                                                           indent=2))
     rest = {k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith("llm.")}
     save_file(rest, out / EXPORT_REST, metadata={"format": "pt"})
-    manifest = {"llm": ".", "weights": EXPORT_REST, "model_config": model.cfg.to_dict(), "token_ids": token_ids,
-                "tensors": {k: list(v.shape) for k, v in rest.items()}}
+    manifest = {"llm": ".", "weights": EXPORT_REST, "model_config": model.cfg.to_dict(),
+                "token_ids": token_ids, "tensors": {k: list(v.shape) for k, v in rest.items()}}
     (out / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=2))
 
 

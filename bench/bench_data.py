@@ -1,10 +1,11 @@
-"""bench_data.py — is training ever data-bound? Samples/s the data loader delivers vs samples/s one training step
-consumes, measured in the same run (issue 5, "Must show").
+"""bench_data.py — is training ever data-bound? Samples/s the data loader delivers vs samples/s one training
+step consumes, measured in the same run.
 
-Loader side (all on the CPU, single process): building the built-in world (Pillow drawing, captions, negatives,
-teacher features) turned into LLaVA-style pretraining samples, `collate` of those samples, and `collate_pairs`.
-Training side: one forward + backward of unimllm.MLLM (train.py's default sizes) on a collated batch, next-token
-loss.
+Loader side (all on the CPU, single process): building the built-in world (Pillow drawing, captions,
+negatives, teacher features) turned into LLaVA-style pretraining samples, `collate` of those samples, and
+`collate_pairs`.
+Training side: one forward + backward of unimllm.MLLM (train.py's default sizes) on a collated batch,
+next-token loss.
 The ratio column is loader samples/s divided by training samples/s: > 1 means the loader keeps up.
 
 Run: .venv/bin/python bench/bench_data.py [--batch 32] [--threads 2]
@@ -66,12 +67,14 @@ def main() -> None:
     per_scene = len(data.pretrain_samples(data.make_world("train", args.scenes, 0))) / args.scenes
     gen_rate = rate(world_to_samples, int(args.scenes * per_scene), 3)
     collate_rate = rate(lambda: data.collate(samples[:args.batch], tok, n_img, 512), args.batch, 20)
-    pairs_rate = rate(lambda: data.collate_pairs(world.scenes[:args.batch], tok, n_img, K, 512), args.batch, 20)
+    pairs_rate = rate(lambda: data.collate_pairs(world.scenes[:args.batch], tok, n_img, K, 512),
+                      args.batch, 20)
     end_to_end = 1 / (1 / gen_rate + 1 / collate_rate)
 
     def step() -> None:
         logits = logits_of(model, batch)
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100)
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(),
+                               ignore_index=-100)
         loss.backward()
         model.zero_grad(set_to_none=True)
 

@@ -1,4 +1,4 @@
-"""Benchmark of dtw.py against tslearn 0.10, measured in the same run (issue 3's table).
+"""Benchmark of dtw.py against tslearn 0.10, measured in the same run.
 
 Workloads (forward + backward of soft-DTW, γ = 0.1, squared-Euclidean cost from d = 64 features, float32,
 both implementations on the same cost tensor):
@@ -11,19 +11,20 @@ tslearn's σ convention equals dtw.phi_sigma's).
 The reference for soft-DTW is tslearn's numba autograd function `_SoftDTWLossPyTorch` (the function behind
 `tslearn.metrics.SoftDTWLossPyTorch`, called directly so that both sides see the same cost tensor).
 
-Time is the best of --repeats interleaved runs after one warm-up (numba compiles in the warm-up). Cells/s counts the
-n·m DP cells of every pair. Peak extra memory is the rise of the process's peak RSS (Linux VmHWM, reset through
-/proc/self/clear_refs) over the RSS just before the call, inputs already allocated; "floats/cell" divides it by
-(pairs · n · m · bytes per float). Speed ratio = tslearn time / dtw.py time (> 1: dtw.py is faster).
+Time is the best of --repeats interleaved runs after one warm-up (numba compiles in the warm-up). Cells/s
+counts the n·m DP cells of every pair. Peak extra memory is the rise of the process's peak RSS (Linux VmHWM,
+reset through /proc/self/clear_refs) over the RSS just before the call, inputs already allocated;
+"floats/cell" divides it by (pairs · n · m · bytes per float). Speed ratio = tslearn time / dtw.py time (>
+1: dtw.py is faster).
 
-With --device cuda (issue: the Triton kernel) the soft-DTW workloads are, in float32 on the GPU,
+With --device cuda the soft-DTW workloads are, in float32 on the GPU,
   (a) 65,536 pairs of length 8, (b) 64 pairs of length 128, (c) 8 pairs of length 512, (d) 512 pairs of length
   256, (e) 4096 pairs of length 64, (f) 32 pairs of length 1024, (g) 4 pairs of length 2048,
 each from (pairs, n, 64) N(0,1) sequences, against pysdtw 0.0.5's numba CUDA kernel (`pysdtw.SoftDTW`, same
 squared-Euclidean cost) when pysdtw and numba-cuda are installed (optional; pysdtw's kernel is limited to 1024
-threads, so (f) and (g) report its failure), plus the GAK Gram matrix on the GPU against tslearn's cdist_gak on
-the CPU. GPU times synchronise the device; memory is the peak of torch.cuda's allocator over what was allocated
-before the call.
+threads, so (f) and (g) report its failure), plus the GAK Gram matrix on the GPU against tslearn's cdist_gak
+on the CPU. GPU times synchronise the device; memory is the peak of torch.cuda's allocator over what was
+allocated before the call.
 
 Run: python bench/bench_dtw.py [--repeats 3] [--device cuda]
 """
@@ -138,7 +139,8 @@ def bench_soft_dtw(case: str, cfg: BenchConfig) -> str:
     err = ((ours() - ref()).norm() / ref().norm()).item()
     t_o, t_r = best_times([ours, ref], cfg.repeats)
     mem_o, mem_r = peak_extra_bytes(ours), peak_extra_bytes(ref)
-    label = {"a": "(a) 256x256 all pairs, len 8", "b": "(b) 64 pairs, len 128", "c": "(c) 8 pairs, len 512"}[case]
+    label = {"a": "(a) 256x256 all pairs, len 8", "b": "(b) 64 pairs, len 128",
+             "c": "(c) 8 pairs, len 512"}[case]
     return row(label + " f+b", pairs * n * m, 4, (t_o, mem_o), (t_r, mem_r), err)
 
 
@@ -159,13 +161,13 @@ def bench_gak_gram(cfg: BenchConfig, dtype: torch.dtype) -> str:
     t_o, t_r = best_times([ours, ref], cfg.repeats)
     mem_o, mem_r = peak_extra_bytes(ours), peak_extra_bytes(ref)
     name = {torch.float64: "float64", torch.float32: "float32"}[dtype]
-    return row(f"GAK Gram 256x8, d 1536, {name}", 256 * 256 * 64, x.element_size(), (t_o, mem_o), (t_r, mem_r),
-               err)
+    return row(f"GAK Gram 256x8, d 1536, {name}", 256 * 256 * 64, x.element_size(), (t_o, mem_o),
+               (t_r, mem_r), err)
 
 
 # ----------------------------------------------------------------------------- --device cuda
-CUDA_CASES = {"a": (65536, 8), "b": (64, 128), "c": (8, 512), "d": (512, 256), "e": (4096, 64), "f": (32, 1024),
-              "g": (4, 2048)}
+CUDA_CASES = {"a": (65536, 8), "b": (64, 128), "c": (8, 512), "d": (512, 256), "e": (4096, 64),
+              "f": (32, 1024), "g": (4, 2048)}
 
 
 def cuda_best_times(fns: list[Callable[[], object]], repeats: int) -> list[float]:
@@ -259,15 +261,15 @@ def bench_cuda_gak(cfg: BenchConfig) -> str:
 
 def main_cuda(cfg: BenchConfig) -> None:
     pysdtw = load_pysdtw()
-    print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}; gamma={cfg.gamma}, d={cfg.dim}, float32; "
-          f"best of {cfg.repeats} runs")
+    print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}; gamma={cfg.gamma}, d={cfg.dim}, "
+          f"float32; best of {cfg.repeats} runs")
     print(f"{'workload':<34} {'ours ms':>9} {'ours Mc/s':>10} {'fl/c':>6} {'pysdtw ms':>9} {'speed':>8} "
           f"{'fl/c':>6} {'rel err':>9}")
     for case in CUDA_CASES:
         print(bench_cuda_case(case, cfg), flush=True)
     print(bench_cuda_gak(cfg), flush=True)
-    print("speed = pysdtw time / dtw.py time; fl/c = peak extra GPU memory in floats per DP cell (inputs, cost "
-          "matrix and gradients included); rel err = relative L2 difference of the x gradients")
+    print("speed = pysdtw time / dtw.py time; fl/c = peak extra GPU memory in floats per DP cell (inputs, "
+          "cost matrix and gradients included); rel err = relative L2 difference of the x gradients")
 
 
 def main() -> None:
@@ -289,9 +291,9 @@ def main() -> None:
         print(bench_soft_dtw(case, cfg), flush=True)
     for dtype in (torch.float64, torch.float32):
         print(bench_gak_gram(cfg, dtype), flush=True)
-    print("speed = tslearn time / dtw.py time; Mc/s = million DP cells per second; fl/c = peak extra memory in "
-          "floats per DP cell; rel err = relative L2 gradient difference (soft-DTW, tslearn as reference) or "
-          "max abs Gram difference (GAK)")
+    print("speed = tslearn time / dtw.py time; Mc/s = million DP cells per second; fl/c = peak extra memory "
+          "in floats per DP cell; rel err = relative L2 gradient difference (soft-DTW, tslearn as reference) "
+          "or max abs Gram difference (GAK)")
 
 
 if __name__ == "__main__":

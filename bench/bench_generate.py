@@ -1,11 +1,13 @@
 """
-bench_generate.py — decode speed of unimllm.LLM.generate with and without the KV cache, measured in the same run.
+bench_generate.py — decode speed of unimllm.LLM.generate with and without the KV cache, measured in the same
+run.
 
 Without a cache every new token recomputes attention and MLPs over the whole sequence (O(T^2) total work for T
 tokens); with the cache each step processes one token against stored keys/values (O(T)). The table reports
 decode tokens/s for `--new` (default 128) greedy tokens after a `--prompt`-token prompt, and the speed-up.
 
-Run:  python bench/bench_generate.py [--device cpu|cuda] [--dtype float32|bfloat16] [--repeats 3] [--threads 1]
+Run:  python bench/bench_generate.py [--device cpu|cuda] [--dtype float32|bfloat16] [--repeats 3]
+          [--threads 1]
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_generate(llm: um.LLM, ids: torch.Tensor, new: int, use_cache: bool, repeats: int, device: str) -> tuple[float, torch.Tensor]:
+def time_generate(llm: um.LLM, ids: torch.Tensor, new: int, use_cache: bool, repeats: int,
+                  device: str) -> tuple[float, torch.Tensor]:
     """Best-of-`repeats` wall time of one generate call (after a warm-up), and its tokens."""
     out = llm.generate(ids, max_new_tokens=new, use_cache=use_cache)  # warm-up (allocator, kernels)
     best = float("inf")
@@ -57,17 +60,20 @@ def time_generate(llm: um.LLM, ids: torch.Tensor, new: int, use_cache: bool, rep
 def main() -> None:
     a = parse_args()
     if a.threads:
-        torch.set_num_threads(a.threads)  # on a shared CPU, fewer threads than cores avoids OpenMP spin contention
+        # on a shared CPU, fewer threads than cores avoids OpenMP spin contention
+        torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    cfg = um.LLMConfig(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=4 * a.hidden, num_layers=a.layers,
-                       num_heads=a.hidden // 64, num_kv_heads=max(1, a.hidden // 128), max_seq_len=a.prompt + a.new)
+    cfg = um.LLMConfig(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=4 * a.hidden,
+                       num_layers=a.layers,
+                       num_heads=a.hidden // 64, num_kv_heads=max(1, a.hidden // 128),
+                       max_seq_len=a.prompt + a.new)
     llm = um.LLM(cfg).to(device=a.device, dtype=getattr(torch, a.dtype)).eval()
     ids = torch.randint(0, a.vocab, (a.batch, a.prompt), device=a.device)
     t_cache, out_cache = time_generate(llm, ids, a.new, True, a.repeats, a.device)
     t_full, out_full = time_generate(llm, ids, a.new, False, a.repeats, a.device)
     n = out_cache.numel()
-    print(f"device={a.device} dtype={a.dtype} threads={torch.get_num_threads()} batch={a.batch} prompt={a.prompt} "
-          f"new={a.new} hidden={a.hidden} layers={a.layers} vocab={a.vocab} "
+    print(f"device={a.device} dtype={a.dtype} threads={torch.get_num_threads()} batch={a.batch} "
+          f"prompt={a.prompt} new={a.new} hidden={a.hidden} layers={a.layers} vocab={a.vocab} "
           f"params={sum(p.numel() for p in llm.parameters()) / 1e6:.1f}M")
     print(f"same tokens with and without cache: {torch.equal(out_cache, out_full)}")
     print(f"{'mode':<14}{'seconds':>10}{'tokens/s':>12}{'ratio':>8}")

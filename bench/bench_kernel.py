@@ -20,7 +20,8 @@ import torch
 from tslearn.metrics import cdist_gak
 from tslearn.utils import to_time_series_dataset
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # run from anywhere: kernel.py, dtw.py
+# run from anywhere: kernel.py, dtw.py
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 import kernel  # noqa: E402
 from dtw import phi_sigma, soft_dtw  # noqa: E402
 
@@ -31,7 +32,10 @@ def make_inputs(n_prefixes: int, max_len: int, dim: int, image_only: bool, seed:
     n_slices = n_prefixes * max_len
     uni = torch.nn.functional.normalize(torch.randn(n_slices, dim, generator=gen), dim=-1)  # (S, D)
     cross = torch.nn.functional.normalize(torch.randn(n_slices, dim, generator=gen), dim=-1)  # (S, D)
-    is_img = torch.ones(n_slices, dtype=torch.bool) if image_only else torch.rand(n_slices, generator=gen) < 0.5
+    if image_only:
+        is_img = torch.ones(n_slices, dtype=torch.bool)
+    else:
+        is_img = torch.rand(n_slices, generator=gen) < 0.5
     prefix_slices = torch.arange(n_slices).view(n_prefixes, max_len)  # (P, L)
     prefix_len = torch.randint(1, max_len + 1, (n_prefixes,), generator=gen)  # (P,)
     prefix_batch = torch.arange(n_prefixes)  # (P,)
@@ -71,11 +75,13 @@ def time_loop(inputs, delta: float, n_pairs: int) -> tuple[float, int]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prefixes", type=int, default=256)
     parser.add_argument("--max-len", type=int, default=8)
     parser.add_argument("--dim", type=int, default=1536)
-    parser.add_argument("--loop-pairs", type=int, default=200, help="pairs timed in the per-pair loop (then extrapolated)")
+    parser.add_argument("--loop-pairs", type=int, default=200,
+                        help="pairs timed in the per-pair loop (then extrapolated)")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     delta, sigma = 1.0, 1.0
@@ -89,7 +95,8 @@ def main() -> None:
 
     images = make_inputs(args.prefixes, args.max_len, args.dim, image_only=True)
     uni, _, _, prefix_slices, prefix_len, _ = images
-    series = to_time_series_dataset([uni[prefix_slices[p, : prefix_len[p]]].double().numpy() for p in range(args.prefixes)])
+    series = to_time_series_dataset([uni[prefix_slices[p, : prefix_len[p]]].double().numpy()
+                                     for p in range(args.prefixes)])
     cdist_gak(series[:4], sigma=sigma)  # numba compilation outside the timing
     t_ours_fixed = best_of(lambda: kernel.gak_targets(*images, sigma=sigma), args.repeats)
     start = time.perf_counter()
@@ -104,7 +111,8 @@ def main() -> None:
     loop_name = f"per-pair loop, same code (extrapolated from {min(args.loop_pairs, n_pairs)} pairs)"
     print(f"{loop_name:58s} {t_loop:9.3f} {t_loop / t_ours:8.1f}x")
     print(f"{'kernel.gak_targets (image-only, fixed sigma)':58s} {t_ours_fixed:9.3f} {1.0:8.1f}x")
-    print(f"{'tslearn.metrics.cdist_gak (same setting)':58s} {t_tslearn:9.3f} {t_tslearn / t_ours_fixed:8.1f}x")
+    print(f"{'tslearn.metrics.cdist_gak (same setting)':58s} {t_tslearn:9.3f} "
+          f"{t_tslearn / t_ours_fixed:8.1f}x")
     print(f"max |ours - tslearn| = {max_diff:.2e}")
 
 

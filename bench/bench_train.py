@@ -26,12 +26,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import data as D  # noqa: E402
+import data  # noqa: E402
 import train  # noqa: E402
 from unimllm import MLLM, set_trainable  # noqa: E402
 
 
-def measure(cfg: train.TrainConfig, corpus: train.Corpus, tok: D.Tokenizer, stage_name: str, steps: int,
+def measure(cfg: train.TrainConfig, corpus: train.Corpus, tok: data.Tokenizer, stage_name: str, steps: int,
             device: torch.device) -> tuple[float, float, float, float, float]:
     """(ms/step, samples/s, build ms, data-wait share, log share) of `steps` measured steps of one stage."""
     d = train.Dist(0, 1, device)
@@ -42,7 +42,7 @@ def measure(cfg: train.TrainConfig, corpus: train.Corpus, tok: D.Tokenizer, stag
         lr = cfg.pretrain.pretrain_lr
     else:
         train.add_lora(model, cfg.finetune)
-        model.init_soft_prompts(*D.soft_prompt_ids(tok))
+        model.init_soft_prompts(*data.soft_prompt_ids(tok))
         set_trainable(model, train.trainable_patterns(cfg.finetune))
         lr = cfg.finetune.finetune_lr
     opt = train.make_optimizer(model, lr, 0.0)
@@ -81,7 +81,7 @@ def main() -> None:
                     "--ckpt-every", "1000000"]
             cfg = train.parse_args(argv)
             corpus = train.builtin_corpus(cfg)
-            tok = D.train_tokenizer(corpus.texts, cfg.model.vocab_size)
+            tok = data.train_tokenizer(corpus.texts, cfg.model.vocab_size)
             for stage_name, method in [("pretrain", "generative")] + [("finetune", m) for m in train.METHODS]:
                 cfg.finetune.method = method
                 ms, sps, build, wait, log = measure(cfg, corpus, tok, stage_name, args.steps, device)

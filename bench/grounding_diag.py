@@ -1,15 +1,16 @@
 """Grounding diagnostic: pre-train the default-size MLLM on a chosen sample mix and print, every --eval-every
-steps, the teacher-forced VQA accuracy per question type (the argmax token after "answer:") on 100 training and
-100 test scenes of the built-in world. The instrument behind the README's "A model that sees" section.
+steps, the teacher-forced VQA accuracy per question type (the argmax token after "answer:") on 100 training
+and 100 test scenes of the built-in world. The instrument behind the README's "A model that sees" section.
 
-  --mix default   train.py's pre-training stream (captions, packed VQA / POPE conversations, long captions, ...)
-  --mix shape     colour and shape questions only, chunked in template order (4 turns), where the shape question
-                  follows the colour question about the same object: the answer-leaking layout that
-                  data.conversations avoids
+  --mix default   train.py's pre-training stream (captions, packed VQA/POPE conversations, long captions, ...)
+  --mix shape     colour and shape questions only, chunked in template order (4 turns), where the shape
+                  question follows the colour question about the same object: the answer-leaking layout
+                  that data.conversations avoids
   --mix vqa       the default stream's VQA / POPE conversations alone (no captions, stories or RAG)
-  --distil N      N steps of train.py's stage 0 (vision tower distilled from the teacher), then frozen (--freeze 1)
+  --distil N      N steps of train.py's stage 0 (the tower distilled from the teacher), frozen by --freeze 1
 
-    python bench/grounding_diag.py --mix default --steps 400 --image 48 --patch 16 --distil 600 --warm 0.05 --eval-every 200 --threads 1
+    python bench/grounding_diag.py --mix default --steps 400 --image 48 --patch 16 --distil 600
+        --warm 0.05 --eval-every 200 --threads 1
 """
 import argparse
 import sys
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import data as D  # noqa: E402
+import data  # noqa: E402
 import train as T  # noqa: E402
 from unimllm import MLLM  # noqa: E402
 
@@ -45,36 +46,40 @@ a = p.parse_args()
 torch.set_num_threads(a.threads)
 torch.manual_seed(0)
 cfg = T.TrainConfig()
-cfg.model.image_size, cfg.model.patch_size, cfg.model.vision_width, cfg.model.vision_layers = a.image, a.patch, a.vw, a.vl
+cfg.model.image_size, cfg.model.patch_size = a.image, a.patch
+cfg.model.vision_width, cfg.model.vision_layers = a.vw, a.vl
 cfg.data.n_train = a.n
 t0 = time.time()
 corpus = T.builtin_corpus(cfg)
-tok = D.train_tokenizer(corpus.texts, 1024)
-test = D.make_world('test', 200, 0, image_size=a.image)
+tok = data.train_tokenizer(corpus.texts, 1024)
+test = data.make_world('test', 200, 0, image_size=a.image)
 print('data', time.time() - t0, flush=True)
-world = D.make_world('train', a.n, 0, image_size=a.image)
+world = data.make_world('train', a.n, 0, image_size=a.image)
 if a.mix == 'default':
     items = corpus.lm + corpus.long + corpus.stories
 elif a.mix == 'vqa':  # the packed VQA / POPE conversations of the default stream alone
-    items = [x for x in corpus.lm if any(g.kind == 'text' and g.text.startswith('question:') for g in x.segments)]
+    items = [x for x in corpus.lm
+             if any(g.kind == 'text' and g.text.startswith('question:') for g in x.segments)]
 else:
     items = []
     for s in world.scenes:
         qa = s.vqa + s.pope
         qa = [x for x in qa if x[0].startswith('what shape') or x[0].startswith('what colour')]
         for k in range(0, len(qa), 4):
-            segs = [D.image_seg(s.image)]
+            segs = [data.image_seg(s.image)]
             for q, ans in qa[k:k+4]:
-                segs += [D.text_seg(D.format_question(q), False), D.text_seg(ans, True)]
-            items.append(D.Sample(segs))
+                segs += [data.text_seg(data.format_question(q), False), data.text_seg(ans, True)]
+            items.append(data.Sample(segs))
 print('items', len(items), flush=True)
 model = MLLM(T.model_config(cfg.model, tok))
 T.pretrain_trainable(model, vision_frozen=False)
 if a.distil:
-    head = torch.nn.Linear(a.vw, D.CROSS_DIM)
+    head = torch.nn.Linear(a.vw, data.CROSS_DIM)
     dopt = torch.optim.AdamW(list(model.vision.parameters()) + list(head.parameters()), lr=a.dlr)
-    imgs = torch.stack([s.image for s in world.scenes]); tgt = torch.stack([s.cross_image for s in world.scenes])
-    timgs = torch.stack([s.image for s in test.scenes]); ttgt = torch.stack([s.cross_image for s in test.scenes])
+    imgs = torch.stack([s.image for s in world.scenes])
+    tgt = torch.stack([s.cross_image for s in world.scenes])
+    timgs = torch.stack([s.image for s in test.scenes])
+    ttgt = torch.stack([s.cross_image for s in test.scenes])
     g = torch.Generator().manual_seed(0)
     td = time.time()
     for st in range(a.distil):
@@ -95,7 +100,8 @@ stream = T.Stream('x', items, 0)
 n_img = model.n_image_tokens
 
 def qtype(q):
-    return q.split()[1] if q.startswith('what') else ('count' if q.startswith('how') else ('pope' if 'in the image' in q else 'rel'))
+    return q.split()[1] if q.startswith('what') else ('count' if q.startswith('how')
+                                                      else ('pope' if 'in the image' in q else 'rel'))
 
 @torch.no_grad()
 def evaluate(scenes):
@@ -107,8 +113,9 @@ def evaluate(scenes):
     by = {}
     for i in range(0, len(qs), 64):
         chunk = qs[i:i+64]
-        samples = [D.Sample([D.image_seg(s.image), D.text_seg(D.format_question(q), False)]) for s, q, _ in chunk]
-        b = D.collate(samples, tok, n_img, 192)
+        samples = [data.Sample([data.image_seg(s.image), data.text_seg(data.format_question(q), False)])
+                   for s, q, _ in chunk]
+        b = data.collate(samples, tok, n_img, 192)
         logits, _ = model(b['input_ids'], b['images'])
         L = b['attention_mask'].sum(1) - 1
         last = logits[torch.arange(len(chunk)), L]
@@ -123,7 +130,7 @@ for step in range(a.steps):
     t1 = time.time()
     lr = T.lr_at(step, a.steps, a.lr, a.warm)
     for g in opt.param_groups: g['lr'] = lr
-    b = D.collate(stream.batch(step, a.batch), tok, n_img, 192)
+    b = data.collate(stream.batch(step, a.batch), tok, n_img, 192)
     logits, _ = model(b['input_ids'], b['images'])
     s, c = T.ntp_sum(logits, b['labels'])
     loss = s / c
@@ -134,7 +141,8 @@ for step in range(a.steps):
         with torch.no_grad():  # spread of the image tokens: does the adapter collapse them?
             tk = model.image_tokens(b['images'][:16]).flatten(0, 1)
             spread = (tk - tk.mean(0)).norm(dim=-1).mean() / tk.norm(dim=-1).mean()
-        print(f'step {step} loss {loss.item():.3f} token spread {spread:.3f} {time.time()-t1:.2f}s', flush=True)
+        print(f'step {step} loss {loss.item():.3f} token spread {spread:.3f} {time.time()-t1:.2f}s',
+              flush=True)
     if (step + 1) % a.eval_every == 0:
         print('train', evaluate(world.scenes[:100]), flush=True)
         print('test ', evaluate(test.scenes[:100]), flush=True)

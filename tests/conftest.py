@@ -1,7 +1,8 @@
 """A reference a test compares against (tslearn, transformers, triton) is declared per test or per module with
-`@pytest.mark.reference("module")`: when it cannot be imported, only those tests are skipped, and under CI (the
-environment variable CI set, as .ci/run and hosted CI runners do) they fail instead, since CI installs every
-reference (requirements-dev.txt) and a missing one there means the comparison silently stopped running."""
+`@pytest.mark.reference("module")`: when it cannot be imported, only those tests are skipped, and under CI
+(the environment variable CI set, as .ci/run and hosted CI runners do) they fail instead, since CI installs
+every reference (requirements-dev.txt) and a missing one there means the comparison silently stopped
+running."""
 from __future__ import annotations
 
 import importlib

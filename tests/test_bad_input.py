@@ -1,6 +1,6 @@
-"""What unimllm promises about bad input: a wrong flag, a broken checkpoint or a faulty data file stops the run
-before any work with a one-line reason naming the flag / file / field; never a traceback, never a metric made
-better by a broken model, never a checkpoint or a temporary file left where it should not be."""
+"""What unimllm promises about bad input: a wrong flag, a broken checkpoint or a faulty data file stops the
+run before any work with a one-line reason naming the flag / file / field; never a traceback, never a metric
+made better by a broken model, never a checkpoint or a temporary file left where it should not be."""
 import json
 import math
 import os
@@ -14,7 +14,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import data as D  # noqa: E402
+import data  # noqa: E402
 import eval as E  # noqa: E402
 import train  # noqa: E402
 
@@ -47,16 +47,18 @@ def llava_one(tmp_path: Path, answer: str, n_images: int = 1) -> Path:
     paths = [png(tmp_path / f"l{i}.png", i) for i in range(n_images)]
     path = tmp_path / "llava.json"
     path.write_text(json.dumps([{"image": paths, "conversations": [
-        {"from": "human", "value": "<image>" * n_images + " what is it?"}, {"from": "gpt", "value": answer}]}]))
+        {"from": "human", "value": "<image>" * n_images + " what is it?"},
+        {"from": "gpt", "value": answer}]}]))
     return path
 
 
-# ---- metrics never improve because the model broke ---------------------------------------------------------------
+# ---- metrics never improve because the model broke ---------------------------------------------------------
 
 @pytest.mark.parametrize("metric", ["recall", "pairwise", "winoground"])
 def test_metrics_refuse_non_finite_scores(metric):
     s = torch.randn(4, 4)
-    s[1, 2] = math.nan  # recall_at_k used to count every query as a hit when its scores held NaN
+    # NaN compares False: counting the scores above the positive would rank this query first
+    s[1, 2] = math.nan
     with pytest.raises(ValueError, match="NaN or infinite"):
         if metric == "recall":
             E.recall_at_k(s, torch.eye(4, dtype=torch.bool), (1,))
@@ -74,7 +76,7 @@ def test_nan_checkpoint_gives_no_metric_and_names_the_checkpoint(ckpt, tmp_path)
         E.main(["--ckpt", str(tmp_path / "nan.pt"), "--n-test", "4"])
 
 
-# ---- every flag is checked before any work -----------------------------------------------------------------------
+# ---- every flag is checked before any work -----------------------------------------------------------------
 
 @pytest.mark.parametrize("flags, message", [
     (["--pretrain-batch", "0"], "--pretrain-batch must be >= 1"),
@@ -86,9 +88,9 @@ def test_nan_checkpoint_gives_no_metric_and_names_the_checkpoint(ckpt, tmp_path)
     (["--n-train", "0"], "--n-train must be >= 1"),
     (["--pretrain-lr", "-1"], "--pretrain-lr must be > 0"),
     (["--finetune-lr", "nan"], "--finetune-lr must be a finite number"),
-    (["--lambda-structure", "-1"], "--lambda-structure must be >= 0"),  # it used to switch the loss off
+    (["--lambda-structure", "-1"], "--lambda-structure must be >= 0"),  # refused, not read as "off"
     (["--lambda-contrastive", "-0.5"], "--lambda-contrastive must be >= 0"),
-    (["--stop-after", "-2"], "--stop-after must be >= 0"),  # it used to be ignored
+    (["--stop-after", "-2"], "--stop-after must be >= 0"),  # refused, not ignored
     (["--warmup-frac", "2"], "--warmup-frac is a fraction"),
     (["--image-size", "30"], "--image-size 30 must be a multiple of --patch-size 16"),
     (["--llm-heads", "5"], "--llm-width 64 must be a multiple of --llm-heads 5"),
@@ -111,7 +113,8 @@ def test_global_batches_must_split_over_the_ranks(tmp_path, monkeypatch):
 
 def test_empty_hugging_face_directories_are_refused(tmp_path):
     with pytest.raises(SystemExit, match="--llm .*not a Hugging Face model directory"):
-        train.main(TINY + ["--llm", str(tmp_path), "--vision", str(tmp_path), "--out", str(tmp_path / "x.pt")])
+        train.main(TINY + ["--llm", str(tmp_path), "--vision", str(tmp_path), "--out",
+                           str(tmp_path / "x.pt")])
 
 
 @pytest.mark.parametrize("where", ["a directory", "under a file"])
@@ -146,12 +149,13 @@ def test_eval_json_path_checked_before_the_evaluation(ckpt, tmp_path):
     assert json.loads(out.read_text()) == pytest.approx(metrics)
 
 
-# ---- checkpoints --------------------------------------------------------------------------------------------------
+# ---- checkpoints -------------------------------------------------------------------------------------------
 
 def test_checkpoint_with_format_but_missing_fields_is_refused(tmp_path):
     path = tmp_path / "partial.pt"
     torch.save({"format": train.CKPT_FORMAT, "stage": "finetune"}, path)
-    with pytest.raises(SystemExit, match=r"partial\.pt: an incomplete unimllm checkpoint: no step, .*tokenizer"):
+    with pytest.raises(SystemExit,
+                       match=r"partial\.pt: an incomplete unimllm checkpoint: no step, .*tokenizer"):
         E.main(["--ckpt", str(path)])
     with pytest.raises(SystemExit, match="incomplete unimllm checkpoint"):
         train.main(TINY + ["--init", str(path), "--out", str(tmp_path / "x.pt")])
@@ -181,10 +185,11 @@ def test_failed_save_leaves_no_temporary_file(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-# ---- data files ---------------------------------------------------------------------------------------------------
+# ---- data files --------------------------------------------------------------------------------------------
 
 def test_karpathy_training_uses_train_and_restval_only(tmp_path):
-    kp = karpathy(tmp_path, [("train", "a cat."), ("restval", "a dog."), ("test", "a cow."), ("val", "a hen.")])
+    kp = karpathy(tmp_path, [("train", "a cat."), ("restval", "a dog."), ("test", "a cow."),
+                             ("val", "a hen.")])
     cfg = train.parse_args(TINY + ["--data", str(kp), "--out", str(tmp_path / "x.pt")])
     _, corpus = train.tokenizer_and_corpus(cfg, None)
     assert sorted(p.short_caption for p in corpus.pairs) == ["a cat.", "a dog."]
@@ -197,7 +202,8 @@ def test_karpathy_training_uses_train_and_restval_only(tmp_path):
 
 
 def test_karpathy_evaluation_scores_the_test_split_only(ckpt, tmp_path, monkeypatch):
-    kp = karpathy(tmp_path, [("train", "a cat."), ("test", "a cow."), ("test", "a hen."), ("restval", "a dog.")])
+    kp = karpathy(tmp_path, [("train", "a cat."), ("test", "a cow."), ("test", "a hen."),
+                             ("restval", "a dog.")])
     seen = []
     real = E.eval_retrieval
     monkeypatch.setattr(E, "eval_retrieval", lambda pairs, *a: seen.append([p.short_caption for p in pairs])
@@ -217,33 +223,35 @@ def test_over_long_sample_refused_before_the_first_step_from_scratch(tmp_path):
 
 
 def test_check_measures_against_the_training_context(tmp_path):
-    # 13 images are 208 image tokens: over train.py's default context of 192, under the 512 `check` used to assume
+    # 13 images are 208 image tokens, over train.py's default context of 192, which check measures against
     path = llava_one(tmp_path, "red", n_images=13)
-    problems = D.check(path)
-    assert [(p.index, p.field) for p in problems] == [(0, "<sample>")] and "at most 192" in problems[0].expected
+    problems = data.check(path)
+    assert [(p.index, p.field) for p in problems] == [(0, "<sample>")]
+    assert "at most 192" in problems[0].expected
 
 
 def test_check_counts_the_soft_prompt_of_pairs(tmp_path):
     kp = karpathy(tmp_path, [("train", "a small red square to the left of a blue circle.")])
-    tok = D.train_tokenizer(D.world_texts(D.make_world("train", 8, 0)), 600)
-    pair = D.load_dataset(kp).pairs[0]
-    batch = D.collate_pairs([pair], tok, 16, D.n_soft_tokens(tok), 10 ** 6)  # the sequence training builds
+    tok = data.train_tokenizer(data.world_texts(data.make_world("train", 8, 0)), 600)
+    pair = data.load_dataset(kp).pairs[0]
+    # the sequence training builds
+    batch = data.collate_pairs([pair], tok, 16, data.n_soft_tokens(tok), 10 ** 6)
     n = batch["img_ids"].shape[1]
-    assert D.check(kp, tok, n_image_tokens=16, max_len=n) == []
-    assert [p.field for p in D.check(kp, tok, n_image_tokens=16, max_len=n - 1)] == ["<pair>"]
+    assert data.check(kp, tok, n_image_tokens=16, max_len=n) == []
+    assert [p.field for p in data.check(kp, tok, n_image_tokens=16, max_len=n - 1)] == ["<pair>"]
 
 
 def test_decompression_bomb_is_a_data_problem(tmp_path, monkeypatch):
     kp = karpathy(tmp_path, [("train", "a cat.")])
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 32x32 = 1024 pixels, over twice the limit
-    assert [p.field for p in D.check(kp)] == ["filename"] and "too large" in D.check(kp)[0].expected
+    assert [p.field for p in data.check(kp)] == ["filename"] and "too large" in data.check(kp)[0].expected
     with pytest.raises(SystemExit, match=r"(?s)--data .*record 0: field 'filename': image .* too large"):
         train.main(TINY + ["--data", str(kp), "--method", "vladva", "--out", str(tmp_path / "x.pt")])
 
 
 def test_16_bit_png_keeps_its_grey_level(tmp_path):
     Image.fromarray(np.full((8, 8), 32768, dtype=np.uint16)).save(tmp_path / "g16.png")  # mode I;16
-    x = D.load_image(tmp_path / "g16.png", 8)
+    x = data.load_image(tmp_path / "g16.png", 8)
     torch.testing.assert_close(x, torch.full((3, 8, 8), 32768 / 65535), atol=1 / 255, rtol=0)
 
 
@@ -251,7 +259,7 @@ def test_16_bit_png_keeps_its_grey_level(tmp_path):
                                         ("kp.json", '{"images": []}')])
 def test_empty_file_fails_check(tmp_path, name, text):
     (tmp_path / name).write_text(text)
-    assert [p.expected for p in D.check(tmp_path / name)] == ["at least one record (the file has none)"]
+    assert [p.expected for p in data.check(tmp_path / name)] == ["at least one record (the file has none)"]
 
 
 @pytest.mark.parametrize("kind", ["garbage", "not features"])
@@ -266,29 +274,31 @@ def test_features_errors_are_reported_as_features(tmp_path, kind):
 def test_each_problem_is_reported_once_in_json_terms(tmp_path):
     png(tmp_path / "k0.png")
     cases = {
-        "k.json": json.dumps({"images": [{"filename": "k0.png", "split": "train", "sentences": [{"text": "x"}]}]}),
+        "k.json": json.dumps({"images": [{"filename": "k0.png", "split": "train",
+                                          "sentences": [{"text": "x"}]}]}),
         "l.json": json.dumps([{"conversations": ["hello", {"from": "gpt", "value": "hi"}]}]),
         "m.jsonl": json.dumps({"text_list": ["a"], "image_info": [{"image_name": "k0.png",
                                                                     "matched_text_index": None}]}),
     }
     for name, text in cases.items():
         (tmp_path / name).write_text(text)
-    assert [str(p) for p in D.check(tmp_path / "k.json")] == [
+    assert [str(p) for p in data.check(tmp_path / "k.json")] == [
         "record 0.sentences[0]: field 'raw': a required field 'raw' (missing)"]
-    assert [str(p) for p in D.check(tmp_path / "l.json")] == [
+    assert [str(p) for p in data.check(tmp_path / "l.json")] == [
         "record 0.conversations[0]: field '<record>': a JSON object, got string"]
-    assert [str(p) for p in D.check(tmp_path / "m.jsonl")] == [
+    assert [str(p) for p in data.check(tmp_path / "m.jsonl")] == [
         "record 1.image_info[0]: field 'matched_text_index': type integer, got null"]
     feats = tmp_path / "f.safetensors"
-    D.save_features(feats, {"image:a.png": (torch.ones(3), torch.ones(2) / 2 ** .5)})  # .uni is not unit norm
-    assert [(p.index, p.field) for p in D.check(feats)] == [("image:a.png.uni", "uni")]
+    # .uni is not unit norm
+    data.save_features(feats, {"image:a.png": (torch.ones(3), torch.ones(2) / 2 ** .5)})
+    assert [(p.index, p.field) for p in data.check(feats)] == [("image:a.png.uni", "uni")]
 
 
 def test_mmc4_records_are_numbered_by_line_from_one(tmp_path):
     png(tmp_path / "k0.png")
     good = json.dumps({"text_list": ["a"], "image_info": [{"image_name": "k0.png", "matched_text_index": 0}]})
     (tmp_path / "m.jsonl").write_text(good + "\n{broken\n" + good + "\n")
-    assert [(p.index, p.field) for p in D.check(tmp_path / "m.jsonl")] == [(2, "<line>")]
+    assert [(p.index, p.field) for p in data.check(tmp_path / "m.jsonl")] == [(2, "<line>")]
 
 
 def test_winoground_problems_name_the_file_line_and_field(tmp_path, ckpt):
@@ -301,7 +311,7 @@ def test_winoground_problems_name_the_file_line_and_field(tmp_path, ckpt):
              {**good, "image_1": "k0.png"}]
     path = tmp_path / "wino.jsonl"
     path.write_text("".join(json.dumps(x) + "\n" for x in lines) + "{broken\n")
-    assert [str(p) for p in D.check(path)] == [
+    assert [str(p) for p in data.check(path)] == [
         "record 2: field 'caption_1': type string, got null",
         "record 3: field 'image_0': a required field 'image_0' (missing)",
         f"record 4: field 'image_1': missing image file {tmp_path / 'nope.png'}",
@@ -330,7 +340,7 @@ def test_interleaved_suite_refuses_documents_it_cannot_query(tmp_path):
     path.write_text("\n" + json.dumps(doc) + "\n")
     room = model.cfg.llm.max_seq_len - model.cfg.n_soft_tokens
     # the document fits the context; its sentence with the soft prompt does not
-    D.load_dataset(path, tok, max_len=model.cfg.llm.max_seq_len)
-    assert D.sample_lengths([D.Sample([D.text_seg(long, False)])], tok, 16)[0] > room
+    data.load_dataset(path, tok, max_len=model.cfg.llm.max_seq_len)
+    assert data.sample_lengths([data.Sample([data.text_seg(long, False)])], tok, 16)[0] > room
     with pytest.raises(SystemExit, match=r"long.jsonl: record 2: a sentence with the summary's soft prompt"):
         E.main(["--ckpt", str(tmp_path / "c.pt"), "--data", str(path)])

@@ -1,8 +1,8 @@
 """Tests for data.py: the built-in world, tokenizer, collate / collate_pairs, readers and the validator.
 
 Every caption, answer and negative is checked by an INDEPENDENT checker written here: a regex grammar of the
-world's sentences evaluated against the ground-truth objects (shape, colour, size, grid row/col) — it never calls
-data.py's caption/negative code. Readers round-trip fixtures this file writes in each format.
+world's sentences evaluated against the ground-truth objects (shape, colour, size, grid row/col) — it never
+calls data.py's caption/negative code. Readers round-trip fixtures this file writes in each format.
 
 Run: .venv/bin/python -m pytest tests/test_data.py -x -q
 """
@@ -24,20 +24,21 @@ import data
 ROOT = Path(__file__).resolve().parents[1]
 FAST = settings(max_examples=12, deadline=None)
 
-# ---- the independent checker ------------------------------------------------------------------------------------
+# ---- the independent checker -------------------------------------------------------------------------------
 C = "red|green|blue|yellow|purple|cyan"
 S = "square|circle|triangle|cross"
 NP_RE = rf"a (?:(small|large) )?({C}) ({S})"
 REL_RE = "to the left of|to the right of|above|below"
 PHRASE_RE = re.compile(rf"^{NP_RE}(?: ({REL_RE}) {NP_RE})?((?: and {NP_RE})*)$")
 REL = {"to the left of": "left", "to the right of": "right", "above": "above", "below": "below"}
-POS = {"top left": (0, 0), "top": (0, 1), "top right": (0, 2), "left": (1, 0), "center": (1, 1), "right": (1, 2),
-       "bottom left": (2, 0), "bottom": (2, 1), "bottom right": (2, 2)}
+POS = {"top left": (0, 0), "top": (0, 1), "top right": (0, 2), "left": (1, 0), "center": (1, 1),
+       "right": (1, 2), "bottom left": (2, 0), "bottom": (2, 1), "bottom right": (2, 2)}
 NUM = ["zero", "one", "two", "three", "four"]
 
 
 def holds(a, rel, b) -> bool:
-    return {"left": a.col < b.col, "right": a.col > b.col, "above": a.row < b.row, "below": a.row > b.row}[rel]
+    return {"left": a.col < b.col, "right": a.col > b.col, "above": a.row < b.row,
+            "below": a.row > b.row}[rel]
 
 
 def matches(o, np_) -> bool:
@@ -74,7 +75,8 @@ def check_long(text: str, objs) -> None:
     seen = set()
     for s in obj_sents:
         m = re.fullmatch(rf"a (small|large) ({C}) ({S}) at the (.+)", s)
-        hit = [o for o in objs if (o.size, o.colour, o.shape, (o.row, o.col)) == (m[1], m[2], m[3], POS[m[4]])]
+        hit = [o for o in objs if (o.size, o.colour, o.shape, (o.row, o.col))
+               == (m[1], m[2], m[3], POS[m[4]])]
         assert len(hit) == 1, s
         seen.add(id(hit[0]))
     assert len(seen) == n  # every object described
@@ -136,7 +138,7 @@ def differs_as(cat: str, pos: str, neg: str) -> bool:
     raise AssertionError(cat)
 
 
-# ---- fixtures -----------------------------------------------------------------------------------------------------
+# ---- fixtures ----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def train_world():
     return data.make_world("train", 120, 0)
@@ -147,7 +149,7 @@ def tok(train_world):
     return data.train_tokenizer(data.world_texts(train_world))
 
 
-# ---- the world ----------------------------------------------------------------------------------------------------
+# ---- the world ---------------------------------------------------------------------------------------------
 @FAST
 @given(seed=st.integers(0, 10**6), split=st.sampled_from(["train", "test"]))
 def test_deterministic_per_seed(seed, split):
@@ -199,7 +201,8 @@ def test_winoground_and_stories(seed):
             s = cur.sentence
             if m := re.fullmatch(rf"a (small|large) ({C}) ({S}) appears at the (.+)\.", s):
                 assert len(objs) == len(prev.graph.objects) + 1
-                assert any((o.size, o.colour, o.shape, (o.row, o.col)) == (m[1], m[2], m[3], POS[m[4]]) for o in objs)
+                assert any((o.size, o.colour, o.shape, (o.row, o.col)) == (m[1], m[2], m[3], POS[m[4]])
+                           for o in objs)
             elif m := re.fullmatch(rf"the ({C}) ({S}) moves to the (.+)\.", s):
                 assert any((o.colour, o.shape, (o.row, o.col)) == (m[1], m[2], POS[m[3]]) for o in objs)
             else:
@@ -224,9 +227,9 @@ def test_train_test_disjoint_and_rag_names(train_world):
 
 
 def test_rag_answer_tokens_occur_in_the_description():
-    """Answering a RAG question is copying: the answer's tokens (as collate encodes an answer after the question,
-    with a leading space) are a contiguous run of the description's tokens, with the tokenizer of the world's
-    texts, for test names never seen in training."""
+    """Answering a RAG question is copying: the answer's tokens (as collate encodes an answer after the
+    question, with a leading space) are a contiguous run of the description's tokens, with the tokenizer of
+    the world's texts, for test names never seen in training."""
     tok = data.train_tokenizer(data.world_texts(data.make_world("train", 200, 0)), 1024)
     for e in data.make_world("test", 40, 0).kb.entries:
         ans = tok.encode(data.segment_text(e.name, after_text=True))
@@ -239,7 +242,8 @@ def test_images_render_the_graph():
     for s in w.scenes:
         img = s.image
         assert img.shape == (3, 32, 32) and 0 <= img.min() and img.max() <= 1
-        for o in s.graph.objects:  # the cell centre has the object's colour (all our shapes cover their centre)
+        # the cell centre has the object's colour (all our shapes cover their centre)
+        for o in s.graph.objects:
             y, x = int((o.row + 0.5) * 32 / 3), int((o.col + 0.5) * 32 / 3)
             want = torch.tensor(data.COLOURS[o.colour], dtype=torch.float32) / 255
             assert (img[:, y, x] - want).abs().max() < 0.15
@@ -325,11 +329,12 @@ def test_teacher_features(train_world):
     assert near > float((unrelated @ sc[0].uni_image).mean()) + 0.2
 
 
-# ---- tokenizer ----------------------------------------------------------------------------------------------------
+# ---- tokenizer ---------------------------------------------------------------------------------------------
 def test_tokenizer_words_single_tokens_and_roundtrip(tok, train_world, tmp_path):
     names = {e.name for e in train_world.kb.entries}
     for t in data.world_texts(train_world):
-        if not any(n in t for n in names) and "Summarize" not in t:  # every word and punctuation mark: one token
+        # every word and punctuation mark: one token
+        if not any(n in t for n in names) and "Summarize" not in t:
             assert len(tok.encode(t)) == len(re.findall(r"\w+|[^\w\s]", t)), t
     for a in {a for s in train_world.scenes for _, a in s.vqa + s.pope}:  # answers as collate encodes them
         assert len(tok.encode(data.segment_text(a, after_text=True))) == 1, a
@@ -346,7 +351,8 @@ def test_load_tokenizer_adds_specials(tmp_path):
     from tokenizers import Tokenizer as HF, models, pre_tokenizers, trainers
     hf = HF(models.BPE(unk_token="<unk>"))
     hf.pre_tokenizer = pre_tokenizers.Whitespace()
-    hf.train_from_iterator(["a red square", "a blue circle"] * 5, trainers.BpeTrainer(special_tokens=["<unk>", "<s>"]))
+    hf.train_from_iterator(["a red square", "a blue circle"] * 5,
+                           trainers.BpeTrainer(special_tokens=["<unk>", "<s>"]))
     p = tmp_path / "tokenizer.json"
     hf.save(str(p))
     t = data.load_tokenizer(p)
@@ -357,7 +363,7 @@ def test_load_tokenizer_adds_specials(tmp_path):
         data.load_tokenizer(tmp_path / "nope.json")
 
 
-# ---- collate ------------------------------------------------------------------------------------------------------
+# ---- collate -----------------------------------------------------------------------------------------------
 seg_strategy = st.one_of(
     st.tuples(st.just("image"), st.booleans()),
     st.tuples(st.sampled_from(["a red square", "what colour is the circle?", "blue", "the cross moves."]),
@@ -365,7 +371,8 @@ seg_strategy = st.one_of(
 
 
 @settings(max_examples=25, deadline=None)
-@given(specs=st.lists(st.lists(seg_strategy, min_size=1, max_size=6), min_size=1, max_size=4), data_=st.data())
+@given(specs=st.lists(st.lists(seg_strategy, min_size=1, max_size=6), min_size=1, max_size=4),
+       data_=st.data())
 def test_collate_invariants(tok, specs, data_):
     n_img = 4
     samples, expected = [], []
@@ -393,7 +400,8 @@ def test_collate_invariants(tok, specs, data_):
     assert T == max(len(i) for i, _ in expected)
     for r, (ids, labs) in enumerate(expected):
         assert b["input_ids"][r, :len(ids)].tolist() == ids and b["labels"][r, :len(labs)].tolist() == labs
-        assert (b["input_ids"][r, len(ids):] == tok.pad_id).all() and (b["labels"][r, len(ids):] == -100).all()
+        assert (b["input_ids"][r, len(ids):] == tok.pad_id).all()
+        assert (b["labels"][r, len(ids):] == -100).all()
         assert b["attention_mask"][r].sum() == len(ids)
     assert (b["labels"][b["input_ids"] == tok.image_id] == -100).all()
     n_images = sum(w == "image" for spec in specs for w, _ in spec)
@@ -407,7 +415,8 @@ def test_collate_invariants(tok, specs, data_):
             assert b["seg_batch"][g] == r and b["seg_is_image"][g] == (what == "image")
             toks = b["input_ids"][r, b["seg_start"][g]:b["seg_end"][g]].tolist()
             if what == "image":
-                assert toks == [tok.image_id] * n_img and b["has_teacher"][g] == False  # noqa: E712 (no cross)
+                assert toks == [tok.image_id] * n_img
+                assert b["has_teacher"][g] == False  # noqa: E712 (no cross)
                 assert b["slice_uni"][g].sum() > 0
             else:
                 assert tok.decode(toks).strip() == what and not b["slice_uni"][g].any()
@@ -440,7 +449,8 @@ def test_world_builders_collate(tok, train_world):
     n_img = 16
     pre = data.pretrain_samples(train_world)
     b = data.collate(pre[:32], tok, n_img, 512)
-    assert b["slice_uni"].shape[1] == train_world.uni_dim and b["slice_cross"].shape[1] == train_world.cross_dim
+    assert b["slice_uni"].shape[1] == train_world.uni_dim
+    assert b["slice_cross"].shape[1] == train_world.cross_dim
     st_ = data.story_samples(train_world)
     b = data.collate(st_[:4], tok, n_img, 512)
     assert b["has_teacher"].all() and len(b["prefix_seg"]) == 4 * 8
@@ -452,7 +462,8 @@ def test_world_builders_collate(tok, train_world):
 def test_collate_pairs(tok, train_world):
     K = data.n_soft_tokens(tok)
     ia, ta = data.soft_prompt_ids(tok)
-    assert len(ia) == len(ta) == K and ia[:len(tok.encode(data.IMAGE_PROMPT))] == tok.encode(data.IMAGE_PROMPT)
+    assert len(ia) == len(ta) == K
+    assert ia[:len(tok.encode(data.IMAGE_PROMPT))] == tok.encode(data.IMAGE_PROMPT)
     sc = train_world.scenes[:5]
     items = sc[:3] + [(s.image, s.short_caption, s.long_caption) for s in sc[3:]]
     b = data.collate_pairs(items, tok, 16, K, 512)
@@ -532,7 +543,7 @@ def test_collate_pairs_layout_written_out():
     assert torch.equal(b["images"], ims)
 
 
-# ---- readers ------------------------------------------------------------------------------------------------------
+# ---- readers -----------------------------------------------------------------------------------------------
 def write_png(path: Path, seed: int) -> torch.Tensor:
     arr = np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     Image.fromarray(arr).save(path)
@@ -557,12 +568,15 @@ def test_llava_roundtrip(tmp_path, imgs):
     d = data.load_dataset(p)
     assert d.format == "llava" and len(d.samples) == 3
     s0 = d.samples[0].segments
-    assert [(s.kind, s.text, s.loss) for s in s0] == [("image", None, False), ("text", "What colour is it?", False),
-                                                      ("text", "red", True), ("text", "And the shape?", False),
+    assert [(s.kind, s.text, s.loss) for s in s0] == [("image", None, False),
+                                                      ("text", "What colour is it?", False),
+                                                      ("text", "red", True),
+                                                      ("text", "And the shape?", False),
                                                       ("text", "a square", True)]
     assert torch.allclose(s0[0].image, imgs["img/0.png"], atol=1 / 255)
     kinds = [(s.kind, s.text) for s in d.samples[1].segments]
-    assert kinds == [("image", None), ("text", "then"), ("image", None), ("text", "compare"), ("text", "same")]
+    assert kinds == [("image", None), ("text", "then"), ("image", None), ("text", "compare"),
+                     ("text", "same")]
     assert torch.allclose(d.samples[1].segments[2].image, imgs["img/2.png"], atol=1 / 255)
 
 
@@ -576,11 +590,13 @@ def test_llava_questions_are_the_conversation_before_each_answer(tmp_path, imgs)
     qs = data.load_dataset(p).questions
     got = [([(s.kind, s.text) for s in q.prompt.segments], q.answer, q.kind, q.type) for q in qs]
     assert got == [([("image", None), ("text", "What colour is it?")], "red", "vqa", "colour"),
-                   ([("image", None), ("text", "What colour is it?"), ("text", "red"), ("text", "And the shape?")],
+                   ([("image", None), ("text", "What colour is it?"), ("text", "red"),
+                     ("text", "And the shape?")],
                     "a square", "vqa", "colour"),
                    ([("text", "hi")], "hello", "vqa", None)]
     p.write_text(json.dumps([{**recs[1], "type": 3}]))
-    assert [str(x) for x in data.check(p)] == ["record 0: field 'type': a non-empty question type string, got integer"]
+    assert [str(x) for x in data.check(p)] == ["record 0: field 'type': a non-empty question type "
+                                               "string, got integer"]
 
 
 def test_pope_roundtrip_and_problems(tmp_path, imgs):
@@ -589,7 +605,8 @@ def test_pope_roundtrip_and_problems(tmp_path, imgs):
     p = tmp_path / "pope.jsonl"
     p.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     d = data.load_dataset(p)
-    assert d.format == "pope" and [(q.answer, q.kind) for q in d.questions] == [("no", "pope"), ("yes", "pope")]
+    assert d.format == "pope" and [(q.answer, q.kind) for q in d.questions] == [("no", "pope"),
+                                                                                ("yes", "pope")]
     assert [(s.kind, s.text, s.loss) for s in d.samples[1].segments] == [
         ("image", None, False), ("text", "Is there a dog?", False), ("text", "yes", True)]
     assert torch.allclose(d.questions[1].prompt.segments[0].image, imgs["img/1.png"], atol=1 / 255)
@@ -605,7 +622,8 @@ def test_pope_roundtrip_and_problems(tmp_path, imgs):
 
 def test_karpathy_roundtrip(tmp_path, imgs):
     root = {"dataset": "coco", "images": [
-        {"filepath": "img", "filename": "0.png", "split": "test", "sentences": [{"raw": "A dog."}, {"raw": "A pet"}]},
+        {"filepath": "img", "filename": "0.png", "split": "test",
+         "sentences": [{"raw": "A dog."}, {"raw": "A pet"}]},
         {"filename": "img/1.png", "split": "restval", "sentences": [{"raw": "A cat."}]}]}
     p = tmp_path / "karpathy.json"
     p.write_text(json.dumps(root))
@@ -619,10 +637,12 @@ def test_karpathy_roundtrip(tmp_path, imgs):
 
 def test_mmc4_and_features_roundtrip(tmp_path, imgs):
     docs = [{"text_list": ["first sentence.", "second one."], "image_info": [
-        {"image_name": "img/0.png", "matched_text_index": 1}, {"image_name": "img/1.png", "matched_text_index": 0}]}]
+        {"image_name": "img/0.png", "matched_text_index": 1},
+        {"image_name": "img/1.png", "matched_text_index": 0}]}]
     p = tmp_path / "docs.jsonl"
     p.write_text("\n".join(json.dumps(x) for x in docs) + "\n")
-    unit = lambda k, d: torch.nn.functional.normalize(torch.randn(d, generator=torch.Generator().manual_seed(k)), dim=0)  # noqa: E731
+    unit = lambda k, d: torch.nn.functional.normalize(  # noqa: E731
+        torch.randn(d, generator=torch.Generator().manual_seed(k)), dim=0)
     feats = {data.feature_key("image", "img/0.png"): (unit(0, 6), unit(1, 4)),
              data.feature_key("text", "second one."): (unit(2, 6), unit(3, 4))}
     fp = tmp_path / "feats.safetensors"
@@ -633,7 +653,8 @@ def test_mmc4_and_features_roundtrip(tmp_path, imgs):
                                                 ("text", "second one.")]
     assert d.samples[0].prefixes == [0, 1, 2, 3]
     assert torch.allclose(segs[0].image, imgs["img/1.png"], atol=1 / 255)
-    assert segs[0].uni is None and torch.equal(segs[2].uni, unit(0, 6)) and torch.equal(segs[3].cross, unit(3, 4))
+    assert segs[0].uni is None
+    assert torch.equal(segs[2].uni, unit(0, 6)) and torch.equal(segs[3].cross, unit(3, 4))
     assert data.load_dataset(fp).format == "features" and data.check(fp) == []
 
 
@@ -674,13 +695,17 @@ def test_every_problem_reported_at_once(tmp_path, imgs, tok):
         {"image": "img/bad.png", "conversations": [{"from": "human", "value": "<image> hi"},
                                                    {"from": "gpt", "value": "x"}]},               # 1 corrupt
         {"image": "img/0.png"},                                                                   # 2 no field
-        {"image": "img/0.png", "conversations": "hello"},                                         # 3 wrong type
+        {"image": "img/0.png",
+         "conversations": "hello"},                                         # 3 wrong type
         {"image": "img/0.png", "conversations": [{"from": "human", "value": "no placeholder"},
                                                  {"from": "gpt", "value": "x"}]},                 # 4 count
-        {"conversations": [{"from": "human", "value": "  "}, {"from": "gpt", "value": "x"}]},     # 5 empty text
-        {"conversations": [{"from": "human", "value": "red " * 300}, {"from": "gpt", "value": "x"}]},  # 6 too long
+        {"conversations": [{"from": "human", "value": "  "},
+                           {"from": "gpt", "value": "x"}]},     # 5 empty text
+        {"conversations": [{"from": "human", "value": "red " * 300},
+                           {"from": "gpt", "value": "x"}]},  # 6 too long
         {"image": "img/dir.png", "conversations": [{"from": "human", "value": "<image> hi"},
-                                                   {"from": "gpt", "value": "x"}]},               # 7 unreadable
+                                                   # 7 unreadable
+                                                   {"from": "gpt", "value": "x"}]},
         {"image": "img/1.png", "conversations": [{"from": "human", "value": "<image> fine"},
                                                  {"from": "gpt", "value": "ok"}]}]                # 8 fine
     p = tmp_path / "bad.json"
@@ -701,12 +726,14 @@ def test_every_problem_reported_at_once(tmp_path, imgs, tok):
     assert len(e.value.problems) == len(probs) and "record 4" in str(e.value)
     # MMC4 / Karpathy / SugarCrepe / features errors
     q = tmp_path / "bad.jsonl"
-    q.write_text('{"text_list": ["a"], "image_info": [{"image_name": "img/0.png", "matched_text_index": 5}]}\n'
+    q.write_text('{"text_list": ["a"], "image_info": [{"image_name": "img/0.png", '
+                 '"matched_text_index": 5}]}\n'
                  "{broken\n" + '{"image_info": []}\n')
     got = {(pr.index, pr.field) for pr in data.check(q, tok)}
     assert got == {(1, "image_info[0].matched_text_index"), (2, "<line>"), (3, "text_list")}  # lines
     k = tmp_path / "k.json"
-    k.write_text(json.dumps({"images": [{"filename": "img/0.png", "sentences": [{"raw": ""}]}, {"filename": 3}]}))
+    k.write_text(json.dumps({"images": [{"filename": "img/0.png", "sentences": [{"raw": ""}]},
+                                        {"filename": 3}]}))
     assert {(pr.index, pr.field) for pr in data.check(k, tok)} == {(0, "sentences[0].raw"), (1, "filename"),
                                                                    (1, "sentences")}
     s = tmp_path / "sc.json"
@@ -731,4 +758,5 @@ def test_check_cli(tmp_path, imgs):
     r = run(good)
     assert r.returncode == 0 and "OK" in r.stdout
     r = run(bad)
-    assert r.returncode == 1 and "record 0" in r.stdout and "missing image" in r.stdout and "non-empty" in r.stdout
+    assert r.returncode == 1
+    assert "record 0" in r.stdout and "missing image" in r.stdout and "non-empty" in r.stdout

@@ -5,8 +5,8 @@ alignment paths (their number is the Delannoy number), finite differences (gradc
 (`soft_dtw`, `dtw`, `gak`, `cdist_gak`, `sakoe_chiba_mask`). Mathematical properties use hypothesis.
 
 tslearn's GAK convention: `tslearn.metrics.gak(s1, s2, sigma)` uses the local kernel
-κ = exp(-φ) with φ = d²/(2σ²) + log(2 - exp(-d²/(2σ²))) (tslearn/metrics/_gak.py, `_log_gram_matrix`) and
-normalises as k(x,y)/sqrt(k(x,x) k(y,y)); this is exactly dtw.phi_sigma with the same σ, so σ is passed
+κ = exp(-φ) with φ = d²/(2σ²) + log(2 - exp(-d²/(2σ²))) (tslearn/metrics/_gak.py, `_log_gram_matrix`)
+and normalises as k(x,y)/sqrt(k(x,x) k(y,y)); this is exactly dtw.phi_sigma with the same σ, so σ is passed
 through unchanged (no conversion factor).
 
 Run: python -m pytest tests/test_dtw.py -x -q          (slow ones: add -m slow)
@@ -28,7 +28,8 @@ import dtw  # noqa: E402
 
 try:
     import tslearn.metrics as tslearn_metrics
-except ImportError:  # only the tests marked TSLEARN use it (tests/conftest.py skips them, or fails them under CI)
+# only the tests marked TSLEARN use it (tests/conftest.py skips them, or fails them under CI)
+except ImportError:
     tslearn_metrics = None
 TSLEARN = pytest.mark.reference("tslearn.metrics")
 
@@ -133,7 +134,8 @@ def test_soft_dtw_equals_brute_force(n: int, m: int, gamma: float, radius: int |
 def test_hard_dtw_is_min_over_paths(n: int, m: int, seed: int, radius: int | None) -> None:
     cost = rng_from(seed).uniform(0, 3, size=(n, m))
     want, _ = brute_soft_dtw(cost, 0.0, radius)
-    assert dtw.soft_dtw(torch.tensor(cost[None]), 0.0, bandwidth=radius).item() == pytest.approx(want, rel=1e-12)
+    got = dtw.soft_dtw(torch.tensor(cost[None]), 0.0, bandwidth=radius).item()
+    assert got == pytest.approx(want, rel=1e-12)
     # γ → 0 converges to hard DTW: |sdtw_γ - dtw| ≤ γ log(#paths)
     soft = dtw.soft_dtw(torch.tensor(cost[None]), 1e-4, bandwidth=radius).item()
     assert want - 1e-4 * math.log(delannoy(n - 1, m - 1)) - 1e-12 <= soft <= want + 1e-12
@@ -158,7 +160,8 @@ def test_gradcheck_divergence_and_gak() -> None:
 
 @settings(max_examples=25, deadline=None)
 @given(seed=seeds, gamma=gammas, radius=radii, batch=st.integers(1, 5))
-def test_batched_variable_lengths_equal_unpadded(seed: int, gamma: float, radius: int | None, batch: int) -> None:
+def test_batched_variable_lengths_equal_unpadded(seed: int, gamma: float, radius: int | None,
+                                                 batch: int) -> None:
     rng = rng_from(seed)
     n, m = 6, 5
     xl, yl = rng.integers(1, n + 1, size=batch), rng.integers(1, m + 1, size=batch)
@@ -209,7 +212,8 @@ def test_hard_path_properties(n: int, m: int, seed: int, radius: int | None) -> 
         mask = tslearn_metrics.sakoe_chiba_mask(n, m, radius=radius)
         assert all(mask[i, j] for i, j in path)
     path_cost = sum(cost[i, j].item() for i, j in path)
-    want = min(sum(cost[i, j].item() for i, j in p) for p in band_paths(n, m, radius)) if n + m <= 10 else None
+    want = min(sum(cost[i, j].item() for i, j in p)
+               for p in band_paths(n, m, radius)) if n + m <= 10 else None
     assert path_cost == pytest.approx(dtw.soft_dtw(cost[None], 0.0, bandwidth=radius).item(), rel=1e-12)
     if want is not None:
         assert path_cost == pytest.approx(want, rel=1e-12)
@@ -286,8 +290,8 @@ def test_gak_symmetric_unit_diagonal_psd_and_tslearn() -> None:
     pair = dtw.gak(x[i], x[j], 2.0, xl[i], xl[j])
     want = [tslearn_metrics.gak(seqs[a], seqs[b], sigma=2.0) for a, b in zip(i.tolist(), j.tolist())]
     np.testing.assert_allclose(pair.numpy(), want, rtol=1e-9, atol=1e-14)
-    np.testing.assert_allclose(dtw.gak_gram(x[:5], x[5:], 2.0, xl[:5], xl[5:]).numpy(), ref[:5, 5:], rtol=1e-9,
-                               atol=1e-14)
+    np.testing.assert_allclose(dtw.gak_gram(x[:5], x[5:], 2.0, xl[:5], xl[5:]).numpy(), ref[:5, 5:],
+                               rtol=1e-9, atol=1e-14)
 
 
 def tslearn_to_dataset(seqs: list[np.ndarray]) -> np.ndarray:
@@ -339,7 +343,8 @@ def test_pairwise_sq_euclidean_brute_force() -> None:
 def test_float32_gradient_precision_n512(seed: int) -> None:
     """float32 gradients within 2e-4 relative L2 of float64 at n = m = 512, unscaled N(0,1), d = 64.
 
-    Seeds 2 and 5 measured 2.5e-4 and 2.4e-4 while Q was float32 (seed 0: 1.4e-4); with Q in float64, ~1e-6."""
+    Q is kept in float64 for this: with Q in float32, seeds 2 and 5 reach 2.5e-4 and 2.4e-4 (seed 0: 1.4e-4);
+    with Q in float64, ~1e-6."""
     torch.manual_seed(seed)
     x64, y64 = torch.randn(1, 512, 64, dtype=torch.float64), torch.randn(1, 512, 64, dtype=torch.float64)
     for gamma in (1.0, 0.1):

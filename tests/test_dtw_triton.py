@@ -1,16 +1,16 @@
 """Tests for dtw.py's Triton kernels (the CUDA path), run on the CPU by Triton's interpreter.
 
 TRITON_INTERPRET=1 must be in the environment before triton is first imported, so under a plain
-`python -m pytest` this module holds one test that runs the module again in a subprocess with the variable set;
-in that subprocess, dtw._TRITON_ON_CPU = True sends CPU tensors through the kernels. References: the float64
-brute-force enumeration of all alignment paths from tests/test_dtw.py, and the CPU wavefront. Every kernel
-layout is exercised: many pairs per program (pair innermost), one pair per program (diagonal innermost), and
-one pair per program with diagonals cut into 2-cell chunks (the no-length-cap loop). Shapes are small: the
-interpreter runs each Triton op as numpy code. A second test compiles both kernels for an H100 (sm_90) without a
-GPU, which catches what the interpreter accepts but the compiler does not.
+`python -m pytest` this module holds one test that runs the module again in a subprocess with the variable
+set; in that subprocess, dtw._TRITON_ON_CPU = True sends CPU tensors through the kernels. References: the
+float64 brute-force enumeration of all alignment paths from tests/test_dtw.py, and the CPU wavefront. Every
+kernel layout is exercised: many pairs per program (pair innermost), one pair per program (diagonal
+innermost), and one pair per program with diagonals cut into 2-cell chunks (the no-length-cap loop). Shapes
+are small: the interpreter runs each Triton op as numpy code. A second test compiles both kernels for an H100
+(sm_90) without a GPU, which catches what the interpreter accepts but the compiler does not.
 
 Run: python -m pytest tests/test_dtw_triton.py -q
-     TRITON_INTERPRET=1 python -m pytest tests/test_dtw_triton.py -q      (the cases directly; slow ones: -m slow)
+     TRITON_INTERPRET=1 python -m pytest tests/test_dtw_triton.py -q  (the cases directly; -m slow: slow ones)
 """
 from __future__ import annotations
 
@@ -48,16 +48,19 @@ if not INTERPRETED:
         signature = {"cost_ptr": "*fp32", "q_ptr": "*fp64", "w_ptr": "*fp32", "offset_ptr": "*i64",
                      "xlen_ptr": "*i64", "ylen_ptr": "*i64", "batch": "i32", "n": "i32", "m": "i32",
                      "scale": "fp64", "band": "i32", "sentinel": "fp64", **{s: "i64" for s in strides["i64"]}}
-        constants = {"HARD": False, "BANDED": True, "STORE_W": True, "EXP_CUT": 40.0, "BLOCK_B": 1, "BLOCK_W": 256}
+        constants = {"HARD": False, "BANDED": True, "STORE_W": True, "EXP_CUT": 40.0, "BLOCK_B": 1,
+                     "BLOCK_W": 256}
         backward_signature = {"w_ptr": "*fp32", "e_ptr": "*fp32", "grad_ptr": "*fp32", "dvalue_ptr": "*fp32",
                               "offset_ptr": "*i64", "xlen_ptr": "*i64", "ylen_ptr": "*i64", "batch": "i32",
                               "n": "i32", "m": "i32", "flush": "fp32",
-                              **{s: "i64" for s in ["s_er", "s_eb", "s_wr", "s_wp", "s_wb", "s_gb", "s_gi", "s_gj"]}}
+                              **{s: "i64" for s in ["s_er", "s_eb", "s_wr", "s_wp", "s_wb", "s_gb", "s_gi",
+                                                    "s_gj"]}}
         for fn, sig, consts in ((forward_kernel, signature, constants),
                                 (backward_kernel, backward_signature, {"BLOCK_B": 32, "BLOCK_W": 8})):
             sig = {**sig, **{name: "constexpr" for name in consts}}
             names = list(sig)
-            source = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()})
+            source = ASTSource(fn=fn, signature=sig,
+                               constexprs={(names.index(k),): v for k, v in consts.items()})
             compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
             ptx = compiled.asm["ptx"]
             assert "bar.sync" in ptx and "ld.global.cg" in ptx  # the per-diagonal barrier and L2-only loads
@@ -65,7 +68,8 @@ if not INTERPRETED:
 else:
     from test_dtw import band_paths, brute_soft_dtw, rng_from  # noqa: E402
 
-    # (_MIN_PROGRAMS, _MAX_BLOCK_W): pairs-per-program layout, one pair per program, and 2-cell diagonal chunks
+    # (_MIN_PROGRAMS, _MAX_BLOCK_W): pairs-per-program layout, one pair per program, and 2-cell
+    # diagonal chunks
     LAYOUTS = {"pair_lanes": (1, 256), "diagonal": (10 ** 9, 256), "chunked": (10 ** 9, 2)}
 
     @pytest.fixture(params=list(LAYOUTS))
@@ -76,7 +80,8 @@ else:
         monkeypatch.setattr(dtw, "_MAX_BLOCK_W", block_w)
         return request.param
 
-    def ragged_batch(seed: int, batch: int = 6, n: int = 5, m: int = 4) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    def ragged_batch(seed: int, batch: int = 6, n: int = 5,
+                     m: int = 4) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
         """(batch, n, m) float64 costs with random lengths; NaN / +inf in the padding must never leak."""
         rng = rng_from(seed)
         xl, yl = rng.integers(1, n + 1, size=batch), rng.integers(1, m + 1, size=batch)
@@ -115,7 +120,8 @@ else:
             assert got[b].item() == pytest.approx(want, rel=1e-12)
             path = paths[b]
             assert path[0] == (0, 0) and path[-1] == (xl[b] - 1, yl[b] - 1)
-            assert all((i2 - i1, j2 - j1) in ((1, 0), (0, 1), (1, 1)) for (i1, j1), (i2, j2) in zip(path, path[1:]))
+            assert all((i2 - i1, j2 - j1) in ((1, 0), (0, 1), (1, 1))
+                       for (i1, j1), (i2, j2) in zip(path, path[1:]))
             assert sum(c[i, j].item() for i, j in path) == pytest.approx(want, rel=1e-12)
 
     @pytest.mark.parametrize("gamma", [0.0, 0.3])
@@ -137,7 +143,8 @@ else:
             torch.testing.assert_close(results[0][0], results[1][0], rtol=tol, atol=tol)
             torch.testing.assert_close(results[0][1], results[1][1], rtol=tol, atol=tol)
 
-    def test_divergence_gak_and_gram_equal_cpu_wavefront(layout: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    def test_divergence_gak_and_gram_equal_cpu_wavefront(layout: str,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
         rng = rng_from(8)
         x, y = torch.tensor(rng.normal(size=(3, 5, 2))), torch.tensor(rng.normal(size=(3, 4, 2)))
         xl, yl = torch.tensor([5, 2, 3]), torch.tensor([4, 4, 1])
@@ -155,7 +162,8 @@ else:
         try:
             for seed in seeds:
                 torch.manual_seed(seed)
-                x64, y64 = torch.randn(1, n, 64, dtype=torch.float64), torch.randn(1, n, 64, dtype=torch.float64)
+                x64 = torch.randn(1, n, 64, dtype=torch.float64)
+                y64 = torch.randn(1, n, 64, dtype=torch.float64)
                 for gamma in gammas:
                     grads = []
                     for dtype, triton_path in ((torch.float64, False), (torch.float32, True)):

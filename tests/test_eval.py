@@ -30,7 +30,8 @@ def test_perfect_embeddings_give_recall_one():
 def test_shuffled_index_gives_chance():
     # every query's positive sits at a known rank: rank i for query i -> recall@k = k / n exactly
     n = 20
-    scores = torch.arange(n, 0, -1, dtype=torch.float).repeat(n, 1)  # candidate c scores n - c for every query
+    # candidate c scores n - c for every query
+    scores = torch.arange(n, 0, -1, dtype=torch.float).repeat(n, 1)
     positive = torch.eye(n, dtype=torch.bool)  # query q's positive is candidate q, ranked q-th
     r = E.recall_at_k(scores, positive, (1, 5, 10))
     assert r == pytest.approx({1: 1 / n, 5: 5 / n, 10: 10 / n})
@@ -65,7 +66,8 @@ def test_pairwise_accuracy():
 def test_winoground_scores_known_cases():
     perfect = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
     assert E.winoground_scores(perfect) == {"text": 1.0, "image": 1.0, "group": 1.0}
-    # image 0 likes both captions most (a "bag of words" model): captions pick the right image only for caption 0
+    # image 0 likes both captions most (a "bag of words" model): captions pick the right image only for
+    # caption 0
     s = torch.tensor([[[0.9, 0.8], [0.1, 0.5]]])
     # text: image0 prefers cap0 (0.9 > 0.8), image1 prefers cap1 (0.5 > 0.1) -> 1
     # image: cap0 prefers image0 (0.9 > 0.1), cap1 prefers image1? 0.5 > 0.8 no -> 0
@@ -76,16 +78,18 @@ def test_winoground_scores_known_cases():
 
 def test_yes_no_metrics():
     truth = ["yes", "no", "yes", "no"]
-    assert E.yes_no_metrics(truth, truth) == {"acc": 1.0, "precision": 1.0, "recall": 1.0, "f1": 1.0, "yes_ratio": 0.5}
+    assert E.yes_no_metrics(truth, truth) == {"acc": 1.0, "precision": 1.0, "recall": 1.0, "f1": 1.0,
+                                              "yes_ratio": 0.5}
     always_yes = E.yes_no_metrics(["Yes."] * 4, truth)
-    assert always_yes == {"acc": 0.5, "precision": 0.5, "recall": 1.0, "f1": pytest.approx(2 * 2 / (2 * 2 + 2)),
-                          "yes_ratio": 1.0}
+    assert always_yes == {"acc": 0.5, "precision": 0.5, "recall": 1.0,
+                          "f1": pytest.approx(2 * 2 / (2 * 2 + 2)), "yes_ratio": 1.0}
     garbage = E.yes_no_metrics(["maybe"] * 4, truth)  # neither yes nor no: wrong, and not a "yes"
     assert garbage == {"acc": 0.0, "precision": 0.0, "recall": 0.0, "f1": 0.0, "yes_ratio": 0.0}
 
 
 @settings(max_examples=50, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(["yes", "no"]), st.sampled_from(["yes", "no"])), min_size=1, max_size=30))
+@given(st.lists(st.tuples(st.sampled_from(["yes", "no"]), st.sampled_from(["yes", "no"])), min_size=1,
+                max_size=30))
 def test_yes_no_metrics_match_confusion_counts(rows):
     """Against counts from an explicit loop over the confusion matrix."""
     pred, truth = [p for p, _ in rows], [t for _, t in rows]
@@ -94,7 +98,8 @@ def test_yes_no_metrics_match_confusion_counts(rows):
     prec = tp / (tp + fp) if tp + fp else 0.0
     rec = tp / (tp + fn) if tp + fn else 0.0
     m = E.yes_no_metrics(pred, truth)
-    assert m["acc"] == pytest.approx((tp + tn) / len(rows)) and m["yes_ratio"] == pytest.approx((tp + fp) / len(rows))
+    assert m["acc"] == pytest.approx((tp + tn) / len(rows))
+    assert m["yes_ratio"] == pytest.approx((tp + fp) / len(rows))
     assert m["precision"] == pytest.approx(prec) and m["recall"] == pytest.approx(rec)
     assert m["f1"] == pytest.approx(2 * prec * rec / (prec + rec) if prec + rec else 0.0)
 
@@ -112,18 +117,18 @@ def test_normalize_answer(pred, truth, same):
 
 
 def test_summary_row():
-    import data as D
-    rows = [D.summary_row(ids, 9, 2) for ids in ([5, 6, 7], [5, 6])]
+    import data
+    rows = [data.summary_row(ids, 9, 2) for ids in ([5, 6, 7], [5, 6])]
     assert rows == [([5, 6, 7, 9, 9], 4), ([5, 6, 9, 9], 3)]
 
 
 def test_eval_summaries_read_the_training_rows():
     """The Embedder's VladVA rows and summary positions are collate_pairs' (training's), token for token."""
-    import data as D
+    import data
     from types import SimpleNamespace
-    scenes = D.make_world("test", 3, 0, image_size=16).scenes
-    tok = D.train_tokenizer([s.short_caption + " " + s.long_caption for s in scenes], 300)
-    k, n_img = D.n_soft_tokens(tok), 4
+    scenes = data.make_world("test", 3, 0, image_size=16).scenes
+    tok = data.train_tokenizer([s.short_caption + " " + s.long_caption for s in scenes], 300)
+    k, n_img = data.n_soft_tokens(tok), 4
     seen = []
 
     class Recorder:  # stands in for the MLLM: records what the Embedder feeds it
@@ -141,7 +146,7 @@ def test_eval_summaries_read_the_training_rows():
     emb = E.Embedder(Recorder(), tok, 8, torch.device("cpu"))
     emb([E.img(s.image) for s in scenes], "summary", "image")
     emb([E.txt(s.short_caption) for s in scenes], "summary", "text")
-    b = D.collate_pairs(scenes, tok, n_img, k, 256)
+    b = data.collate_pairs(scenes, tok, n_img, k, 256)
     img_ids, img_pos, txt_ids, txt_pos = seen
     assert torch.equal(img_pos.cpu(), b["img_pos"]) and torch.equal(txt_pos.cpu(), b["txt_pos"])
     for row, pos, ref in zip(img_ids, img_pos, b["img_ids"]):
@@ -150,8 +155,8 @@ def test_eval_summaries_read_the_training_rows():
 
 
 def test_question_types_cover_the_world_templates():
-    import data as D
-    w = D.make_world("test", 30, 0)
+    import data
+    w = data.make_world("test", 30, 0)
     kinds = {E.question_type(q): q for s in w.scenes for q, _ in s.vqa}
     assert set(kinds) == {"count", "colour", "shape", "size", "relation"}
     assert kinds["relation"].startswith("is the")
@@ -243,17 +248,17 @@ def test_mmc4_and_winoground_files_give_their_metrics(tmp_path, monkeypatch):
 def test_interleaved_query_longer_than_the_context_drops_its_oldest_segments(tmp_path, monkeypatch):
     """A document that fits the context, whose last query does not once the summary's soft prompt is appended:
     the query keeps its newest segments (and the real model embeds it instead of refusing)."""
-    import data as D
+    import data
     from test_train import tiny_checkpoint
     write_shades(tmp_path)
     sentences = ["s zero one.", "s one two.", "s two three.", "s three zero."]
     docs = write_jsonl(tmp_path / "docs.jsonl", [doc(sentences, {"a": 0, "b": 1, "c": 2, "d": 3})])
     model, tok = tiny_checkpoint(tmp_path / "c.pt", ["s zero one two three."] * 3)
     room = model.cfg.llm.max_seq_len - model.cfg.n_soft_tokens
-    full = D.load_dataset(docs, tok, max_len=model.cfg.llm.max_seq_len).samples[0]
-    last = D.Sample([D.image_seg(s.image) if s.kind == "image" else D.text_seg(s.text, False)
-                     for s in full.segments[:6]] + [D.text_seg(sentences[3], False)])
-    assert D.sample_lengths([last], tok, 16)[0] > room  # the case: without the cut the model would refuse
+    full = data.load_dataset(docs, tok, max_len=model.cfg.llm.max_seq_len).samples[0]
+    last = data.Sample([data.image_seg(s.image) if s.kind == "image" else data.text_seg(s.text, False)
+                        for s in full.segments[:6]] + [data.text_seg(sentences[3], False)])
+    assert data.sample_lengths([last], tok, 16)[0] > room  # the case: without the cut the model would refuse
     seen = []
 
     class Recording(E.Embedder):
@@ -267,4 +272,5 @@ def test_interleaved_query_longer_than_the_context_drops_its_oldest_segments(tmp
     n_dropped = 7 - len(cut)
     assert n_dropped >= 1 and cut == [shade(x.image) if x.kind == "image" else x.text
                                       for x in last.segments[n_dropped:]]
-    assert D.sample_lengths([D.Sample(last.segments[n_dropped - 1:])], tok, 16)[0] > room  # none too many
+    assert data.sample_lengths([data.Sample(last.segments[n_dropped - 1:])], tok,
+                               16)[0] > room  # none too many

@@ -16,15 +16,15 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import data as D  # noqa: E402
+import data  # noqa: E402
 import eval as E  # noqa: E402
 
 TEACHER = {"pairs": "teacher", "interleaved": "teacher"}
 
 
 @pytest.fixture(scope="module")
-def world() -> D.World:
-    return D.make_world("test", 40, 1)
+def world() -> data.World:
+    return data.make_world("test", 40, 1)
 
 
 def pessimistic_recall_at_1(scores: list[list[float]], positive: list[list[bool]]) -> float:
@@ -46,9 +46,9 @@ def test_teacher_embedder_matches_a_loop_over_the_world_features(world):
     t2i = [[dot(a.cross_short, b.cross_image) for b in scenes] for a in scenes]
     assert got["retrieval/t2i_r1"] == pytest.approx(pessimistic_recall_at_1(t2i, same))
     # SugarCrepe-style: the image's cosine with its caption's features above that with the negative's
-    for cat in D.CATEGORIES:
-        right = [dot(s.cross_image, D.cross_features(D.cross_facts_phrase(s.phrase)))
-                 > dot(s.cross_image, D.cross_features(D.cross_facts_phrase(neg)))
+    for cat in data.CATEGORIES:
+        right = [dot(s.cross_image, data.cross_features(data.cross_facts_phrase(s.phrase)))
+                 > dot(s.cross_image, data.cross_features(data.cross_facts_phrase(neg)))
                  for s in scenes for c, neg in s.negative_phrases.items() if c == cat]
         if right:
             assert got[f"compositional/{cat}"] == pytest.approx(sum(right) / len(right)), cat
@@ -69,9 +69,10 @@ def test_random_embeddings_score_at_chance(world):
 
 
 def test_a_generator_that_reads_the_scene_scores_vqa_and_pope_one(world):
-    texts = [D.format_question(q) + " " + a for s in world.scenes for q, a in s.vqa + s.pope]
-    tok = D.train_tokenizer(texts, 400)
-    answers = {(s.image.numpy().tobytes(), D.format_question(q)): a for s in world.scenes for q, a in s.vqa + s.pope}
+    texts = [data.format_question(q) + " " + a for s in world.scenes for q, a in s.vqa + s.pope]
+    tok = data.train_tokenizer(texts, 400)
+    answers = {(s.image.numpy().tobytes(), data.format_question(q)): a
+               for s in world.scenes for q, a in s.vqa + s.pope}
 
     class SceneReader:  # what generate_answers needs of an MLLM, answering from the scene graph
         n_image_tokens = 4
@@ -101,7 +102,7 @@ class EntryCopier:
     n_image_tokens = 4
     cfg = SimpleNamespace(llm=SimpleNamespace(max_seq_len=128))
 
-    def __init__(self, tok: D.Tokenizer, fixed: str | None = None) -> None:
+    def __init__(self, tok: data.Tokenizer, fixed: str | None = None) -> None:
         self.tok, self.fixed = tok, fixed
 
     def answer(self, prompt: str) -> str:
@@ -123,7 +124,7 @@ class EntryCopier:
         return torch.tensor([r + [eos_id] * (width - len(r)) for r in rows])
 
 
-def ranked_embedder(world: D.World, runner_up: set[int]):
+def ranked_embedder(world: data.World, runner_up: set[int]):
     """Entry images embed as one-hot vectors; question n embeds on its own entry, except for n in `runner_up`,
     where it embeds closer to entry n+1 and ranks its own entry second: retrieval@1 = 1 - |runner_up| / E."""
     entries = world.kb.entries
@@ -145,8 +146,8 @@ def ranked_embedder(world: D.World, runner_up: set[int]):
 
 
 @pytest.fixture(scope="module")
-def world_tok(world) -> D.Tokenizer:
-    return D.train_tokenizer(D.world_texts(world))
+def world_tok(world) -> data.Tokenizer:
+    return data.train_tokenizer(data.world_texts(world))
 
 
 @pytest.mark.parametrize("k", [1, 2])
@@ -164,7 +165,7 @@ def test_rag_copier_scores_its_retrieval_and_one_with_the_right_entry(world, wor
 
 
 def test_rag_fixed_wrong_name_scores_zero(world, world_tok):
-    wrong = D.make_name(random.Random(0), "train")  # no test name is ever a training name
+    wrong = data.make_name(random.Random(0), "train")  # no test name is ever a training name
     emb = ranked_embedder(world, set())
     copier = EntryCopier(world_tok, wrong)
     got = E.eval_rag(world, copier, world_tok, emb, "summary", 1, torch.device("cpu"), 4)

@@ -1,5 +1,5 @@
-"""Tests for kernel.py: Sugar's triple kernel (Eq. 4), the GAK Gram targets (Eq. 2), the structure loss (Eq. 3),
-VladVA's cross-rank contrastive loss and the combined loss.
+"""Tests for kernel.py: Sugar's triple kernel (Eq. 4), the GAK Gram targets (Eq. 2), the structure loss
+(Eq. 3), VladVA's cross-rank contrastive loss and the combined loss.
 
 Every value is compared with an independent reference written here: float64 Python loops (with a naive GAK
 recursion, Cuturi's product-sum form, not dtw.py), tslearn.metrics.cdist_gak, finite differences (gradcheck),
@@ -37,8 +37,8 @@ def naive_sqdist(uni_a, cross_a, img_a, uni_b, cross_b, img_b) -> np.ndarray:
 
 
 def naive_gak(sq: np.ndarray, sigma: float) -> float:
-    """Unnormalised GAK (Cuturi et al. 2007): M[i, j] = k(i, j) * (M[i-1, j-1] + M[i-1, j] + M[i, j-1]), with the
-    local kernel k = exp(-phi_sigma) = e / (2 - e), e = exp(-d^2 / (2 sigma^2))."""
+    """Unnormalised GAK (Cuturi et al. 2007): M[i, j] = k(i, j) * (M[i-1, j-1] + M[i-1, j] + M[i, j-1]), with
+    the local kernel k = exp(-phi_sigma) = e / (2 - e), e = exp(-d^2 / (2 sigma^2))."""
     n, m = sq.shape
     table = [[0.0] * (m + 1) for _ in range(n + 1)]
     table[0][0] = 1.0
@@ -49,7 +49,8 @@ def naive_gak(sq: np.ndarray, sigma: float) -> float:
     return table[n][m]
 
 
-def naive_targets(uni, cross, img, prefix_slices, prefix_len, prefix_batch, sigma=None, delta=None) -> np.ndarray:
+def naive_targets(uni, cross, img, prefix_slices, prefix_len, prefix_batch, sigma=None,
+                  delta=None) -> np.ndarray:
     n_prefixes = len(prefix_len)
     seqs = [[int(s) for s in prefix_slices[p][: int(prefix_len[p])]] for p in range(n_prefixes)]
     out = np.ones((n_prefixes, n_prefixes))
@@ -179,7 +180,8 @@ def test_targets_match_tslearn_cdist_gak():
     mode=st.sampled_from(["sigma", "delta", "default"]),
 )
 def test_targets_properties(seed, n_prefixes, max_len, scale, mode):
-    uni, cross, img, ps, pl, pb = make_batch(seed, n_slices=8, n_prefixes=n_prefixes, max_len=max_len, n_samples=5)
+    uni, cross, img, ps, pl, pb = make_batch(seed, n_slices=8, n_prefixes=n_prefixes, max_len=max_len,
+                                             n_samples=5)
     kwargs = {"sigma": {"sigma": scale}, "delta": {"delta": scale}, "default": {}}[mode]
     m = kernel.gak_targets(uni.float(), cross.float(), img, ps, pl, pb, **kwargs)
     assert m.shape == (n_prefixes, n_prefixes)
@@ -324,7 +326,8 @@ def test_estimate_delta_ignores_repeated_slices(dtype):
     """A slice that recurs (the same caption in two samples) is 0 away from its copy; the matmul expansion's
     rounding noise must not turn that 0 into a tiny positive distance that shifts the median."""
     gen = torch.Generator().manual_seed(15)
-    uni, cross, img = unit(30, 384, gen), unit(30, 256, gen), torch.rand(30, generator=gen) < 0.5  # BLAS-sized
+    # BLAS-sized
+    uni, cross, img = unit(30, 384, gen), unit(30, 256, gen), torch.rand(30, generator=gen) < 0.5
     rep = torch.tensor(list(range(30)) + [0] * 30)  # slice 0 recurs 30 times: 465 pairs 0 apart
     uni, cross, img = uni[rep], cross[rep], img[rep]
     u, c, i = uni.numpy(), cross.numpy(), img.numpy()
@@ -459,7 +462,8 @@ def test_contrastive_ddp_two_ranks_equals_one_process(tmp_path):
     DDP averages (towers + shared logit_scale) are the whole-batch gradients, and each rank's input gradient
     divided by the world size (what DDP's averaging applies upstream) is the whole-batch input gradient."""
     world, per_rank = 2, 3
-    workers = mp.spawn(_ddp_worker, args=(world, _free_port(), per_rank, str(tmp_path)), nprocs=world, join=False)
+    workers = mp.spawn(_ddp_worker, args=(world, _free_port(), per_rank, str(tmp_path)), nprocs=world,
+                       join=False)
     deadline = time.monotonic() + 180
     while not workers.join(timeout=1):  # raises if a worker fails
         if time.monotonic() > deadline:
@@ -490,7 +494,8 @@ def test_combined_loss_weights_and_skips():
     total, terms = kernel.combined_loss(ntp, con, struct, kernel.LossWeights(1.0, 2.0, 4.0))
     assert total.item() == pytest.approx(2.0 + 2 * 0.5 + 4 * 0.25)
     assert terms == {"ntp": 2.0, "contrastive": 0.5, "structure": 0.25, "total": total.item()}
-    total, terms = kernel.combined_loss(ntp, None, torch.tensor(float("nan")), kernel.LossWeights(1.0, 0.0, 0.0))
+    total, terms = kernel.combined_loss(ntp, None, torch.tensor(float("nan")),
+                                        kernel.LossWeights(1.0, 0.0, 0.0))
     assert total.item() == 2.0 and "contrastive" not in terms
     total.backward()
     assert ntp.grad.item() == 1.0

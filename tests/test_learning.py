@@ -1,10 +1,11 @@
 """The image reaches the answer: a tiny MLLM trained for a few hundred CPU steps answers "what colour is the
 <shape>?" about single-object scenes far above chance, and with black images it cannot. This guards the whole
-image path (rendering, pixel normalisation, vision tower, adapter, the scatter of image tokens into the sequence,
-the labels) against regressions that leave every shape test green, e.g. images paired with the wrong rows.
+image path (rendering, pixel normalisation, vision tower, adapter, the scatter of image tokens into the
+sequence, the labels) against regressions that leave every shape test green, e.g. images paired with the wrong
+rows.
 
-Also the training conversations: no turn can be answered from an earlier turn of the same conversation (a model
-trained on such data learns to copy the answer and never to read the image)."""
+Also the training conversations: no turn can be answered from an earlier turn of the same conversation (a
+model trained on such data learns to copy the answer and never to read the image)."""
 import random
 import re
 import sys
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import data as D  # noqa: E402
+import data  # noqa: E402
 from unimllm import LLMConfig, MLLM, MLLMConfig, VisionConfig  # noqa: E402
 
 
@@ -23,20 +24,20 @@ def colour_questions(split: str, n: int, seed: int) -> list[tuple[torch.Tensor, 
     rng = random.Random(f"learning:{split}:{seed}")
     out = []
     while len(out) < n:
-        g = D._random_graph(rng, 1, 1)
-        if D.graph_split(g) != split:
+        g = data._random_graph(rng, 1, 1)
+        if data.graph_split(g) != split:
             continue
         o = g.objects[0]
-        out.append((D.render(g, 32), f"what colour is the {o.shape}?", o.colour))
+        out.append((data.render(g, 32), f"what colour is the {o.shape}?", o.colour))
     return out
 
 
 def batch_of(items, tok, n_img: int, with_answer: bool) -> dict:
     samples = []
     for image, q, a in items:
-        segs = [D.image_seg(image), D.text_seg(D.format_question(q), False)]
-        samples.append(D.Sample(segs + ([D.text_seg(a, True)] if with_answer else [])))
-    return D.collate(samples, tok, n_img, 64)
+        segs = [data.image_seg(image), data.text_seg(data.format_question(q), False)]
+        samples.append(data.Sample(segs + ([data.text_seg(a, True)] if with_answer else [])))
+    return data.collate(samples, tok, n_img, 64)
 
 
 def accuracy(model: MLLM, tok, items, black: bool) -> float:
@@ -53,17 +54,18 @@ def accuracy(model: MLLM, tok, items, black: bool) -> float:
 def test_a_tiny_model_reads_colour_from_the_image_and_not_without_it():
     torch.manual_seed(0)
     train, test = colour_questions("train", 512, 0), colour_questions("test", 96, 0)
-    texts = [f"{D.format_question(q)} {a}" for _, q, a in train]
-    tok = D.train_tokenizer(texts + [f"a {c} {s}" for c in D.COLOURS for s in D.SHAPES], 400)
-    assert all(len(tok.encode(" " + c)) == 1 for c in D.COLOURS)
+    texts = [f"{data.format_question(q)} {a}" for _, q, a in train]
+    tok = data.train_tokenizer(texts + [f"a {c} {s}" for c in data.COLOURS for s in data.SHAPES], 400)
+    assert all(len(tok.encode(" " + c)) == 1 for c in data.COLOURS)
     vision = VisionConfig(image_size=32, patch_size=8, hidden_size=32, num_layers=2, num_heads=2,
                           intermediate_size=64)
-    llm = LLMConfig(vocab_size=tok.vocab_size, hidden_size=48, intermediate_size=96, num_layers=2, num_heads=2,
-                    num_kv_heads=1, max_seq_len=64)
+    llm = LLMConfig(vocab_size=tok.vocab_size, hidden_size=48, intermediate_size=96, num_layers=2,
+                    num_heads=2, num_kv_heads=1, max_seq_len=64)
     model = MLLM(MLLMConfig(vision, llm, image_token_id=tok.image_id, soft_image_token_id=tok.soft_image_id,
                             soft_text_token_id=tok.soft_text_id, n_soft_tokens=1))
-    # lr 6e-4 with a 50-step warm-up: at 1e-3 this model's from-scratch vision path collapses (image tokens stop
-    # varying with the image) and colour stays at chance for 600 steps; at 6e-4 it is learned by step ~330
+    # lr 6e-4 with a 50-step warm-up: at 1e-3 this model's from-scratch vision path collapses (image tokens
+    # stop varying with the image) and colour stays at chance for 600 steps; at 6e-4 it is learned by
+    # step ~330
     opt = torch.optim.AdamW(model.parameters(), lr=6e-4)
     for step in range(400):
         opt.param_groups[0]["lr"] = 6e-4 * min(1.0, (step + 1) / 50)
@@ -81,8 +83,8 @@ def test_a_tiny_model_reads_colour_from_the_image_and_not_without_it():
 
 
 def test_no_training_turn_is_answered_by_an_earlier_turn():
-    world = D.make_world("train", 60, 3)
-    samples = [x for x in D.pretrain_samples(world) if len(x.segments) > 2]  # the conversations
+    world = data.make_world("train", 60, 3)
+    samples = [x for x in data.pretrain_samples(world) if len(x.segments) > 2]  # the conversations
     per_scene: dict[int, list] = {}
     for x in samples:
         per_scene.setdefault(id(x.segments[0].image), []).append(x)
@@ -101,5 +103,5 @@ def test_no_training_turn_is_answered_by_an_earlier_turn():
                     assert not named[i] & named[j], (turns[j], turns[i])
             asked += [(q, a) for q, a in turns]
         # every VQA and POPE question of the scene is asked exactly once
-        expected = sorted((D.format_question(q), a) for q, a in s.vqa + s.pope)
+        expected = sorted((data.format_question(q), a) for q, a in s.vqa + s.pope)
         assert sorted(asked) == expected

@@ -1,5 +1,6 @@
-"""Under CI every test reference of requirements-dev.txt must import: tests that compare against one are skipped
-when it is missing (tests/conftest.py), which outside CI is a convenience and inside CI would hide a regression."""
+"""Under CI every test reference of requirements-dev.txt must import: tests that compare against one are
+skipped when it is missing (tests/conftest.py), which outside CI is a convenience and inside CI would hide a
+regression."""
 import importlib
 import os
 

@@ -1,5 +1,5 @@
-"""train.py end to end on the --smoke configuration: DDP (torchrun, 2 gloo ranks) against one process on the same
-global batch, exact resume, a checkpoint eval.py loads, and bad input stopping with a clear message."""
+"""train.py end to end on the --smoke configuration: DDP (torchrun, 2 gloo ranks) against one process on the
+same global batch, exact resume, a checkpoint eval.py loads, and bad input stopping with a clear message."""
 import json
 import math
 import os
@@ -17,7 +17,8 @@ sys.path.insert(0, str(ROOT))
 import eval as E  # noqa: E402
 import train  # noqa: E402
 
-SMOKE = ["--smoke", "--n-train", "24", "--pretrain-steps", "4", "--finetune-steps", "4", "--method", "unified"]
+SMOKE = ["--smoke", "--n-train", "24", "--pretrain-steps", "4", "--finetune-steps", "4", "--method",
+         "unified"]
 
 
 def run_single(out: Path, *extra: str) -> train.TrainResult:
@@ -26,7 +27,8 @@ def run_single(out: Path, *extra: str) -> train.TrainResult:
 
 
 def flat(history: dict) -> list[tuple[str, str, float]]:
-    return [(stage, k, v) for stage in ("pretrain", "finetune") for terms in history[stage] for k, v in terms.items()]
+    return [(stage, k, v) for stage in ("pretrain", "finetune") for terms in history[stage]
+            for k, v in terms.items()]
 
 
 def assert_same_weights(a: dict, b: dict) -> None:
@@ -70,7 +72,8 @@ def test_ddp_two_ranks_match_one_process(ddp_runs, method):
     ddp_terms, one_terms = flat(r0["history"]), flat(single["history"])
     assert [t[:2] for t in ddp_terms] == [t[:2] for t in one_terms]
     assert {k for stage, k, _ in ddp_terms if stage == "finetune"} >= DDP_TERMS[method]
-    torch.testing.assert_close(torch.tensor([t[2] for t in ddp_terms]), torch.tensor([t[2] for t in one_terms]))
+    torch.testing.assert_close(torch.tensor([t[2] for t in ddp_terms]),
+                               torch.tensor([t[2] for t in one_terms]))
     cfg = train.parse_args([*SMOKE, "--method", method])
     lr = max(cfg.pretrain.vision_lr, cfg.pretrain.pretrain_lr, cfg.finetune.finetune_lr)
     assert_close_after_adam(r0["model"], single["model"], lr)
@@ -109,12 +112,14 @@ def test_smoke_checkpoint_evaluates(tmp_path):
     metrics = E.main(["--ckpt", str(out), "--n-test", "8", "--json", str(tmp_path / "m.json")])
     saved = json.loads((tmp_path / "m.json").read_text())
     assert saved == pytest.approx(metrics)
-    for key in ("retrieval/i2t_r1", "retrieval/t2i_r10", "compositional/mean", "winoground/group", "interleaved/r5",
+    for key in ("retrieval/i2t_r1", "retrieval/t2i_r10", "compositional/mean", "winoground/group",
+                "interleaved/r5",
                 "vqa/acc", "pope/f1", "pope/yes_ratio", "rag/acc", "rag/acc_without_retrieval"):
         assert key in saved and math.isfinite(saved[key]), key
     # every method fine-tunes from the same saved base
     vladva = tmp_path / "vladva.pt"
-    train.main(["--smoke", "--method", "vladva", "--init", str(tmp_path / "smoke.base.pt"), "--out", str(vladva)])
+    train.main(["--smoke", "--method", "vladva", "--init", str(tmp_path / "smoke.base.pt"), "--out",
+                str(vladva)])
     ckpt = train.load_checkpoint(vladva)
     assert ckpt["method"] == "vladva" and ckpt["stage"] == "finetune" and ckpt["done"]
 
@@ -137,8 +142,8 @@ def test_stream_batch_equals_reshuffling_per_item(n_items, n, step):
 @settings(max_examples=40, deadline=None)
 @given(n_items=st.integers(1, 40), n=st.integers(1, 6), group=st.integers(2, 5), seed=st.integers(0, 3))
 def test_length_grouped_stream_sees_every_item_per_epoch_in_length_sorted_batches(n_items, n, group, seed):
-    """Grouping only regroups: the first group*m steps draw the same multiset of items as ungrouped batches of the
-    same steps, each batch's items are consecutive in the length order of their group, and n per step."""
+    """Grouping only regroups: the first group*m steps draw the same multiset of items as ungrouped batches of
+    the same steps, each batch's items are consecutive in the length order of their group, and n per step."""
     import random
     rng = random.Random(seed)
     items = list(range(n_items))
@@ -234,8 +239,8 @@ def test_non_finite_gradient_with_a_finite_loss_is_never_written(tmp_path, monke
 
 def test_diverging_run_never_writes_non_finite_tensors(tmp_path):
     """lr 1e3 diverges within a few steps; with a checkpoint after every step, whatever was written must hold
-    only finite weights and optimizer state (the guard once checked the loss alone: a finite loss with
-    non-finite gradients wrote a checkpoint with 45 non-finite tensors)."""
+    only finite weights and optimizer state (checking the loss alone is not enough: a finite loss
+    can have non-finite gradients, and the step they take makes every weight they reach non-finite)."""
     out = tmp_path / "l.pt"
     with pytest.raises(SystemExit, match="stopping without writing"):
         train.main(["--smoke", "--pretrain-lr", "1e3", "--ckpt-every", "1", "--out", str(out)])
@@ -250,12 +255,14 @@ def write_user_files(tmp_path: Path) -> dict[str, Path]:
     teacher-features file covering every slice of the MMC4 documents."""
     import numpy as np
     from PIL import Image
-    import data as D
+    import data
     (tmp_path / "img").mkdir()
     for k in range(4):
-        Image.fromarray(np.random.default_rng(k).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / f"img/{k}.png")
+        pixels = np.random.default_rng(k).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / f"img/{k}.png")
     llava = [{"id": str(k), "image": f"img/{k}.png", "conversations": [
-        {"from": "human", "value": "<image>\nwhat colour is it?"}, {"from": "gpt", "value": "red"}]} for k in range(4)]
+        {"from": "human", "value": "<image>\nwhat colour is it?"}, {"from": "gpt", "value": "red"}]}
+             for k in range(4)]
     karpathy = {"images": [{"filename": f"img/{k}.png", "split": "train",
                             "sentences": [{"raw": f"picture {k}."}, {"raw": f"a noisy picture number {k}."}]}
                            for k in range(4)]}
@@ -263,15 +270,17 @@ def write_user_files(tmp_path: Path) -> dict[str, Path]:
     docs = [{"text_list": t, "image_info": [{"image_name": f"img/{2 * i}.png", "matched_text_index": 0},
                                             {"image_name": f"img/{2 * i + 1}.png", "matched_text_index": 1}]}
             for i, t in enumerate(texts)]
-    paths = {"llava": tmp_path / "llava.json", "karpathy": tmp_path / "karpathy.json", "mmc4": tmp_path / "docs.jsonl",
-             "features": tmp_path / "feats.safetensors"}
+    paths = {"llava": tmp_path / "llava.json", "karpathy": tmp_path / "karpathy.json",
+             "mmc4": tmp_path / "docs.jsonl", "features": tmp_path / "feats.safetensors"}
     paths["llava"].write_text(json.dumps(llava))
     paths["karpathy"].write_text(json.dumps(karpathy))
     paths["mmc4"].write_text("\n".join(json.dumps(d) for d in docs) + "\n")
-    unit = lambda k, d: torch.nn.functional.normalize(torch.randn(d, generator=torch.Generator().manual_seed(k)), dim=0)  # noqa: E731
-    feats = {D.feature_key("image", f"img/{k}.png"): (unit(k, 6), unit(10 + k, 4)) for k in range(4)}
-    feats.update({D.feature_key("text", s): (unit(20 + i, 6), unit(30 + i, 4)) for i, s in enumerate(sum(texts, []))})
-    D.save_features(paths["features"], feats)
+    unit = lambda k, d: torch.nn.functional.normalize(  # noqa: E731
+        torch.randn(d, generator=torch.Generator().manual_seed(k)), dim=0)
+    feats = {data.feature_key("image", f"img/{k}.png"): (unit(k, 6), unit(10 + k, 4)) for k in range(4)}
+    feats.update({data.feature_key("text", s): (unit(20 + i, 6), unit(30 + i, 4))
+                  for i, s in enumerate(sum(texts, []))})
+    data.save_features(paths["features"], feats)
     return paths
 
 
@@ -282,9 +291,11 @@ def test_user_files_train_and_evaluate(tmp_path):
     train.main(SMOKE + ["--data", files, "--features", str(p["features"]), "--out", str(out)])
     ckpt = train.load_checkpoint(out)
     assert ckpt["done"] and ckpt["method"] == "unified"
-    assert all(math.isfinite(t["structure"]) and math.isfinite(t["contrastive"]) for t in ckpt["history"]["finetune"])
+    assert all(math.isfinite(t["structure"]) and math.isfinite(t["contrastive"])
+               for t in ckpt["history"]["finetune"])
     metrics = E.main(["--ckpt", str(out), "--data", str(p["karpathy"]), "--data-split", "train"])
-    assert 0 <= metrics["retrieval/t2i_r1"] <= 1 and metrics["retrieval/i2t_r10"] == 1.0  # 4 pairs: top-10 holds all
+    # 4 pairs: top-10 holds all
+    assert 0 <= metrics["retrieval/t2i_r1"] <= 1 and metrics["retrieval/i2t_r10"] == 1.0
     bad = tmp_path / "bad_karpathy.json"
     bad.write_text(json.dumps({"images": [{"filename": "img/missing.png", "sentences": [{"raw": "a cat."}]},
                                           {"filename": "img/0.png", "sentences": []}]}))
@@ -297,8 +308,9 @@ def test_user_files_train_and_evaluate(tmp_path):
 
 
 def test_a_llava_file_alone_trains(tmp_path):
-    """Conversations only: generative pre-training + fine-tuning on the supervised turns, pre-training alone with
-    --finetune-steps 0 (whatever the method), and the methods that need pairs or stories say what to add."""
+    """Conversations only: generative pre-training + fine-tuning on the supervised turns, pre-training alone
+    with --finetune-steps 0 (whatever the method), and the methods that need pairs or stories say what to
+    add."""
     p = write_user_files(tmp_path)
     llava = ["--data", str(p["llava"])]
     out = tmp_path / "gen.pt"
@@ -310,7 +322,8 @@ def test_a_llava_file_alone_trains(tmp_path):
     metrics = E.main(["--ckpt", str(out), "--data", str(p["llava"])])
     assert set(metrics) == {"vqa/acc"} and 0 <= metrics["vqa/acc"] <= 1
     only = tmp_path / "pre.pt"
-    train.main(SMOKE + llava + ["--finetune-steps", "0", "--out", str(only)])  # unified: its needs don't apply
+    # unified: its needs don't apply
+    train.main(SMOKE + llava + ["--finetune-steps", "0", "--out", str(only)])
     ckpt = train.load_checkpoint(only)
     assert ckpt["stage"] == "pretrain" and ckpt["done"] and not ckpt["history"]["finetune"]
     with pytest.raises(SystemExit, match="needs image-caption pairs: add a Karpathy-style captions file"):
@@ -319,28 +332,31 @@ def test_a_llava_file_alone_trains(tmp_path):
         train.main(SMOKE + llava + ["--data", f"{p['llava']},{p['karpathy']}", "--method", "sugar",
                                     "--out", str(tmp_path / "x.pt")])
     with pytest.raises(SystemExit, match="trains nothing"):
-        train.main(SMOKE + llava + ["--finetune-steps", "0", "--init", str(only), "--out", str(tmp_path / "y.pt")])
+        train.main(SMOKE + llava
+                   + ["--finetune-steps", "0", "--init", str(only), "--out", str(tmp_path / "y.pt")])
 
 
 def test_fine_tune_from_hugging_face_checkpoints(tmp_path):
-    """--llm/--vision: a tiny random Llama (its vocabulary smaller than the tokenizer, so our special tokens get
-    new rows) and a CLIP vision tower saved by transformers; fine-tuning runs, and the loaded weights are the ones
-    transformers saved."""
+    """--llm/--vision: a tiny random Llama (its vocabulary smaller than the tokenizer, so our special tokens
+    get new rows) and a CLIP vision tower saved by transformers; fine-tuning runs, and the loaded weights are
+    the ones transformers saved."""
     import transformers
-    import data as D
+    import data
     from unimllm import load_llm
-    world = D.make_world("train", 24, 0)
-    tok = D.train_tokenizer(D.world_texts(world), 400)
+    world = data.make_world("train", 24, 0)
+    tok = data.train_tokenizer(data.world_texts(world), 400)
     torch.manual_seed(0)
-    llm_cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                                       tie_word_embeddings=False)
+    llm_cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128,
+                                       num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2,
+                                       max_position_embeddings=512, tie_word_embeddings=False)
     transformers.LlamaForCausalLM(llm_cfg).save_pretrained(tmp_path / "llm")
     tok.save(tmp_path / "llm" / "tokenizer.json")
     vis_cfg = transformers.CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
                                             num_hidden_layers=2, num_attention_heads=2)
     transformers.CLIPVisionModel(vis_cfg).save_pretrained(tmp_path / "vision")
-    result = run_single(tmp_path / "hf.pt", "--llm", str(tmp_path / "llm"), "--vision", str(tmp_path / "vision"))
+    result = run_single(tmp_path / "hf.pt", "--llm", str(tmp_path / "llm"), "--vision",
+                        str(tmp_path / "vision"))
     assert result.complete and not result.history["pretrain"] and len(result.history["finetune"]) == 4
     ckpt = train.load_checkpoint(tmp_path / "hf.pt")
     assert ckpt["model_config"]["llm"]["vocab_size"] == tok.vocab_size > 300
@@ -353,8 +369,8 @@ def test_fine_tune_from_hugging_face_checkpoints(tmp_path):
 
 
 def hub_cache(root: Path, repo: str, files: Path) -> Path:
-    """A Hugging Face cache entry by hand, in huggingface_hub's layout: models--owner--name/refs/main holds the
-    commit, snapshots/<commit>/ the files."""
+    """A Hugging Face cache entry by hand, in huggingface_hub's layout: models--owner--name/refs/main holds
+    the commit, snapshots/<commit>/ the files."""
     entry = root / ("models--" + repo.replace("/", "--"))
     (entry / "refs").mkdir(parents=True)
     (entry / "refs" / "main").write_text("0123456789abcdef0123456789abcdef01234567")
@@ -366,16 +382,19 @@ def hub_cache(root: Path, repo: str, files: Path) -> Path:
 
 
 def test_hugging_face_ids_resolve_offline_from_the_cache(tmp_path, monkeypatch):
-    """--llm / --vision owner/name: found in a hand-built cache with HF_HUB_OFFLINE=1 (no network); an id not in
-    the cache, a missing huggingface_hub and a path that is no id each stop with a message naming the flag."""
+    """--llm / --vision owner/name: found in a hand-built cache with HF_HUB_OFFLINE=1 (no network); an id not
+    in the cache, a missing huggingface_hub and a path that is no id each stop with a message naming the
+    flag."""
     huggingface_hub = pytest.importorskip("huggingface_hub")
     import transformers
-    import data as D
+    import data
     from unimllm import load_llm
-    tok = D.train_tokenizer(["a red cube.", "a blue ball."] * 3, 300)
+    tok = data.train_tokenizer(["a red cube.", "a blue ball."] * 3, 300)
     torch.manual_seed(0)
-    llm_cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128)
+    llm_cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64,
+                                       num_hidden_layers=1,
+                                       num_attention_heads=2, num_key_value_heads=1,
+                                       max_position_embeddings=128)
     hf = transformers.LlamaForCausalLM(llm_cfg).eval()
     hf.save_pretrained(tmp_path / "llm")
     tok.save(tmp_path / "llm" / "tokenizer.json")
@@ -383,7 +402,8 @@ def test_hugging_face_ids_resolve_offline_from_the_cache(tmp_path, monkeypatch):
                                             num_hidden_layers=1, num_attention_heads=2)
     transformers.CLIPVisionModel(vis_cfg).save_pretrained(tmp_path / "vision")
     cache = tmp_path / "hub"
-    snaps = {r: hub_cache(cache, r, tmp_path / d) for r, d in (("tiny/llm", "llm"), ("tiny/vision", "vision"))}
+    snaps = {r: hub_cache(cache, r, tmp_path / d)
+             for r, d in (("tiny/llm", "llm"), ("tiny/vision", "vision"))}
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import, so set both
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
@@ -393,16 +413,18 @@ def test_hugging_face_ids_resolve_offline_from_the_cache(tmp_path, monkeypatch):
     x = torch.randint(0, 300, (1, 7))
     with torch.no_grad():
         torch.testing.assert_close(load_llm(cfg.run.llm)(x), hf(x).logits)
-    with pytest.raises(SystemExit, match=r"--llm tiny/absent: not a local directory, and the Hugging Face Hub"):
+    with pytest.raises(SystemExit,
+                       match=r"--llm tiny/absent: not a local directory, and the Hugging Face Hub"):
         train.parse_args(SMOKE + ["--llm", "tiny/absent", "--vision", "tiny/vision"])
     with pytest.raises(SystemExit, match=r"--vision no/such/dir: no such file or directory"):
         train.parse_args(SMOKE + ["--llm", "tiny/llm", "--vision", "no/such/dir"])
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # as if not installed
-    with pytest.raises(SystemExit, match=r"--llm tiny/llm: no such local directory; .*install huggingface_hub"):
+    with pytest.raises(SystemExit,
+                       match=r"--llm tiny/llm: no such local directory; .*install huggingface_hub"):
         train.parse_args(ids)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # each method's recipe, and the switches of the papers' ablations
 
 ALL_PROJECTIONS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
@@ -411,9 +433,12 @@ ALL_PROJECTIONS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 def tiny_model():
     from unimllm import LLMConfig, MLLM, MLLMConfig, VisionConfig
     torch.manual_seed(0)
-    cfg = MLLMConfig(VisionConfig(image_size=8, patch_size=4, hidden_size=32, num_layers=2, intermediate_size=64),
-                     LLMConfig(vocab_size=40, hidden_size=48, intermediate_size=96, num_layers=2, max_seq_len=64),
-                     image_token_id=3, soft_image_token_id=4, soft_text_token_id=5, n_soft_tokens=2, proj_dim=16)
+    cfg = MLLMConfig(VisionConfig(image_size=8, patch_size=4, hidden_size=32, num_layers=2,
+                                  intermediate_size=64),
+                     LLMConfig(vocab_size=40, hidden_size=48, intermediate_size=96, num_layers=2,
+                               max_seq_len=64),
+                     image_token_id=3, soft_image_token_id=4, soft_text_token_id=5, n_soft_tokens=2,
+                     proj_dim=16)
     return MLLM(cfg)
 
 
@@ -431,7 +456,8 @@ def test_recipes_follow_the_papers_unless_a_flag_is_given():
         model = tiny_model()
         train.add_lora(model, ft)
         assert {n.split(".")[-2] for n, _ in model.named_parameters() if n.endswith("lora_A")} == projections
-    ft = train.parse_args(["--method", "sugar", "--lora-r", "8", "--finetune-lr", "1e-4", "--adapt", "both"]).finetune
+    ft = train.parse_args(["--method", "sugar", "--lora-r", "8", "--finetune-lr", "1e-4", "--adapt",
+                           "both"]).finetune
     assert (ft.lora_r, ft.lora_alpha, ft.finetune_lr, ft.adapt) == (8, 128.0, 1e-4, "both")
 
 
@@ -468,15 +494,16 @@ def test_ablation_flags_stop_with_a_message():
                        (["--sugar-single", "dot"], "--sugar-single must be one of cosine, gak"),
                        (["--lambda-ntp", "-1"], "--lambda-ntp must be a finite number >= 0"),
                        (["--gak-delta", "0"], "--gak-delta must be a finite number > 0"),
-                       (["--method", "generative", "--lambda-ntp", "0"], "leaves --method generative no loss")):
+                       (["--method", "generative", "--lambda-ntp", "0"],
+                        "leaves --method generative no loss")):
         with pytest.raises(SystemExit, match=msg):
             train.parse_args(flags)
 
 
 def test_lambda_ntp_delta_and_switches_in_the_checkpoint(tmp_path, capsys):
-    """--lambda-ntp weighs the fine-tuning next-token loss only (pre-training keeps 1); delta is estimated once
-    before fine-tuning (the median slice distance over the fixed sample, by numpy here), printed, and stored
-    with every switch in the checkpoint."""
+    """--lambda-ntp weighs the fine-tuning next-token loss only (pre-training keeps 1); delta is estimated
+    once before fine-tuning (the median slice distance over the fixed sample, by numpy here), printed, and
+    stored with every switch in the checkpoint."""
     import numpy as np
     out = tmp_path / "a.pt"
     flags = ["--lambda-ntp", "0.5", "--sugar-pool", "last", "--sugar-single", "gak"]
@@ -503,22 +530,24 @@ def test_lambda_ntp_delta_and_switches_in_the_checkpoint(tmp_path, capsys):
     d_cross = np.linalg.norm(cross[:, None] - cross[None], axis=-1)
     d = np.where(same, d_uni, d_cross)[np.triu_indices(len(segs), 1)]
     d = np.sort(d[d > 0])
-    assert ft["gak_delta"] == pytest.approx(d[(len(d) - 1) // 2], rel=1e-9)  # torch's median: the lower middle
+    # torch's median: the lower middle
+    assert ft["gak_delta"] == pytest.approx(d[(len(d) - 1) // 2], rel=1e-9)
     assert f"GAK delta {ft['gak_delta']:.4f}" in capsys.readouterr().err
 
 
 def tiny_checkpoint(path, texts, lora: dict | None = None):
     """A checkpoint file as train.py writes one, without training: a tiny random model sized to a tokenizer
     trained on `texts` (32-px images: 16 image tokens)."""
-    import data as D
+    import data
     from unimllm import CKPT_FIELDS, LLMConfig, MLLM, MLLMConfig, VisionConfig, apply_lora
-    tok = D.train_tokenizer(texts, 300)
+    tok = data.train_tokenizer(texts, 300)
     torch.manual_seed(0)
-    cfg = MLLMConfig(VisionConfig(image_size=32, patch_size=8, hidden_size=32, num_layers=2, intermediate_size=64),
+    cfg = MLLMConfig(VisionConfig(image_size=32, patch_size=8, hidden_size=32, num_layers=2,
+                                  intermediate_size=64),
                      LLMConfig(vocab_size=tok.vocab_size, hidden_size=48, intermediate_size=96, num_layers=2,
                                max_seq_len=96),
                      image_token_id=tok.image_id, soft_image_token_id=tok.soft_image_id,
-                     soft_text_token_id=tok.soft_text_id, n_soft_tokens=D.n_soft_tokens(tok), proj_dim=16)
+                     soft_text_token_id=tok.soft_text_id, n_soft_tokens=data.n_soft_tokens(tok), proj_dim=16)
     model = MLLM(cfg).eval()
     if lora:
         apply_lora(model, [lora["targets"]], lora["r"], lora["alpha"])
@@ -534,8 +563,8 @@ def tiny_checkpoint(path, texts, lora: dict | None = None):
 
 
 def test_export_cli_writes_what_transformers_loads(tmp_path):
-    """`train.py export` on a checkpoint holding a LoRA model: transformers' Llama gives the checkpoint model's
-    logits; a missing checkpoint or a file as --out stops with a message."""
+    """`train.py export` on a checkpoint holding a LoRA model: transformers' Llama gives the checkpoint
+    model's logits; a missing checkpoint or a file as --out stops with a message."""
     import transformers
     lora = {"targets": r"llm\..*(q_proj|v_proj)", "r": 4, "alpha": 8.0}
     model, tok = tiny_checkpoint(tmp_path / "c.pt", ["a red cube.", "a blue ball."] * 3, lora)
@@ -585,26 +614,30 @@ def test_eval_on_llava_and_pope_files(tmp_path, monkeypatch):
     # vqa: red ok, 2 ok | blue ok, three wrong | circle wrong, Two! ok -> 4 of 6; colour 3 of 4; shape 1 of 2
     assert (m["vqa/acc"], m["vqa/colour"], m["vqa/shape"]) == (pytest.approx(4 / 6), 0.75, 0.5)
     # pope: tp 1 (0), fp 1 (1), fn 1 (2), tn 1 (3)
-    assert m["pope/acc"] == m["pope/precision"] == m["pope/recall"] == m["pope/f1"] == m["pope/yes_ratio"] == 0.5
-    both = E.main(["--ckpt", str(tmp_path / "c.pt"), "--data", f"{pope},{p['karpathy']}", "--data-split", "all"])
+    assert (m["pope/acc"] == m["pope/precision"] == m["pope/recall"] == m["pope/f1"] == m["pope/yes_ratio"]
+            == 0.5)
+    both = E.main(["--ckpt", str(tmp_path / "c.pt"), "--data", f"{pope},{p['karpathy']}", "--data-split",
+                   "all"])
     assert "pope/acc" in both and "retrieval/t2i_r1" in both
     (tmp_path / "pope_b.jsonl").write_text(pope.read_text())
-    twice = E.main(["--ckpt", str(tmp_path / "c.pt"), "--data", f"{pope},{llava},{tmp_path / 'pope_b.jsonl'}"])
+    twice = E.main(["--ckpt", str(tmp_path / "c.pt"), "--data",
+                    f"{pope},{llava},{tmp_path / 'pope_b.jsonl'}"])
     assert twice["pope/acc@pope"] == twice["pope/acc@pope_b"] == 0.5 and "pope/acc" not in twice
     assert twice["vqa/acc"] == m["vqa/acc"]
 
 
 def test_eval_answers_a_prompt_near_the_context_end(tmp_path):
-    """A question whose sample fits the context exactly but leaves fewer free positions than the answer budget:
-    the answer is cut at the context's end instead of generation refusing."""
-    import data as D
+    """A question whose sample fits the context exactly but leaves fewer free positions than the answer
+    budget: the answer is cut at the context's end instead of generation refusing."""
+    import data
     write_user_files(tmp_path)
-    _, tok = tiny_checkpoint(tmp_path / "c.pt", ["question follow-up is there red blue square two yes no"] * 3)
+    _, tok = tiny_checkpoint(tmp_path / "c.pt",
+                             ["question follow-up is there red blue square two yes no"] * 3)
     question = " ".join(["red"] * 70)
     rec = {"image": "img/0.png", "conversations": [{"from": "human", "value": f"<image>\n{question}"},
                                                    {"from": "gpt", "value": "blue"}]}
     (tmp_path / "long.json").write_text(json.dumps([rec]))
-    n = D.sample_lengths(D.load_dataset(tmp_path / "long.json").samples, tok, 16)[0]
+    n = data.sample_lengths(data.load_dataset(tmp_path / "long.json").samples, tok, 16)[0]
     assert 96 - 16 < n - 2 < 96  # the prompt (the sample less answer and </s>) leaves under 16 positions
     metrics = E.main(["--ckpt", str(tmp_path / "c.pt"), "--data", str(tmp_path / "long.json")])
     assert set(metrics) == {"vqa/acc"}

@@ -1,7 +1,7 @@
-"""train.py learns: a few dozen optimizer steps on one fixed smoke-size batch lower every active loss term, for
-pre-training and for each fine-tuning method, and move exactly the method's trainable tensors; the next-token
-label shift of ntp_sum on a batch whose answer token is known; gradient accumulation against one larger batch,
-through the real loop (train_stage) with plain SGD, whose update is the gradient itself."""
+"""train.py learns: a few dozen optimizer steps on one fixed smoke-size batch lower every active loss term,
+for pre-training and for each fine-tuning method, and move exactly the method's trainable tensors; the
+next-token label shift of ntp_sum on a batch whose answer token is known; gradient accumulation against one
+larger batch, through the real loop (train_stage) with plain SGD, whose update is the gradient itself."""
 from __future__ import annotations
 
 import copy
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import data as D  # noqa: E402
+import data  # noqa: E402
 import train as T  # noqa: E402
 
 CPU = T.Dist(0, 1, torch.device("cpu"))
@@ -22,7 +22,8 @@ CPU = T.Dist(0, 1, torch.device("cpu"))
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    """Smoke-size ops are too small for two thread teams on a shared 2-core machine (and 10x slower with them)."""
+    """Smoke-size ops are too small for two thread teams on a shared 2-core machine (and 10x slower with
+    them)."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -31,7 +32,8 @@ def one_thread():
 
 def setup(method: str, out: Path, *flags: str):
     """The smoke run's tokenizer, streams and freshly initialised model, as train.train builds them. Batches
-    are drawn at random (--length-group 1): a length-sorted batch 0 is the corpus' shortest or longest samples."""
+    are drawn at random (--length-group 1): a length-sorted batch 0 is the corpus' shortest or longest
+    samples."""
     cfg = T.parse_args(["--smoke", "--method", method, "--out", str(out), "--length-group", "1", *flags])
     tok, corpus = T.tokenizer_and_corpus(cfg, None)
     streams = T.build_streams(corpus, cfg.run.seed, tok, (cfg.model.image_size // cfg.model.patch_size) ** 2,
@@ -66,7 +68,8 @@ def test_ntp_sum_predicts_the_label_from_the_previous_position():
     labels = torch.tensor([[-100, -100, 7, -100, -100]])
     loss, count = T.ntp_sum(logits, labels)
     assert int(count) == 1
-    want = -math.log(math.exp(logits[0, 1, 7].item()) / sum(math.exp(logits[0, 1, v].item()) for v in range(V)))
+    want = -math.log(math.exp(logits[0, 1, 7].item()) / sum(math.exp(logits[0, 1, v].item())
+                                                            for v in range(V)))
     assert float(loss) == pytest.approx(want, rel=1e-6)  # ntp_sum computes in float32
     # a model that puts the answer at the position predicting it has (almost) zero loss; one step off, not
     right, off = torch.zeros(1, 5, V), torch.zeros(1, 5, V)
@@ -86,9 +89,10 @@ def test_pretraining_fits_a_fixed_batch(tmp_path):
 def test_finetuning_fits_a_fixed_batch_and_moves_only_its_trainable_set(method, tmp_path):
     cfg, tok, corpus, streams, model = setup(method, tmp_path / "f.pt")
     pb = batches("pretrain", cfg, tok, corpus, streams, model)
-    fit(model, pb(0), pb.objective, 30, 1e-3)  # a base that has seen the data (LoRA on a random base barely moves)
+    # a base that has seen the data (LoRA on a random base barely moves)
+    fit(model, pb(0), pb.objective, 30, 1e-3)
     T.add_lora(model, cfg.finetune)
-    model.init_soft_prompts(*D.soft_prompt_ids(tok))
+    model.init_soft_prompts(*data.soft_prompt_ids(tok))
     ft = cfg.finetune
     if T.losses_of(method, ft)[1]:
         ft.gak_delta = T.estimate_gak_delta(corpus, streams, ft, CPU)
@@ -107,13 +111,15 @@ def test_finetuning_fits_a_fixed_batch_and_moves_only_its_trainable_set(method, 
     # raise the next-token term), so each term is fitted on its own: the method's trainable set must lower it
     for k in active:
         alone = copy.deepcopy(start)
-        weights = T.K.LossWeights(**{w: (1.0 if w == k else 0.0) for w in ("ntp", "contrastive", "structure")})
+        weights = T.kernel.LossWeights(**{w: (1.0 if w == k else 0.0)
+                                          for w in ("ntp", "contrastive", "structure")})
         h = fit(alone, fb(0), dataclasses.replace(fb.objective, weights=weights), 40, 1e-2)
         assert h[-1][k] < 0.99 * h[0][k], (method, k, h[0], h[-1])
     moved = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
     assert moved == trainable, (method, sorted(moved ^ trainable))
-    # what the method's recipe says it adapts (train.RECIPES): LoRA in every method, soft prompts in vladva and
-    # unified only, the temperature with the contrastive loss, the retrieval projector with the structure loss
+    # what the method's recipe says it adapts (train.RECIPES): LoRA in every method, soft prompts in vladva
+    # and unified only, the temperature with the contrastive loss, the retrieval projector with the
+    # structure loss
     assert any(".lora_B" in n for n in trainable)
     assert ("image_prompt" in trainable) == (method in ("vladva", "unified"))
     assert ("logit_scale" in trainable) == fb.objective.contrastive
@@ -130,7 +136,8 @@ def sgd_step(tmp_path: Path, n_acc: int, batch: int) -> dict[str, torch.Tensor]:
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     stage = T.Stage("pretrain", 1, 1.0, None)
     history = {"pretrain": [], "finetune": []}
-    assert T.train_stage(stage, model, opt, batches("pretrain", cfg, tok, corpus, streams, model), history, 0, 1)
+    assert T.train_stage(stage, model, opt, batches("pretrain", cfg, tok, corpus, streams, model),
+                         history, 0, 1)
     return {n: p.detach() - before[n] for n, p in model.named_parameters()}
 
 

@@ -1,8 +1,8 @@
 """
-Tests for unimllm.py. References are independent: Hugging Face `transformers` models with random weights that the
-tests create and save (Llama tied/untied, Qwen2 with q/k/v biases, a sharded checkpoint, CLIP / SigLIP vision
-towers, a full CLIPModel), brute-force Python loops for the interleaved embedding and pooling, and the base model
-for LoRA. Run: python -m pytest tests/test_unimllm.py
+Tests for unimllm.py. References are independent: Hugging Face `transformers` models with random weights that
+the tests create and save (Llama tied/untied, Qwen2 with q/k/v biases, a sharded checkpoint, CLIP / SigLIP
+vision towers, a full CLIPModel), brute-force Python loops for the interleaved embedding and pooling, and the
+base model for LoRA. Run: python -m pytest tests/test_unimllm.py
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ import unimllm as um
 try:
     import transformers
     transformers.logging.set_verbosity_error()
-except ImportError:  # only the tests marked TRANSFORMERS use it (tests/conftest.py skips them, or fails them under CI)
+# only the tests marked TRANSFORMERS use it (tests/conftest.py skips them, or fails them under CI)
+except ImportError:
     transformers = None
 TRANSFORMERS = pytest.mark.reference("transformers")
 
@@ -35,29 +36,34 @@ VOCAB = 97
 
 def tiny_llama(tie: bool, llama3_rope: bool = False) -> "transformers.LlamaForCausalLM":
     rope = {"rope_type": "default", "rope_theta": 500.0}
-    if llama3_rope:  # wavelengths 2pi..~1500 straddle both thresholds (64/4 and 64/1): all three regimes are hit
+    # wavelengths 2pi..~1500 straddle both thresholds (64/4 and 64/1): all three regimes are hit
+    if llama3_rope:
         rope = {"rope_type": "llama3", "rope_theta": 500.0, "factor": 8.0, "low_freq_factor": 1.0,
                 "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=112,
+                                   num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                                    rope_parameters=rope, tie_word_embeddings=tie, rms_norm_eps=1e-5)
     return randomize(transformers.LlamaForCausalLM(cfg))
 
 
 def tiny_qwen2() -> "transformers.Qwen2ForCausalLM":
-    cfg = transformers.Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+    cfg = transformers.Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=112,
+                                   num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=128,
                                    tie_word_embeddings=False)
     return randomize(transformers.Qwen2ForCausalLM(cfg))
 
 
 def randomize(model: torch.nn.Module) -> torch.nn.Module:
-    # HF initialises biases to zero and norms to one; random values make every parameter count in the comparison
+    # HF initialises biases to zero and norms to one; random values make every parameter count in the
+    # comparison
     torch.manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias") or "norm" in name:
-                p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in name and name.endswith("weight") else 0.0))
+                p.copy_(torch.randn_like(p) * 0.1
+                        + (1.0 if "norm" in name and name.endswith("weight") else 0.0))
     return model.eval()
 
 
@@ -66,7 +72,8 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, tor
     root = tmp_path_factory.mktemp("hf")
     out = {}
     torch.manual_seed(0)
-    for name, model, shard in (("llama_tied", tiny_llama(True), None), ("llama_untied", tiny_llama(False), None),
+    for name, model, shard in (("llama_tied", tiny_llama(True), None),
+                               ("llama_untied", tiny_llama(False), None),
                                ("llama3_rope", tiny_llama(False, llama3_rope=True), None),
                                ("qwen2_sharded", tiny_qwen2(), "40KB")):
         model.generation_config.eos_token_id = None
@@ -167,9 +174,11 @@ def test_sampling_is_seeded_and_in_vocab(saved) -> None:
 def test_rope_scores_depend_only_on_relative_position(shift: int, gap: int, theta: float) -> None:
     # RoPE's defining property (Su et al. Eq. 16): <R_m q, R_n k> = <q, R_(n-m) k>
     g = torch.Generator().manual_seed(shift + gap)
-    q, k = torch.randn(1, 1, 1, 16, generator=g, dtype=torch.float64), torch.randn(1, 1, 1, 16, generator=g, dtype=torch.float64)
+    q, k = torch.randn(1, 1, 1, 16, generator=g, dtype=torch.float64), torch.randn(1, 1, 1, 16, generator=g,
+                                                                                   dtype=torch.float64)
 
-    inv_freq = um.rope_inv_freq(um.LLMConfig(vocab_size=8, hidden_size=32, num_heads=2, rope_theta=theta), q.device)
+    inv_freq = um.rope_inv_freq(um.LLMConfig(vocab_size=8, hidden_size=32, num_heads=2, rope_theta=theta),
+                                q.device)
 
     def score(m: int, n: int) -> torch.Tensor:
         cq, sq = um.rope_cos_sin(torch.tensor([[m]]), inv_freq, torch.float64)
@@ -179,11 +188,11 @@ def test_rope_scores_depend_only_on_relative_position(shift: int, gap: int, thet
     torch.testing.assert_close(score(shift, shift + gap), score(0, gap), rtol=1e-5, atol=1e-5)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # vision towers
 
-VISION_KW = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=16,
-                 patch_size=4)
+VISION_KW = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                 image_size=16, patch_size=4)
 
 
 @pytest.fixture(scope="module")
@@ -227,7 +236,8 @@ def test_vision_hidden_states_match_transformers(vision_saved, name: str) -> Non
             torch.testing.assert_close(enc(x, layer=layer), ref.hidden_states[layer], msg=f"layer {layer}")
         pooled = enc.pooled(x)
     if name.startswith("siglip"):
-        torch.testing.assert_close(pooled, ref.last_hidden_state)  # SigLIP applies post_layernorm to every token
+        # SigLIP applies post_layernorm to every token
+        torch.testing.assert_close(pooled, ref.last_hidden_state)
     else:
         torch.testing.assert_close(pooled[:, 0], ref.pooler_output)  # CLIP: post_layernorm on CLS only
 
@@ -272,7 +282,7 @@ def test_vision_rejects_bad_layer_and_shape(vision_saved) -> None:
         enc(torch.zeros(1, 3, 8, 8))
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # loader errors
 
 
@@ -317,7 +327,8 @@ def test_loader_untied_lm_head_in_tied_model_is_extra(saved, tmp_path: Path) -> 
 def test_loader_tied_duplicate_lm_head_is_accepted(saved, tmp_path: Path) -> None:
     p = copy_dir(saved["llama_tied"][0], tmp_path / "m")
     edit_weights(p, lambda sd: sd.__setitem__("lm_head.weight", sd["model.embed_tokens.weight"].clone()))
-    torch.testing.assert_close(um.load_llm(p)(torch.arange(5)[None]), saved["llama_tied"][1](torch.arange(5)[None]).logits)
+    torch.testing.assert_close(um.load_llm(p)(torch.arange(5)[None]),
+                               saved["llama_tied"][1](torch.arange(5)[None]).logits)
 
 
 @TRANSFORMERS
@@ -381,7 +392,7 @@ def test_loader_missing_files(saved, tmp_path: Path) -> None:
         um.load_llm(q)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # the MLLM
 
 IMG, SOFT_IMG, SOFT_TXT, K = 90, 91, 92, 3
@@ -389,10 +400,12 @@ IMG, SOFT_IMG, SOFT_TXT, K = 90, 91, 92, 3
 
 def tiny_mllm(seed: int = 0) -> um.MLLM:
     torch.manual_seed(seed)
-    cfg = um.MLLMConfig(um.VisionConfig(image_size=8, patch_size=4, hidden_size=32, num_layers=2, intermediate_size=64),
-                        um.LLMConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_layers=2, max_seq_len=64),
-                        image_token_id=IMG, soft_image_token_id=SOFT_IMG, soft_text_token_id=SOFT_TXT, n_soft_tokens=K,
-                        proj_dim=16)
+    cfg = um.MLLMConfig(um.VisionConfig(image_size=8, patch_size=4, hidden_size=32, num_layers=2,
+                                        intermediate_size=64),
+                        um.LLMConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_layers=2,
+                                     max_seq_len=64),
+                        image_token_id=IMG, soft_image_token_id=SOFT_IMG, soft_text_token_id=SOFT_TXT,
+                        n_soft_tokens=K, proj_dim=16)
     return um.MLLM(cfg).eval()
 
 
@@ -411,7 +424,8 @@ def test_embed_fills_images_and_prompts_in_order() -> None:
     with torch.no_grad():
         x = m.embed(ids, images)
         mean, std = (torch.tensor(v)[:, None, None] for v in (m.cfg.image_mean, m.cfg.image_std))
-        feats = m.adapter(m.vision((images - mean) / std, layer=-2)[:, 1:])  # (3, 4, D), CLIP pixel normalisation
+        # (3, 4, D), CLIP pixel normalisation
+        feats = m.adapter(m.vision((images - mean) / std, layer=-2)[:, 1:])
     # brute force: walk the sequence, counting images and soft-prompt positions
     img_i, tok_i, soft = 0, 0, {SOFT_IMG: 0, SOFT_TXT: 0}
     for b in range(ids.shape[0]):
@@ -529,7 +543,7 @@ def test_logit_scale_init_and_n_image_tokens() -> None:
     assert math.isclose(float(m.logit_scale.detach()), math.log(1 / 0.07), rel_tol=1e-6)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # LoRA
 
 
@@ -572,7 +586,8 @@ def test_lora_merge_method_and_bad_patterns() -> None:
     torch.nn.init.normal_(lora.lora_B)
     x = torch.randn(5, 8)
     with torch.no_grad():
-        want = x @ (ref_w + 2.0 * lora.lora_B @ lora.lora_A).T + lin.bias  # float reference of W + (alpha/r) B A
+        # float reference of W + (alpha/r) B A
+        want = x @ (ref_w + 2.0 * lora.lora_B @ lora.lora_A).T + lin.bias
         torch.testing.assert_close(lora(x), want)
         lora.merge()
         torch.testing.assert_close(lora(x), want)
@@ -595,12 +610,13 @@ def test_config_round_trip() -> None:
 
 
 def test_from_scratch_init_starts_near_uniform_prediction():
-    # a from-scratch MLLM must start close to the uniform predictor: cross-entropy ~ log V (N(0,1) embeddings with a
-    # tied head would start around sqrt(D) nats higher)
+    # a from-scratch MLLM must start close to the uniform predictor: cross-entropy ~ log V (N(0,1) embeddings
+    # with a tied head would start around sqrt(D) nats higher)
     from unimllm import MLLM, MLLMConfig, VisionConfig, LLMConfig
     torch.manual_seed(0)
     cfg = MLLMConfig(VisionConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64),
-                     LLMConfig(vocab_size=500, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2,
+                     LLMConfig(vocab_size=500, hidden_size=64, intermediate_size=128, num_layers=2,
+                               num_heads=2,
                                num_kv_heads=1), image_token_id=3, soft_image_token_id=4, soft_text_token_id=5,
                      n_soft_tokens=2)
     model = MLLM(cfg)
@@ -610,29 +626,32 @@ def test_from_scratch_init_starts_near_uniform_prediction():
     assert abs(loss.item() - math.log(500)) < 0.1
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # export to Hugging Face
 
 
-@pytest.mark.parametrize("tie,bias,llama3", [(False, False, False), (True, False, True), (False, True, False)])
-def test_export_loads_in_transformers_with_lora_merged(tmp_path: Path, tie: bool, bias: bool, llama3: bool) -> None:
-    """transformers' own model class, loaded from the exported directory, gives our logits (LoRA unmerged, with
-    random B so it counts); the other weights come back from mllm.safetensors, the tokenizer encodes alike."""
-    import data as D
+@pytest.mark.parametrize("tie,bias,llama3",
+                         [(False, False, False), (True, False, True), (False, True, False)])
+def test_export_loads_in_transformers_with_lora_merged(tmp_path: Path, tie: bool, bias: bool,
+                                                       llama3: bool) -> None:
+    """transformers' own model class, loaded from the exported directory, gives our logits (LoRA unmerged,
+    with random B so it counts); the other weights come back from mllm.safetensors, the tokenizer encodes
+    alike."""
     torch.manual_seed(0)
-    llm_cfg = um.LLMConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_layers=2, max_seq_len=64,
-                           tie_embeddings=tie, attention_bias=bias, rope_theta=500.0,
+    llm_cfg = um.LLMConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_layers=2,
+                           max_seq_len=64, tie_embeddings=tie, attention_bias=bias, rope_theta=500.0,
                            **({"rope_scaling_factor": 8.0, "rope_original_max_len": 32} if llama3 else {}))
-    cfg = um.MLLMConfig(um.VisionConfig(image_size=8, patch_size=4, hidden_size=32, num_layers=2, intermediate_size=64),
-                        llm_cfg, image_token_id=IMG, soft_image_token_id=SOFT_IMG, soft_text_token_id=SOFT_TXT,
-                        n_soft_tokens=K, proj_dim=16)
+    cfg = um.MLLMConfig(um.VisionConfig(image_size=8, patch_size=4, hidden_size=32, num_layers=2,
+                                        intermediate_size=64),
+                        llm_cfg, image_token_id=IMG, soft_image_token_id=SOFT_IMG,
+                        soft_text_token_id=SOFT_TXT, n_soft_tokens=K, proj_dim=16)
     model = um.MLLM(cfg).eval()
     um.apply_lora(model.llm, [r"q_proj|v_proj|down_proj"], r=4, alpha=8.0)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if n.endswith("lora_B") or n.endswith("bias") or "norm" in n:
                 p.add_(torch.randn_like(p) * 0.1)
-    tok = D.train_tokenizer(["a red cube on the left.", "a blue ball to the right."] * 3, 300)
+    tok = data.train_tokenizer(["a red cube on the left.", "a blue ball to the right."] * 3, 300)
     ids = {"bos": tok.bos_id, "eos": tok.eos_id, "pad": tok.pad_id, "image": IMG}
     um.export_hf(model, tok.to_str(), tmp_path, ids)
     cls = transformers.Qwen2ForCausalLM if bias else transformers.LlamaForCausalLM

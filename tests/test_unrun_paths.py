@@ -1,6 +1,6 @@
-"""Paths the other smoke tests never take: Sugar and generative fine-tuning end to end with two micro-batches per
-step, eval.py --blank-images (whose Winoground image score is known: two black images embed identically, so no
-caption can prefer its own image), and sampling with a temperature against softmax(logits / T)."""
+"""Paths the other smoke tests never take: Sugar and generative fine-tuning end to end with two micro-batches
+per step, eval.py --blank-images (whose Winoground image score is known: two black images embed identically,
+so no caption can prefer its own image), and sampling with a temperature against softmax(logits / T)."""
 from __future__ import annotations
 
 import math
@@ -63,4 +63,5 @@ def test_sampling_follows_softmax_of_logits_over_temperature():
         chi2 = float(((counts - n * p) ** 2 / (n * p)).sum())
         # chi-square with V - 1 = 7 degrees of freedom: P(chi2 > 30) < 1e-4
         assert chi2 < 30.0, (T, chi2, counts.tolist(), (n * p).tolist())
-        assert float(p.min() / p.max()) < 0.8 and p.max() < 0.9 and n * p.min() > 5, p  # a fair chi-square case
+        # a fair chi-square case
+        assert float(p.min() / p.max()) < 0.8 and p.max() < 0.9 and n * p.min() > 5, p
