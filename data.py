@@ -42,7 +42,7 @@ own colour, so "the red square" always names exactly one object and every hard n
 false).
 
 Run:
-    python data.py check PATH [--tokenizer tokenizer.json] [--max-len 192] [--n-image-tokens 16]
+    python data.py check PATH [--tokenizer tokenizer.json] [--max-len 192] [--n-image-tokens 9]
         validates a LLaVA / Karpathy / MMC4 / SugarCrepe / POPE / Winoground / teacher-features file,
         reporting every problem at once (a .jsonl file's records are numbered by line from 1); the defaults
         are train.py's default context and image tokens.
@@ -100,7 +100,7 @@ IMAGE_PROMPT = "Summarize above image in one word:"
 TEXT_PROMPT = "Summarize above sentence in one word:"
 IMAGE_TOKEN = "<image>"
 MAX_LEN = 192  # train.py's default context (--max-len); `check` measures samples against it by default
-N_IMAGE_TOKENS = 16  # image tokens of train.py's default vision tower (32x32 images, 8x8 patches)
+N_IMAGE_TOKENS = 9  # image tokens of train.py's default vision tower (48x48 images, 16-px patches)
 # teacher feature widths of the built-in world; collate's zero features where a batch has none
 UNI_DIM = 64
 CROSS_DIM = 64

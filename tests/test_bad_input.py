@@ -223,9 +223,14 @@ def test_over_long_sample_refused_before_the_first_step_from_scratch(tmp_path):
 
 
 def test_check_measures_against_the_training_context(tmp_path):
-    # 13 images are 208 image tokens, over train.py's default context of 192, which check measures against
-    path = llava_one(tmp_path, "red", n_images=13)
-    problems = data.check(path)
+    # check measures against train.py's default model: 9 tokens per image (48-px images, 16-px patches) and a
+    # context of 192. 19 images (171 image tokens + the text) fit; 22 (198) do not.
+    import train
+    args = train.ModelArgs()
+    assert data.N_IMAGE_TOKENS == (args.image_size // args.patch_size) ** 2 == 9
+    assert data.check(llava_one(tmp_path, "red", n_images=19)) == []
+    (tmp_path / "more").mkdir()
+    problems = data.check(llava_one(tmp_path / "more", "red", n_images=22))
     assert [(p.index, p.field) for p in problems] == [(0, "<sample>")]
     assert "at most 192" in problems[0].expected
 
