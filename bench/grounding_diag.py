@@ -7,7 +7,10 @@ and 100 test scenes of the built-in world. The instrument behind the README's "A
                   question follows the colour question about the same object: the answer-leaking layout
                   that data.conversations avoids
   --mix vqa       the default stream's VQA / POPE conversations alone (no captions, stories or RAG)
-  --distil N      N steps of train.py's stage 0 (the tower distilled from the teacher), frozen by --freeze 1
+  --distil N      N steps of stage 0's distillation of the tower from the teacher (train.distil_vision's loss,
+                  here with AdamW's default betas and the test cosine printed), then frozen by --freeze 1
+  --freeze-adapter 1   the adapter frozen too (its random initialisation); every 25 steps the log prints the
+                  spread of the image tokens (mean distance from their mean / mean norm)
 
     python bench/grounding_diag.py --mix default --steps 400 --image 48 --patch 16 --distil 600
         --warm 0.05 --eval-every 200 --threads 1
