@@ -1,0 +1,186 @@
+"""Binding diagnostic: which change lets the LLM read one attribute of the object another attribute names?
+Stage 0 and stage 1 of train.py at the default size (train.py's distillation betas, the length-grouped
+pre-training stream), one variant switched on by a flag, then every --eval-every steps the teacher-forced
+accuracy per question type (the argmax token after "answer:") on 150 test scenes of the built-in world. The
+instrument behind the README's "A model that sees", item 6. A sibling of bench/grounding_diag.py, which
+measured the earlier items with AdamW's default betas and ungrouped batches.
+
+  --dense W       stage 0 also distils every image token from its grid cell's teacher vector (W: its weight;
+                  the cell's facts by --facts: s shape, c colour, z size, p the cell; "empty" for an empty
+                  cell), beside the pooled cross-modal feature: every attribute gets the same weight in a
+                  token
+  --loss sample   the next-token loss averaged per sequence, then over the batch (default: per token, as
+                  train.py), so the one-word VQA answers weigh as much as a 60-token long caption
+  --unfreeze 1    the vision tower keeps training in stage 1 (train.py freezes it, as LLaVA does)
+  --mix vqa       the VQA / POPE conversations alone
+  --mix text      no image: [long caption] question answer (the same lookups, read from text)
+  --caption new   the long captions' object sentences name the shape first ("a square at the bottom, small
+                  and yellow.") instead of "a small yellow square at the bottom."; mixed: each object one
+                  of the two at random
+
+    python bench/binding_diag.py --steps 2000 --eval-every 250 [--dense 1 --facts scpz] [--caption new]
+"""
+import argparse
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import data  # noqa: E402
+import train as T  # noqa: E402
+from unimllm import MLLM  # noqa: E402
+
+p = argparse.ArgumentParser()
+p.add_argument('--steps', type=int, default=800)
+p.add_argument('--lr', type=float, default=6e-4)
+p.add_argument('--distil', type=int, default=600)
+p.add_argument('--dense', type=float, default=0.0)
+p.add_argument('--facts', default='scp')
+p.add_argument('--eval-every', type=int, default=200)
+p.add_argument('--threads', type=int, default=1)
+p.add_argument('--mix', default='default', choices=['default', 'vqa', 'text'])
+p.add_argument('--loss', default='token', choices=['token', 'sample'])
+p.add_argument('--unfreeze', type=int, default=0)
+p.add_argument('--caption', default='old', choices=['old', 'new', 'mixed'])
+a = p.parse_args()
+torch.set_num_threads(a.threads)
+torch.manual_seed(0)
+cfg = T.TrainConfig()
+corpus = T.builtin_corpus(cfg)
+# the reordered captions bring a comma, which the world's texts lack
+tok = data.train_tokenizer(corpus.texts + ([', and'] if a.caption != 'old' else []), 1024)
+world = data.make_world('train', cfg.data.n_train, 0, image_size=48)
+test = data.make_world('test', 200, 0, image_size=48)
+
+
+def cell_targets(graph: data.SceneGraph) -> torch.Tensor:
+    """(9, 64): one teacher vector per grid cell, in the tower's row-major token order."""
+    out = []
+    for r in range(data.GRID):
+        for c in range(data.GRID):
+            o = next((o for o in graph.objects if (o.row, o.col) == (r, c)), None)
+            f = [f'cell:{r}:{c}'] if 'p' in a.facts else []
+            if o is None:
+                f.append('empty')
+            else:
+                f += [x for k, x in (('s', f's:{o.shape}'), ('c', f'c:{o.colour}'), ('z', f'z:{o.size}'))
+                      if k in a.facts]
+            out.append(data.featurise('patch', f, 64))
+    return torch.stack(out)
+
+
+model = MLLM(T.model_config(cfg.model, tok))
+T.pretrain_trainable(model, vision_frozen=False)
+imgs = torch.stack([s.image for s in world.scenes])
+tgt = torch.stack([s.cross_image for s in world.scenes])
+cells = torch.stack([cell_targets(s.graph) for s in world.scenes])  # (N, 9, 64)
+head, dense_head = torch.nn.Linear(128, 64), torch.nn.Linear(128, 64)
+params = list(model.vision.parameters()) + list(head.parameters()) + list(dense_head.parameters())
+dopt = torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.95))
+g = torch.Generator().manual_seed(0)
+t0 = time.time()
+for st in range(a.distil):
+    for gr in dopt.param_groups:
+        gr['lr'] = T.lr_at(st, a.distil, 1e-3, 0.03)
+    idx = torch.randint(len(imgs), (64,), generator=g)
+    f = model.vision_features(imgs[idx])  # (64, 9, 128)
+    loss = (1 - F.cosine_similarity(head(f.mean(1)), tgt[idx], dim=-1)).mean()
+    if a.dense:
+        loss = loss + a.dense * (1 - F.cosine_similarity(dense_head(f), cells[idx], dim=-1)).mean()
+    dopt.zero_grad()
+    loss.backward()
+    dopt.step()
+    if st % 200 == 0:
+        print('distil', st, round(loss.item(), 4), round(time.time() - t0), flush=True)
+for p_ in model.vision.parameters():
+    p_.requires_grad_(bool(a.unfreeze))
+opt = T.make_optimizer(model, a.lr, 0.0)
+
+
+def long_caption(graph: data.SceneGraph, rng: random.Random) -> str:
+    """data._long_caption with the object sentences reordered by --caption."""
+    n = len(graph.objects)
+    parts = [f"there is {data.NUMBERS[n]} shape." if n == 1 else f"there are {data.NUMBERS[n]} shapes."]
+    for o in graph.objects:
+        pos = data.POSITIONS[(o.row, o.col)]
+        if a.caption == 'new' or (a.caption == 'mixed' and rng.random() < 0.5):
+            parts.append(f"a {o.shape} at the {pos}, {o.size} and {o.colour}.")
+        else:
+            parts.append(f"a {o.size} {o.colour} {o.shape} at the {pos}.")
+    for i, x in enumerate(graph.objects):
+        for y in graph.objects[i + 1:]:
+            for rel in data._relations_between(x, y):
+                parts.append(f"the {x.colour} {x.shape} is {data.REL_WORDS[rel]} the {y.colour} {y.shape}.")
+    return " ".join(parts)
+
+
+if a.caption != 'old':
+    rng = random.Random(0)
+    corpus.long = [data.Sample([data.image_seg(sc.image), data.text_seg(long_caption(sc.graph, rng), True)])
+                   for sc in world.scenes]
+    print(corpus.long[0].segments[1].text)
+if a.mix == 'default':
+    items = corpus.lm + corpus.long + corpus.stories
+elif a.mix == 'vqa':
+    items = [x for x in corpus.lm
+             if any(g.kind == 'text' and g.text.startswith('question:') for g in x.segments)]
+else:
+    rng, items = random.Random(0), []
+    for sc in world.scenes:
+        qa = sc.vqa + sc.pope
+        rng.shuffle(qa)
+        items += [data.Sample([data.text_seg(sc.long_caption, False),
+                               data.text_seg(data.format_question(q), False), data.text_seg(ans, True)])
+                  for q, ans in qa[:4]]
+stream = T.Stream('pretrain', items, 0, data.sample_lengths(items, tok, 9), 16)
+
+
+def qtype(q: str) -> str:
+    return q.split()[1] if q.startswith('what') else ('count' if q.startswith('how')
+                                                      else ('pope' if 'in the image' in q else 'rel'))
+
+
+@torch.no_grad()
+def evaluate(scenes: list) -> dict[str, float]:
+    model.eval()
+    qs, by = [(s, q, ans) for s in scenes for q, ans in s.vqa + s.pope], {}
+    for i in range(0, len(qs), 64):
+        chunk = qs[i:i + 64]
+        ctx = [data.text_seg(s.long_caption, False) if a.mix == 'text' else data.image_seg(s.image)
+               for s, _, _ in chunk]
+        b = data.collate([data.Sample([c, data.text_seg(data.format_question(q), False)])
+                          for c, (_, q, _) in zip(ctx, chunk)], tok, 9, 192)
+        logits, _ = model(b['input_ids'], b['images'])
+        last = logits[torch.arange(len(chunk)), b['attention_mask'].sum(1) - 1]
+        for (s, q, ans), lg in zip(chunk, last):
+            by.setdefault(qtype(q), []).append(tok.decode([int(lg.argmax())]).strip() == ans)
+    model.train()
+    return {k: round(sum(v) / len(v), 3) for k, v in sorted(by.items())}
+
+
+t0 = time.time()
+for step in range(a.steps):
+    for g_ in opt.param_groups:
+        g_['lr'] = T.lr_at(step, a.steps, a.lr, 0.03)
+    b = data.collate(stream.batch(step, 32), tok, 9, 192)
+    logits, _ = model(b['input_ids'], b['images'])
+    if a.loss == 'token':
+        s, c = T.ntp_sum(logits, b['labels'])
+        loss = s / c
+    else:
+        lab = b['labels'][:, 1:]
+        lp = F.cross_entropy(logits[:, :-1].transpose(1, 2), lab, ignore_index=-100, reduction='none')
+        m = (lab != -100).float()
+        loss = ((lp * m).sum(1) / m.sum(1).clamp(min=1)).mean()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad()
+    if step % 50 == 0:
+        print(f'step {step} loss {loss.item():.3f} {time.time() - t0:.0f}s', flush=True)
+    if (step + 1) % a.eval_every == 0:
+        print('test', step + 1, evaluate(test.scenes[:150]), flush=True)
