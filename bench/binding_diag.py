@@ -14,16 +14,20 @@ measured the earlier items with AdamW's default betas and ungrouped batches.
   --unfreeze 1    the vision tower keeps training in stage 1 (train.py freezes it, as LLaVA does)
   --mix vqa       the VQA / POPE conversations alone
   --mix text      no image: [long caption] question answer (the same lookups, read from text)
-  --caption new   the long captions' object sentences name the shape first ("a square at the bottom, small
-                  and yellow.") instead of "a small yellow square at the bottom."; mixed: each object one
-                  of the two at random
+  --caption C     the long captions' object sentences: colour (always "a small yellow square at the bottom.",
+                  data.py's order before commit e37d29e), shape (always "a square at the bottom, small and
+                  yellow."), mixed (each object one of the two at random); data: as data.py writes them
+  --relation R    the long captions' relation sentences: last (both objects named before the relation: "the
+                  red circle has the yellow square to its right." for "the yellow square is to the right of
+                  the red circle."), mixed (each one of the two at random); data: as data.py writes them
 
-    python bench/binding_diag.py --steps 2000 --eval-every 250 [--dense 1 --facts scpz] [--caption new]
+    python bench/binding_diag.py --steps 2000 --eval-every 250 [--dense 1 --facts scpz] [--caption colour]
 """
 import argparse
 import random
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import torch
@@ -45,14 +49,16 @@ p.add_argument('--threads', type=int, default=1)
 p.add_argument('--mix', default='default', choices=['default', 'vqa', 'text'])
 p.add_argument('--loss', default='token', choices=['token', 'sample'])
 p.add_argument('--unfreeze', type=int, default=0)
-p.add_argument('--caption', default='old', choices=['old', 'new', 'mixed'])
+p.add_argument('--caption', default='data', choices=['data', 'colour', 'shape', 'mixed'])
+p.add_argument('--relation', default='data', choices=['data', 'last', 'mixed'])
 a = p.parse_args()
 torch.set_num_threads(a.threads)
 torch.manual_seed(0)
 cfg = T.TrainConfig()
 corpus = T.builtin_corpus(cfg)
-# the reordered captions bring a comma, which the world's texts lack
-tok = data.train_tokenizer(corpus.texts + ([', and'] if a.caption != 'old' else []), 1024)
+# the reordered relation sentences: "x has y to its left" says "y is to the left of x"
+LAST = {"left": "to its left", "right": "to its right", "above": "above it", "below": "below it"}
+tok = data.train_tokenizer(corpus.texts + (list(LAST.values()) if a.relation != 'data' else []), 1024)
 world = data.make_world('train', cfg.data.n_train, 0, image_size=48)
 test = data.make_world('test', 200, 0, image_size=48)
 
@@ -102,23 +108,31 @@ opt = T.make_optimizer(model, a.lr, 0.0)
 
 
 def long_caption(graph: data.SceneGraph, rng: random.Random) -> str:
-    """data._long_caption with the object sentences reordered by --caption."""
+    """The long caption with its object sentences ordered by --caption, its relation sentences by
+    --relation."""
     n = len(graph.objects)
     parts = [f"there is {data.NUMBERS[n]} shape." if n == 1 else f"there are {data.NUMBERS[n]} shapes."]
-    for o in graph.objects:
+    for i, o in enumerate(graph.objects):
         pos = data.POSITIONS[(o.row, o.col)]
-        if a.caption == 'new' or (a.caption == 'mixed' and rng.random() < 0.5):
+        if a.caption == 'data':
+            shape_first = zlib.crc32(f"{data.canonical(graph)}|{i}".encode()) % 2  # as data._long_caption
+        else:
+            shape_first = a.caption == 'shape' or (a.caption == 'mixed' and rng.random() < 0.5)
+        if shape_first:
             parts.append(f"a {o.shape} at the {pos}, {o.size} and {o.colour}.")
         else:
             parts.append(f"a {o.size} {o.colour} {o.shape} at the {pos}.")
     for i, x in enumerate(graph.objects):
         for y in graph.objects[i + 1:]:
             for rel in data._relations_between(x, y):
-                parts.append(f"the {x.colour} {x.shape} is {data.REL_WORDS[rel]} the {y.colour} {y.shape}.")
+                if a.relation == 'last' or (a.relation == 'mixed' and rng.random() < 0.5):
+                    parts.append(f"the {y.colour} {y.shape} has the {x.colour} {x.shape} {LAST[rel]}.")
+                else:
+                    parts.append(f"the {x.colour} {x.shape} is {data.REL_WORDS[rel]} the {y.colour} {y.shape}.")
     return " ".join(parts)
 
 
-if a.caption != 'old':
+if a.caption != 'data' or a.relation != 'data':
     rng = random.Random(0)
     corpus.long = [data.Sample([data.image_seg(sc.image), data.text_seg(long_caption(sc.graph, rng), True)])
                    for sc in world.scenes]
