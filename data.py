@@ -563,22 +563,10 @@ def _short_phrase(graph: SceneGraph, rng: random.Random) -> Phrase:
 
 
 def _long_caption(graph: SceneGraph) -> str:
-    """Every object and every relation. Each object sentence names the colour before the shape ("a small yellow
-    square at the bottom.") or the shape first ("a square at the bottom, small and yellow."), half and half by a
-    hash of the scene and the object. Why: next-token prediction on a caption trains the lookup its word order
-    asks for, "the shape of the yellow object" after "yellow"; with the colour always first the model learned
-    that lookup (vqa/shape 1.00) and never the reverse, "the colour of the square" (vqa/colour 0.41, the score of
-    naming the colour of a random object of the scene). Both orders teach both (README, "A model that sees").
-    Our choice."""
     n = len(graph.objects)
     parts = [f"there is {NUMBERS[n]} shape." if n == 1 else f"there are {NUMBERS[n]} shapes."]
-    key = canonical(graph)
-    for i, o in enumerate(graph.objects):
-        where = POSITIONS[(o.row, o.col)]
-        if zlib.crc32(f"{key}|{i}".encode()) % 2:
-            parts.append(f"a {o.shape} at the {where}, {o.size} and {o.colour}.")
-        else:
-            parts.append(f"a {o.size} {o.colour} {o.shape} at the {where}.")
+    for o in graph.objects:
+        parts.append(f"a {o.size} {o.colour} {o.shape} at the {POSITIONS[(o.row, o.col)]}.")
     for i, a in enumerate(graph.objects):
         for b in graph.objects[i + 1:]:
             for rel in _relations_between(a, b):
