@@ -14,20 +14,20 @@ measured the earlier items with AdamW's default betas and ungrouped batches.
   --unfreeze 1    the vision tower keeps training in stage 1 (train.py freezes it, as LLaVA does)
   --mix vqa       the VQA / POPE conversations alone
   --mix text      no image: [long caption] question answer (the same lookups, read from text)
-  --caption C     the long captions' object sentences: colour (always "a small yellow square at the bottom.",
-                  data.py's order before commit e37d29e), shape (always "a square at the bottom, small and
-                  yellow."), mixed (each object one of the two at random); data: as data.py writes them
-  --relation R    the long captions' relation sentences: last (both objects named before the relation: "the
-                  red circle has the yellow square to its right." for "the yellow square is to the right of
-                  the red circle."), mixed (each one of the two at random); data: as data.py writes them
+  --caption C     the long captions' object sentences: colour (data.py's "a small yellow square at the
+                  bottom."), shape (always "a square at the bottom, small and yellow."), mixed (each object
+                  one of the two at random)
+  --relation R    the long captions' relation sentences: first (data.py's "the yellow square is to the right of
+                  the red circle."), last (both objects named before the relation: "the red circle has the
+                  yellow square to its right."), mixed (each one of the two at random)
+  --seed S        model initialisation, stage-0 batches and data order (default 0)
 
-    python bench/binding_diag.py --steps 2000 --eval-every 250 [--dense 1 --facts scpz] [--caption colour]
+    python bench/binding_diag.py --steps 2000 --eval-every 250 [--dense 1 --facts scpz] [--caption mixed]
 """
 import argparse
 import random
 import sys
 import time
-import zlib
 from pathlib import Path
 
 import torch
@@ -49,16 +49,20 @@ p.add_argument('--threads', type=int, default=1)
 p.add_argument('--mix', default='default', choices=['default', 'vqa', 'text'])
 p.add_argument('--loss', default='token', choices=['token', 'sample'])
 p.add_argument('--unfreeze', type=int, default=0)
-p.add_argument('--caption', default='data', choices=['data', 'colour', 'shape', 'mixed'])
-p.add_argument('--relation', default='data', choices=['data', 'last', 'mixed'])
+p.add_argument('--caption', default='colour', choices=['colour', 'shape', 'mixed'])
+p.add_argument('--relation', default='first', choices=['first', 'last', 'mixed'])
+p.add_argument('--seed', type=int, default=0)
 a = p.parse_args()
 torch.set_num_threads(a.threads)
-torch.manual_seed(0)
+torch.manual_seed(a.seed)
 cfg = T.TrainConfig()
 corpus = T.builtin_corpus(cfg)
 # the reordered relation sentences: "x has y to its left" says "y is to the left of x"
 LAST = {"left": "to its left", "right": "to its right", "above": "above it", "below": "below it"}
-tok = data.train_tokenizer(corpus.texts + (list(LAST.values()) if a.relation != 'data' else []), 1024)
+reorder = a.caption != 'colour' or a.relation != 'first'
+# the reordered sentences bring words data.py's texts lack
+tok = data.train_tokenizer(corpus.texts + ([', and'] if a.caption != 'colour' else [])
+                           + (list(LAST.values()) if a.relation != 'first' else []), 1024)
 world = data.make_world('train', cfg.data.n_train, 0, image_size=48)
 test = data.make_world('test', 200, 0, image_size=48)
 
@@ -87,7 +91,7 @@ cells = torch.stack([cell_targets(s.graph) for s in world.scenes])  # (N, 9, 64)
 head, dense_head = torch.nn.Linear(128, 64), torch.nn.Linear(128, 64)
 params = list(model.vision.parameters()) + list(head.parameters()) + list(dense_head.parameters())
 dopt = torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.95))
-g = torch.Generator().manual_seed(0)
+g = torch.Generator().manual_seed(a.seed)
 t0 = time.time()
 for st in range(a.distil):
     for gr in dopt.param_groups:
@@ -112,13 +116,9 @@ def long_caption(graph: data.SceneGraph, rng: random.Random) -> str:
     --relation."""
     n = len(graph.objects)
     parts = [f"there is {data.NUMBERS[n]} shape." if n == 1 else f"there are {data.NUMBERS[n]} shapes."]
-    for i, o in enumerate(graph.objects):
+    for o in graph.objects:
         pos = data.POSITIONS[(o.row, o.col)]
-        if a.caption == 'data':
-            shape_first = zlib.crc32(f"{data.canonical(graph)}|{i}".encode()) % 2  # as data._long_caption
-        else:
-            shape_first = a.caption == 'shape' or (a.caption == 'mixed' and rng.random() < 0.5)
-        if shape_first:
+        if a.caption == 'shape' or (a.caption == 'mixed' and rng.random() < 0.5):
             parts.append(f"a {o.shape} at the {pos}, {o.size} and {o.colour}.")
         else:
             parts.append(f"a {o.size} {o.colour} {o.shape} at the {pos}.")
@@ -132,7 +132,7 @@ def long_caption(graph: data.SceneGraph, rng: random.Random) -> str:
     return " ".join(parts)
 
 
-if a.caption != 'data' or a.relation != 'data':
+if reorder:
     rng = random.Random(0)
     corpus.long = [data.Sample([data.image_seg(sc.image), data.text_seg(long_caption(sc.graph, rng), True)])
                    for sc in world.scenes]
@@ -150,7 +150,7 @@ else:
         items += [data.Sample([data.text_seg(sc.long_caption, False),
                                data.text_seg(data.format_question(q), False), data.text_seg(ans, True)])
                   for q, ans in qa[:4]]
-stream = T.Stream('pretrain', items, 0, data.sample_lengths(items, tok, 9), 16)
+stream = T.Stream('pretrain', items, a.seed, data.sample_lengths(items, tok, 9), 16)
 
 
 def qtype(q: str) -> str:
