@@ -21,6 +21,7 @@ measured the earlier items with AdamW's default betas and ungrouped batches.
                   the red circle."), last (both objects named before the relation: "the red circle has the
                   yellow square to its right."), mixed (each one of the two at random)
   --seed S        model initialisation, stage-0 batches and data order (default 0)
+  --llm-kv-heads K  key/value heads of the LLM (train.py's default 2 for its 6 query heads; 6: no sharing)
 
     python bench/binding_diag.py --steps 2000 --eval-every 250 [--dense 1 --facts scpz] [--caption mixed]
 """
@@ -52,10 +53,12 @@ p.add_argument('--unfreeze', type=int, default=0)
 p.add_argument('--caption', default='colour', choices=['colour', 'shape', 'mixed'])
 p.add_argument('--relation', default='first', choices=['first', 'last', 'mixed'])
 p.add_argument('--seed', type=int, default=0)
+p.add_argument('--llm-kv-heads', type=int, default=T.ModelArgs.llm_kv_heads)
 a = p.parse_args()
 torch.set_num_threads(a.threads)
 torch.manual_seed(a.seed)
 cfg = T.TrainConfig()
+cfg.model.llm_kv_heads = a.llm_kv_heads
 corpus = T.builtin_corpus(cfg)
 # the reordered relation sentences: "x has y to its left" says "y is to the left of x"
 LAST = {"left": "to its left", "right": "to its right", "above": "above it", "below": "below it"}
