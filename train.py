@@ -127,7 +127,7 @@ class ModelArgs:
     llm_width: int = 192
     llm_layers: int = 4
     llm_heads: int = 6
-    llm_kv_heads: int = 2
+    llm_kv_heads: int = 6     # one per query head: with 2 shared, POPE was not learned (README, item 6)
     llm_mlp: int = 512
     vocab_size: int = 1024
     max_len: int = data.MAX_LEN
