@@ -17,11 +17,12 @@ measured the earlier items with AdamW's default betas and ungrouped batches.
   --caption C     the long captions' object sentences: colour (data.py's "a small yellow square at the
                   bottom."), shape (always "a square at the bottom, small and yellow."), mixed (each object
                   one of the two at random)
-  --relation R    the long captions' relation sentences: first (data.py's "the yellow square is to the right of
-                  the red circle."), last (both objects named before the relation: "the red circle has the
+  --relation R    the long captions' relation sentences: first (data.py's "the yellow square is to the
+                  right of the red circle."), last (both objects named before the relation: "the red circle has the
                   yellow square to its right."), mixed (each one of the two at random)
   --seed S        model initialisation, stage-0 batches and data order (default 0)
-  --llm-kv-heads K  key/value heads of the LLM (train.py's default 2 for its 6 query heads; 6: no sharing)
+  --llm-kv-heads K  key/value heads of the LLM's 6 query heads (default 2, train.py's until these runs; 6, its
+                  default now: no sharing)
 
     python bench/binding_diag.py --steps 2000 --eval-every 250 [--dense 1 --facts scpz] [--caption mixed]
 """
@@ -53,7 +54,7 @@ p.add_argument('--unfreeze', type=int, default=0)
 p.add_argument('--caption', default='colour', choices=['colour', 'shape', 'mixed'])
 p.add_argument('--relation', default='first', choices=['first', 'last', 'mixed'])
 p.add_argument('--seed', type=int, default=0)
-p.add_argument('--llm-kv-heads', type=int, default=T.ModelArgs.llm_kv_heads)
+p.add_argument('--llm-kv-heads', type=int, default=2)
 a = p.parse_args()
 torch.set_num_threads(a.threads)
 torch.manual_seed(a.seed)
@@ -131,7 +132,8 @@ def long_caption(graph: data.SceneGraph, rng: random.Random) -> str:
                 if a.relation == 'last' or (a.relation == 'mixed' and rng.random() < 0.5):
                     parts.append(f"the {y.colour} {y.shape} has the {x.colour} {x.shape} {LAST[rel]}.")
                 else:
-                    parts.append(f"the {x.colour} {x.shape} is {data.REL_WORDS[rel]} the {y.colour} {y.shape}.")
+                    parts.append(f"the {x.colour} {x.shape} is {data.REL_WORDS[rel]} "
+                                 f"the {y.colour} {y.shape}.")
     return " ".join(parts)
 
 
