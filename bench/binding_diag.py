@@ -18,8 +18,8 @@ measured the earlier items with AdamW's default betas and ungrouped batches.
                   bottom."), shape (always "a square at the bottom, small and yellow."), mixed (each object
                   one of the two at random)
   --relation R    the long captions' relation sentences: first (data.py's "the yellow square is to the
-                  right of the red circle."), last (both objects named before the relation: "the red circle has the
-                  yellow square to its right."), mixed (each one of the two at random)
+                  right of the red circle."), last (both objects named before the relation: "the red circle
+                  has the yellow square to its right."), mixed (each one of the two at random)
   --seed S        model initialisation, stage-0 batches and data order (default 0)
   --llm-kv-heads K  key/value heads of the LLM's 6 query heads (default 2, train.py's until these runs; 6, its
                   default now: no sharing)
