@@ -67,12 +67,13 @@ reorder = a.caption != 'colour' or a.relation != 'first'
 # the reordered sentences bring words data.py's texts lack
 tok = data.train_tokenizer(corpus.texts + ([', and'] if a.caption != 'colour' else [])
                            + (list(LAST.values()) if a.relation != 'first' else []), 1024)
-world = data.make_world('train', cfg.data.n_train, 0, image_size=48)
-test = data.make_world('test', 200, 0, image_size=48)
+scenes = corpus.pairs  # the built-in world's training scenes, as builtin_corpus built them
+test = data.make_world('test', 200, 0, image_size=cfg.model.image_size)
 
 
 def cell_targets(graph: data.SceneGraph) -> torch.Tensor:
-    """(9, 64): one teacher vector per grid cell, in the tower's row-major token order."""
+    """(GRID * GRID, CROSS_DIM): one teacher vector per grid cell, in the tower's row-major token order (one
+    token per cell at the default 48-px images and 16-px patches)."""
     out = []
     for r in range(data.GRID):
         for c in range(data.GRID):
@@ -83,16 +84,18 @@ def cell_targets(graph: data.SceneGraph) -> torch.Tensor:
             else:
                 f += [x for k, x in (('s', f's:{o.shape}'), ('c', f'c:{o.colour}'), ('z', f'z:{o.size}'))
                       if k in a.facts]
-            out.append(data.featurise('patch', f, 64))
+            out.append(data.featurise('patch', f, data.CROSS_DIM))
     return torch.stack(out)
 
 
 model = MLLM(T.model_config(cfg.model, tok))
+n_img, max_len = model.n_image_tokens, cfg.model.max_len
 T.pretrain_trainable(model, vision_frozen=False)
-imgs = torch.stack([s.image for s in world.scenes])
-tgt = torch.stack([s.cross_image for s in world.scenes])
-cells = torch.stack([cell_targets(s.graph) for s in world.scenes])  # (N, 9, 64)
-head, dense_head = torch.nn.Linear(128, 64), torch.nn.Linear(128, 64)
+imgs = torch.stack([s.image for s in scenes])
+tgt = torch.stack([s.cross_image for s in scenes])
+cells = torch.stack([cell_targets(s.graph) for s in scenes])  # (N, 9, C)
+head = torch.nn.Linear(cfg.model.vision_width, data.CROSS_DIM)
+dense_head = torch.nn.Linear(cfg.model.vision_width, data.CROSS_DIM)
 params = list(model.vision.parameters()) + list(head.parameters()) + list(dense_head.parameters())
 dopt = torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.95))
 g = torch.Generator().manual_seed(a.seed)
@@ -101,7 +104,7 @@ for st in range(a.distil):
     for gr in dopt.param_groups:
         gr['lr'] = T.lr_at(st, a.distil, 1e-3, 0.03)
     idx = torch.randint(len(imgs), (64,), generator=g)
-    f = model.vision_features(imgs[idx])  # (64, 9, 128)
+    f = model.vision_features(imgs[idx])  # (64, 9, Dv)
     loss = (1 - F.cosine_similarity(head(f.mean(1)), tgt[idx], dim=-1)).mean()
     if a.dense:
         loss = loss + a.dense * (1 - F.cosine_similarity(dense_head(f), cells[idx], dim=-1)).mean()
@@ -140,7 +143,7 @@ def long_caption(graph: data.SceneGraph, rng: random.Random) -> str:
 if reorder:
     rng = random.Random(0)
     corpus.long = [data.Sample([data.image_seg(sc.image), data.text_seg(long_caption(sc.graph, rng), True)])
-                   for sc in world.scenes]
+                   for sc in scenes]
     print(corpus.long[0].segments[1].text)
 if a.mix == 'default':
     items = corpus.lm + corpus.long + corpus.stories
@@ -149,13 +152,13 @@ elif a.mix == 'vqa':
              if any(g.kind == 'text' and g.text.startswith('question:') for g in x.segments)]
 else:
     rng, items = random.Random(0), []
-    for sc in world.scenes:
+    for sc in scenes:
         qa = sc.vqa + sc.pope
         rng.shuffle(qa)
         items += [data.Sample([data.text_seg(sc.long_caption, False),
                                data.text_seg(data.format_question(q), False), data.text_seg(ans, True)])
                   for q, ans in qa[:4]]
-stream = T.Stream('pretrain', items, a.seed, data.sample_lengths(items, tok, 9), 16)
+stream = T.Stream('pretrain', items, a.seed, data.sample_lengths(items, tok, n_img), 16)
 
 
 def qtype(q: str) -> str:
@@ -172,7 +175,7 @@ def evaluate(scenes: list) -> dict[str, float]:
         ctx = [data.text_seg(s.long_caption, False) if a.mix == 'text' else data.image_seg(s.image)
                for s, _, _ in chunk]
         b = data.collate([data.Sample([c, data.text_seg(data.format_question(q), False)])
-                          for c, (_, q, _) in zip(ctx, chunk)], tok, 9, 192)
+                          for c, (_, q, _) in zip(ctx, chunk)], tok, n_img, max_len)
         logits, _ = model(b['input_ids'], b['images'])
         last = logits[torch.arange(len(chunk)), b['attention_mask'].sum(1) - 1]
         for (s, q, ans), lg in zip(chunk, last):
@@ -185,7 +188,7 @@ t0 = time.time()
 for step in range(a.steps):
     for g_ in opt.param_groups:
         g_['lr'] = T.lr_at(step, a.steps, a.lr, 0.03)
-    b = data.collate(stream.batch(step, 32), tok, 9, 192)
+    b = data.collate(stream.batch(step, 32), tok, n_img, max_len)
     logits, _ = model(b['input_ids'], b['images'])
     if a.loss == 'token':
         s, c = T.ntp_sum(logits, b['labels'])
