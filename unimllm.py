@@ -586,6 +586,7 @@ class MLLM(nn.Module):
         # learnable temperature for the VladVA contrastive loss, CLIP's init (VladVA gives none)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         self.apply(init_weights)
+        init_query_key(self.llm)
 
     @property
     def n_image_tokens(self) -> int:
@@ -709,6 +710,18 @@ def init_weights(module: nn.Module) -> None:
         nn.init.normal_(module.weight, std=0.02)
     if isinstance(module, nn.Linear) and module.bias is not None:
         nn.init.zeros_(module.bias)
+
+
+def init_query_key(llm: "LLM") -> None:
+    """The decoder's query and key projections at N(0, 1/d_in) instead of N(0, 0.02) (our choice; Hugging
+    Face's 0.02 suits widths around 768-4096). With RMS-normalised inputs, q and k then have unit-variance
+    entries and the attention logits q.k / sqrt(head_dim) unit variance at init; at width 192, 0.02 makes
+    them about 0.08 wide, so every head starts near uniform attention, and since the gradient of W_q is
+    proportional to W_k and vice versa, matching a query to a key (reading the colour of the object a question
+    names) sits on a long, seed-dependent plateau (README, "A model that sees", item 7)."""
+    for layer in llm.layers:
+        for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
+            nn.init.normal_(proj.weight, std=proj.in_features ** -0.5)
 
 
 def fill_runs(x: Tensor, mask: Tensor, prompt: Tensor, name: str) -> Tensor:

@@ -23,6 +23,8 @@ measured the earlier items with AdamW's default betas and ungrouped batches.
   --seed S        model initialisation, stage-0 batches and data order (default 0)
   --llm-kv-heads K  key/value heads of the LLM's 6 query heads (default 2, train.py's until these runs; 6, its
                   default now: no sharing)
+  --qk-std S      the LLM's query / key projections re-drawn from N(0, S^2): 0.02 is the init every run of
+                  item 6 had (Hugging Face's initializer_range); default 0: the model's own, N(0, 1/d_in)
 
     python bench/binding_diag.py --steps 2000 --eval-every 250 [--dense 1 --facts scpz] [--caption mixed]
 """
@@ -55,6 +57,7 @@ p.add_argument('--caption', default='colour', choices=['colour', 'shape', 'mixed
 p.add_argument('--relation', default='first', choices=['first', 'last', 'mixed'])
 p.add_argument('--seed', type=int, default=0)
 p.add_argument('--llm-kv-heads', type=int, default=2)
+p.add_argument('--qk-std', type=float, default=0.0)
 a = p.parse_args()
 torch.set_num_threads(a.threads)
 torch.manual_seed(a.seed)
@@ -89,6 +92,10 @@ def cell_targets(graph: data.SceneGraph) -> torch.Tensor:
 
 
 model = MLLM(T.model_config(cfg.model, tok))
+if a.qk_std:
+    for layer in model.llm.layers:
+        for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
+            torch.nn.init.normal_(proj.weight, std=a.qk_std)
 n_img, max_len = model.n_image_tokens, cfg.model.max_len
 T.pretrain_trainable(model, vision_frozen=False)
 imgs = torch.stack([s.image for s in scenes])

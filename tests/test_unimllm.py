@@ -188,6 +188,33 @@ def test_rope_scores_depend_only_on_relative_position(shift: int, gap: int, thet
     torch.testing.assert_close(score(shift, shift + gap), score(0, gap), rtol=1e-5, atol=1e-5)
 
 
+
+@settings(max_examples=15, deadline=None)
+@given(st.sampled_from([(64, 2, 1), (96, 4, 2), (192, 6, 6), (192, 6, 2), (256, 8, 4), (384, 6, 3)]),
+       st.integers(0, 2**16))
+def test_initial_attention_logits_have_unit_variance(shape: tuple[int, int, int], seed: int) -> None:
+    # From the definition: for x with unit-RMS entries (what input_layernorm gives at init) and W_q, W_k with
+    # N(0, 1/d) entries, q and k have unit-variance entries, so q.k / sqrt(head_dim) has variance 1. With
+    # N(0, 0.02) weights it would be (0.02^2 d)^2, about 0.006 at d = 192: attention near uniform at init.
+    d, heads, kv_heads = shape
+    torch.manual_seed(seed)
+    cfg = um.MLLMConfig(um.VisionConfig(image_size=8, patch_size=4, hidden_size=32, num_layers=1,
+                                        intermediate_size=64),
+                        um.LLMConfig(vocab_size=VOCAB, hidden_size=d, intermediate_size=2 * d, num_layers=2,
+                                     num_heads=heads, num_kv_heads=kv_heads, max_seq_len=64),
+                        image_token_id=IMG, soft_image_token_id=SOFT_IMG, soft_text_token_id=SOFT_TXT,
+                        n_soft_tokens=K, proj_dim=16)
+    model, hd = um.MLLM(cfg), d // heads
+    for layer in model.llm.layers:
+        attn = layer.self_attn
+        x_q, x_k = layer.input_layernorm(torch.randn(2, 4000, d))  # unit-RMS rows
+        with torch.no_grad():
+            q = attn.q_proj(x_q).view(4000, heads, hd)
+            k = attn.k_proj(x_k).view(4000, kv_heads, hd).repeat_interleave(heads // kv_heads, dim=1)
+        logits = (q * k).sum(-1) / math.sqrt(hd)  # (4000, heads): independent query-key pairs
+        assert 0.75 < float(logits.std()) < 1.33, float(logits.std())
+
+
 # ------------------------------------------------------------------------------------------------------------
 # vision towers
 
