@@ -1041,6 +1041,17 @@ def pretrain_samples(world: World, max_turns: int = 4) -> list[Sample]:
     return out
 
 
+def lookup_samples(world: World) -> list[Sample]:
+    """[image] question answer, one question per sample, for the two questions that read one attribute of
+    the object another attribute names: "what colour is the <shape>?" and "what shape is the <colour>
+    object?". train.py opens pre-training with them (`--lookup-steps`): in the full mix, the long captions
+    always name the colour before the shape, so they teach the second lookup and never the first, and the
+    first is often not learned at all (README, "A model that sees", item 7). Our choice."""
+    return [Sample([image_seg(s.image, s.uni_image, s.cross_image), text_seg(format_question(q), False),
+                    text_seg(a, True)])
+            for s in world.scenes for q, a in s.vqa if q.startswith(("what colour is", "what shape is"))]
+
+
 def story_samples(world: World) -> list[Sample]:
     """Sugar interleaved samples: image_0 sentence_0 image_1 sentence_1 ...; every segment ends a prefix; loss
     on the sentences."""

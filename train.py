@@ -149,7 +149,8 @@ class PretrainArgs:
     vision_steps: int = 600         # stage 0: distil the vision tower from teacher image features (0: skip)
     vision_batch: int = 64          # images per stage-0 step
     vision_lr: float = 1e-3
-    pretrain_steps: int = 2000
+    lookup_steps: int = 600         # stage 1 opens with N steps of single lookup questions (built-in world)
+    pretrain_steps: int = 2000      # then N steps of the full mix (one warm-up + cosine over both)
     pretrain_batch: int = 32        # global sequences per step
     pretrain_lr: float = 6e-4       # peak lr (1e-3, 1.5e-3: colour, shape at chance after 400 steps; README)
 
@@ -210,7 +211,7 @@ class TrainConfig:
 # --smoke: a tiny configuration of the same code path (flags given explicitly still win)
 SMOKE = dict(vision_steps=4, vision_width=32, vision_layers=2, vision_heads=2, llm_width=64, llm_layers=2,
              llm_heads=2, llm_kv_heads=1, llm_mlp=128, vocab_size=600, proj_dim=32, n_train=48, rag_kbs=1,
-             pretrain_steps=6,
+             lookup_steps=2, pretrain_steps=6,
              pretrain_batch=8, finetune_steps=6, lm_batch=4, pair_batch=4, story_batch=2, log_every=2,
              ckpt_every=4)
 
@@ -253,8 +254,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 
 # The smallest value of each numeric flag (">" marks a strict bound); every float flag must also be finite.
 # Model sizes are checked only when the model is built from them (not with --init or --llm/--vision).
-AT_LEAST = {"n_train": 1, "rag_kbs": 1, "vision_steps": 0, "vision_batch": 1, "pretrain_steps": 0,
-            "pretrain_batch": 1, "finetune_steps": 0,
+AT_LEAST = {"n_train": 1, "rag_kbs": 1, "vision_steps": 0, "vision_batch": 1, "lookup_steps": 0,
+            "pretrain_steps": 0, "pretrain_batch": 1, "finetune_steps": 0,
             "lm_batch": 1, "pair_batch": 1, "story_batch": 1, "lora_r": 1, "lambda_contrastive": 0.0,
             "lambda_structure": 0.0, "gak_delta": 0.0, "grad_accum": 1, "length_group": 1, "warmup_frac": 0.0,
             "weight_decay": 0.0, "grad_clip": 0.0, "log_every": 1, "ckpt_every": 1, "stop_after": 0,
@@ -440,6 +441,7 @@ class Stream:
 class Corpus:
     """Everything training draws from, as lists of data.py samples / pair items."""
     lm: list            # data.Sample: captions, VQA conversations, RAG (next-token)
+    lookup: list        # data.Sample: single lookup questions, stage 1's first steps (built-in world only)
     # data.Sample: [image][long caption] (pre-training only; fine-tuning sees them in pairs)
     long: list
     stories: list       # data.Sample with prefixes (interleaved)
@@ -466,7 +468,8 @@ def singles(pairs: list) -> list[data.Sample]:
 
 def builtin_corpus(cfg: TrainConfig) -> Corpus:
     world = data.make_world("train", cfg.data.n_train, cfg.data.data_seed, image_size=cfg.model.image_size)
-    return Corpus(lm=data.pretrain_samples(world) + rag_corpus(cfg), long=long_caption_samples(world.scenes),
+    return Corpus(lm=data.pretrain_samples(world) + rag_corpus(cfg), lookup=data.lookup_samples(world),
+                  long=long_caption_samples(world.scenes),
                   stories=data.story_samples(world), pairs=world.scenes, texts=data.world_texts(world),
                   pair_singles=True)
 
@@ -498,8 +501,8 @@ def file_corpus(cfg: TrainConfig) -> Corpus:
         pairs += loaded.pairs
         texts += data.data_texts(loaded)
         files.append((path, loaded))
-    return Corpus(lm=lm, long=long_caption_samples(pairs), stories=stories, pairs=pairs, texts=texts,
-                  pair_singles=False, files=files)
+    return Corpus(lm=lm, lookup=[], long=long_caption_samples(pairs), stories=stories, pairs=pairs,
+                  texts=texts, pair_singles=False, files=files)
 
 
 def load_features(path: str) -> data.Features:
@@ -560,8 +563,22 @@ def build_streams(corpus: Corpus, seed: int, tok: data.Tokenizer, n_image_tokens
     pre = corpus.lm + corpus.long + corpus.stories
     lengths = data.sample_lengths(pre, tok, n_image_tokens)
     return {"pretrain": Stream("pretrain", pre, seed, lengths, group),
+            "lookup": Stream("lookup", corpus.lookup, seed,
+                             data.sample_lengths(corpus.lookup, tok, n_image_tokens), group),
             "lm": Stream("lm", corpus.lm, seed, lengths[:len(corpus.lm)], group),
             "stories": Stream("stories", corpus.stories, seed), "pairs": Stream("pairs", corpus.pairs, seed)}
+
+
+def lookup_steps(cfg: TrainConfig, streams: dict[str, Stream]) -> int:
+    """Stage 1's opening steps of single lookup questions: --lookup-steps with the built-in world, 0 for
+    --data files (their conversations carry no such split).
+
+    Why: a lookup ("what colour is the square?": find the image token of the object the question names, read
+    another attribute off it) is a query-key match that the full pre-training mix teaches late or never for
+    the reverse direction of what its long captions ask (they always put the colour before the shape);
+    trained first on short sequences of both lookups, it is learned in a few hundred steps (README, "A model
+    that sees", item 7). A curriculum; our choice."""
+    return cfg.pretrain.lookup_steps if streams["lookup"].items else 0
 
 
 @dataclass
@@ -622,8 +639,11 @@ class Batches:
     def __call__(self, k: int) -> Batch:
         cfg, d, tok, L = self.cfg, self.d, self.tok, self.cfg.model.max_len
         n_img = self.model_cfg.vision.num_patches
-        if self.stage == "pretrain":
-            items = self.streams["pretrain"].batch(k, cfg.pretrain.pretrain_batch)
+        if self.stage == "pretrain":  # the first lookup_steps steps (if the corpus has lookups), then the mix
+            n_lookup = lookup_steps(cfg, self.streams) * cfg.run.grad_accum
+            stream, j = ((self.streams["lookup"], k) if k < n_lookup
+                         else (self.streams["pretrain"], k - n_lookup))
+            items = stream.batch(j, cfg.pretrain.pretrain_batch)
             lm = data.collate(shard(items, cfg.pretrain.pretrain_batch, d), tok, n_img, L)
             return Batch(lm=lm, n_sequences=lm["input_ids"].shape[0])
         ft, obj, out = cfg.finetune, self.objective, Batch()
@@ -1162,7 +1182,8 @@ def train(cfg: TrainConfig, d: Dist) -> TrainResult:
         start = 0
         if resume is not None:
             start = restore(resume, model, opt, history)
-        stage = Stage("pretrain", cfg.pretrain.pretrain_steps, cfg.pretrain.pretrain_lr, None)
+        stage = Stage("pretrain", lookup_steps(cfg, streams) + cfg.pretrain.pretrain_steps,
+                      cfg.pretrain.pretrain_lr, None)
         if not train_stage(stage, model, opt, batches("pretrain", model), history, start, start + stop):
             return TrainResult(model, history, False)
         stop -= stage.total - start

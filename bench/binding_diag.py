@@ -14,6 +14,8 @@ measured the earlier items with AdamW's default betas and ungrouped batches.
   --unfreeze 1    the vision tower keeps training in stage 1 (train.py freezes it, as LLaVA does)
   --mix vqa       the VQA / POPE conversations alone
   --mix text      no image: [long caption] question answer (the same lookups, read from text)
+  --mix lookup    one question per sequence, only "what colour is the <shape>?" and "what shape is the
+                  <colour> object?" ([image] question answer)
   --caption C     the long captions' object sentences: colour (data.py's "a small yellow square at the
                   bottom."), shape (always "a square at the bottom, small and yellow."), mixed (each object
                   one of the two at random)
@@ -23,6 +25,11 @@ measured the earlier items with AdamW's default betas and ungrouped batches.
   --seed S        model initialisation, stage-0 batches and data order (default 0)
   --llm-kv-heads K  key/value heads of the LLM's 6 query heads (default 2, train.py's until these runs; 6, its
                   default now: no sharing)
+  --probe 1       after stage 0, how well a linear probe reads each object's row, column and shape off its
+                  own image token (tower output; fitted on 70% of the objects, scored on the rest), for the
+                  random tower and the distilled one
+  --lookup-steps N  stage 1 starts with N steps of --mix lookup batches, then --steps steps of the --mix
+                  (one warm-up and cosine over both)
   --qk-std S      the LLM's query / key projections re-drawn from N(0, S^2): 0.02 is the init every run of
                   item 6 had (Hugging Face's initializer_range); default 0: the model's own, N(0, 1/d_in)
 
@@ -50,7 +57,7 @@ p.add_argument('--dense', type=float, default=0.0)
 p.add_argument('--facts', default='scp')
 p.add_argument('--eval-every', type=int, default=200)
 p.add_argument('--threads', type=int, default=1)
-p.add_argument('--mix', default='default', choices=['default', 'vqa', 'text'])
+p.add_argument('--mix', default='default', choices=['default', 'vqa', 'text', 'lookup'])
 p.add_argument('--loss', default='token', choices=['token', 'sample'])
 p.add_argument('--unfreeze', type=int, default=0)
 p.add_argument('--caption', default='colour', choices=['colour', 'shape', 'mixed'])
@@ -58,6 +65,8 @@ p.add_argument('--relation', default='first', choices=['first', 'last', 'mixed']
 p.add_argument('--seed', type=int, default=0)
 p.add_argument('--llm-kv-heads', type=int, default=2)
 p.add_argument('--qk-std', type=float, default=0.0)
+p.add_argument('--probe', type=int, default=0)
+p.add_argument('--lookup-steps', type=int, default=0)
 a = p.parse_args()
 torch.set_num_threads(a.threads)
 torch.manual_seed(a.seed)
@@ -72,6 +81,11 @@ tok = data.train_tokenizer(corpus.texts + ([', and'] if a.caption != 'colour' el
                            + (list(LAST.values()) if a.relation != 'first' else []), 1024)
 scenes = corpus.pairs  # the built-in world's training scenes, as builtin_corpus built them
 test = data.make_world('test', 200, 0, image_size=cfg.model.image_size)
+
+
+def qtype(q: str) -> str:
+    return q.split()[1] if q.startswith('what') else ('count' if q.startswith('how')
+                                                      else ('pope' if 'in the image' in q else 'rel'))
 
 
 def cell_targets(graph: data.SceneGraph) -> torch.Tensor:
@@ -106,6 +120,33 @@ dense_head = torch.nn.Linear(cfg.model.vision_width, data.CROSS_DIM)
 params = list(model.vision.parameters()) + list(head.parameters()) + list(dense_head.parameters())
 dopt = torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.95))
 g = torch.Generator().manual_seed(a.seed)
+
+
+def probe(tower: str) -> None:
+    """Linear probes from an object's own image token (tower output, standardised) to its row, column and
+    shape: fitted on the first 70% of the training scenes' objects, scored on the rest."""
+    with torch.no_grad():
+        f = torch.cat([model.vision_features(imgs[i:i + 256]) for i in range(0, len(imgs), 256)])  # (N, 9, Dv)
+    objs = [(i, o) for i, s in enumerate(scenes) for o in s.graph.objects]
+    x = torch.stack([f[i, o.row * data.GRID + o.col] for i, o in objs])
+    x = (x - x.mean(0)) / (x.std(0) + 1e-6)
+    n, got = int(0.7 * len(x)), {}
+    for name, y in (('row', [o.row for _, o in objs]), ('column', [o.col for _, o in objs]),
+                    ('shape', [data.SHAPES.index(o.shape) for _, o in objs])):
+        y = torch.tensor(y)
+        lin = torch.nn.Linear(x.shape[1], int(y.max()) + 1)
+        popt = torch.optim.Adam(lin.parameters(), 1e-2)
+        for _ in range(300):
+            loss = F.cross_entropy(lin(x[:n]), y[:n])
+            popt.zero_grad()
+            loss.backward()
+            popt.step()
+        got[name] = round(float((lin(x[n:]).argmax(-1) == y[n:]).float().mean()), 3)
+    print('probe', tower, got, flush=True)
+
+
+if a.probe:
+    probe('random tower')
 t0 = time.time()
 for st in range(a.distil):
     for gr in dopt.param_groups:
@@ -120,6 +161,8 @@ for st in range(a.distil):
     dopt.step()
     if st % 200 == 0:
         print('distil', st, round(loss.item(), 4), round(time.time() - t0), flush=True)
+if a.probe:
+    probe('distilled tower')
 for p_ in model.vision.parameters():
     p_.requires_grad_(bool(a.unfreeze))
 opt = T.make_optimizer(model, a.lr, 0.0)
@@ -147,6 +190,9 @@ def long_caption(graph: data.SceneGraph, rng: random.Random) -> str:
     return " ".join(parts)
 
 
+lookups = [data.Sample([data.image_seg(sc.image), data.text_seg(data.format_question(q), False),
+                        data.text_seg(ans, True)])
+           for sc in scenes for q, ans in sc.vqa if qtype(q) in ('colour', 'shape')]
 if reorder:
     rng = random.Random(0)
     corpus.long = [data.Sample([data.image_seg(sc.image), data.text_seg(long_caption(sc.graph, rng), True)])
@@ -154,6 +200,8 @@ if reorder:
     print(corpus.long[0].segments[1].text)
 if a.mix == 'default':
     items = corpus.lm + corpus.long + corpus.stories
+elif a.mix == 'lookup':
+    items = lookups
 elif a.mix == 'vqa':
     items = [x for x in corpus.lm
              if any(g.kind == 'text' and g.text.startswith('question:') for g in x.segments)]
@@ -166,11 +214,8 @@ else:
                                data.text_seg(data.format_question(q), False), data.text_seg(ans, True)])
                   for q, ans in qa[:4]]
 stream = T.Stream('pretrain', items, a.seed, data.sample_lengths(items, tok, n_img), 16)
-
-
-def qtype(q: str) -> str:
-    return q.split()[1] if q.startswith('what') else ('count' if q.startswith('how')
-                                                      else ('pope' if 'in the image' in q else 'rel'))
+first = T.Stream('lookup', lookups, a.seed, data.sample_lengths(lookups, tok, n_img), 16)
+total = a.lookup_steps + a.steps
 
 
 @torch.no_grad()
@@ -192,10 +237,11 @@ def evaluate(scenes: list) -> dict[str, float]:
 
 
 t0 = time.time()
-for step in range(a.steps):
+for step in range(total):
     for g_ in opt.param_groups:
-        g_['lr'] = T.lr_at(step, a.steps, a.lr, 0.03)
-    b = data.collate(stream.batch(step, 32), tok, n_img, max_len)
+        g_['lr'] = T.lr_at(step, total, a.lr, 0.03)
+    b = data.collate((first.batch(step, 32) if step < a.lookup_steps
+                       else stream.batch(step - a.lookup_steps, 32)), tok, n_img, max_len)
     logits, _ = model(b['input_ids'], b['images'])
     if a.loss == 'token':
         s, c = T.ntp_sum(logits, b['labels'])

@@ -186,6 +186,25 @@ def test_captions_answers_negatives_true_false(seed, split):
 
 @FAST
 @given(seed=st.integers(0, 10**6))
+def test_lookup_samples_are_every_colour_and_shape_question_alone(seed):
+    w = data.make_world("train", 6, seed)
+    got = []
+    for x in data.lookup_samples(w):
+        image, q, a = x.segments
+        assert image.kind == "image" and not q.loss and a.loss
+        m = re.fullmatch(r"question: (.+) answer:", q.text)
+        scene = [s for s in w.scenes if s.image is image.image]
+        assert m and len(scene) == 1
+        assert answer_of(m[1], scene[0].graph.objects) == a.text
+        got.append((id(scene[0]), m[1]))
+    # every "what colour is the <shape>?" / "what shape is the <colour> object?" of every scene, once
+    expected = [(id(s), q) for s in w.scenes for q, _ in s.vqa
+                if re.fullmatch(rf"what (colour is the ({S})|shape is the ({C}) object)\?", q)]
+    assert sorted(got) == sorted(expected) and len(expected) == sum(2 * len(s.graph.objects) for s in w.scenes)
+
+
+@FAST
+@given(seed=st.integers(0, 10**6))
 def test_winoground_and_stories(seed):
     w = data.make_world("test", 8, seed)
     for p in w.winoground:

@@ -3,6 +3,7 @@ same global batch, exact resume, a checkpoint eval.py loads, and bad input stopp
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from hypothesis import strategies as st
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import data  # noqa: E402
 import eval as E  # noqa: E402
 import train  # noqa: E402
 
@@ -93,7 +95,8 @@ def assert_close_after_adam(got: dict, want: dict, lr: float) -> None:
     assert n_off <= n / 1000, f"{n_off} of {n} weights differ beyond float32 tolerance"
 
 
-@pytest.mark.parametrize("stop_after", [2, 6])  # inside pre-training (4 steps), inside fine-tuning
+# inside pre-training's lookup steps (2, then 4 of the mix: resuming crosses into the mix), inside fine-tuning
+@pytest.mark.parametrize("stop_after", [1, 8])
 def test_resume_equals_uninterrupted(tmp_path, stop_after):
     full = run_single(tmp_path / "full.pt")
     part = run_single(tmp_path / "part.pt", "--stop-after", str(stop_after))
@@ -103,6 +106,23 @@ def test_resume_equals_uninterrupted(tmp_path, stop_after):
     assert resumed.complete
     assert flat(resumed.history) == flat(full.history)
     assert_same_weights(resumed.model.state_dict(), full.model.state_dict())
+
+
+def test_pretraining_opens_with_single_lookup_questions(tmp_path):
+    cfg = train.parse_args(SMOKE + ["--lookup-steps", "3", "--out", str(tmp_path / "x.pt")])
+    corpus = train.builtin_corpus(cfg)
+    tok = data.train_tokenizer(corpus.texts, cfg.model.vocab_size)
+    n_img = (cfg.model.image_size // cfg.model.patch_size) ** 2
+    streams = train.build_streams(corpus, 0, tok, n_img, cfg.run.length_group)
+    make = train.Batches("pretrain", streams, cfg, train.Dist(0, 1, torch.device("cpu")), tok,
+                         train.model_config(cfg.model, tok), train.objective_of("pretrain", cfg.finetune), True)
+    lookup = r"question: what (colour is the \w+|shape is the \w+ object)\? answer: \w+"
+    for k in range(8):
+        ids = make(k).lm["input_ids"]  # (B, T)
+        texts = [tok.decode([i for i in row.tolist() if i != tok.image_id]).strip() for row in ids]
+        is_lookup = [bool(re.fullmatch(lookup, t)) for t in texts]
+        assert all(is_lookup) if k < 3 else not all(is_lookup), (k, texts)
+    assert train.lookup_steps(cfg, streams) == 3
 
 
 def test_smoke_checkpoint_evaluates(tmp_path):
