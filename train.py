@@ -1,8 +1,8 @@
 """
 train.py — the one training entry point of unimllm: stage 0 distils the vision tower from the teacher's
 image features (`distil_vision`, our stand-in for starting from CLIP), stage 1 is generative pre-training of a
-small MLLM from scratch with the tower frozen (LLaVA-style), stage 2 unified fine-tuning with LoRA + soft
-prompts + Sugar's retrieval projector.
+small MLLM from scratch with the tower frozen (LLaVA-style; it opens with single lookup questions,
+`lookup_steps`), stage 2 unified fine-tuning with LoRA + soft prompts + Sugar's retrieval projector.
 
 Fine-tuning objective:
     L = lambda_ntp * L_ntp + lambda_c * L_contrastive + lambda_s * L_structure
@@ -96,8 +96,8 @@ def trainable_patterns(ft: "FinetuneArgs") -> list[str]:
 #   W_v: our r = 64, alpha = 128, because a rank above min(d_in, d_out) adds nothing and v_proj of the
 #   default decoder has 64 outputs (2 KV heads x 32); alpha / r = 2 as the paper: the update's scale is kept.
 # - lr: both papers use 1e-4 over thousands of steps (VladVA: 8.1M samples at batch 1024, ~8k steps); our
-#   fine-tuning has 200. Adam moves each weight about lr per step, so 1e-4 x 200 steps moves a zero-init
-#   LoRA B at most 0.02 where the papers' runs allow ~0.8: we scale the lr by 10 to 1e-3, for every method.
+#   fine-tuning has 100. Adam moves each weight about lr per step, so 1e-4 x 100 steps moves a zero-init
+#   LoRA B at most 0.01 where the papers' runs allow ~0.8: we scale the lr by 10 to 1e-3, for every method.
 # - adapt: VladVA trains soft prompts + LoRA; Sugar has no soft prompts (LoRA + its retrieval projector), so
 #   its image prompt stays the frozen handcrafted prompt it was initialised from.
 # generative and unified (ours) take VladVA's LoRA and lr: they differ from vladva / sugar only in losses.
@@ -127,7 +127,7 @@ class ModelArgs:
     llm_width: int = 192
     llm_layers: int = 4
     llm_heads: int = 6
-    llm_kv_heads: int = 6     # one per query head: with 2 shared, POPE was not learned (README, item 6)
+    llm_kv_heads: int = 2     # shared by the 6 query heads (README, "A model that sees", items 6-7)
     llm_mlp: int = 512
     vocab_size: int = 1024
     max_len: int = data.MAX_LEN
@@ -158,7 +158,7 @@ class PretrainArgs:
 @dataclass
 class FinetuneArgs:
     method: str = "unified"         # generative | vladva | sugar | unified: which fine-tuning losses
-    finetune_steps: int = 200
+    finetune_steps: int = 100
     lm_batch: int = 16              # global caption / VQA / RAG sequences per step
     pair_batch: int = 32            # global image-caption pairs per step (VladVA; also Sugar's singles)
     story_batch: int = 4            # global interleaved stories per step
