@@ -149,8 +149,8 @@ class PretrainArgs:
     vision_steps: int = 600         # stage 0: distil the vision tower from teacher image features (0: skip)
     vision_batch: int = 64          # images per stage-0 step
     vision_lr: float = 1e-3
-    lookup_steps: int = 600         # stage 1 opens with N steps of single lookup questions (built-in world)
-    pretrain_steps: int = 2000      # then N steps of the full mix (one warm-up + cosine over both)
+    lookup_steps: int = 800         # stage 1 opens with N steps of lookups + RAG copies (built-in world)
+    pretrain_steps: int = 1900      # then N steps of the full mix (one warm-up + cosine over both)
     pretrain_batch: int = 32        # global sequences per step
     pretrain_lr: float = 6e-4       # peak lr (1e-3, 1.5e-3: colour, shape at chance after 400 steps; README)
 
@@ -441,7 +441,7 @@ class Stream:
 class Corpus:
     """Everything training draws from, as lists of data.py samples / pair items."""
     lm: list            # data.Sample: captions, VQA conversations, RAG (next-token)
-    lookup: list        # data.Sample: single lookup questions, stage 1's first steps (built-in world only)
+    lookup: list        # data.Sample: lookup questions and RAG copies, stage 1's first steps (built-in world)
     # data.Sample: [image][long caption] (pre-training only; fine-tuning sees them in pairs)
     long: list
     stories: list       # data.Sample with prefixes (interleaved)
@@ -468,7 +468,8 @@ def singles(pairs: list) -> list[data.Sample]:
 
 def builtin_corpus(cfg: TrainConfig) -> Corpus:
     world = data.make_world("train", cfg.data.n_train, cfg.data.data_seed, image_size=cfg.model.image_size)
-    return Corpus(lm=data.pretrain_samples(world) + rag_corpus(cfg), lookup=data.lookup_samples(world),
+    rag = rag_corpus(cfg)
+    return Corpus(lm=data.pretrain_samples(world) + rag, lookup=data.lookup_samples(world) + rag,
                   long=long_caption_samples(world.scenes),
                   stories=data.story_samples(world), pairs=world.scenes, texts=data.world_texts(world),
                   pair_singles=True)
@@ -570,14 +571,17 @@ def build_streams(corpus: Corpus, seed: int, tok: data.Tokenizer, n_image_tokens
 
 
 def lookup_steps(cfg: TrainConfig, streams: dict[str, Stream]) -> int:
-    """Stage 1's opening steps of single lookup questions: --lookup-steps with the built-in world, 0 for
-    --data files (their conversations carry no such split).
+    """Stage 1's opening steps of lookups alone: --lookup-steps with the built-in world, 0 for --data files
+    (their conversations carry no such split). The lookups are the two single questions of
+    `data.lookup_samples` and the RAG samples (copy the name of the entry the question describes); about
+    three lookup questions to one RAG sample.
 
     Why: a lookup ("what colour is the square?": find the image token of the object the question names, read
-    another attribute off it) is a query-key match that the full pre-training mix teaches late or never for
-    the reverse direction of what its long captions ask (they always put the colour before the shape);
-    trained first on short sequences of both lookups, it is learned in a few hundred steps (README, "A model
-    that sees", item 7). A curriculum; our choice."""
+    another attribute off it; "what is the name of the small red triangle?": find the entry, copy its name) is
+    a query-key match, which the full pre-training mix teaches late, after a number of steps that depends on
+    the seed, or never (the colour-by-shape lookup, which its long captions never ask for: they put the
+    colour before the shape). Trained first on short samples of these alone, they are learned in a few
+    hundred steps (README, "A model that sees", item 7). A curriculum; our choice."""
     return cfg.pretrain.lookup_steps if streams["lookup"].items else 0
 
 

@@ -705,7 +705,8 @@ def count_runs(mask: Tensor, k: int, name: str) -> int:
 def init_weights(module: nn.Module) -> None:
     """From-scratch init, as Hugging Face's Llama / CLIP (initializer_range 0.02): N(0, 0.02) for linear and
     embedding weights, zero biases. PyTorch's N(0, 1) embeddings would make a tied head's initial logits
-    ~sqrt(D) wide (an initial loss far above log V). Loading a checkpoint overwrites all of it."""
+    ~sqrt(D) wide (an initial loss far above log V). The decoder's query and key projections are then redrawn
+    by `init_query_key`. Loading a checkpoint overwrites all of it."""
     if isinstance(module, (nn.Linear, nn.Embedding)):
         nn.init.normal_(module.weight, std=0.02)
     if isinstance(module, nn.Linear) and module.bias is not None:

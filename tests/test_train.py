@@ -108,15 +108,17 @@ def test_resume_equals_uninterrupted(tmp_path, stop_after):
     assert_same_weights(resumed.model.state_dict(), full.model.state_dict())
 
 
-def test_pretraining_opens_with_single_lookup_questions(tmp_path):
+def test_pretraining_opens_with_lookup_questions_and_rag_copies(tmp_path):
     cfg = train.parse_args(SMOKE + ["--lookup-steps", "3", "--out", str(tmp_path / "x.pt")])
     corpus = train.builtin_corpus(cfg)
     tok = data.train_tokenizer(corpus.texts, cfg.model.vocab_size)
     n_img = (cfg.model.image_size // cfg.model.patch_size) ** 2
     streams = train.build_streams(corpus, 0, tok, n_img, cfg.run.length_group)
+    objective = train.objective_of("pretrain", cfg.finetune)
     make = train.Batches("pretrain", streams, cfg, train.Dist(0, 1, torch.device("cpu")), tok,
-                         train.model_config(cfg.model, tok), train.objective_of("pretrain", cfg.finetune), True)
-    lookup = r"question: what (colour is the \w+|shape is the \w+ object)\? answer: \w+"
+                         train.model_config(cfg.model, tok), objective, True)
+    lookup = (r"question: what (colour is the \w+|shape is the \w+ object)\? answer: \w+"
+              r"|the ([a-z ]+) is called (\w+)\. question: what is the name of the \2\? answer: \3")
     for k in range(8):
         ids = make(k).lm["input_ids"]  # (B, T)
         texts = [tok.decode([i for i in row.tolist() if i != tok.image_id]).strip() for row in ids]
