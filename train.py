@@ -1,8 +1,8 @@
 """
 train.py — the one training entry point of unimllm: stage 0 distils the vision tower from the teacher's
 image features (`distil_vision`, our stand-in for starting from CLIP), stage 1 is generative pre-training of a
-small MLLM from scratch with the tower frozen (LLaVA-style; it opens with single lookup questions,
-`lookup_steps`), stage 2 unified fine-tuning with LoRA + soft prompts + Sugar's retrieval projector.
+small MLLM from scratch with the tower frozen (LLaVA-style; it opens with lookup questions and RAG copies
+alone, `lookup_steps`), stage 2 unified fine-tuning with LoRA + soft prompts + Sugar's retrieval projector.
 
 Fine-tuning objective:
     L = lambda_ntp * L_ntp + lambda_c * L_contrastive + lambda_s * L_structure
