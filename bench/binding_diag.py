@@ -126,7 +126,7 @@ def probe(tower: str) -> None:
     """Linear probes from an object's own image token (tower output, standardised) to its row, column and
     shape: fitted on the first 70% of the training scenes' objects, scored on the rest."""
     with torch.no_grad():
-        f = torch.cat([model.vision_features(imgs[i:i + 256]) for i in range(0, len(imgs), 256)])  # (N, 9, Dv)
+        f = torch.cat([model.vision_features(imgs[i:i + 256]) for i in range(0, len(imgs), 256)])  # (N, 9, D)
     objs = [(i, o) for i, s in enumerate(scenes) for o in s.graph.objects]
     x = torch.stack([f[i, o.row * data.GRID + o.col] for i, o in objs])
     x = (x - x.mean(0)) / (x.std(0) + 1e-6)

@@ -200,7 +200,8 @@ def test_lookup_samples_are_every_colour_and_shape_question_alone(seed):
     # every "what colour is the <shape>?" / "what shape is the <colour> object?" of every scene, once
     expected = [(id(s), q) for s in w.scenes for q, _ in s.vqa
                 if re.fullmatch(rf"what (colour is the ({S})|shape is the ({C}) object)\?", q)]
-    assert sorted(got) == sorted(expected) and len(expected) == sum(2 * len(s.graph.objects) for s in w.scenes)
+    assert sorted(got) == sorted(expected)
+    assert len(expected) == sum(2 * len(s.graph.objects) for s in w.scenes)
 
 
 @FAST
