@@ -1,9 +1,11 @@
 """Binding diagnostic: which change lets the LLM read one attribute of the object another attribute names?
 Stage 0 and stage 1 of train.py at the default size (train.py's distillation betas, the length-grouped
 pre-training stream), one variant switched on by a flag, then every --eval-every steps the teacher-forced
-accuracy per question type (the argmax token after "answer:") on 150 test scenes of the built-in world. The
-instrument behind the README's "A model that sees", item 6. A sibling of bench/grounding_diag.py, which
-measured the earlier items with AdamW's default betas and ungrouped batches.
+accuracy per question type (the argmax token after "answer:") on 150 test scenes of the built-in world.
+Stage 1 is the full mix alone unless --lookup-steps opens it (with the two lookup questions only; train.py's
+opening also holds the RAG samples). The instrument behind the README's "A model that sees", items 6 and 7.
+A sibling of bench/grounding_diag.py, which measured the earlier items with AdamW's default betas and
+ungrouped batches.
 
   --dense W       stage 0 also distils every image token from its grid cell's teacher vector (W: its weight;
                   the cell's facts by --facts: s shape, c colour, z size, p the cell; "empty" for an empty
@@ -15,7 +17,7 @@ measured the earlier items with AdamW's default betas and ungrouped batches.
   --mix vqa       the VQA / POPE conversations alone
   --mix text      no image: [long caption] question answer (the same lookups, read from text)
   --mix lookup    one question per sequence, only "what colour is the <shape>?" and "what shape is the
-                  <colour> object?" ([image] question answer)
+                  <colour> object?" ([image] question answer; data.lookup_samples)
   --caption C     the long captions' object sentences: colour (data.py's "a small yellow square at the
                   bottom."), shape (always "a square at the bottom, small and yellow."), mixed (each object
                   one of the two at random)
@@ -23,8 +25,7 @@ measured the earlier items with AdamW's default betas and ungrouped batches.
                   right of the red circle."), last (both objects named before the relation: "the red circle
                   has the yellow square to its right."), mixed (each one of the two at random)
   --seed S        model initialisation, stage-0 batches and data order (default 0)
-  --llm-kv-heads K  key/value heads of the LLM's 6 query heads (default 2, train.py's until these runs; 6, its
-                  default now: no sharing)
+  --llm-kv-heads K  key/value heads of the LLM's 6 query heads (default 2, train.py's; 6: no sharing)
   --probe 1       after stage 0, how well a linear probe reads each object's row, column and shape off its
                   own image token (tower output; fitted on 70% of the objects, scored on the rest), for the
                   random tower and the distilled one
@@ -190,9 +191,8 @@ def long_caption(graph: data.SceneGraph, rng: random.Random) -> str:
     return " ".join(parts)
 
 
-lookups = [data.Sample([data.image_seg(sc.image), data.text_seg(data.format_question(q), False),
-                        data.text_seg(ans, True)])
-           for sc in scenes for q, ans in sc.vqa if qtype(q) in ('colour', 'shape')]
+# data.lookup_samples' questions (train.py's opening also holds the RAG samples, which start with text)
+lookups = [x for x in corpus.lookup if x.segments[0].kind == 'image']
 if reorder:
     rng = random.Random(0)
     corpus.long = [data.Sample([data.image_seg(sc.image), data.text_seg(long_caption(sc.graph, rng), True)])

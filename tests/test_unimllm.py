@@ -188,7 +188,6 @@ def test_rope_scores_depend_only_on_relative_position(shift: int, gap: int, thet
     torch.testing.assert_close(score(shift, shift + gap), score(0, gap), rtol=1e-5, atol=1e-5)
 
 
-
 @settings(max_examples=15, deadline=None)
 @given(st.sampled_from([(64, 2, 1), (96, 4, 2), (192, 6, 6), (192, 6, 2), (256, 8, 4), (384, 6, 3)]),
        st.integers(0, 2**16))
