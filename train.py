@@ -141,6 +141,8 @@ class DataArgs:
     n_train: int = 3000     # built-in world: training scenes (stories and the KB scale with it)
     data_seed: int = 0
     rag_kbs: int = 100      # built-in world: training knowledge bases of 48 made-up names each
+    rag_pairs: int = 8      # built-in world: copies of the 48 entry-image / name-question retrieval pairs
+                            # among fine-tuning's image-caption pairs (data.kb_pairs; 0: none)
     data_split: str = "train"  # Karpathy records trained on: train (+ restval) | val | test | all
 
 
@@ -254,7 +256,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 
 # The smallest value of each numeric flag (">" marks a strict bound); every float flag must also be finite.
 # Model sizes are checked only when the model is built from them (not with --init or --llm/--vision).
-AT_LEAST = {"n_train": 1, "rag_kbs": 1, "vision_steps": 0, "vision_batch": 1, "lookup_steps": 0,
+AT_LEAST = {"n_train": 1, "rag_kbs": 1, "rag_pairs": 0, "vision_steps": 0, "vision_batch": 1, "lookup_steps": 0,
             "pretrain_steps": 0, "pretrain_batch": 1, "finetune_steps": 0,
             "lm_batch": 1, "pair_batch": 1, "story_batch": 1, "lora_r": 1, "lambda_contrastive": 0.0,
             "lambda_structure": 0.0, "gak_delta": 0.0, "grad_accum": 1, "length_group": 1, "warmup_frac": 0.0,
@@ -468,21 +470,22 @@ def singles(pairs: list) -> list[data.Sample]:
 
 def builtin_corpus(cfg: TrainConfig) -> Corpus:
     world = data.make_world("train", cfg.data.n_train, cfg.data.data_seed, image_size=cfg.model.image_size)
-    rag = rag_corpus(cfg)
+    kb_worlds = rag_worlds(cfg)
+    rag = [s for w in kb_worlds for s in data.rag_samples(w)]
+    # every knowledge base holds the same entry images and questions (only the names differ): one set of
+    # retrieval pairs, repeated --rag-pairs times among the scenes
+    pairs = world.scenes + data.kb_pairs(kb_worlds[0].kb, cfg.model.image_size) * cfg.data.rag_pairs
     return Corpus(lm=data.pretrain_samples(world) + rag, lookup=data.lookup_samples(world) + rag,
                   long=long_caption_samples(world.scenes),
-                  stories=data.story_samples(world), pairs=world.scenes, texts=data.world_texts(world),
+                  stories=data.story_samples(world), pairs=pairs, texts=data.world_texts(world),
                   pair_singles=True)
 
 
-def rag_corpus(cfg: TrainConfig) -> list[data.Sample]:
-    """RAG samples from several training knowledge bases (fresh made-up names in each), so the model learns to
-    copy a name out of its context rather than memorise a few dozen names; test names never occur in
-    training."""
-    n_kb = max(1, cfg.data.rag_kbs)
-    worlds = [data.make_world("train", 1, cfg.data.data_seed * 1000 + 1 + k, image_size=cfg.model.image_size,
-                              n_stories=0, n_winoground=0, n_kb=48) for k in range(n_kb)]
-    return [s for w in worlds for s in data.rag_samples(w)]
+def rag_worlds(cfg: TrainConfig) -> list[data.World]:
+    """Several training knowledge bases (fresh made-up names in each), so the model learns to copy a name out
+    of its context rather than memorise a few dozen names; test names never occur in training."""
+    return [data.make_world("train", 1, cfg.data.data_seed * 1000 + 1 + k, image_size=cfg.model.image_size,
+                            n_stories=0, n_winoground=0, n_kb=48) for k in range(max(1, cfg.data.rag_kbs))]
 
 
 def file_corpus(cfg: TrainConfig) -> Corpus:

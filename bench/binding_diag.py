@@ -31,6 +31,9 @@ ungrouped batches.
                   random tower and the distilled one
   --lookup-steps N  stage 1 starts with N steps of --mix lookup batches, then --steps steps of the --mix
                   (one warm-up and cosine over both)
+  --lookup-rel R  the lookup questions (--mix lookup, --lookup-steps) also hold: 1 the relation questions ("is
+                  the red square left or right of the blue circle?"); 2 those alone; 3 colour, shape, relation
+                  and "where is the <colour> <shape>?" (answer: its cell, "top left"; scored on the first word)
   --qk-std S      the LLM's query / key projections re-drawn from N(0, S^2): 0.02 is the init every run of
                   item 6 had (Hugging Face's initializer_range); default 0: the model's own, N(0, 1/d_in)
 
@@ -68,6 +71,8 @@ p.add_argument('--llm-kv-heads', type=int, default=2)
 p.add_argument('--qk-std', type=float, default=0.0)
 p.add_argument('--probe', type=int, default=0)
 p.add_argument('--lookup-steps', type=int, default=0)
+p.add_argument('--lookup-rel', type=int, default=0)
+p.add_argument('--img-pos', type=float, default=0.0)
 a = p.parse_args()
 torch.set_num_threads(a.threads)
 torch.manual_seed(a.seed)
@@ -85,6 +90,8 @@ test = data.make_world('test', 200, 0, image_size=cfg.model.image_size)
 
 
 def qtype(q: str) -> str:
+    if q.startswith('where'):
+        return 'where'
     return q.split()[1] if q.startswith('what') else ('count' if q.startswith('how')
                                                       else ('pope' if 'in the image' in q else 'rel'))
 
@@ -112,6 +119,16 @@ if a.qk_std:
         for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
             torch.nn.init.normal_(proj.weight, std=a.qk_std)
 n_img, max_len = model.n_image_tokens, cfg.model.max_len
+if a.img_pos:  # a learned embedding per image-token slot, added to the adapter's output
+    class PosAdapter(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+            self.pos = torch.nn.Parameter(torch.randn(n_img, cfg.model.llm_width) * a.img_pos)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.inner(x) + self.pos
+    model.adapter = PosAdapter(model.adapter)
 T.pretrain_trainable(model, vision_frozen=False)
 imgs = torch.stack([s.image for s in scenes])
 tgt = torch.stack([s.cross_image for s in scenes])
@@ -193,6 +210,15 @@ def long_caption(graph: data.SceneGraph, rng: random.Random) -> str:
 
 # data.lookup_samples' questions (train.py's opening also holds the RAG samples, which start with text)
 lookups = [x for x in corpus.lookup if x.segments[0].kind == 'image']
+if a.lookup_rel:
+    lookups = [] if a.lookup_rel == 2 else lookups  # 2: the relation questions alone
+    lookups += [data.Sample([data.image_seg(s.image), data.text_seg(data.format_question(q), False),
+                             data.text_seg(ans, True)])
+                for s in scenes for q, ans in s.vqa if qtype(q) == 'rel']
+if a.lookup_rel == 3:  # also "where is the <colour> <shape>?" -> its cell's words
+    lookups += [data.Sample([data.image_seg(s.image), data.text_seg(data.format_question(
+        f"where is the {o.colour} {o.shape}?"), False), data.text_seg(data.POSITIONS[(o.row, o.col)], True)])
+        for s in scenes for o in s.graph.objects]
 if reorder:
     rng = random.Random(0)
     corpus.long = [data.Sample([data.image_seg(sc.image), data.text_seg(long_caption(sc.graph, rng), True)])
@@ -222,6 +248,9 @@ total = a.lookup_steps + a.steps
 def evaluate(scenes: list) -> dict[str, float]:
     model.eval()
     qs, by = [(s, q, ans) for s in scenes for q, ans in s.vqa + s.pope], {}
+    if a.lookup_rel == 3:  # the first word of the cell ("top", "bottom", "left", "center", "right")
+        qs += [(s, f"where is the {o.colour} {o.shape}?", data.POSITIONS[(o.row, o.col)].split()[0])
+               for s in scenes for o in s.graph.objects]
     for i in range(0, len(qs), 64):
         chunk = qs[i:i + 64]
         ctx = [data.text_seg(s.long_caption, False) if a.mix == 'text' else data.image_seg(s.image)

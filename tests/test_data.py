@@ -206,6 +206,24 @@ def test_lookup_samples_are_every_colour_and_shape_question_alone(seed):
 
 @FAST
 @given(seed=st.integers(0, 10**6))
+def test_kb_pairs_pair_each_entry_image_with_its_question_and_no_name(seed):
+    w = data.make_world("train", 1, seed, image_size=24, n_stories=0, n_winoground=0, n_kb=48)
+    pairs = data.kb_pairs(w.kb, 24)
+    assert len(pairs) == len(w.kb.entries) == 48
+    for i, (p, e) in enumerate(zip(pairs, w.kb.entries)):
+        m = re.fullmatch(rf"what is the name of the (small|large) ({C}) ({S})\?", p.short_caption)
+        assert m and (m[1], m[2], m[3]) == (e.obj.size, e.obj.colour, e.obj.shape)
+        assert (p.short_caption, e.name) in w.kb.questions
+        assert torch.equal(p.image, e.image)  # the image eval.py retrieves for this question
+        assert e.name not in p.short_caption + p.long_caption
+        check_long(p.long_caption, [e.obj])
+        # the caption's teacher feature is nearest to its own entry's image feature
+        sims = torch.stack([q.cross_image for q in pairs]) @ p.cross_short
+        assert int(sims.argmax()) == i
+
+
+@FAST
+@given(seed=st.integers(0, 10**6))
 def test_winoground_and_stories(seed):
     w = data.make_world("test", 8, seed)
     for p in w.winoground:
