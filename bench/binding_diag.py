@@ -34,6 +34,10 @@ ungrouped batches.
   --lookup-rel R  the lookup questions (--mix lookup, --lookup-steps) also hold: 1 the relation questions ("is
                   the red square left or right of the blue circle?"); 2 those alone; 3 colour, shape, relation
                   and "where is the <colour> <shape>?" (answer: its cell, "top left"; scored on the first word)
+  --img-pos S     a learned embedding per image-token slot (init N(0, S^2)) added to the adapter's output
+  --ckpt PATH     only this: a trained checkpoint teacher-forced on 150 test scenes' long captions, the
+                  accuracy of the cell word after "a small yellow square at the" (its first word) and of the
+                  shape word after "a small yellow"
   --qk-std S      the LLM's query / key projections re-drawn from N(0, S^2): 0.02 is the init every run of
                   item 6 had (Hugging Face's initializer_range); default 0: the model's own, N(0, 1/d_in)
 
@@ -73,9 +77,40 @@ p.add_argument('--probe', type=int, default=0)
 p.add_argument('--lookup-steps', type=int, default=0)
 p.add_argument('--lookup-rel', type=int, default=0)
 p.add_argument('--img-pos', type=float, default=0.0)
+p.add_argument('--ckpt', default='')
 a = p.parse_args()
 torch.set_num_threads(a.threads)
 torch.manual_seed(a.seed)
+
+
+@torch.no_grad()
+def caption_words(ckpt: str) -> None:
+    """A trained checkpoint, teacher-forced on the test scenes' long captions: is the argmax after "a small
+    yellow square at the" the first word of the object's cell, and after "a small yellow" its shape?"""
+    model, tok = T.checkpoint_model(torch.load(ckpt, weights_only=True), ckpt)
+    model.eval()
+    rows = []
+    for sc in data.make_world('test', 200, 0, image_size=model.cfg.vision.image_size).scenes[:150]:
+        for o in sc.graph.objects:
+            named = f"a {o.size} {o.colour} {o.shape} at the"
+            end = sc.long_caption.index(named) + len(named)
+            rows += [(sc, sc.long_caption[:end], data.POSITIONS[(o.row, o.col)].split()[0], 'cell'),
+                     (sc, sc.long_caption[:end - len(f" {o.shape} at the")], o.shape, 'shape')]
+    hits: dict[str, list[bool]] = {}
+    for i in range(0, len(rows), 64):
+        chunk = rows[i:i + 64]
+        b = data.collate([data.Sample([data.image_seg(sc.image), data.text_seg(text, False)])
+                          for sc, text, _, _ in chunk], tok, model.n_image_tokens, model.cfg.llm.max_seq_len)
+        logits, _ = model(b['input_ids'], b['images'])
+        last = logits[torch.arange(len(chunk)), b['attention_mask'].sum(1) - 1]
+        for (_, _, want, kind), lg in zip(chunk, last):
+            hits.setdefault(kind, []).append(tok.decode([int(lg.argmax())]).strip() == want)
+    print({k: (round(sum(v) / len(v), 3), len(v)) for k, v in hits.items()}, flush=True)
+
+
+if a.ckpt:
+    caption_words(a.ckpt)
+    sys.exit()
 cfg = T.TrainConfig()
 cfg.model.llm_kv_heads = a.llm_kv_heads
 corpus = T.builtin_corpus(cfg)
