@@ -213,7 +213,7 @@ class TrainConfig:
 # --smoke: a tiny configuration of the same code path (flags given explicitly still win)
 SMOKE = dict(vision_steps=4, vision_width=32, vision_layers=2, vision_heads=2, llm_width=64, llm_layers=2,
              llm_heads=2, llm_kv_heads=1, llm_mlp=128, vocab_size=600, proj_dim=32, n_train=48, rag_kbs=1,
-             lookup_steps=2, pretrain_steps=6,
+             rag_pairs=1, lookup_steps=2, pretrain_steps=6,
              pretrain_batch=8, finetune_steps=6, lm_batch=4, pair_batch=4, story_batch=2, log_every=2,
              ckpt_every=4)
 
@@ -224,7 +224,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {},
     "gpu": dict(vision_width=256, vision_layers=7, vision_heads=8, llm_width=512, llm_layers=8, llm_heads=8,
                 llm_kv_heads=4, llm_mlp=1408, vocab_size=2048, proj_dim=256, n_train=12000, rag_kbs=80,
-                pretrain_steps=3000, pretrain_batch=128, finetune_steps=1000, lm_batch=32, pair_batch=64,
+                rag_pairs=32, pretrain_steps=3000, pretrain_batch=128, finetune_steps=1000, lm_batch=32, pair_batch=64,
                 story_batch=8, pretrain_lr=3e-4, finetune_lr=5e-4, log_every=50, ckpt_every=500),
 }
 
