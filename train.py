@@ -232,8 +232,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {},
     "gpu": dict(vision_width=256, vision_layers=7, vision_heads=8, llm_width=512, llm_layers=8, llm_heads=8,
                 llm_kv_heads=4, llm_mlp=1408, vocab_size=2048, proj_dim=256, n_train=12000, rag_kbs=80,
-                rag_pairs=32, pretrain_steps=3000, pretrain_batch=128, finetune_steps=1000, lm_batch=32, pair_batch=64,
-                story_batch=8, pretrain_lr=3e-4, finetune_lr=5e-4, log_every=50, ckpt_every=500),
+                rag_pairs=32, pretrain_steps=3000, pretrain_batch=128, finetune_steps=1000, lm_batch=32,
+                pair_batch=64, story_batch=8, pretrain_lr=3e-4, finetune_lr=5e-4, log_every=50, ckpt_every=500),
 }
 
 
