@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The README's ablations: one generative base, every fine-tuning from it with the same steps and the same data
 # order (same --seed, the batch of step s a pure function of it), each evaluated.
-#   bash bench/ablation.sh [OUTDIR]      (about an hour on 2 CPU cores)
+#   bash bench/ablation.sh [OUTDIR]      (about an hour and a half on 2 CPU cores)
 # The default `python train.py` pre-trains the base (OUTDIR/unified.base.pt) and fine-tunes `unified`; every other
 # run fine-tunes from that same base, each method with its own recipe (train.RECIPES), one switch changed per row:
 #   methods:  generative, vladva, sugar, and unified without the structure loss (the README's diagnostic)
 #   Sugar Table 4b:  w/o GAK (--sugar-alignment mean), w/o TK (--sugar-kernel cross),
 #                    w/o AvgPool (--sugar-pool last); and one-slice pairs by the GAK value (--sugar-single gak)
 #   VladVA Table 4:  w/o NTP (--lambda-ntp 0), soft prompts only (--adapt prompt), LoRA only (--adapt lora)
+#   the loss-weight sweep: unified with one weight changed at a time from lambda_c = lambda_s = 1 (its recipe
+#   has lambda_c = 3: the `unified` run), and vladva at lambda_c = 3
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-runs}
@@ -33,8 +35,14 @@ finetune sugar_single_gak sugar --sugar-single gak
 finetune vladva_no_ntp vladva --lambda-ntp 0
 finetune vladva_prompt_only vladva --adapt prompt
 finetune vladva_lora_only vladva --adapt lora
+finetune lam_c1 unified --lambda-contrastive 1
+finetune lam_c0.3 unified --lambda-contrastive 0.3
+finetune lam_s0.3 unified --lambda-contrastive 1 --lambda-structure 0.3
+finetune lam_s3 unified --lambda-contrastive 1 --lambda-structure 3
+finetune lam_s0 unified --lambda-contrastive 1 --lambda-structure 0
+finetune vladva_c3 vladva --lambda-contrastive 3
 runs="base unified generative vladva sugar unified_nostruct sugar_no_gak sugar_no_tk sugar_no_avgpool sugar_single_gak
-      vladva_no_ntp vladva_prompt_only vladva_lora_only"
+      vladva_no_ntp vladva_prompt_only vladva_lora_only lam_c1 lam_c0.3 lam_s0.3 lam_s3 lam_s0 vladva_c3"
 for m in $runs; do
   ckpt="$out/$m.pt"; [ "$m" = base ] && ckpt="$out/unified.base.pt"
   /usr/bin/time -f "%e s wall: python eval.py --ckpt $ckpt" python eval.py --ckpt "$ckpt" --json "$out/$m.json" > "$out/$m.eval.txt" 2> >(log "$out/$m.eval.log")
@@ -46,6 +54,8 @@ tables = {
     "Methods": ["base", "generative", "vladva", "sugar", "unified", "unified_nostruct"],
     "Sugar Table 4b (method sugar)": ["sugar", "sugar_no_gak", "sugar_no_tk", "sugar_no_avgpool", "sugar_single_gak"],
     "VladVA Table 4 (method vladva)": ["vladva", "vladva_no_ntp", "vladva_prompt_only", "vladva_lora_only"],
+    "Loss weights (unified: lam_c1 is lambda_c = lambda_s = 1, unified its recipe's lambda_c = 3)":
+        ["lam_c1", "lam_c0.3", "unified", "lam_s0.3", "lam_s3", "lam_s0", "vladva", "vladva_c3"],
 }
 for title, runs in tables.items():
     m = {r: json.load(open(f"{out}/{r}.json")) for r in runs}
