@@ -84,6 +84,18 @@ torch.manual_seed(a.seed)
 
 
 @torch.no_grad()
+def next_words(model: MLLM, tok: data.Tokenizer, samples: list, max_len: int) -> list[str]:
+    """The argmax word after each prompt (data.Sample without loss), in batches of 64."""
+    out = []
+    for i in range(0, len(samples), 64):
+        b = data.collate(samples[i:i + 64], tok, model.n_image_tokens, max_len)
+        logits, _ = model(b['input_ids'], b['images'])
+        last = logits[torch.arange(len(b['input_ids'])), b['attention_mask'].sum(1) - 1]  # (B, V)
+        out += [tok.decode([int(lg.argmax())]).strip() for lg in last]
+    return out
+
+
+@torch.no_grad()
 def caption_words(ckpt: str) -> None:
     """A trained checkpoint, teacher-forced on the test scenes' long captions: is the argmax after "a small
     yellow square at the" the first word of the object's cell, and after "a small yellow" its shape?"""
@@ -96,15 +108,11 @@ def caption_words(ckpt: str) -> None:
             end = sc.long_caption.index(named) + len(named)
             rows += [(sc, sc.long_caption[:end], data.POSITIONS[(o.row, o.col)].split()[0], 'cell'),
                      (sc, sc.long_caption[:end - len(f" {o.shape} at the")], o.shape, 'shape')]
+    got = next_words(model, tok, [data.Sample([data.image_seg(sc.image), data.text_seg(text, False)])
+                                  for sc, text, _, _ in rows], model.cfg.llm.max_seq_len)
     hits: dict[str, list[bool]] = {}
-    for i in range(0, len(rows), 64):
-        chunk = rows[i:i + 64]
-        b = data.collate([data.Sample([data.image_seg(sc.image), data.text_seg(text, False)])
-                          for sc, text, _, _ in chunk], tok, model.n_image_tokens, model.cfg.llm.max_seq_len)
-        logits, _ = model(b['input_ids'], b['images'])
-        last = logits[torch.arange(len(chunk)), b['attention_mask'].sum(1) - 1]
-        for (_, _, want, kind), lg in zip(chunk, last):
-            hits.setdefault(kind, []).append(tok.decode([int(lg.argmax())]).strip() == want)
+    for (_, _, want, kind), word in zip(rows, got):
+        hits.setdefault(kind, []).append(word == want)
     print({k: (round(sum(v) / len(v), 3), len(v)) for k, v in hits.items()}, flush=True)
 
 
@@ -279,23 +287,18 @@ first = T.Stream('lookup', lookups, a.seed, data.sample_lengths(lookups, tok, n_
 total = a.lookup_steps + a.steps
 
 
-@torch.no_grad()
 def evaluate(scenes: list) -> dict[str, float]:
     model.eval()
     qs, by = [(s, q, ans) for s in scenes for q, ans in s.vqa + s.pope], {}
     if a.lookup_rel == 3:  # the first word of the cell ("top", "bottom", "left", "center", "right")
         qs += [(s, f"where is the {o.colour} {o.shape}?", data.POSITIONS[(o.row, o.col)].split()[0])
                for s in scenes for o in s.graph.objects]
-    for i in range(0, len(qs), 64):
-        chunk = qs[i:i + 64]
-        ctx = [data.text_seg(s.long_caption, False) if a.mix == 'text' else data.image_seg(s.image)
-               for s, _, _ in chunk]
-        b = data.collate([data.Sample([c, data.text_seg(data.format_question(q), False)])
-                          for c, (_, q, _) in zip(ctx, chunk)], tok, n_img, max_len)
-        logits, _ = model(b['input_ids'], b['images'])
-        last = logits[torch.arange(len(chunk)), b['attention_mask'].sum(1) - 1]
-        for (s, q, ans), lg in zip(chunk, last):
-            by.setdefault(qtype(q), []).append(tok.decode([int(lg.argmax())]).strip() == ans)
+    got = next_words(model, tok, [data.Sample([data.text_seg(s.long_caption, False) if a.mix == 'text'
+                                               else data.image_seg(s.image),
+                                               data.text_seg(data.format_question(q), False)])
+                                  for s, q, _ in qs], max_len)
+    for (_, q, ans), word in zip(qs, got):
+        by.setdefault(qtype(q), []).append(word == ans)
     model.train()
     return {k: round(sum(v) / len(v), 3) for k, v in sorted(by.items())}
 
