@@ -8,7 +8,9 @@ Fine-tuning objective:
     L = lambda_ntp * L_ntp + lambda_c * L_contrastive + lambda_s * L_structure
 - L_ntp: next-token loss on answers, captions, story sentences and long captions (never on image tokens).
 - L_contrastive: VladVA's symmetric InfoNCE between last-token summaries of an image (+ image soft prompt) and
-  of its short caption (+ text soft prompt) (Ouali et al., CVPR 2025, arXiv 2412.04378).
+  of its short caption (+ text soft prompt) (Ouali et al., CVPR 2025, arXiv 2412.04378). With the built-in
+  world the pairs also hold the knowledge-base entry images with their name questions (`data.kb_pairs`,
+  --rag-pairs), the query RAG retrieves with.
 - L_structure: Sugar Eq. 3, the squared gap between the cosine matrix of prefix embeddings and the normalised
   global alignment kernel (Sugar Eq. 2) of their slice sequences under the triple kernel (Sugar Eq. 4)
   (Chow et al., NeurIPS 2024, arXiv 2411.00304).
