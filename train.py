@@ -162,7 +162,7 @@ class PretrainArgs:
     vision_batch: int = 64          # images per stage-0 step
     vision_lr: float = 1e-3
     lookup_steps: int = 800         # stage 1 opens with N steps of lookups + RAG copies (built-in world)
-    pretrain_steps: int = 1900      # then N steps of the full mix (one warm-up + cosine over both)
+    pretrain_steps: int = 1750      # then N steps of the full mix (one warm-up + cosine over both)
     pretrain_batch: int = 32        # global sequences per step
     pretrain_lr: float = 6e-4       # peak lr (1e-3, 1.5e-3: colour, shape at chance after 400 steps; README)
 
@@ -905,11 +905,15 @@ def prefix_embeddings(model: MLLM, batch: dict[str, Tensor], hidden: Tensor, poo
                                    batch["seg_is_image"], batch["prefix_seg"], pool)
 
 
-def predicted_tokens(batch: Batch) -> int:
-    """The tokens a batch's next-token loss predicts (label shift as in ntp_sum)."""
-    labels = [x[k] for x, k in ((batch.lm, "labels"), (batch.pairs, "img_labels"), (batch.stories, "labels"))
-              if x is not None]
-    return sum(int((lab[:, 1:] != -100).sum()) for lab in labels)
+# the next-token loss's sources, in the order of `predicted_tokens` and `compute_loss`'s terms
+NTP_SOURCES = (("lm", "labels"), ("pairs", "img_labels"), ("stories", "labels"))
+
+
+def predicted_tokens(batch: Batch) -> Tensor:
+    """(len(NTP_SOURCES),) float: the tokens each source of the batch predicts (label shift as in ntp_sum)."""
+    parts = [getattr(batch, name) for name, _ in NTP_SOURCES]
+    return torch.tensor([0.0 if part is None else float((part[key][:, 1:] != -100).sum())
+                         for part, (_, key) in zip(parts, NTP_SOURCES)])
 
 
 def compute_loss(model: torch.nn.Module, batch: Batch, obj: Objective, world: int,
@@ -917,18 +921,18 @@ def compute_loss(model: torch.nn.Module, batch: Batch, obj: Objective, world: in
     """L = L_ntp + lambda_c * L_contrastive + lambda_s * L_structure for this rank's share
     of one micro-batch, on the device; `model` is the MLLM or its DDP / compiled wrapper. Returns the loss to
     back-propagate and the terms to log (0-d tensors, this rank's; their mean over ranks is the global
-    batch's). ntp_tokens: the global predicted-token count per micro-batch of the step (with gradient
-    accumulation, the step's total / grad_accum, so the accumulated L_ntp is one mean over all of the step's
-    tokens); None: this micro-batch's own global count."""
+    batch's). ntp_tokens (len(NTP_SOURCES),): the global predicted-token count of each source per micro-batch
+    of the step (with gradient accumulation, the step's total / grad_accum, so the accumulated L_ntp is one
+    mean over all of the step's tokens of each source); None: this micro-batch's own global counts."""
     core = unwrap(model)
     # Forward passes, each batch once: logits for L_ntp, hidden states for the summaries and prefix vectors.
-    ntp_parts = []
+    ntp_parts = {}  # source -> (summed loss, tokens)
     if batch.lm is not None:  # captions, VQA, RAG (pre-training: every sample)
         logits, _ = model(batch.lm["input_ids"], batch.lm["images"])
-        ntp_parts.append(ntp_sum(logits, batch.lm["labels"]))
+        ntp_parts["lm"] = ntp_sum(logits, batch.lm["labels"])
     if batch.pairs is not None:  # [image][soft image prompt][long caption]
         logits, img_hidden = model(batch.pairs["img_ids"], batch.pairs["images"])
-        ntp_parts.append(ntp_sum(logits, batch.pairs["img_labels"]))
+        ntp_parts["pairs"] = ntp_sum(logits, batch.pairs["img_labels"])
         if obj.contrastive:  # VladVA: last-token summaries of the image side and [short caption][text prompt]
             _, txt_hidden = model(batch.pairs["txt_ids"], None)
             img_emb = core.summary_embedding(img_hidden, batch.pairs["img_pos"])  # (B, D)
@@ -936,18 +940,27 @@ def compute_loss(model: torch.nn.Module, batch: Batch, obj: Objective, world: in
     prefixes = []  # Sugar: one embedding per prefix, stories then singles (the order of batch.sugar_targets)
     if batch.stories is not None:
         logits, hidden = model(batch.stories["input_ids"], batch.stories["images"])
-        ntp_parts.append(ntp_sum(logits, batch.stories["labels"]))
+        ntp_parts["stories"] = ntp_sum(logits, batch.stories["labels"])
         if obj.structure:
             prefixes.append(prefix_embeddings(core, batch.stories, hidden, obj.pool))  # (P_story, proj_dim)
     if batch.singles is not None:
         _, hidden = model(batch.singles["input_ids"], batch.singles["images"])
         prefixes.append(prefix_embeddings(core, batch.singles, hidden, obj.pool))  # (P_single, proj_dim)
 
-    # L_ntp: a mean over every predicted token of the GLOBAL batch: each rank sums its own tokens, divides by
-    # the global count and multiplies by W (the DDP gradient argument, kernel.gather_with_grad).
+    # L_ntp: the mean over the sources present in the GLOBAL batch of each source's mean over its predicted
+    # tokens: each rank sums its own tokens, divides by the source's global count and multiplies by W (the DDP
+    # gradient argument, kernel.gather_with_grad). Per source, so each kind of text weighs the same whatever
+    # its length: a mean over all tokens would give fine-tuning's long captions (about 60 tokens) most of the
+    # weight and the one-word answers (a word and </s>) little, and the fine-tuned model then runs on from a
+    # count answer into caption text ("four a large red cross at", README "Answers that run on"). Our choice;
+    # in pre-training (one source) it is the plain mean over tokens.
+    zero = torch.zeros((), device=next(core.parameters()).device)
+    sums = torch.stack([ntp_parts[name][0] if name in ntp_parts else zero for name, _ in NTP_SOURCES])
     if ntp_tokens is None:
-        ntp_tokens = all_sum(sum(p[1] for p in ntp_parts).float())
-    ntp = sum(p[0] for p in ntp_parts) / ntp_tokens.clamp_min(1) * world
+        ntp_tokens = all_sum(torch.stack([ntp_parts[name][1].float() if name in ntp_parts else zero
+                                          for name, _ in NTP_SOURCES]))
+    present = (ntp_tokens > 0).float()  # (sources,)
+    ntp = (sums / ntp_tokens.clamp_min(1) * world * present).sum() / present.sum().clamp_min(1)
 
     # L_contrastive: VladVA's symmetric InfoNCE, this rank's rows against every rank's (kernel.py).
     contrastive = kernel.contrastive_loss(img_emb, txt_emb, core.logit_scale) if obj.contrastive else None
@@ -1069,10 +1082,9 @@ def train_stage(stage: Stage, model: MLLM, opt: torch.optim.Optimizer, batches: 
             micro_terms, t_wait = [], time.perf_counter()
             step_batches = [prefetch.next() for _ in range(n_acc)]
             wait = time.perf_counter() - t_wait
-            # L_ntp is one mean over all tokens of the step: every micro-batch divides by the step's global
-            # count (/ n_acc, undone by summing n_acc backward passes of loss / n_acc)
-            count = torch.tensor(float(sum(predicted_tokens(batch) for batch in step_batches)),
-                                 device=d.device)
+            # L_ntp is one mean over all tokens of the step per source: every micro-batch divides by the step's
+            # global count of each source (/ n_acc, undone by summing n_acc backward passes of loss / n_acc)
+            count = sum(predicted_tokens(batch) for batch in step_batches).to(d.device)  # (sources,)
             ntp_tokens = all_sum(count) / n_acc
             # forward + backward; DDP syncs gradients on the last
             for micro, batch in enumerate(step_batches):

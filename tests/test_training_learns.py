@@ -126,6 +126,35 @@ def test_finetuning_fits_a_fixed_batch_and_moves_only_its_trainable_set(method, 
     assert any(n.startswith("projector.") for n in trainable) == fb.objective.structure
 
 
+def test_finetuning_ntp_is_the_mean_of_each_sources_token_mean(tmp_path):
+    """L_ntp of a fine-tuning batch = the mean over its three next-token sources (captions / VQA / RAG, the
+    pairs' long captions, the stories) of each one's mean over its predicted tokens, recomputed here with
+    F.cross_entropy in float64; a mean over all tokens pooled (which lets the long captions outweigh the
+    one-word answers) differs from it on this batch by far more than the tolerance."""
+    cfg, tok, corpus, streams, model = setup("unified", tmp_path / "n.pt")
+    pb = batches("pretrain", cfg, tok, corpus, streams, model)
+    fit(model, pb(0), pb.objective, 30, 1e-3)  # at init every source's loss is about log(vocab)
+    model.init_soft_prompts(*data.soft_prompt_ids(tok))
+    fb = batches("finetune", cfg, tok, corpus, streams, model)
+    batch = fb(0)
+    _, terms = T.compute_loss(model, batch, fb.objective, 1)
+    means, pooled = [], []
+    with torch.no_grad():
+        for ids, images, labels in ((batch.lm["input_ids"], batch.lm["images"], batch.lm["labels"]),
+                                    (batch.pairs["img_ids"], batch.pairs["images"], batch.pairs["img_labels"]),
+                                    (batch.stories["input_ids"], batch.stories["images"],
+                                     batch.stories["labels"])):
+            logits = model(ids, images)[0].double()
+            per_token = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:],
+                                                          ignore_index=-100, reduction="none")
+            kept = per_token[labels[:, 1:] != -100]
+            means.append(kept.mean())
+            pooled.append(kept)
+    want, pooled_mean = float(torch.stack(means).mean()), float(torch.cat(pooled).mean())
+    assert abs(want - pooled_mean) > 1e-2, (want, pooled_mean)  # the batch tells the two apart
+    assert float(terms["ntp"]) == pytest.approx(want, rel=1e-5)
+
+
 def sgd_step(tmp_path: Path, n_acc: int, batch: int) -> dict[str, torch.Tensor]:
     """The parameter change of one real pre-training step (train_stage) with SGD at lr 1, no clipping: minus
     the step's gradient."""
