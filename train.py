@@ -950,10 +950,10 @@ def compute_loss(model: torch.nn.Module, batch: Batch, obj: Objective, world: in
     # L_ntp: the mean over the sources present in the GLOBAL batch of each source's mean over its predicted
     # tokens: each rank sums its own tokens, divides by the source's global count and multiplies by W (the DDP
     # gradient argument, kernel.gather_with_grad). Per source, so each kind of text weighs the same whatever
-    # its length: a mean over all tokens would give fine-tuning's long captions (about 60 tokens) most of the
-    # weight and the one-word answers (a word and </s>) little, and the fine-tuned model then runs on from a
-    # count answer into caption text ("four a large red cross at", README "Answers that run on"). Our choice;
-    # in pre-training (one source) it is the plain mean over tokens.
+    # its length: a mean over all tokens would give fine-tuning's long captions most of the weight and the
+    # one-word answers (a word and </s>) little, and the fine-tuned model then runs on from a count answer
+    # into caption text ("four a large red cross at"; README "A model that sees", item 9). Our choice; in
+    # pre-training (one source) it is the plain mean over tokens.
     zero = torch.zeros((), device=next(core.parameters()).device)
     sums = torch.stack([ntp_parts[name][0] if name in ntp_parts else zero for name, _ in NTP_SOURCES])
     if ntp_tokens is None:
