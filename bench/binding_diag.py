@@ -33,8 +33,15 @@ ungrouped batches.
                   (one warm-up and cosine over both)
   --lookup-rel R  the lookup questions (--mix lookup, --lookup-steps) also hold: 1 the relation questions ("is
                   the red square left or right of the blue circle?"); 2 those alone; 3 colour, shape, relation
-                  and "where is the <colour> <shape>?" (answer: its cell, "top left"; scored on the first word)
+                  and "where is the <colour> <shape>?" (answer: its cell, "top left"; scored on the first word);
+                  4 relation and "where" alone
+  --text-context 1  with --lookup-rel 2 or 4: the lookups (and the evaluation) read the scene from text, not
+                  the image: the long caption's object sentences ("a small red square at the top left. ..."), so
+                  every cell is written out and nothing needs to be read off an image token
   --img-pos S     a learned embedding per image-token slot (init N(0, S^2)) added to the adapter's output
+  --pos-words S   S times the sum of the LLM's input embeddings of a cell's words (" top", " left") added to
+                  the adapter's output at that cell's image token: the token holds its cell in the very
+                  vectors the answer words are
   --ckpt PATH     only this: a trained checkpoint teacher-forced on 150 test scenes' long captions, the
                   accuracy of the cell word after "a small yellow square at the" (its first word) and of the
                   shape word after "a small yellow"
@@ -77,8 +84,12 @@ p.add_argument('--probe', type=int, default=0)
 p.add_argument('--lookup-steps', type=int, default=0)
 p.add_argument('--lookup-rel', type=int, default=0)
 p.add_argument('--img-pos', type=float, default=0.0)
+p.add_argument('--text-context', type=int, default=0)
+p.add_argument('--pos-words', type=float, default=0.0)
 p.add_argument('--ckpt', default='')
 a = p.parse_args()
+if a.text_context and a.lookup_rel not in (2, 4):
+    p.error('--text-context reads the relation and "where" lookups from text: give --lookup-rel 2 or 4')
 torch.set_num_threads(a.threads)
 torch.manual_seed(a.seed)
 
@@ -172,6 +183,18 @@ if a.img_pos:  # a learned embedding per image-token slot, added to the adapter'
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.inner(x) + self.pos
     model.adapter = PosAdapter(model.adapter)
+if a.pos_words:  # each image token plus the input embeddings of its cell's words (tied to the output ones)
+    class WordPosAdapter(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+            self.cells = [tok.encode(' ' + data.POSITIONS[(r, c)])
+                          for r in range(data.GRID) for c in range(data.GRID)]  # row-major, as the tokens
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            emb = model.llm.embed_tokens.weight
+            return self.inner(x) + a.pos_words * torch.stack([emb[ids].sum(0) for ids in self.cells])
+    model.adapter = WordPosAdapter(model.adapter)
 T.pretrain_trainable(model, vision_frozen=False)
 imgs = torch.stack([s.image for s in scenes])
 tgt = torch.stack([s.cross_image for s in scenes])
@@ -251,15 +274,24 @@ def long_caption(graph: data.SceneGraph, rng: random.Random) -> str:
     return " ".join(parts)
 
 
+def context(s: data.Scene) -> data.Segment:
+    """What a relation / "where" lookup reads the scene from: the image, or with --text-context its objects'
+    sentences."""
+    if not a.text_context:
+        return data.image_seg(s.image)
+    return data.text_seg(" ".join(f"a {o.size} {o.colour} {o.shape} at the {data.POSITIONS[(o.row, o.col)]}."
+                                  for o in s.graph.objects), False)
+
+
 # data.lookup_samples' questions (train.py's opening also holds the RAG samples, which start with text)
 lookups = [x for x in corpus.lookup if x.segments[0].kind == 'image']
 if a.lookup_rel:
-    lookups = [] if a.lookup_rel == 2 else lookups  # 2: the relation questions alone
-    lookups += [data.Sample([data.image_seg(s.image), data.text_seg(data.format_question(q), False),
+    lookups = [] if a.lookup_rel in (2, 4) else lookups  # 2, 4: without colour and shape
+    lookups += [data.Sample([context(s), data.text_seg(data.format_question(q), False),
                              data.text_seg(ans, True)])
                 for s in scenes for q, ans in s.vqa if qtype(q) == 'rel']
-if a.lookup_rel == 3:  # also "where is the <colour> <shape>?" -> its cell's words
-    lookups += [data.Sample([data.image_seg(s.image), data.text_seg(data.format_question(
+if a.lookup_rel in (3, 4):  # also "where is the <colour> <shape>?" -> its cell's words
+    lookups += [data.Sample([context(s), data.text_seg(data.format_question(
         f"where is the {o.colour} {o.shape}?"), False), data.text_seg(data.POSITIONS[(o.row, o.col)], True)])
         for s in scenes for o in s.graph.objects]
 if reorder:
@@ -290,11 +322,11 @@ total = a.lookup_steps + a.steps
 def evaluate(scenes: list) -> dict[str, float]:
     model.eval()
     qs, by = [(s, q, ans) for s in scenes for q, ans in s.vqa + s.pope], {}
-    if a.lookup_rel == 3:  # the first word of the cell ("top", "bottom", "left", "center", "right")
+    if a.lookup_rel in (3, 4):  # the first word of the cell ("top", "bottom", "left", "center", "right")
         qs += [(s, f"where is the {o.colour} {o.shape}?", data.POSITIONS[(o.row, o.col)].split()[0])
                for s in scenes for o in s.graph.objects]
     got = next_words(model, tok, [data.Sample([data.text_seg(s.long_caption, False) if a.mix == 'text'
-                                               else data.image_seg(s.image),
+                                               else context(s),
                                                data.text_seg(data.format_question(q), False)])
                                   for s, q, _ in qs], max_len)
     for (_, q, ans), word in zip(qs, got):
