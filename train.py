@@ -102,22 +102,25 @@ def trainable_patterns(ft: "FinetuneArgs") -> list[str]:
 #   LoRA B at most 0.01 where the papers' runs allow ~0.8: we scale the lr by 10 to 1e-3, for every method.
 # - adapt: VladVA trains soft prompts + LoRA; Sugar has no soft prompts (LoRA + its retrieval projector), so
 #   its image prompt stays the frozen handcrafted prompt it was initialised from.
-# - lambda_contrastive: neither paper gives loss weights. vladva 1; unified 3, from the README's sweep on the
-#   default base (one weight changed at a time from 1, one seed): at 1 the structure loss takes the summary
-#   space from the contrastive loss and retrieval R@1 is half VladVA's, at 3 it is VladVA's (vladva itself
-#   retrieves the same at 1 and 3). generative and sugar have no contrastive term.
+# - lambda_contrastive, lambda_structure: neither paper gives loss weights. vladva and sugar 1 (each has one
+#   of the two terms). unified lambda_c = 1, lambda_s = 0.1, chosen by the README's sweep on the default base
+#   on a validation draw of held-out scenes (eval.py --test-seed 2; the reported figures use the default
+#   --test-seed 1): the largest mean of the six discriminative figures (R@1, R@5 both ways, compositional
+#   mean, Winoground group) among the 9 weightings with both terms. With lambda_s >= 1 the structure loss takes
+#   the summary space from the contrastive loss (R@1 a third of VladVA's at lambda_c = lambda_s = 1). generative
+#   has neither term; its values (like sugar's lambda_c and vladva's lambda_s) are unused.
 # generative and unified (ours) take VladVA's LoRA and lr: they differ from vladva / sugar only in losses.
 LORA_ALL = r"llm\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 LORA_QV = r"llm\.layers\.\d+\.self_attn\.(q|v)_proj"
 RECIPES: dict[str, dict[str, Any]] = {
     "generative": dict(lora_targets=LORA_ALL, lora_r=16, lora_alpha=16.0, finetune_lr=1e-3, adapt="lora",
-                       lambda_contrastive=1.0),
+                       lambda_contrastive=1.0, lambda_structure=1.0),
     "vladva": dict(lora_targets=LORA_ALL, lora_r=16, lora_alpha=16.0, finetune_lr=1e-3, adapt="both",
-                   lambda_contrastive=1.0),
+                   lambda_contrastive=1.0, lambda_structure=1.0),
     "sugar": dict(lora_targets=LORA_QV, lora_r=64, lora_alpha=128.0, finetune_lr=1e-3, adapt="lora",
-                  lambda_contrastive=1.0),
+                  lambda_contrastive=1.0, lambda_structure=1.0),
     "unified": dict(lora_targets=LORA_ALL, lora_r=16, lora_alpha=16.0, finetune_lr=1e-3, adapt="both",
-                    lambda_contrastive=3.0),
+                    lambda_contrastive=1.0, lambda_structure=0.1),
 }
 RECIPE = {"help": "default: the --method's recipe (train.RECIPES)"}
 
@@ -179,7 +182,7 @@ class FinetuneArgs:
     lora_alpha: float | None = field(default=None, metadata=RECIPE)
     lora_targets: str | None = field(default=None, metadata=RECIPE)  # a regex over module names
     lambda_contrastive: float | None = field(default=None, metadata=RECIPE)  # L_contrastive's weight
-    lambda_structure: float = 1.0
+    lambda_structure: float | None = field(default=None, metadata=RECIPE)  # L_structure's weight
     # Sugar's sigma = delta * sqrt((n+m)/2); None: estimated once from the training data (estimate_gak_delta)
     gak_delta: float | None = field(default=None, metadata={"help": "default: estimated from the data"})
     lambda_ntp: float = 1.0         # L = lambda_ntp * L_ntp + ...; 0: VladVA Table 4 without NTP
