@@ -8,8 +8,9 @@
 #   Sugar Table 4b:  w/o GAK (--sugar-alignment mean), w/o TK (--sugar-kernel cross),
 #                    w/o AvgPool (--sugar-pool last); and one-slice pairs by the GAK value (--sugar-single gak)
 #   VladVA Table 4:  w/o NTP (--lambda-ntp 0), soft prompts only (--adapt prompt), LoRA only (--adapt lora)
-#   the loss-weight sweep: unified with one weight changed at a time from lambda_c = lambda_s = 1 (its recipe
-#   has lambda_c = 3: the `unified` run), and vladva at lambda_c = 3
+#   the loss-weight sweep: unified at 11 (lambda_c, lambda_s) besides its recipe's (1, 0.1), each also evaluated
+#   on a validation draw of held-out scenes (eval.py --test-seed 2 -> OUTDIR/val/), the draw the recipe was
+#   chosen on; and vladva at lambda_c = 3
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-runs}
@@ -35,17 +36,23 @@ finetune sugar_single_gak sugar --sugar-single gak
 finetune vladva_no_ntp vladva --lambda-ntp 0
 finetune vladva_prompt_only vladva --adapt prompt
 finetune vladva_lora_only vladva --adapt lora
-finetune lam_c1 unified --lambda-contrastive 1
-finetune lam_c0.3 unified --lambda-contrastive 0.3
-finetune lam_s0.3 unified --lambda-contrastive 1 --lambda-structure 0.3
-finetune lam_s3 unified --lambda-contrastive 1 --lambda-structure 3
-finetune lam_s0 unified --lambda-contrastive 1 --lambda-structure 0
+# the sweep: lam_cC_sS is unified at lambda_c = C, lambda_s = S (the recipe's (1, 0.1) is `unified`, (1, 0) is
+# `unified_nostruct`)
+sweep="lam_c0.3_s1 lam_c1_s1 lam_c3_s1 lam_c1_s3 lam_c1_s0.3 lam_c3_s0.3 lam_c3_s0.1 lam_c1_s0.03 lam_c3_s0"
+for m in $sweep; do
+  c=${m#lam_c}; c=${c%_s*}; s=${m##*_s}
+  finetune "$m" unified --lambda-contrastive "$c" --lambda-structure "$s"
+done
 finetune vladva_c3 vladva --lambda-contrastive 3
 runs="base unified generative vladva sugar unified_nostruct sugar_no_gak sugar_no_tk sugar_no_avgpool sugar_single_gak
-      vladva_no_ntp vladva_prompt_only vladva_lora_only lam_c1 lam_c0.3 lam_s0.3 lam_s3 lam_s0 vladva_c3"
+      vladva_no_ntp vladva_prompt_only vladva_lora_only $sweep vladva_c3"
+mkdir -p "$out/val"
 for m in $runs; do
   ckpt="$out/$m.pt"; [ "$m" = base ] && ckpt="$out/unified.base.pt"
   /usr/bin/time -f "%e s wall: python eval.py --ckpt $ckpt" python eval.py --ckpt "$ckpt" --json "$out/$m.json" > "$out/$m.eval.txt" 2> >(log "$out/$m.eval.log")
+done
+for m in unified unified_nostruct $sweep; do  # the validation draw the recipe's weights were chosen on
+  python eval.py --ckpt "$out/$m.pt" --test-seed 2 --json "$out/val/$m.json" > "$out/val/$m.eval.txt" 2> >(log "$out/val/$m.eval.log")
 done
 python - "$out" <<'PY'
 import json, sys
@@ -54,8 +61,9 @@ tables = {
     "Methods": ["base", "generative", "vladva", "sugar", "unified", "unified_nostruct"],
     "Sugar Table 4b (method sugar)": ["sugar", "sugar_no_gak", "sugar_no_tk", "sugar_no_avgpool", "sugar_single_gak"],
     "VladVA Table 4 (method vladva)": ["vladva", "vladva_no_ntp", "vladva_prompt_only", "vladva_lora_only"],
-    "Loss weights (unified: lam_c1 is lambda_c = lambda_s = 1, unified its recipe's lambda_c = 3)":
-        ["lam_c1", "lam_c0.3", "unified", "lam_s0.3", "lam_s3", "lam_s0", "vladva", "vladva_c3"],
+    "Loss weights (unified at lam_cC_sS: lambda_c = C, lambda_s = S; its recipe (1, 0.1), unified_nostruct (1, 0))":
+        ["lam_c0.3_s1", "lam_c1_s1", "lam_c3_s1", "lam_c1_s3", "lam_c1_s0.3", "lam_c3_s0.3", "unified", "lam_c3_s0.1",
+         "lam_c1_s0.03", "unified_nostruct", "lam_c3_s0", "vladva", "vladva_c3"],
 }
 for title, runs in tables.items():
     m = {r: json.load(open(f"{out}/{r}.json")) for r in runs}
@@ -65,4 +73,16 @@ for title, runs in tables.items():
     print("|---|" + "---:|" * len(runs))
     for k in keys:
         print(f"| {k} | " + " | ".join(f"{m[r][k]:.3f}" for r in runs) + " |")
+# the recipe's criterion on the validation draw: the mean of the six discriminative figures
+keys = ["retrieval/i2t_r1", "retrieval/t2i_r1", "retrieval/i2t_r5", "retrieval/t2i_r5", "compositional/mean",
+        "winoground/group"]
+runs = tables[list(tables)[-1]][:-2]
+val = {r: json.load(open(f"{out}/val/{r}.json")) for r in runs}
+print("\nValidation draw (eval.py --test-seed 2): the mean of " + ", ".join(keys) + "\n")
+print("| run | " + " | ".join(keys) + " | mean | vqa/acc |")
+print("|---|" + "---:|" * (len(keys) + 2))
+for r in runs:
+    v = val[r]
+    print(f"| {r} | " + " | ".join(f"{v[k]:.3f}" for k in keys) + f" | {sum(v[k] for k in keys) / len(keys):.3f} | "
+          f"{v['vqa/acc']:.3f} |")
 PY
