@@ -1229,6 +1229,8 @@ def train(cfg: TrainConfig, d: Dist) -> TrainResult:
 
     # --- stage 2: fine-tuning of LoRA + soft prompts + projector + temperature, the method's losses
     model = model.to(d.device)
+    # re-seeded: LoRA's draws are the same after pre-training in this process as from --init (the ablation)
+    torch.manual_seed(run.seed + d.rank)
     if not in_finetune(resume):
         add_lora(model, cfg.finetune)
         model.init_soft_prompts(*data.soft_prompt_ids(tok))

@@ -146,6 +146,20 @@ def test_smoke_checkpoint_evaluates(tmp_path):
     assert ckpt["method"] == "vladva" and ckpt["stage"] == "finetune" and ckpt["done"]
 
 
+def test_finetuning_after_pretraining_equals_finetuning_the_saved_base(tmp_path):
+    """`python train.py` (pre-training, then fine-tuning in the same process) and `--init out.base.pt` (the
+    ablation's way) must give the same fine-tuned weights: fine-tuning's random draws (LoRA A) may not depend
+    on how many numbers pre-training drew before it."""
+    full = tmp_path / "full.pt"
+    run_single(full)
+    again = tmp_path / "again.pt"
+    run_single(again, "--init", str(tmp_path / "full.base.pt"))
+    a, b = torch.load(full, weights_only=True)["model"], torch.load(again, weights_only=True)["model"]
+    assert a.keys() == b.keys()
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differ, f"{len(differ)} of {len(a)} tensors differ, e.g. {differ[:3]}"
+
+
 @settings(max_examples=40, deadline=None)
 @given(n_items=st.integers(1, 12), n=st.integers(1, 9), step=st.integers(0, 30))
 def test_stream_batch_equals_reshuffling_per_item(n_items, n, step):
