@@ -8,7 +8,7 @@
 #   Sugar Table 4b:  w/o GAK (--sugar-alignment mean), w/o TK (--sugar-kernel cross),
 #                    w/o AvgPool (--sugar-pool last); and one-slice pairs by the GAK value (--sugar-single gak)
 #   VladVA Table 4:  w/o NTP (--lambda-ntp 0), soft prompts only (--adapt prompt), LoRA only (--adapt lora)
-#   the loss-weight sweep: unified at 11 (lambda_c, lambda_s) besides its recipe's (1, 0.1), each also evaluated
+#   the loss-weight sweep: unified at 10 (lambda_c, lambda_s) besides its recipe's (1, 0.1), each also evaluated
 #   on a validation draw of held-out scenes (eval.py --test-seed 2 -> OUTDIR/val/), the draw the recipe was
 #   chosen on; and vladva at lambda_c = 3
 set -euo pipefail
