@@ -107,8 +107,9 @@ def trainable_patterns(ft: "FinetuneArgs") -> list[str]:
 #   on a validation draw of held-out scenes (eval.py --test-seed 2; the reported figures use the default
 #   --test-seed 1): the largest mean of the six discriminative figures (R@1, R@5 both ways, compositional
 #   mean, Winoground group) among the 9 weightings with both terms. With lambda_s >= 1 the structure loss takes
-#   the summary space from the contrastive loss (R@1 a third of VladVA's at lambda_c = lambda_s = 1). generative
-#   has neither term; its values (like sugar's lambda_c and vladva's lambda_s) are unused.
+#   the summary space from the contrastive loss (at lambda_c = 1, R@1 falls below VladVA's at lambda_s = 1 and to
+#   about 0 at lambda_s = 3). generative has neither term; its values (like sugar's lambda_c and vladva's
+#   lambda_s) are unused.
 # generative and unified (ours) take VladVA's LoRA and lr: they differ from vladva / sugar only in losses.
 LORA_ALL = r"llm\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 LORA_QV = r"llm\.layers\.\d+\.self_attn\.(q|v)_proj"
