@@ -8,9 +8,10 @@ and a real 2-process gloo DDP run against one process on the whole batch.
 Run: .venv/bin/python -m pytest tests/test_kernel.py -x -q
 """
 import datetime
+import faulthandler
 import math
-import socket
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -433,9 +434,14 @@ def _full_batch(world: int, per_rank: int):
 
 
 def _ddp_worker(rank: int, world: int, port: int, per_rank: int, out_dir: str):
-    # a timeout turns a stuck collective into an error instead of a hung CI job
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
+    # While the worker lives, every thread's stack goes to a file each 30 s: a worker stuck where no timeout
+    # reaches (process teardown) leaves a trace the parent reports.
+    stacks = open(f"{out_dir}/rank{rank}.stacks", "w")
+    faulthandler.dump_traceback_later(30, repeat=True, file=stacks)
+    # The store lives in the parent (as under torchrun), so no rank's exit can take it from the other; the
+    # timeout turns a stuck collective into an error instead of a hung CI job.
+    store = dist.TCPStore("127.0.0.1", port, world + 1, is_master=False, timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
     try:
         model = nn.parallel.DistributedDataParallel(_Towers())
         x_img, x_txt = _full_batch(world, per_rank)
@@ -446,15 +452,31 @@ def _ddp_worker(rank: int, world: int, port: int, per_rank: int, out_dir: str):
         grads = {name: p.grad for name, p in model.module.named_parameters()}
         torch.save({"loss": loss.detach(), "grads": grads, "x_img": x_img.grad, "x_txt": x_txt.grad},
                    f"{out_dir}/rank{rank}.pt")
-        dist.barrier()  # rank 0 hosts the TCP store: no rank may leave while another still needs it
+        dist.barrier()  # the other rank may still be in a collective with this one
     finally:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _run_ddp_workers(world: int, per_rank: int, out_dir, limit_s: float = 90) -> list[dict]:
+    """Runs _ddp_worker on `world` gloo ranks; returns each rank's saved results. Fails with the workers'
+    stacks if a rank has not saved its results within limit_s. A rank that saved them but has not exited
+    (stuck in teardown, after its last collective) is terminated with a warning that carries its stacks:
+    the results it saved are complete."""
+    store = dist.TCPStore("127.0.0.1", 0, world + 1, is_master=True, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=60))
+    workers = mp.spawn(_ddp_worker, args=(world, store.port, per_rank, str(out_dir)), nprocs=world, join=False)
+    deadline = time.monotonic() + limit_s
+    while not workers.join(timeout=1):  # raises if a worker fails
+        if time.monotonic() > deadline:
+            for process in workers.processes:
+                process.terminate()
+            stacks = "\n".join(f"rank {r}:\n{(out_dir / f'rank{r}.stacks').read_text()}" for r in range(world))
+            if not all((out_dir / f"rank{r}.pt").exists() for r in range(world)):
+                pytest.fail(f"the {world} DDP workers did not finish within {limit_s} s; their stacks:\n{stacks}")
+            warnings.warn(f"the {world} DDP workers saved their results but did not exit within {limit_s} s; "
+                          f"their stacks:\n{stacks}")
+            break
+    return [torch.load(out_dir / f"rank{r}.pt") for r in range(world)]
 
 
 def test_contrastive_ddp_two_ranks_equals_one_process(tmp_path):
@@ -462,15 +484,7 @@ def test_contrastive_ddp_two_ranks_equals_one_process(tmp_path):
     DDP averages (towers + shared logit_scale) are the whole-batch gradients, and each rank's input gradient
     divided by the world size (what DDP's averaging applies upstream) is the whole-batch input gradient."""
     world, per_rank = 2, 3
-    workers = mp.spawn(_ddp_worker, args=(world, _free_port(), per_rank, str(tmp_path)), nprocs=world,
-                       join=False)
-    deadline = time.monotonic() + 180
-    while not workers.join(timeout=1):  # raises if a worker fails
-        if time.monotonic() > deadline:
-            for process in workers.processes:
-                process.terminate()
-            pytest.fail("the 2 DDP workers did not finish within 180 s")
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    ranks = _run_ddp_workers(world, per_rank, tmp_path)
 
     model = _Towers()
     x_img, x_txt = (x.requires_grad_() for x in _full_batch(world, per_rank))
