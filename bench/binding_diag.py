@@ -34,7 +34,10 @@ ungrouped batches.
   --lookup-rel R  the lookup questions (--mix lookup, --lookup-steps) also hold: 1 the relation questions ("is
                   the red square left or right of the blue circle?"); 2 those alone; 3 colour, shape, relation
                   and "where is the <colour> <shape>?" (answer: its cell, "top left"; scored on the first word);
-                  4 relation and "where" alone
+                  4 relation and "where" alone; 5 with --text-context: "what is the name of the <size>
+                  <colour> <shape>?" about a scene written out as "the small red square is called pevofu. ...",
+                  a fresh made-up name per object and sample (scored on the name's first token), alone; 6 the
+                  same with only the asked object's sentence in context (one name: copying needs no lookup)
   --text-context 1  with --lookup-rel 2 or 4: the lookups (and the evaluation) read the scene from text, not
                   the image: the long caption's object sentences ("a small red square at the top left. ..."), so
                   every cell is written out and nothing needs to be read off an image token
@@ -88,8 +91,10 @@ p.add_argument('--text-context', type=int, default=0)
 p.add_argument('--pos-words', type=float, default=0.0)
 p.add_argument('--ckpt', default='')
 a = p.parse_args()
-if a.text_context and a.lookup_rel not in (2, 4):
-    p.error('--text-context reads the relation and "where" lookups from text: give --lookup-rel 2 or 4')
+if a.text_context and a.lookup_rel not in (2, 4, 5, 6):
+    p.error('--text-context reads the relation and "where" lookups from text: give --lookup-rel 2, 4, 5 or 6')
+if a.lookup_rel in (5, 6) and not (a.text_context and a.mix == 'lookup'):
+    p.error('--lookup-rel 5 and 6 (names read from text) need --text-context 1 --mix lookup')
 torch.set_num_threads(a.threads)
 torch.manual_seed(a.seed)
 
@@ -146,6 +151,8 @@ test = data.make_world('test', 200, 0, image_size=cfg.model.image_size)
 def qtype(q: str) -> str:
     if q.startswith('where'):
         return 'where'
+    if q.startswith('what is the name'):
+        return 'name'
     return q.split()[1] if q.startswith('what') else ('count' if q.startswith('how')
                                                       else ('pope' if 'in the image' in q else 'rel'))
 
@@ -285,7 +292,23 @@ def context(s: data.Scene) -> data.Segment:
 
 # data.lookup_samples' questions (train.py's opening also holds the RAG samples, which start with text)
 lookups = [x for x in corpus.lookup if x.segments[0].kind == 'image']
-if a.lookup_rel:
+def named(s: data.Scene, rng: random.Random, split: str) -> list[tuple[data.Segment, str, str]]:
+    """--lookup-rel 5: the scene as "the small red square is called pevofu. ...", a fresh made-up name per
+    object (the knowledge base's sentence form); (context, question, name) for each object. 6: each object's
+    context is its own sentence alone."""
+    sents = [(f"the {o.size} {o.colour} {o.shape} is called {data.make_name(rng, split)}.", o)
+             for o in s.graph.objects]
+    every = data.text_seg(" ".join(t for t, _ in sents), False)
+    return [(every if a.lookup_rel == 5 else data.text_seg(t, False),
+             f"what is the name of the {o.size} {o.colour} {o.shape}?", t.split()[-1][:-1]) for t, o in sents]
+
+
+if a.lookup_rel in (5, 6):  # every scene 8 times, with fresh names each time
+    rng, lookups = random.Random(a.seed), []
+    for s in scenes * 8:
+        lookups += [data.Sample([seg, data.text_seg(data.format_question(q), False), data.text_seg(n, True)])
+                    for seg, q, n in named(s, rng, 'train')]
+elif a.lookup_rel:
     lookups = [] if a.lookup_rel in (2, 4) else lookups  # 2, 4: without colour and shape
     lookups += [data.Sample([context(s), data.text_seg(data.format_question(q), False),
                              data.text_seg(ans, True)])
@@ -322,10 +345,15 @@ total = a.lookup_steps + a.steps
 def evaluate(scenes: list) -> dict[str, float]:
     model.eval()
     qs, by = [(s, q, ans) for s in scenes for q, ans in s.vqa + s.pope], {}
+    if a.lookup_rel in (5, 6):  # the same names at every evaluation; the answer is the name's first token
+        rng = random.Random(1)
+        qs = [(seg, q, tok.decode(tok.encode(' ' + n)[:1]).strip())
+              for s in scenes for seg, q, n in named(s, rng, 'test')]
     if a.lookup_rel in (3, 4):  # the first word of the cell ("top", "bottom", "left", "center", "right")
         qs += [(s, f"where is the {o.colour} {o.shape}?", data.POSITIONS[(o.row, o.col)].split()[0])
                for s in scenes for o in s.graph.objects]
-    got = next_words(model, tok, [data.Sample([data.text_seg(s.long_caption, False) if a.mix == 'text'
+    got = next_words(model, tok, [data.Sample([s if a.lookup_rel in (5, 6)
+                                               else data.text_seg(s.long_caption, False) if a.mix == 'text'
                                                else context(s),
                                                data.text_seg(data.format_question(q), False)])
                                   for s, q, _ in qs], max_len)
