@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's ablations: one generative base, every fine-tuning from it with the same steps and the same data
 # order (same --seed, the batch of step s a pure function of it), each evaluated.
-#   bash bench/ablation.sh [OUTDIR]      (about an hour and a half on 2 CPU cores)
+#   bash bench/ablation.sh [OUTDIR]      (about two hours on 2 CPU cores)
 # The default `python train.py` pre-trains the base (OUTDIR/unified.base.pt) and fine-tunes `unified`; every other
 # run fine-tunes from that same base, each method with its own recipe (train.RECIPES), one switch changed per row:
 #   methods:  generative, vladva, sugar, and unified without the structure loss (the README's diagnostic)
@@ -11,6 +11,8 @@
 #   the loss-weight sweep: unified at 10 (lambda_c, lambda_s) besides its recipe's (1, 0.1), each also evaluated
 #   on a validation draw of held-out scenes (eval.py --test-seed 2 -> OUTDIR/val/), the draw the recipe was
 #   chosen on; and vladva at lambda_c = 3
+#   seeds: the five methods again at --seed 1 and 2 (NAME_s1, NAME_s2: another data order and LoRA start, the
+#   same base), for the mean and spread over three seeds
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-runs}
@@ -44,8 +46,16 @@ for m in $sweep; do
   finetune "$m" unified --lambda-contrastive "$c" --lambda-structure "$s"
 done
 finetune vladva_c3 vladva --lambda-contrastive 3
+for seed in 1 2; do
+  finetune "generative_s$seed" generative --seed "$seed"
+  finetune "vladva_s$seed" vladva --seed "$seed"
+  finetune "sugar_s$seed" sugar --seed "$seed"
+  finetune "unified_nostruct_s$seed" unified --lambda-structure 0 --seed "$seed"
+  finetune "unified_s$seed" unified --seed "$seed"
+done
+seeded="generative vladva sugar unified_nostruct unified"
 runs="base unified generative vladva sugar unified_nostruct sugar_no_gak sugar_no_tk sugar_no_avgpool sugar_single_gak
-      vladva_no_ntp vladva_prompt_only vladva_lora_only $sweep vladva_c3"
+      vladva_no_ntp vladva_prompt_only vladva_lora_only $sweep vladva_c3 $(for m in $seeded; do echo ${m}_s1 ${m}_s2; done)"
 mkdir -p "$out/val"
 for m in $runs; do
   ckpt="$out/$m.pt"; [ "$m" = base ] && ckpt="$out/unified.base.pt"
@@ -85,4 +95,16 @@ for r in runs:
     v = val[r]
     print(f"| {r} | " + " | ".join(f"{v[k]:.3f}" for k in keys) + f" | {sum(v[k] for k in keys) / len(keys):.3f} | "
           f"{v['vqa/acc']:.3f} |")
+# three seeds (0 = the runs above, 1 and 2 = NAME_s1, NAME_s2): mean and sample standard deviation
+seeded = ["generative", "vladva", "sugar", "unified_nostruct", "unified"]
+runs = {r: [json.load(open(f"{out}/{n}.json")) for n in (r, r + "_s1", r + "_s2")] for r in seeded}
+keys += ["interleaved/r1", "rag/acc", "vqa/acc", "vqa/count", "vqa/relation", "pope/acc"]
+def mean_sd(v):
+    mu = sum(v) / len(v)
+    return f"{mu:.3f} ± {(sum((x - mu) ** 2 for x in v) / (len(v) - 1)) ** 0.5:.3f}"
+print("\nThree seeds (--seed 0, 1, 2): mean ± standard deviation\n")
+print("| metric | " + " | ".join(seeded) + " |")
+print("|---|" + "---:|" * len(seeded))
+for k in keys:
+    print(f"| {k} | " + " | ".join(mean_sd([m[k] for m in runs[r]]) for r in seeded) + " |")
 PY
