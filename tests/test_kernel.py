@@ -248,7 +248,10 @@ def test_cross_kernel_sqdist_matches_loops(kernel_name):
     if kernel_name == "cross":  # w/o TK changes exactly the same-modality pairs
         triple = kernel.triple_kernel_sqdist(ua, ca, ia, ub, cb, ib)
         differ = ia[:, None] != ib[None, :]
-        assert torch.equal(got[differ], triple[differ]) and not torch.equal(got[~differ], triple[~differ])
+        # The two kernels reach the image-text pairs through different matmul shapes, so equal up to
+        # rounding, not bit for bit; the same-modality pairs use other features and differ by far more.
+        torch.testing.assert_close(got[differ], triple[differ], rtol=0, atol=1e-12)
+        assert (got[~differ] - triple[~differ]).abs().min() > 1e-3
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
