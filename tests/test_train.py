@@ -548,9 +548,9 @@ def test_lambda_ntp_delta_and_switches_in_the_checkpoint(tmp_path, capsys):
         assert t["total"] == pytest.approx(t["ntp"], rel=1e-6)
     ft = train.load_checkpoint(out)["train_config"]["finetune"]
     assert ft["lambda_contrastive"] == train.RECIPES["unified"]["lambda_contrastive"] == 1.0
-    assert ft["lambda_structure"] == train.RECIPES["unified"]["lambda_structure"] == 0.1
+    assert ft["lambda_structure"] == train.RECIPES["unified"]["lambda_structure"] == 0.3
     for t in result.history["finetune"]:
-        want = 0.5 * t["ntp"] + 1.0 * t["contrastive"] + 0.1 * t["structure"]
+        want = 0.5 * t["ntp"] + 1.0 * t["contrastive"] + 0.3 * t["structure"]
         assert t["total"] == pytest.approx(want, rel=1e-6)
     switches = (ft["lambda_ntp"], ft["sugar_pool"], ft["sugar_single"], ft["sugar_alignment"], ft["adapt"])
     assert switches == (0.5, "last", "gak", "gak", "both")
