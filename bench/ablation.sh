@@ -45,9 +45,10 @@ finetune vladva_lora_only vladva --adapt lora
 # `unified_nostruct`)
 sweep="lam_c0.3_s1 lam_c1_s1 lam_c3_s1 lam_c1_s3 lam_c3_s0.3 lam_c1_s0.1 lam_c3_s0.1 lam_c1_s0.03 lam_c3_s0"
 top="lam_c1_s0.03 lam_c3_s1 lam_c1_s0.1"
+# weights lam_cC_sS: that weighting's flags
+weights() { local c=${1#lam_c}; echo "--lambda-contrastive ${c%_s*} --lambda-structure ${1##*_s}"; }
 for m in $sweep; do
-  c=${m#lam_c}; c=${c%_s*}; s=${m##*_s}
-  finetune "$m" unified --lambda-contrastive "$c" --lambda-structure "$s"
+  finetune "$m" unified $(weights "$m")
 done
 finetune vladva_c3 vladva --lambda-contrastive 3
 for seed in 1 2; do
@@ -57,8 +58,7 @@ for seed in 1 2; do
   finetune "unified_nostruct_s$seed" unified --lambda-structure 0 --seed "$seed"
   finetune "unified_s$seed" unified --seed "$seed"
   for m in $top; do
-    c=${m#lam_c}; c=${c%_s*}; s=${m##*_s}
-    finetune "${m}_s$seed" unified --lambda-contrastive "$c" --lambda-structure "$s" --seed "$seed"
+    finetune "${m}_s$seed" unified $(weights "$m") --seed "$seed"
   done
 done
 seeded="generative vladva sugar unified_nostruct unified"
@@ -74,9 +74,9 @@ for m in unified unified_nostruct $sweep $(for m in unified unified_nostruct $to
   # the validation draw the recipe's weights were chosen on
   python eval.py --ckpt "$out/$m.pt" --test-seed 2 --json "$out/val/$m.json" > "$out/val/$m.eval.txt" 2> >(log "$out/val/$m.eval.log")
 done
-python - "$out" <<'PY'
+python - "$out" "$top" <<'PY'
 import json, sys
-out = sys.argv[1]
+out, top = sys.argv[1], sys.argv[2].split()
 tables = {
     "Methods": ["base", "generative", "vladva", "sugar", "unified", "unified_nostruct"],
     "Sugar Table 4b (method sugar)": ["sugar", "sugar_no_gak", "sugar_no_tk", "sugar_no_avgpool", "sugar_single_gak"],
@@ -94,26 +94,25 @@ for title, runs in tables.items():
     for k in keys:
         print(f"| {k} | " + " | ".join(f"{m[r][k]:.3f}" for r in runs) + " |")
 # the recipe's criterion on the validation draw: the mean of the six discriminative figures
-keys = ["retrieval/i2t_r1", "retrieval/t2i_r1", "retrieval/i2t_r5", "retrieval/t2i_r5", "compositional/mean",
-        "winoground/group"]
+six = ["retrieval/i2t_r1", "retrieval/t2i_r1", "retrieval/i2t_r5", "retrieval/t2i_r5", "compositional/mean",
+       "winoground/group"]
+mean6 = lambda v: sum(v[k] for k in six) / len(six)
 runs = tables[list(tables)[-1]][:-2]
 val = {r: json.load(open(f"{out}/val/{r}.json")) for r in runs}
-print("\nValidation draw (eval.py --test-seed 2): the mean of " + ", ".join(keys) + "\n")
-print("| run | " + " | ".join(keys) + " | mean | vqa/acc |")
-print("|---|" + "---:|" * (len(keys) + 2))
+print("\nValidation draw (eval.py --test-seed 2): the mean of " + ", ".join(six) + "\n")
+print("| run | " + " | ".join(six) + " | mean | vqa/acc |")
+print("|---|" + "---:|" * (len(six) + 2))
 for r in runs:
     v = val[r]
-    print(f"| {r} | " + " | ".join(f"{v[k]:.3f}" for k in keys) + f" | {sum(v[k] for k in keys) / len(keys):.3f} | "
-          f"{v['vqa/acc']:.3f} |")
-mean6 = lambda v: sum(v[k] for k in keys) / len(keys)
+    print(f"| {r} | " + " | ".join(f"{v[k]:.3f}" for k in six) + f" | {mean6(v):.3f} | {v['vqa/acc']:.3f} |")
 print("\nValidation draw, three seeds (--seed 0 / 1 / 2): the mean of the six\n")
-for r in ["unified", "lam_c1_s0.03", "lam_c3_s1", "lam_c1_s0.1", "unified_nostruct"]:
+for r in ["unified"] + top + ["unified_nostruct"]:
     v = [mean6(json.load(open(f"{out}/val/{n}.json"))) for n in (r, r + "_s1", r + "_s2")]
     print(f"{r}: " + " / ".join(f"{x:.3f}" for x in v) + f", mean {sum(v) / 3:.3f}")
 # three seeds (0 = the runs above, 1 and 2 = NAME_s1, NAME_s2): mean and sample standard deviation
 seeded = ["generative", "vladva", "sugar", "unified_nostruct", "unified"]
 runs = {r: [json.load(open(f"{out}/{n}.json")) for n in (r, r + "_s1", r + "_s2")] for r in seeded}
-keys += ["interleaved/r1", "rag/acc", "vqa/acc", "vqa/count", "vqa/relation", "pope/acc"]
+keys = six + ["interleaved/r1", "rag/acc", "vqa/acc", "vqa/count", "vqa/relation", "pope/acc"]
 def mean_sd(v):
     mu = sum(v) / len(v)
     return f"{mu:.3f} ± {(sum((x - mu) ** 2 for x in v) / (len(v) - 1)) ** 0.5:.3f}"
