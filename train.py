@@ -99,7 +99,9 @@ def trainable_patterns(ft: "FinetuneArgs") -> list[str]:
 #   default decoder has 64 outputs (2 KV heads x 32); alpha / r = 2 as the paper: the update's scale is kept.
 # - lr: both papers use 1e-4 over thousands of steps (VladVA: 8.1M samples at batch 1024, ~8k steps); our
 #   fine-tuning has 200. Adam moves each weight about lr per step, so 1e-4 x 200 steps moves a zero-init
-#   LoRA B at most 0.02 where the papers' runs allow ~0.8: we scale the lr by 10 to 1e-3, for every method.
+#   LoRA B at most 0.02 where the papers' runs allow ~0.8. We use 2e-3 for every method: unified at 1e-3,
+#   2e-3 and 3e-3 on the validation draw (below) gave a mean of the six discriminative figures of 0.405,
+#   0.447 and 0.446, with vqa/acc and pope/acc within 0.003 (README, "The loss weights").
 # - adapt: VladVA trains soft prompts + LoRA; Sugar has no soft prompts (LoRA + its retrieval projector), so
 #   its image prompt stays the frozen handcrafted prompt it was initialised from.
 # - lambda_contrastive, lambda_structure: neither paper gives loss weights. vladva and sugar 1 (each has one
@@ -114,13 +116,13 @@ def trainable_patterns(ft: "FinetuneArgs") -> list[str]:
 LORA_ALL = r"llm\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 LORA_QV = r"llm\.layers\.\d+\.self_attn\.(q|v)_proj"
 RECIPES: dict[str, dict[str, Any]] = {
-    "generative": dict(lora_targets=LORA_ALL, lora_r=16, lora_alpha=16.0, finetune_lr=1e-3, adapt="lora",
+    "generative": dict(lora_targets=LORA_ALL, lora_r=16, lora_alpha=16.0, finetune_lr=2e-3, adapt="lora",
                        lambda_contrastive=1.0, lambda_structure=1.0),
-    "vladva": dict(lora_targets=LORA_ALL, lora_r=16, lora_alpha=16.0, finetune_lr=1e-3, adapt="both",
+    "vladva": dict(lora_targets=LORA_ALL, lora_r=16, lora_alpha=16.0, finetune_lr=2e-3, adapt="both",
                    lambda_contrastive=1.0, lambda_structure=1.0),
-    "sugar": dict(lora_targets=LORA_QV, lora_r=64, lora_alpha=128.0, finetune_lr=1e-3, adapt="lora",
+    "sugar": dict(lora_targets=LORA_QV, lora_r=64, lora_alpha=128.0, finetune_lr=2e-3, adapt="lora",
                   lambda_contrastive=1.0, lambda_structure=1.0),
-    "unified": dict(lora_targets=LORA_ALL, lora_r=16, lora_alpha=16.0, finetune_lr=1e-3, adapt="both",
+    "unified": dict(lora_targets=LORA_ALL, lora_r=16, lora_alpha=16.0, finetune_lr=2e-3, adapt="both",
                     lambda_contrastive=1.0, lambda_structure=0.3),
 }
 RECIPE = {"help": "default: the --method's recipe (train.RECIPES)"}
