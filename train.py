@@ -100,8 +100,8 @@ def trainable_patterns(ft: "FinetuneArgs") -> list[str]:
 # - lr: both papers use 1e-4 over thousands of steps (VladVA: 8.1M samples at batch 1024, ~8k steps); our
 #   fine-tuning has 200. Adam moves each weight about lr per step, so 1e-4 x 200 steps moves a zero-init
 #   LoRA B at most 0.02 where the papers' runs allow ~0.8. We use 2e-3 for every method: unified at 1e-3,
-#   2e-3 and 3e-3 on the validation draw (below) gave a mean of the six discriminative figures of 0.405,
-#   0.447 and 0.446, with vqa/acc and pope/acc within 0.003 (README, "The loss weights").
+#   2e-3 and 3e-3 scored 0.405, 0.447 and 0.446 on the validation draw (the mean of the six discriminative
+#   figures, see lambda below), vqa/acc and pope/acc within 0.005 (README, "The learning rate").
 # - adapt: VladVA trains soft prompts + LoRA; Sugar has no soft prompts (LoRA + its retrieval projector), so
 #   its image prompt stays the frozen handcrafted prompt it was initialised from.
 # - lambda_contrastive, lambda_structure: neither paper gives loss weights. vladva and sugar 1 (each has one
