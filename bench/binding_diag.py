@@ -3,7 +3,8 @@ Stage 0 and stage 1 of train.py at the default size (train.py's distillation bet
 pre-training stream), one variant switched on by a flag, then every --eval-every steps the teacher-forced
 accuracy per question type (the argmax token after "answer:") on 150 test scenes of the built-in world.
 Stage 1 is the full mix alone unless --lookup-steps opens it (with the two lookup questions only; train.py's
-opening also holds the RAG samples). The instrument behind the README's "A model that sees", items 6 and 7.
+opening also holds the RAG samples). The instrument behind the README's "A model that sees", items 6-8 and
+10.
 A sibling of bench/grounding_diag.py, which measured the earlier items with AdamW's default betas and
 ungrouped batches.
 
@@ -38,16 +39,25 @@ ungrouped batches.
                   <colour> <shape>?" about a scene written out as "the small red square is called pevofu. ...",
                   a fresh made-up name per object and sample (scored on the name's first token), alone; 6 the
                   same with only the asked object's sentence in context (one name: copying needs no lookup)
+  --rel-steps N   a two-part opening: --lookup-steps steps of the two lookup questions alone, then N steps of
+                  the --lookup-rel lookups, then the mix
+  --restart-lr 1  the opening and the mix each get their own warm-up and cosine (default: one over both)
   --text-context 1  with --lookup-rel 2 or 4: the lookups (and the evaluation) read the scene from text, not
                   the image: the long caption's object sentences ("a small red square at the top left. ..."), so
                   every cell is written out and nothing needs to be read off an image token
   --img-pos S     a learned embedding per image-token slot (init N(0, S^2)) added to the adapter's output
+  --img-pos2d S   learned row and column embeddings (init N(0, S^2)) added to the adapter's output: the token
+                  of cell (r, c) gets row[r] + col[c]
   --pos-words S   S times the sum of the LLM's input embeddings of a cell's words (" top", " left") added to
                   the adapter's output at that cell's image token: the token holds its cell in the very
                   vectors the answer words are
   --ckpt PATH     only this: a trained checkpoint teacher-forced on 150 test scenes' long captions, the
                   accuracy of the cell word after "a small yellow square at the" (its first word) and of the
                   shape word after "a small yellow"
+  --oracle-tokens S  the image tokens replaced by the scene graph's own cells, no vision tower: each token the
+                  sum of learned embeddings (init N(0, S^2)) of its row, its column and its object's colour,
+                  shape and size (or "empty"), so every attribute, the cell included, is one clean vector; how
+                  fast the LLM learns a lookup when the tokens are perfect
   --qk-std S      the LLM's query / key projections re-drawn from N(0, S^2): 0.02 is the init every run of
                   item 6 had (Hugging Face's initializer_range); default 0: the model's own, N(0, 1/d_in)
 
@@ -86,10 +96,14 @@ p.add_argument('--qk-std', type=float, default=0.0)
 p.add_argument('--probe', type=int, default=0)
 p.add_argument('--lookup-steps', type=int, default=0)
 p.add_argument('--lookup-rel', type=int, default=0)
+p.add_argument('--rel-steps', type=int, default=0)
+p.add_argument('--restart-lr', type=int, default=0)
 p.add_argument('--img-pos', type=float, default=0.0)
+p.add_argument('--img-pos2d', type=float, default=0.0)
 p.add_argument('--text-context', type=int, default=0)
 p.add_argument('--pos-words', type=float, default=0.0)
 p.add_argument('--ckpt', default='')
+p.add_argument('--oracle-tokens', type=float, default=0.0)
 a = p.parse_args()
 if a.text_context and a.lookup_rel not in (2, 4, 5, 6):
     p.error('--text-context reads the relation and "where" lookups from text: give --lookup-rel 2, 4, 5 or 6')
@@ -190,6 +204,17 @@ if a.img_pos:  # a learned embedding per image-token slot, added to the adapter'
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.inner(x) + self.pos
     model.adapter = PosAdapter(model.adapter)
+if a.img_pos2d:  # factorised 2D position: row[r] + col[c] on the token of cell (r, c)
+    class Pos2dAdapter(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+            self.row = torch.nn.Parameter(torch.randn(data.GRID, 1, cfg.model.llm_width) * a.img_pos2d)
+            self.col = torch.nn.Parameter(torch.randn(1, data.GRID, cfg.model.llm_width) * a.img_pos2d)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.inner(x) + (self.row + self.col).flatten(0, 1)
+    model.adapter = Pos2dAdapter(model.adapter)
 if a.pos_words:  # each image token plus the input embeddings of its cell's words (tied to the output ones)
     class WordPosAdapter(torch.nn.Module):
         def __init__(self, inner: torch.nn.Module) -> None:
@@ -202,6 +227,37 @@ if a.pos_words:  # each image token plus the input embeddings of its cell's word
             emb = model.llm.embed_tokens.weight
             return self.inner(x) + a.pos_words * torch.stack([emb[ids].sum(0) for ids in self.cells])
     model.adapter = WordPosAdapter(model.adapter)
+if a.oracle_tokens:  # the scene graph's cells as tokens (the images of every scene used are looked up)
+    graphs = {s.image.numpy().tobytes(): s.graph for s in scenes + test.scenes}
+
+    class OracleTokens(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            d, n = cfg.model.llm_width, data.GRID
+            sizes = {'row': n, 'col': n, 'colour': len(data.COLOURS), 'shape': len(data.SHAPES) + 1, 'size': 2}
+            self.emb = torch.nn.ParameterDict({k: torch.nn.Parameter(torch.randn(v, d) * a.oracle_tokens)
+                                               for k, v in sizes.items()})  # shape's last row: "empty"
+
+        def forward(self, images: torch.Tensor) -> torch.Tensor:
+            out = []
+            for img in images:
+                cells = {(o.row, o.col): o for o in graphs[img.numpy().tobytes()].objects}
+                toks = []
+                for r in range(data.GRID):
+                    for c in range(data.GRID):
+                        t = self.emb['row'][r] + self.emb['col'][c]
+                        o = cells.get((r, c))
+                        if o is None:
+                            t = t + self.emb['shape'][len(data.SHAPES)]
+                        else:
+                            t = (t + self.emb['colour'][list(data.COLOURS).index(o.colour)]
+                                 + self.emb['shape'][data.SHAPES.index(o.shape)]
+                                 + self.emb['size'][int(o.size == 'large')])
+                        toks.append(t)
+                out.append(torch.stack(toks))
+            return torch.stack(out)  # (N, 9, D)
+    model.oracle = OracleTokens()
+    object.__setattr__(model, 'image_tokens', model.oracle)  # instance attribute: shadows the method
 T.pretrain_trainable(model, vision_frozen=False)
 imgs = torch.stack([s.image for s in scenes])
 tgt = torch.stack([s.cross_image for s in scenes])
@@ -292,6 +348,7 @@ def context(s: data.Scene) -> data.Segment:
 
 # data.lookup_samples' questions (train.py's opening also holds the RAG samples, which start with text)
 lookups = [x for x in corpus.lookup if x.segments[0].kind == 'image']
+two = list(lookups)  # the two lookup questions: --rel-steps' first part
 def named(s: data.Scene, rng: random.Random, split: str) -> list[tuple[data.Segment, str, str]]:
     """--lookup-rel 5: the scene as "the small red square is called pevofu. ...", a fresh made-up name per
     object (the knowledge base's sentence form); (context, question, name) for each object. 6: each object's
@@ -338,8 +395,20 @@ else:
                                data.text_seg(data.format_question(q), False), data.text_seg(ans, True)])
                   for q, ans in qa[:4]]
 stream = T.Stream('pretrain', items, a.seed, data.sample_lengths(items, tok, n_img), 16)
-first = T.Stream('lookup', lookups, a.seed, data.sample_lengths(lookups, tok, n_img), 16)
-total = a.lookup_steps + a.steps
+if a.rel_steps and not a.lookup_rel:
+    p.error('--rel-steps opens with the --lookup-rel lookups: give --lookup-rel')
+parts = [(a.lookup_steps, two if a.rel_steps else lookups), (a.rel_steps, lookups)]
+parts = [(n, T.Stream('lookup', x, a.seed, data.sample_lengths(x, tok, n_img), 16)) for n, x in parts]
+total = a.lookup_steps + a.rel_steps + a.steps
+
+
+def batch_at(step: int) -> list:
+    """The opening's parts in order, then the mix."""
+    for n, part in parts:
+        if step < n:
+            return part.batch(step, 32)
+        step -= n
+    return stream.batch(step, 32)
 
 
 def evaluate(scenes: list) -> dict[str, float]:
@@ -366,9 +435,11 @@ def evaluate(scenes: list) -> dict[str, float]:
 t0 = time.time()
 for step in range(total):
     for g_ in opt.param_groups:
-        g_['lr'] = T.lr_at(step, total, a.lr, 0.03)
-    b = data.collate((first.batch(step, 32) if step < a.lookup_steps
-                       else stream.batch(step - a.lookup_steps, 32)), tok, n_img, max_len)
+        n_open = total - a.steps
+        g_['lr'] = (T.lr_at(step, total, a.lr, 0.03) if not a.restart_lr
+                    else T.lr_at(step, n_open, a.lr, 0.03) if step < n_open
+                    else T.lr_at(step - n_open, a.steps, a.lr, 0.03))
+    b = data.collate(batch_at(step), tok, n_img, max_len)
     logits, _ = model(b['input_ids'], b['images'])
     if a.loss == 'token':
         s, c = T.ntp_sum(logits, b['labels'])
