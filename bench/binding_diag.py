@@ -57,7 +57,7 @@ ungrouped batches.
   --oracle-tokens S  the image tokens replaced by the scene graph's own cells, no vision tower: each token the
                   sum of learned embeddings (init N(0, S^2)) of its row, its column and its object's colour,
                   shape and size (or "empty"), so every attribute, the cell included, is one clean vector; how
-                  fast the LLM learns a lookup when the tokens are perfect
+                  fast the LLM learns a lookup when the tokens are perfect (with --mix lookup only)
   --qk-std S      the LLM's query / key projections re-drawn from N(0, S^2): 0.02 is the init every run of
                   item 6 had (Hugging Face's initializer_range); default 0: the model's own, N(0, 1/d_in)
 
@@ -107,6 +107,9 @@ p.add_argument('--oracle-tokens', type=float, default=0.0)
 a = p.parse_args()
 if a.text_context and a.lookup_rel not in (2, 4, 5, 6):
     p.error('--text-context reads the relation and "where" lookups from text: give --lookup-rel 2, 4, 5 or 6')
+if a.oracle_tokens and a.mix != 'lookup':
+    p.error("--oracle-tokens needs --mix lookup: the mix's stories and knowledge-base images have no scene "
+            "graph here")
 if a.lookup_rel in (5, 6) and not (a.text_context and a.mix == 'lookup'):
     p.error('--lookup-rel 5 and 6 (names read from text) need --text-context 1 --mix lookup')
 torch.set_num_threads(a.threads)
