@@ -107,6 +107,8 @@ p.add_argument('--oracle-tokens', type=float, default=0.0)
 a = p.parse_args()
 if a.text_context and a.lookup_rel not in (2, 4, 5, 6):
     p.error('--text-context reads the relation and "where" lookups from text: give --lookup-rel 2, 4, 5 or 6')
+if a.rel_steps and not a.lookup_rel:
+    p.error('--rel-steps opens with the --lookup-rel lookups: give --lookup-rel')
 if a.oracle_tokens and a.mix != 'lookup':
     p.error("--oracle-tokens needs --mix lookup: the mix's stories and knowledge-base images have no scene "
             "graph here")
@@ -398,11 +400,10 @@ else:
                                data.text_seg(data.format_question(q), False), data.text_seg(ans, True)])
                   for q, ans in qa[:4]]
 stream = T.Stream('pretrain', items, a.seed, data.sample_lengths(items, tok, n_img), 16)
-if a.rel_steps and not a.lookup_rel:
-    p.error('--rel-steps opens with the --lookup-rel lookups: give --lookup-rel')
 parts = [(a.lookup_steps, two if a.rel_steps else lookups), (a.rel_steps, lookups)]
 parts = [(n, T.Stream('lookup', x, a.seed, data.sample_lengths(x, tok, n_img), 16)) for n, x in parts]
-total = a.lookup_steps + a.rel_steps + a.steps
+n_open = a.lookup_steps + a.rel_steps
+total = n_open + a.steps
 
 
 def batch_at(step: int) -> list:
@@ -437,11 +438,11 @@ def evaluate(scenes: list) -> dict[str, float]:
 
 t0 = time.time()
 for step in range(total):
+    lr = (T.lr_at(step, total, a.lr, 0.03) if not a.restart_lr
+          else T.lr_at(step, n_open, a.lr, 0.03) if step < n_open
+          else T.lr_at(step - n_open, a.steps, a.lr, 0.03))
     for g_ in opt.param_groups:
-        n_open = total - a.steps
-        g_['lr'] = (T.lr_at(step, total, a.lr, 0.03) if not a.restart_lr
-                    else T.lr_at(step, n_open, a.lr, 0.03) if step < n_open
-                    else T.lr_at(step - n_open, a.steps, a.lr, 0.03))
+        g_['lr'] = lr
     b = data.collate(batch_at(step), tok, n_img, max_len)
     logits, _ = model(b['input_ids'], b['images'])
     if a.loss == 'token':
