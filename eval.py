@@ -430,6 +430,11 @@ def eval_vqa_pope(world: data.World, model: MLLM, tok: data.Tokenizer, device: t
     for kind in ("count", "colour", "shape", "size", "relation"):
         idx = [k for k, (_, q, _) in enumerate(vqa) if question_type(q) == kind]
         out[f"vqa/{kind}"] = exact_match([answers[k] for k in idx], [vqa[k][2] for k in idx])
+    # relations per axis: a model that reads the cells along one axis only answers that axis's questions
+    for axis, asks in (("left_right", "left or right of"), ("above_below", "above or below")):
+        idx = [k for k, (_, q, _) in enumerate(vqa) if asks in q]
+        if idx:
+            out[f"vqa/relation_{axis}"] = exact_match([answers[k] for k in idx], [vqa[k][2] for k in idx])
     out.update({f"pope/{k}": v for k, v in yes_no_metrics(answers[len(vqa):], [a for *_, a in pope]).items()})
     return out
 

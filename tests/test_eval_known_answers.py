@@ -88,6 +88,48 @@ def test_a_generator_that_reads_the_scene_scores_vqa_and_pope_one(world):
 
     got = E.eval_vqa_pope(world, SceneReader(), tok, torch.device("cpu"), 16)
     assert got["vqa/acc"] == 1.0 and got["pope/acc"] == 1.0, got
+    assert got["vqa/relation_left_right"] == got["vqa/relation_above_below"] == 1.0, got
+
+
+def test_a_generator_that_reads_one_axis_scores_it_alone(world):
+    """Right about left / right, always "above" when asked above or below: the per-axis relation scores are 1
+    and the share of "above" among the vertical questions, counted here off the scene graphs."""
+    relations = [(s.image, q) for s in world.scenes for q, _ in s.vqa if q.startswith("is the ")]
+    texts = [data.format_question(q) + " " + a for s in world.scenes for q, a in s.vqa + s.pope]
+    tok = data.train_tokenizer(texts + ["answer: above"], 400)
+    colours, shapes = "|".join(data.COLOURS), "|".join(data.SHAPES)
+    pattern = re.compile(rf"question: is the ({colours}) ({shapes}) (left or right of|above or below) "
+                         rf"the ({colours}) ({shapes})\? answer:")
+    graphs = {s.image.numpy().tobytes(): s.graph for s in world.scenes}
+    above, vertical = 0, 0
+
+    class OneAxis:
+        n_image_tokens = 4
+        cfg = SimpleNamespace(llm=SimpleNamespace(max_seq_len=128))
+
+        def generate(self, ids, images, max_new_tokens, eos_id):
+            rows = []
+            for row, image in zip(ids.tolist(), images):
+                m = pattern.fullmatch(tok.decode([t for t in row if t != tok.image_id]).strip())
+                if m is None:  # not a relation
+                    rows.append([eos_id])
+                    continue
+                g = graphs[image.numpy().tobytes()]
+                a, b = g.find(m[1], m[2]), g.find(m[4], m[5])
+                said = ("left" if a.col < b.col else "right") if m[3].startswith("left") else "above"
+                rows.append(tok.encode(" " + said) + [eos_id])
+            width = max(map(len, rows))
+            return torch.tensor([r + [eos_id] * (width - len(r)) for r in rows])
+
+    for image, q in relations:
+        if "above or below" in q:
+            m = pattern.fullmatch(data.format_question(q))
+            g = graphs[image.numpy().tobytes()]
+            vertical += 1
+            above += g.find(m[1], m[2]).row < g.find(m[4], m[5]).row
+    got = E.eval_vqa_pope(world, OneAxis(), tok, torch.device("cpu"), 16)
+    assert vertical > 0 and 0 < above < vertical
+    assert got["vqa/relation_left_right"] == 1.0 and got["vqa/relation_above_below"] == above / vertical, got
 
 
 # ---- RAG: a stand-in copies names out of the knowledge-base entries a set ranking retrieves ----
