@@ -18,6 +18,7 @@ Metrics (the JSON keys):
                                   the file's images, document_queries)
   vqa/acc, vqa/<type>             exact match of the generated answer after normalize_answer (all; count,
                                   colour, shape, size, relation questions, or a LLaVA file's "type")
+  vqa/relation_{left_right,above_below}   the built-in world's relation questions per axis
   pope/{acc,precision,recall,f1,yes_ratio}   object-existence yes/no questions (POPE, Li et al., EMNLP 2023)
   rag/acc, rag/acc_without_retrieval   name questions about test objects whose names never occur in training:
                                   answered with the top-k knowledge-base entries that the model's own
