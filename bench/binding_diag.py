@@ -401,7 +401,7 @@ else:
                   for q, ans in qa[:4]]
 stream = T.Stream('pretrain', items, a.seed, data.sample_lengths(items, tok, n_img), 16)
 parts = [(a.lookup_steps, two if a.rel_steps else lookups), (a.rel_steps, lookups)]
-parts = [(n, T.Stream('lookup', x, a.seed, data.sample_lengths(x, tok, n_img), 16)) for n, x in parts]
+parts = [(n, T.Stream('lookup', x, a.seed, data.sample_lengths(x, tok, n_img), 16)) for n, x in parts if n]
 n_open = a.lookup_steps + a.rel_steps
 total = n_open + a.steps
 
