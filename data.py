@@ -978,7 +978,8 @@ def world_texts(world: World) -> list[str]:
     out: list[str] = []
     for s in world.scenes:
         out += [s.short_caption, s.long_caption, *s.negatives.values()]
-        out += [f"{format_question(q)} {a}" for q, a in s.vqa + s.pope]  # as collate joins the two segments
+        out += [f"{format_question(q)} {a}"  # as collate joins the two segments
+                for q, a in s.vqa + s.pope + where_questions(s.graph)]
     for st in world.stories:
         out += [f.sentence for f in st.frames]
     for w in world.winoground:
@@ -1050,6 +1051,35 @@ def lookup_samples(world: World) -> list[Sample]:
     return [Sample([image_seg(s.image, s.uni_image, s.cross_image), text_seg(format_question(q), False),
                     text_seg(a, True)])
             for s in world.scenes for q, a in s.vqa if q.startswith(("what colour is", "what shape is"))]
+
+
+def where_questions(graph: SceneGraph) -> list[tuple[str, str]]:
+    """For each object, "which row is the <colour> <shape> in?" (top / center / bottom) and "which column is
+    the <colour> <shape> in?" (left / center / right): training questions (`where_samples`), not among the VQA
+    questions eval.py scores. One question per axis, so that each axis is a one-word answer of its own: asked
+    "where is the red square?" instead (answer "top left", the row's word first in six cells of nine), the
+    model learned the vertical relations (above / below 0.97) and left / right stayed at chance (0.58; README,
+    "A model that sees", item 10). Our choice."""
+    rows, cols = ("top", "center", "bottom"), ("left", "center", "right")
+    return [qa for o in graph.objects for qa in ((f"which row is the {o.colour} {o.shape} in?", rows[o.row]),
+                                                 (f"which column is the {o.colour} {o.shape} in?", cols[o.col]))]
+
+
+def where_samples(world: World) -> list[Sample]:
+    """[image] question answer, one question per sample: the two `where_questions` of each object, the scene's
+    relation questions ("is the red square left or right of the blue circle?") twice, and its size questions.
+    train.py's opening adds them to `lookup_samples` in its second part (`--where-steps`). A relation needs both
+    objects' cells, and the LLM learns to compare two cells only once it reads one: asked the relations alone
+    it does not within 3,000 steps; the relations twice over raise their share of the part to about a third
+    and were learned sooner; the size questions keep the one lookup the mix teaches late (without them size
+    fell to 0.54-0.89 in five pre-trainings of six). README, "A model that sees", item 10. Our choice."""
+    out = []
+    for s in world.scenes:
+        relations = [(q, a) for q, a in s.vqa if q.startswith("is the ")]
+        sizes = [(q, a) for q, a in s.vqa if q.startswith("what size is")]
+        out += [Sample([image_seg(s.image, s.uni_image, s.cross_image), text_seg(format_question(q), False),
+                        text_seg(a, True)]) for q, a in where_questions(s.graph) + relations * 2 + sizes]
+    return out
 
 
 def kb_pairs(kb: KB, image_size: int) -> list[Scene]:

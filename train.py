@@ -2,7 +2,8 @@
 train.py — the one training entry point of unimllm: stage 0 distils the vision tower from the teacher's
 image features (`distil_vision`, our stand-in for starting from CLIP), stage 1 is generative pre-training of a
 small MLLM from scratch with the tower frozen (LLaVA-style; it opens with lookup questions and RAG copies
-alone, `lookup_steps`), stage 2 unified fine-tuning with LoRA + soft prompts + Sugar's retrieval projector.
+alone, then adds questions on each object's row and column, relations and sizes, `opening`), stage 2 unified
+fine-tuning with LoRA + soft prompts + Sugar's retrieval projector.
 
 Fine-tuning objective:
     L = lambda_ntp * L_ntp + lambda_c * L_contrastive + lambda_s * L_structure
@@ -170,6 +171,7 @@ class PretrainArgs:
     vision_batch: int = 64          # images per stage-0 step
     vision_lr: float = 1e-3
     lookup_steps: int = 800         # stage 1 opens with N steps of lookups + RAG copies (built-in world)
+    where_steps: int = 2000         # then N steps of the same + row / column, relation and size questions
     pretrain_steps: int = 1750      # then N steps of the full mix (one warm-up + cosine over both)
     pretrain_batch: int = 32        # global sequences per step
     pretrain_lr: float = 6e-4       # peak lr (1e-3, 1.5e-3: colour, shape at chance after 400 steps; README)
@@ -231,7 +233,7 @@ class TrainConfig:
 # --smoke: a tiny configuration of the same code path (flags given explicitly still win)
 SMOKE = dict(vision_steps=4, vision_width=32, vision_layers=2, vision_heads=2, llm_width=64, llm_layers=2,
              llm_heads=2, llm_kv_heads=1, llm_mlp=128, vocab_size=600, proj_dim=32, n_train=48, rag_kbs=1,
-             rag_pairs=1, lookup_steps=2, pretrain_steps=6,
+             rag_pairs=1, lookup_steps=2, where_steps=2, pretrain_steps=6,
              pretrain_batch=8, finetune_steps=6, lm_batch=4, pair_batch=4, story_batch=2, log_every=2,
              ckpt_every=4)
 
@@ -275,7 +277,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 # The smallest value of each numeric flag (">" marks a strict bound); every float flag must also be finite.
 # Model sizes are checked only when the model is built from them (not with --init or --llm/--vision).
 AT_LEAST = {"n_train": 1, "rag_kbs": 1, "rag_pairs": 0, "vision_steps": 0, "vision_batch": 1, "lookup_steps": 0,
-            "pretrain_steps": 0, "pretrain_batch": 1, "finetune_steps": 0,
+            "where_steps": 0, "pretrain_steps": 0, "pretrain_batch": 1, "finetune_steps": 0,
             "lm_batch": 1, "pair_batch": 1, "story_batch": 1, "lora_r": 1, "lambda_contrastive": 0.0,
             "lambda_structure": 0.0, "gak_delta": 0.0, "grad_accum": 1, "length_group": 1, "warmup_frac": 0.0,
             "weight_decay": 0.0, "grad_clip": 0.0, "log_every": 1, "ckpt_every": 1, "stop_after": 0,
@@ -462,6 +464,7 @@ class Corpus:
     """Everything training draws from, as lists of data.py samples / pair items."""
     lm: list            # data.Sample: captions, VQA conversations, RAG (next-token)
     lookup: list        # data.Sample: lookup questions and RAG copies, stage 1's first steps (built-in world)
+    where: list         # data.Sample: the same + row / column, relation, size questions: the opening's 2nd part
     # data.Sample: [image][long caption] (pre-training only; fine-tuning sees them in pairs)
     long: list
     stories: list       # data.Sample with prefixes (interleaved)
@@ -493,7 +496,9 @@ def builtin_corpus(cfg: TrainConfig) -> Corpus:
     # every knowledge base holds the same entry images and questions (only the names differ): one set of
     # retrieval pairs, repeated --rag-pairs times among the scenes
     pairs = world.scenes + data.kb_pairs(kb_worlds[0].kb, cfg.model.image_size) * cfg.data.rag_pairs
-    return Corpus(lm=data.pretrain_samples(world) + rag, lookup=data.lookup_samples(world) + rag,
+    lookup = data.lookup_samples(world) + rag
+    return Corpus(lm=data.pretrain_samples(world) + rag, lookup=lookup,
+                  where=data.where_samples(world) + lookup,
                   long=long_caption_samples(world.scenes),
                   stories=data.story_samples(world), pairs=pairs, texts=data.world_texts(world),
                   pair_singles=True)
@@ -523,7 +528,7 @@ def file_corpus(cfg: TrainConfig) -> Corpus:
         pairs += loaded.pairs
         texts += data.data_texts(loaded)
         files.append((path, loaded))
-    return Corpus(lm=lm, lookup=[], long=long_caption_samples(pairs), stories=stories, pairs=pairs,
+    return Corpus(lm=lm, lookup=[], where=[], long=long_caption_samples(pairs), stories=stories, pairs=pairs,
                   texts=texts, pair_singles=False, files=files)
 
 
@@ -587,23 +592,29 @@ def build_streams(corpus: Corpus, seed: int, tok: data.Tokenizer, n_image_tokens
     return {"pretrain": Stream("pretrain", pre, seed, lengths, group),
             "lookup": Stream("lookup", corpus.lookup, seed,
                              data.sample_lengths(corpus.lookup, tok, n_image_tokens), group),
+            "where": Stream("where", corpus.where, seed,
+                            data.sample_lengths(corpus.where, tok, n_image_tokens), group),
             "lm": Stream("lm", corpus.lm, seed, lengths[:len(corpus.lm)], group),
             "stories": Stream("stories", corpus.stories, seed), "pairs": Stream("pairs", corpus.pairs, seed)}
 
 
-def lookup_steps(cfg: TrainConfig, streams: dict[str, Stream]) -> int:
-    """Stage 1's opening steps of lookups alone: --lookup-steps with the built-in world, 0 for --data files
-    (their conversations carry no such split). The lookups are the two single questions of
-    `data.lookup_samples` and the RAG samples (copy the name of the entry the question describes); about
-    three lookup questions to one RAG sample.
+def opening(cfg: TrainConfig, streams: dict[str, Stream]) -> list[tuple[str, int]]:
+    """Stage 1's opening, before the full mix: (stream, steps) for each part, in order. With the built-in world
+    --lookup-steps of the lookup questions of `data.lookup_samples` and the RAG samples (copy the name of the
+    entry the question describes; about three lookup questions to one RAG sample), then --where-steps of the
+    same with "which row / column is the <colour> <shape> in?", the relation questions and the size questions
+    added (`data.where_samples`); --data files have none (their conversations carry no such split).
 
     Why: a lookup ("what colour is the square?": find the image token of the object the question names, read
     another attribute off it; "what is the name of the small red triangle?": find the entry, copy its name) is
     a query-key match, which the full pre-training mix teaches late, after a number of steps that depends on
     the seed, or never (the colour-by-shape lookup, which its long captions never ask for: they put the
     colour before the shape). Trained first on short samples of these alone, they are learned in a few
-    hundred steps (README, "A model that sees", item 7). A curriculum; our choice."""
-    return cfg.pretrain.lookup_steps if streams["lookup"].items else 0
+    hundred steps (README, "A model that sees", item 7). A relation reads two objects' cells and compares
+    them: the LLM learns it once it reads one cell (row, column), within the budget only after the first
+    lookups are learned, and never in the mix (item 10). A curriculum; our choice."""
+    parts = [("lookup", cfg.pretrain.lookup_steps), ("where", cfg.pretrain.where_steps)]
+    return [(name, n if streams[name].items else 0) for name, n in parts]
 
 
 @dataclass
@@ -664,11 +675,14 @@ class Batches:
     def __call__(self, k: int) -> Batch:
         cfg, d, tok, L = self.cfg, self.d, self.tok, self.cfg.model.max_len
         n_img = self.model_cfg.vision.num_patches
-        if self.stage == "pretrain":  # the first lookup_steps steps (if the corpus has lookups), then the mix
-            n_lookup = lookup_steps(cfg, self.streams) * cfg.run.grad_accum
-            stream, j = ((self.streams["lookup"], k) if k < n_lookup
-                         else (self.streams["pretrain"], k - n_lookup))
-            items = stream.batch(j, cfg.pretrain.pretrain_batch)
+        if self.stage == "pretrain":  # the opening's parts in order (built-in world), then the mix
+            name, j = "pretrain", k
+            for part, n in opening(cfg, self.streams):
+                if j < n * cfg.run.grad_accum:
+                    name = part
+                    break
+                j -= n * cfg.run.grad_accum
+            items = self.streams[name].batch(j, cfg.pretrain.pretrain_batch)
             lm = data.collate(shard(items, cfg.pretrain.pretrain_batch, d), tok, n_img, L)
             return Batch(lm=lm, n_sequences=lm["input_ids"].shape[0])
         ft, obj, out = cfg.finetune, self.objective, Batch()
@@ -1005,11 +1019,18 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> to
 @dataclass
 class Stage:
     """One stage's fixed settings: which, how many steps, the peak lr, and the LoRA recipe stored with
-    checkpoints."""
+    checkpoints; `restart` > 0 splits the lr schedule in two (pre-training: the opening, then the mix): the
+    first `restart` steps warm up and stay at the peak, the rest is a warm-up and cosine of its own."""
     name: str
     total: int
     peak_lr: float
     lora: dict[str, Any] | None
+    restart: int = 0
+
+    def lr(self, step: int, warmup_frac: float) -> float:
+        if step < self.restart:
+            return self.peak_lr * min(1.0, (step + 1) / max(1, round(self.restart * warmup_frac)))
+        return lr_at(step - self.restart, self.total - self.restart, self.peak_lr, warmup_frac)
 
 
 class StepLog:
@@ -1084,7 +1105,7 @@ def train_stage(stage: Stage, model: MLLM, opt: torch.optim.Optimizer, batches: 
         bar = tqdm(range(start, end), stage.name, disable=not d.main, dynamic_ncols=True, file=sys.stderr)
         for step in bar:
             t0 = time.perf_counter()
-            lr = lr_at(step, stage.total, stage.peak_lr, run.warmup_frac)
+            lr = stage.lr(step, run.warmup_frac)
             for group in opt.param_groups:
                 group["lr"] = lr
             micro_terms, t_wait = [], time.perf_counter()
@@ -1219,8 +1240,12 @@ def train(cfg: TrainConfig, d: Dist) -> TrainResult:
         start = 0
         if resume is not None:
             start = restore(resume, model, opt, history)
-        stage = Stage("pretrain", lookup_steps(cfg, streams) + cfg.pretrain.pretrain_steps,
-                      cfg.pretrain.pretrain_lr, None)
+        n_open = sum(n for _, n in opening(cfg, streams))
+        # the opening holds the peak lr and the mix starts a schedule of its own: under one cosine over both
+        # the mix would start at about half the peak after the opening and then not learn count, size and POPE;
+        # a cosine over the opening alone slows its relation lookups (README, "A model that sees", item 10)
+        stage = Stage("pretrain", n_open + cfg.pretrain.pretrain_steps, cfg.pretrain.pretrain_lr, None,
+                      restart=n_open)
         if not train_stage(stage, model, opt, batches("pretrain", model), history, start, start + stop):
             return TrainResult(model, history, False)
         stop -= stage.total - start

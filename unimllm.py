@@ -576,6 +576,15 @@ class MLLM(nn.Module):
         d, k = cfg.llm.hidden_size, cfg.n_soft_tokens
         self.vision = VisionEncoder(cfg.vision)
         self.adapter = Adapter(cfg.vision.hidden_size, d)
+        # where each image token sits, as content: learned row and column embeddings added to the adapter's
+        # output (the token of patch (r, c) gets image_row[r] + image_col[c]). RoPE puts position into the
+        # attention scores only, never into what a head reads, so without them a token's place on the grid
+        # reaches the LLM only as far as the tower's features keep it, and "is the red square left or right
+        # of the blue circle?" has nothing to read (README, "A model that sees", item 10). Our choice, not
+        # LLaVA's.
+        side = cfg.vision.image_size // cfg.vision.patch_size
+        self.image_row = nn.Parameter(torch.randn(side, d) * 0.1)
+        self.image_col = nn.Parameter(torch.randn(side, d) * 0.1)
         self.llm = LLM(cfg.llm)
         # VladVA soft prompts; random until init_soft_prompts copies a handcrafted prompt's embeddings into
         # them
@@ -601,8 +610,9 @@ class MLLM(nn.Module):
         return feats[:, 1:] if self.cfg.vision.use_cls else feats
 
     def image_tokens(self, images: Tensor) -> Tensor:
-        """images (N, 3, H, W) -> adapter tokens (N, P, D)."""
-        return self.adapter(self.vision_features(images))
+        """images (N, 3, H, W) -> adapter tokens plus their row and column embeddings (N, P, D)."""
+        where = (self.image_row[:, None] + self.image_col[None, :]).flatten(0, 1)  # (P, D), row-major
+        return self.adapter(self.vision_features(images)) + where
 
     def embed(self, input_ids: Tensor, images: Tensor | None = None) -> Tensor:
         x = self.llm.embed_tokens(input_ids)  # (B, T, D)

@@ -107,6 +107,9 @@ def answer_of(q: str, objs) -> str:
         hits = [r for r in opts if holds(a, r, b)]
         assert len(hits) == 1, q
         return hits[0]
+    if m := re.fullmatch(rf"which (row|column) is the ({C}) ({S}) in\?", q):
+        o = [o for o in objs if (o.colour, o.shape) == (m[2], m[3])][0]
+        return ("top", "center", "bottom")[o.row] if m[1] == "row" else ("left", "center", "right")[o.col]
     if m := re.fullmatch(rf"is there a ({C}) ({S}) in the image\?", q):
         return "yes" if any((o.colour, o.shape) == (m[1], m[2]) for o in objs) else "no"
     raise AssertionError(f"unknown question {q!r}")
@@ -202,6 +205,29 @@ def test_lookup_samples_are_every_colour_and_shape_question_alone(seed):
                 if re.fullmatch(rf"what (colour is the ({S})|shape is the ({C}) object)\?", q)]
     assert sorted(got) == sorted(expected)
     assert len(expected) == sum(2 * len(s.graph.objects) for s in w.scenes)
+
+
+@FAST
+@given(seed=st.integers(0, 10**6))
+def test_where_samples_are_row_column_relation_twice_and_size_questions_alone(seed):
+    w = data.make_world("train", 6, seed)
+    got = []
+    for x in data.where_samples(w):
+        image, q, a = x.segments
+        assert image.kind == "image" and not q.loss and a.loss
+        m = re.fullmatch(r"question: (.+) answer:", q.text)
+        scene = [s for s in w.scenes if s.image is image.image]
+        assert m and len(scene) == 1
+        assert answer_of(m[1], scene[0].graph.objects) == a.text, m[1]
+        got.append((id(scene[0]), m[1]))
+    # per object its row and column and its size; per pair of objects one relation question, twice
+    expected = [(id(s), f"which {axis} is the {o.colour} {o.shape} in?")
+                for s in w.scenes for o in s.graph.objects for axis in ("row", "column")]
+    expected += [(id(s), q) for s in w.scenes for q, _ in s.vqa if q.startswith("what size is")]
+    expected += [(id(s), q) for s in w.scenes for q, _ in s.vqa if q.startswith("is the ")] * 2
+    assert sorted(got) == sorted(expected)
+    n = [len(s.graph.objects) for s in w.scenes]
+    assert len(expected) == sum(3 * k + k * (k - 1) for k in n)
 
 
 @FAST

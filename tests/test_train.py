@@ -95,8 +95,9 @@ def assert_close_after_adam(got: dict, want: dict, lr: float) -> None:
     assert n_off <= n / 1000, f"{n_off} of {n} weights differ beyond float32 tolerance"
 
 
-# inside pre-training's lookup steps (2, then 4 of the mix: resuming crosses into the mix), inside fine-tuning
-@pytest.mark.parametrize("stop_after", [1, 8])
+# inside pre-training's lookup steps (2, then 2 of "where", then 4 of the mix: resuming crosses into both), inside
+# fine-tuning (after the 8 of pre-training)
+@pytest.mark.parametrize("stop_after", [1, 10])
 def test_resume_equals_uninterrupted(tmp_path, stop_after):
     full = run_single(tmp_path / "full.pt")
     part = run_single(tmp_path / "part.pt", "--stop-after", str(stop_after))
@@ -108,8 +109,8 @@ def test_resume_equals_uninterrupted(tmp_path, stop_after):
     assert_same_weights(resumed.model.state_dict(), full.model.state_dict())
 
 
-def test_pretraining_opens_with_lookup_questions_and_rag_copies(tmp_path):
-    cfg = train.parse_args(SMOKE + ["--lookup-steps", "3", "--out", str(tmp_path / "x.pt")])
+def test_pretraining_opens_with_lookups_then_where_and_relations(tmp_path):
+    cfg = train.parse_args(SMOKE + ["--lookup-steps", "3", "--where-steps", "2", "--out", str(tmp_path / "x.pt")])
     corpus = train.builtin_corpus(cfg)
     tok = data.train_tokenizer(corpus.texts, cfg.model.vocab_size)
     n_img = (cfg.model.image_size // cfg.model.patch_size) ** 2
@@ -119,12 +120,25 @@ def test_pretraining_opens_with_lookup_questions_and_rag_copies(tmp_path):
                          train.model_config(cfg.model, tok), objective, True)
     lookup = (r"question: what (colour is the \w+|shape is the \w+ object)\? answer: \w+"
               r"|the ([a-z ]+) is called (\w+)\. question: what is the name of the \2\? answer: \3")
-    for k in range(8):
+    where = (r"question: (which row is the \w+ \w+ in\? answer: (top|center|bottom)"
+             r"|which column is the \w+ \w+ in\? answer: (left|center|right)"
+             r"|is the \w+ \w+ (left or right of|above or below) the \w+ \w+\? answer: (left|right|above|below)"
+             r"|what size is the \w+ \w+\? answer: (small|large))")
+    # the second part adds row / column, relation and size questions to the first's; a relation or size question
+    # can be a whole conversation in the mix too: both checked over their batches pooled
+    in_second, in_mix = [], []
+    for k in range(10):
         ids = make(k).lm["input_ids"]  # (B, T)
         texts = [tok.decode([i for i in row.tolist() if i != tok.image_id]).strip() for row in ids]
-        is_lookup = [bool(re.fullmatch(lookup, t)) for t in texts]
-        assert all(is_lookup) if k < 3 else not all(is_lookup), (k, texts)
-    assert train.lookup_steps(cfg, streams) == 3
+        if k < 3:
+            assert all(re.fullmatch(lookup, t) for t in texts), (k, texts)
+        elif k < 5:
+            assert all(re.fullmatch(f"{lookup}|{where}", t) for t in texts), (k, texts)
+            in_second += [bool(re.fullmatch(where, t)) for t in texts]
+        else:
+            in_mix += [bool(re.fullmatch(f"{lookup}|{where}", t)) for t in texts]
+    assert any(in_second) and not all(in_mix)
+    assert train.opening(cfg, streams) == [("lookup", 3), ("where", 2)]
 
 
 def test_smoke_checkpoint_evaluates(tmp_path):
@@ -158,6 +172,26 @@ def test_finetuning_after_pretraining_equals_finetuning_the_saved_base(tmp_path)
     assert a.keys() == b.keys()
     differ = [k for k in a if not torch.equal(a[k], b[k])]
     assert not differ, f"{len(differ)} of {len(a)} tensors differ, e.g. {differ[:3]}"
+
+
+@settings(max_examples=60, deadline=None)
+@given(n_open=st.integers(0, 50), n_mix=st.integers(1, 50), warm=st.sampled_from([0.0, 0.03, 0.2]))
+def test_pretraining_lr_starts_over_at_the_mix(n_open, n_mix, warm):
+    """A split schedule: the opening warms up and holds the peak, the mix is a whole warm-up + cosine of its own
+    length (written out here: linear to the peak over round(n * warm) steps, at least one, then half a cosine
+    down to 0); no opening, one schedule over all steps."""
+    def warm_up(n: int, k: int) -> float:
+        return min(1.0, (k + 1) / max(1, round(n * warm)))
+
+    def cosine(n: int) -> list[float]:
+        w = max(1, round(n * warm))
+        return [warm_up(n, k) if k < w else 0.5 * (1 + math.cos(math.pi * (k - w) / max(1, n - w)))
+                for k in range(n)]
+
+    stage = train.Stage("pretrain", n_open + n_mix, 2.0, None, restart=n_open)
+    got = [stage.lr(k, warm) for k in range(n_open + n_mix)]
+    want = [warm_up(n_open, k) for k in range(n_open)] + cosine(n_mix)
+    assert got == pytest.approx([2.0 * x for x in want], rel=1e-12, abs=1e-12)
 
 
 @settings(max_examples=40, deadline=None)
