@@ -2,7 +2,7 @@
 train.py — the one training entry point of unimllm: stage 0 distils the vision tower from the teacher's
 image features (`distil_vision`, our stand-in for starting from CLIP), stage 1 is generative pre-training of a
 small MLLM from scratch with the tower frozen (LLaVA-style; it opens with lookup questions and RAG copies
-alone, then adds questions on each object's row and column, relations and sizes, `opening`), stage 2 unified
+alone, then adds questions on each object's row and column and the relations, `opening`), stage 2 unified
 fine-tuning with LoRA + soft prompts + Sugar's retrieval projector.
 
 Fine-tuning objective:
@@ -171,8 +171,8 @@ class PretrainArgs:
     vision_batch: int = 64          # images per stage-0 step
     vision_lr: float = 1e-3
     lookup_steps: int = 800         # stage 1 opens with N steps of lookups + RAG copies (built-in world)
-    where_steps: int = 2000         # then N steps of the same + row / column, relation and size questions
-    pretrain_steps: int = 1750      # then N steps of the full mix (one warm-up + cosine over both)
+    where_steps: int = 4000         # then N steps of the same + row / column and relation questions
+    pretrain_steps: int = 2750      # then N steps of the full mix (a warm-up + cosine of its own)
     pretrain_batch: int = 32        # global sequences per step
     pretrain_lr: float = 6e-4       # peak lr (1e-3, 1.5e-3: colour, shape at chance after 400 steps; README)
 
@@ -464,7 +464,7 @@ class Corpus:
     """Everything training draws from, as lists of data.py samples / pair items."""
     lm: list            # data.Sample: captions, VQA conversations, RAG (next-token)
     lookup: list        # data.Sample: lookup questions and RAG copies, stage 1's first steps (built-in world)
-    where: list         # data.Sample: the same + row / column, relation, size questions: the opening's 2nd part
+    where: list         # data.Sample: the same + row / column and relation questions: the opening's 2nd part
     # data.Sample: [image][long caption] (pre-training only; fine-tuning sees them in pairs)
     long: list
     stories: list       # data.Sample with prefixes (interleaved)
@@ -602,8 +602,8 @@ def opening(cfg: TrainConfig, streams: dict[str, Stream]) -> list[tuple[str, int
     """Stage 1's opening, before the full mix: (stream, steps) for each part, in order. With the built-in world
     --lookup-steps of the lookup questions of `data.lookup_samples` and the RAG samples (copy the name of the
     entry the question describes; about three lookup questions to one RAG sample), then --where-steps of the
-    same with "which row / column is the <colour> <shape> in?", the relation questions and the size questions
-    added (`data.where_samples`); --data files have none (their conversations carry no such split).
+    same with "which row / column is the <colour> <shape> in?" and the relation questions added
+    (`data.where_samples`); --data files have none (their conversations carry no such split).
 
     Why: a lookup ("what colour is the square?": find the image token of the object the question names, read
     another attribute off it; "what is the name of the small red triangle?": find the entry, copy its name) is
