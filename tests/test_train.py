@@ -122,10 +122,9 @@ def test_pretraining_opens_with_lookups_then_where_and_relations(tmp_path):
               r"|the ([a-z ]+) is called (\w+)\. question: what is the name of the \2\? answer: \3")
     where = (r"question: (which row is the \w+ \w+ in\? answer: (top|center|bottom)"
              r"|which column is the \w+ \w+ in\? answer: (left|center|right)"
-             r"|is the \w+ \w+ (left or right of|above or below) the \w+ \w+\? answer: (left|right|above|below)"
-             r"|what size is the \w+ \w+\? answer: (small|large))")
-    # the second part adds row / column, relation and size questions to the first's; a relation or size question
-    # can be a whole conversation in the mix too: both checked over their batches pooled
+             r"|is the \w+ \w+ (left or right of|above or below) the \w+ \w+\? answer: (left|right|above|below))")
+    # the second part adds row / column and relation questions to the first's; a relation question can be a
+    # whole conversation in the mix too: both checked over their batches pooled
     in_second, in_mix = [], []
     for k in range(10):
         ids = make(k).lm["input_ids"]  # (B, T)
