@@ -180,7 +180,7 @@ class PretrainArgs:
 @dataclass
 class FinetuneArgs:
     method: str = "unified"         # generative | vladva | sugar | unified: which fine-tuning losses
-    finetune_steps: int = 200       # what the 15-minute default run affords (README: 100 against 200 steps)
+    finetune_steps: int = 200       # README, "Fine-tuning length": 100 against 200 and 400 steps
     lm_batch: int = 16              # global caption / VQA / RAG sequences per step
     pair_batch: int = 32            # global image-caption pairs per step (VladVA; also Sugar's singles)
     story_batch: int = 4            # global interleaved stories per step
