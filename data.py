@@ -1058,8 +1058,8 @@ def where_questions(graph: SceneGraph) -> list[tuple[str, str]]:
     the <colour> <shape> in?" (left / center / right): training questions (`where_samples`), not among the VQA
     questions eval.py scores. One question per axis, so that each axis is a one-word answer of its own: asked
     "where is the red square?" instead (answer "top left", the row's word first in six cells of nine), the
-    model learned the vertical relations (above / below 0.97) and left / right stayed at chance (0.58; README,
-    "A model that sees", item 10). Our choice."""
+    model learned the vertical relations (above / below 0.97) and left / right stayed at chance (0.46-0.59; README,
+    "A model that sees", item 11). Our choice."""
     rows, cols = ("top", "center", "bottom"), ("left", "center", "right")
     return [qa for o in graph.objects for qa in ((f"which row is the {o.colour} {o.shape} in?", rows[o.row]),
                                                  (f"which column is the {o.colour} {o.shape} in?", cols[o.col]))]
