@@ -1094,7 +1094,10 @@ def train_stage(stage: Stage, model: MLLM, opt: torch.optim.Optimizer, batches: 
     cfg, d = batches.cfg, batches.d
     run, out, end = cfg.run, Path(cfg.run.out), min(stage.total, stop)
     cuda = d.device.type == "cuda"
-    net = DDP(model, device_ids=[d.device.index] if cuda else None) if d.world > 1 else model
+    # a rank's pre-training micro-batch can hold no image (the RAG copies are text only): the adapter and the
+    # row / column embeddings then get no gradient on that rank, which DDP must be told to expect
+    net = (DDP(model, device_ids=[d.device.index] if cuda else None, find_unused_parameters=stage.name == "pretrain")
+           if d.world > 1 else model)
     net = torch.compile(net) if run.compile else net
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
     params = [p for p in model.parameters() if p.requires_grad]

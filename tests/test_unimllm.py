@@ -457,8 +457,8 @@ def test_embed_fills_images_and_prompts_in_order() -> None:
     for b in range(ids.shape[0]):
         for t in range(ids.shape[1]):
             i = int(ids[b, t])
-            if i == IMG:
-                want = feats[img_i, tok_i]
+            if i == IMG:  # patch tok_i of a 2x2 grid, row-major: its row's and its column's embedding added
+                want = feats[img_i, tok_i] + m.image_row[tok_i // 2] + m.image_col[tok_i % 2]
                 tok_i += 1
                 if tok_i == 4:
                     img_i, tok_i = img_i + 1, 0
