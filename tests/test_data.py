@@ -187,19 +187,26 @@ def test_captions_answers_negatives_true_false(seed, split):
             assert differs_as(cat, s.short_caption, neg), (cat, s.short_caption, neg)
 
 
-@FAST
-@given(seed=st.integers(0, 10**6))
-def test_lookup_samples_are_every_colour_and_shape_question_alone(seed):
-    w = data.make_world("train", 6, seed)
+def single_questions(w: data.World, samples: list) -> list[tuple[int, str]]:
+    """[image] question answer samples, each checked (loss on the answer only, its scene found by its image, the
+    answer right by `answer_of`) -> (scene id, question) for each."""
     got = []
-    for x in data.lookup_samples(w):
+    for x in samples:
         image, q, a = x.segments
         assert image.kind == "image" and not q.loss and a.loss
         m = re.fullmatch(r"question: (.+) answer:", q.text)
         scene = [s for s in w.scenes if s.image is image.image]
         assert m and len(scene) == 1
-        assert answer_of(m[1], scene[0].graph.objects) == a.text
+        assert answer_of(m[1], scene[0].graph.objects) == a.text, m[1]
         got.append((id(scene[0]), m[1]))
+    return got
+
+
+@FAST
+@given(seed=st.integers(0, 10**6))
+def test_lookup_samples_are_every_colour_and_shape_question_alone(seed):
+    w = data.make_world("train", 6, seed)
+    got = single_questions(w, data.lookup_samples(w))
     # every "what colour is the <shape>?" / "what shape is the <colour> object?" of every scene, once
     expected = [(id(s), q) for s in w.scenes for q, _ in s.vqa
                 if re.fullmatch(rf"what (colour is the ({S})|shape is the ({C}) object)\?", q)]
@@ -211,15 +218,7 @@ def test_lookup_samples_are_every_colour_and_shape_question_alone(seed):
 @given(seed=st.integers(0, 10**6))
 def test_where_samples_are_row_column_and_relation_questions_twice_alone(seed):
     w = data.make_world("train", 6, seed)
-    got = []
-    for x in data.where_samples(w):
-        image, q, a = x.segments
-        assert image.kind == "image" and not q.loss and a.loss
-        m = re.fullmatch(r"question: (.+) answer:", q.text)
-        scene = [s for s in w.scenes if s.image is image.image]
-        assert m and len(scene) == 1
-        assert answer_of(m[1], scene[0].graph.objects) == a.text, m[1]
-        got.append((id(scene[0]), m[1]))
+    got = single_questions(w, data.where_samples(w))
     # per object its row and its column; per pair of objects one relation question, twice
     expected = [(id(s), f"which {axis} is the {o.colour} {o.shape} in?")
                 for s in w.scenes for o in s.graph.objects for axis in ("row", "column")]
