@@ -439,9 +439,13 @@ class LLM(nn.Module):
 
     def forward(self, input_ids: Tensor | None = None, inputs_embeds: Tensor | None = None,
                 kv_cache: KVCache | None = None,
-                start_pos: int = 0, return_hidden: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+                start_pos: int = 0, return_hidden: bool = False,
+                predict: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
         """logits (B, T, V) for tokens at positions start_pos..start_pos+T-1 (earlier ones held by
-        `kv_cache`); with return_hidden also the hidden states after the final RMSNorm (B, T, D)."""
+        `kv_cache`); with return_hidden also the hidden states after the final RMSNorm (B, T, D).
+        predict (B, T) bool: the logits of those positions only, (N, V) in row-major order. Training needs
+        them at the labelled positions alone, and the vocabulary projection of every position would be about
+        a tenth of a pre-training step's matmuls."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, D)
@@ -454,22 +458,25 @@ class LLM(nn.Module):
             raise ValueError(f"positions up to {end} exceed the "
                              f"{'KV cache length' if kv_cache is not None else 'max_seq_len'} {limit}")
         positions = torch.arange(start_pos, end, device=x.device).expand(B, T)  # (B, T)
-        logits, hidden = self.run(x, positions, kv_cache, start_pos, None)
+        hidden = self.run(x, positions, kv_cache, start_pos, None)  # (B, T, D)
+        logits = self.head(hidden if predict is None else hidden[predict])  # (B, T, V) | (N, V)
         return (logits, hidden) if return_hidden else logits
 
     def run(self, x: Tensor, positions: Tensor, kv_cache: KVCache | None, start_pos: int,
-            mask: Tensor | None) -> tuple[Tensor, Tensor]:
+            mask: Tensor | None) -> Tensor:
         """The decoder on embeddings x (B, T, D) at RoPE positions (B, T), written to cache slots
-        start_pos.. ; mask (B, 1, T, start_pos + T) or None for plain causal attention."""
+        start_pos.. ; mask (B, 1, T, start_pos + T) or None for plain causal attention. Returns the hidden
+        states after the final RMSNorm (B, T, D)."""
         cos, sin = rope_cos_sin(positions, rope_inv_freq(self.cfg, x.device), x.dtype)
         for block in self.layers:
             x = block(x, cos, sin, kv_cache, start_pos, mask)
-        hidden = self.norm(x)  # (B, T, D)
+        return self.norm(x)  # (B, T, D)
+
+    def head(self, hidden: Tensor) -> Tensor:
+        """Hidden states (..., D) -> next-token logits (..., V)."""
         if self.cfg.tie_embeddings:
-            logits = F.linear(hidden, self.embed_tokens.weight)  # (B, T, V)
-        else:
-            logits = self.lm_head(hidden)  # (B, T, V)
-        return logits, hidden
+            return F.linear(hidden, self.embed_tokens.weight)
+        return self.lm_head(hidden)
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor | None = None, inputs_embeds: Tensor | None = None,
@@ -491,9 +498,8 @@ class LLM(nn.Module):
             raise ValueError(f"prompt {T} + max_new_tokens {max_new_tokens} exceeds max_seq_len "
                              f"{self.cfg.max_seq_len}")
         cache = KVCache(self.cfg, B, slots.total, x.device, x.dtype) if use_cache else None
-        logits = self.run(x, slots.positions(0, T), cache, 0, slots.mask(0, T))[0]
-        # (B, V) at each row's last prompt token
-        logits = logits[torch.arange(B, device=x.device), slots.lengths - 1]
+        hidden = self.run(x, slots.positions(0, T), cache, 0, slots.mask(0, T))  # (B, T, D)
+        logits = self.head(hidden[torch.arange(B, device=x.device), slots.lengths - 1])  # (B, V), last prompt token
         done = torch.zeros(B, dtype=torch.bool, device=x.device)
         out: list[Tensor] = []
         for step in range(max_new_tokens):
@@ -507,10 +513,10 @@ class LLM(nn.Module):
             e = self.embed_tokens(nxt[:, None]).to(x.dtype)  # (B, 1, D)
             s = T + step  # the cache slot of this token
             if cache is not None:
-                logits = self.run(e, slots.positions(s, s + 1), cache, s, slots.mask(s, s + 1))[0][:, -1]
+                logits = self.head(self.run(e, slots.positions(s, s + 1), cache, s, slots.mask(s, s + 1))[:, -1])
             else:
                 x = torch.cat([x, e], dim=1)
-                logits = self.run(x, slots.positions(0, s + 1), None, 0, slots.mask(0, s + 1))[0][:, -1]
+                logits = self.head(self.run(x, slots.positions(0, s + 1), None, 0, slots.mask(0, s + 1))[:, -1])
         return torch.stack(out, dim=1)
 
 
@@ -631,9 +637,11 @@ class MLLM(nn.Module):
         tokens = self.image_tokens(images).to(x.dtype)  # (N, P, D), row-major order = order of appearance
         return x.masked_scatter(mask[..., None], tokens)
 
-    def forward(self, input_ids: Tensor, images: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        logits, hidden = self.llm(inputs_embeds=self.embed(input_ids, images), return_hidden=True)
-        return logits, hidden
+    def forward(self, input_ids: Tensor, images: Tensor | None = None,
+                predict: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """-> logits (B, T, V), or (N, V) at the positions of `predict` (B, T) bool (LLM.forward), and the
+        hidden states after the final RMSNorm (B, T, D)."""
+        return self.llm(inputs_embeds=self.embed(input_ids, images), return_hidden=True, predict=predict)
 
     @torch.no_grad()
     def init_soft_prompts(self, image_prompt_ids: list[int], text_prompt_ids: list[int]) -> None:
@@ -768,7 +776,7 @@ class LoRALinear(nn.Linear):
         y = F.linear(x, self.weight, self.bias)
         if self.merged:
             return y
-        return y + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
+        return y + F.linear(F.linear(x, self.lora_A) * self.scale, self.lora_B)  # scaled at width r, not D
 
     @torch.no_grad()
     def merge(self) -> None:

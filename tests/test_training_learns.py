@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
@@ -61,21 +63,41 @@ def fit(model, batch: T.Batch, obj: T.Objective, steps: int, lr: float) -> list[
 
 
 def test_ntp_sum_predicts_the_label_from_the_previous_position():
-    # labels[t] is the token at t, predicted by position t - 1: only position 2 carries the answer token 7
+    # labels[t] is the token at t, predicted by position t - 1: only position 2 carries the answer token 7, so
+    # only position 1 predicts, and the model computes the logits of that position alone
     V = 11
     g = torch.Generator().manual_seed(0)
-    logits = torch.randn(1, 5, V, generator=g, dtype=torch.float64)
     labels = torch.tensor([[-100, -100, 7, -100, -100]])
+    assert T.predicting(labels).tolist() == [[False, True, False, False, False]]
+    logits = torch.randn(1, V, generator=g, dtype=torch.float64)  # position 1's
     loss, count = T.ntp_sum(logits, labels)
     assert int(count) == 1
-    want = -math.log(math.exp(logits[0, 1, 7].item()) / sum(math.exp(logits[0, 1, v].item())
-                                                            for v in range(V)))
+    want = -math.log(math.exp(logits[0, 7].item()) / sum(math.exp(logits[0, v].item()) for v in range(V)))
     assert float(loss) == pytest.approx(want, rel=1e-6)  # ntp_sum computes in float32
-    # a model that puts the answer at the position predicting it has (almost) zero loss; one step off, not
-    right, off = torch.zeros(1, 5, V), torch.zeros(1, 5, V)
-    right[0, 1, 7] = off[0, 2, 7] = 30.0
+    # a model that puts the answer at the position predicting it has (almost) zero loss; a wrong one, not
+    right, wrong = torch.zeros(1, V), torch.zeros(1, V)
+    right[0, 7] = wrong[0, 3] = 30.0
     assert float(T.ntp_sum(right, labels)[0]) < 1e-6
-    assert float(T.ntp_sum(off, labels)[0]) == pytest.approx(math.log(V), rel=1e-6)
+    assert float(T.ntp_sum(wrong, labels)[0]) == pytest.approx(30.0, rel=1e-6)  # logsumexp - 0
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.lists(st.integers(-1, 6), min_size=5, max_size=5), min_size=1, max_size=3))
+def test_ntp_sum_of_the_predicting_positions_is_the_sum_over_labelled_tokens(rows):
+    # reference: a loop over every (row, t) with a label, reading the full (B, T, V) logits at t - 1
+    V = 7
+    labels = torch.tensor([[-100 if v < 0 else v for v in row] for row in rows])
+    full = torch.randn(*labels.shape, V, generator=torch.Generator().manual_seed(len(rows)), dtype=torch.float64)
+    want, n = 0.0, 0
+    for b in range(labels.shape[0]):
+        for t in range(1, labels.shape[1]):
+            if labels[b, t] >= 0:
+                z = full[b, t - 1]
+                want -= z[labels[b, t]].item() - math.log(sum(math.exp(x) for x in z.tolist()))
+                n += 1
+    loss, count = T.ntp_sum(full[T.predicting(labels)], labels)
+    assert int(count) == n
+    assert float(loss) == pytest.approx(want, rel=1e-5, abs=1e-5)
 
 
 def test_pretraining_fits_a_fixed_batch(tmp_path):
