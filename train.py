@@ -31,7 +31,7 @@ Run:
     python train.py --preset gpu                    # a larger model and schedule for one GPU
     python train.py export --ckpt out.pt --out hf/  # LoRA merged; transformers loads hf/ (unimllm.export_hf)
 
-One step (train_stage): lr, then per micro-batch a batch from the data thread (Prefetch), forward +
+One step (train_stage): lr, then per micro-batch a batch (Prefetch: a data thread on CUDA), forward +
 compute_loss + backward, then clip, AdamW, and on log / checkpoint steps only, one device->host read of the
 loss terms and gradient norms (StepLog), where the NaN guard stops a run before anything bad is written.
 """
@@ -172,6 +172,7 @@ class PretrainArgs:
     vision_lr: float = 1e-3
     lookup_steps: int = 800         # stage 1 opens with N steps of lookups + RAG copies (built-in world)
     where_steps: int = 4000         # then N steps of the same + row / column and relation questions
+    where_mix: int = 0              # every Nth sample of the full mix joins those N steps (0: none)
     pretrain_steps: int = 2750      # then N steps of the full mix (a warm-up + cosine of its own)
     pretrain_batch: int = 32        # global sequences per step
     pretrain_lr: float = 6e-4       # peak lr (1e-3, 1.5e-3: colour, shape at chance after 400 steps; README)
@@ -277,7 +278,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 # The smallest value of each numeric flag (">" marks a strict bound); every float flag must also be finite.
 # Model sizes are checked only when the model is built from them (not with --init or --llm/--vision).
 AT_LEAST = {"n_train": 1, "rag_kbs": 1, "rag_pairs": 0, "vision_steps": 0, "vision_batch": 1, "lookup_steps": 0,
-            "where_steps": 0, "pretrain_steps": 0, "pretrain_batch": 1, "finetune_steps": 0,
+            "where_steps": 0, "where_mix": 0, "pretrain_steps": 0, "pretrain_batch": 1, "finetune_steps": 0,
             "lm_batch": 1, "pair_batch": 1, "story_batch": 1, "lora_r": 1, "lambda_contrastive": 0.0,
             "lambda_structure": 0.0, "gak_delta": 0.0, "grad_accum": 1, "length_group": 1, "warmup_frac": 0.0,
             "weight_decay": 0.0, "grad_clip": 0.0, "log_every": 1, "ckpt_every": 1, "stop_after": 0,
@@ -497,11 +498,12 @@ def builtin_corpus(cfg: TrainConfig) -> Corpus:
     # retrieval pairs, repeated --rag-pairs times among the scenes
     pairs = world.scenes + data.kb_pairs(kb_worlds[0].kb, cfg.model.image_size) * cfg.data.rag_pairs
     lookup = data.lookup_samples(world) + rag
-    return Corpus(lm=data.pretrain_samples(world) + rag, lookup=lookup,
-                  where=data.where_samples(world) + lookup,
-                  long=long_caption_samples(world.scenes),
-                  stories=data.story_samples(world), pairs=pairs, texts=data.world_texts(world),
-                  pair_singles=True)
+    lm, long = data.pretrain_samples(world) + rag, long_caption_samples(world.scenes)
+    stories = data.story_samples(world)
+    k = cfg.pretrain.where_mix
+    preview = (lm + long + stories)[::k] if k > 0 else []
+    return Corpus(lm=lm, lookup=lookup, where=data.where_samples(world) + lookup + preview, long=long,
+                  stories=stories, pairs=pairs, texts=data.world_texts(world), pair_singles=True)
 
 
 def rag_worlds(cfg: TrainConfig) -> list[data.World]:
@@ -720,19 +722,27 @@ class Batches:
 
 
 class Prefetch:
-    """Builds the batches of micro-steps `ks` on a background thread, `depth` ahead of the training loop, so
-    data never sits on the critical path; on CUDA it pins them, so the loop's copies to the device are
-    asynchronous. The batches are pure functions of k, so the thread changes no number. Errors (a bad sample,
-    an empty stream) reach the loop at the micro-step that needed the batch."""
+    """Builds the batches of micro-steps `ks`. On CUDA on a background thread, `depth` ahead of the training
+    loop, pinned, so data never sits on the critical path and the loop's copies to the device are
+    asynchronous. On the CPU inline, when the loop asks: the training's ops use every core, and a thread
+    beside them slows a step by more than building its batch costs (README, "Benchmarks":
+    bench/bench_train.py --data-thread). The batches are pure functions of k, so neither way changes a
+    number. Errors (a bad sample, an empty stream) reach the loop at the micro-step that needed the batch."""
 
-    def __init__(self, make: Batches, ks: range, pin: bool, depth: int = 3) -> None:
+    def __init__(self, make: Batches, ks: range, cuda: bool, thread: bool | None = None,
+                 depth: int = 3) -> None:
+        """thread: build on a background thread (default: on CUDA only)."""
+        self.make, self.ks = make, iter(ks)
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
         self.closed = threading.Event()
-        self.thread = threading.Thread(target=self._fill, args=(make, ks, pin), daemon=True)
-        self.thread.start()
+        background = cuda if thread is None else thread
+        self.thread = (threading.Thread(target=self._fill, args=(make, ks, cuda), daemon=True) if background
+                       else None)
+        if self.thread is not None:
+            self.thread.start()
 
     def _fill(self, make: Batches, ks: range, pin: bool) -> None:
-        if not pin:  # training on the CPU: its ops use every core; a second thread team would oversubscribe
+        if not pin:  # the CPU's ops use every core; a second thread team would oversubscribe them
             torch.set_num_threads(1)  # (per thread: this one only)
         for k in ks:
             try:
@@ -749,6 +759,8 @@ class Prefetch:
                 return
 
     def next(self) -> Batch:
+        if self.thread is None:
+            return self.make(next(self.ks))
         item = self.queue.get()
         if isinstance(item, BaseException):
             raise item
@@ -756,7 +768,8 @@ class Prefetch:
 
     def close(self) -> None:
         self.closed.set()
-        self.thread.join()
+        if self.thread is not None:
+            self.thread.join()
 
 
 
@@ -1098,9 +1111,10 @@ class LoopTimes:
 
 
 def train_stage(stage: Stage, model: MLLM, opt: torch.optim.Optimizer, batches: Batches,
-                history: dict[str, list], start: int, stop: float, times: LoopTimes | None = None) -> bool:
+                history: dict[str, list], start: int, stop: float, times: LoopTimes | None = None,
+                data_thread: bool | None = None) -> bool:
     """Steps start..min(total, stop)-1 of one stage, appending each step's global loss terms to
-    history[stage].
+    history[stage]. times, data_thread: for bench/bench_train.py (Prefetch's `thread`).
     Returns True when the stage is complete (False: --stop-after ended this invocation; --resume
     continues)."""
     cfg, d = batches.cfg, batches.d
@@ -1114,7 +1128,7 @@ def train_stage(stage: Stage, model: MLLM, opt: torch.optim.Optimizer, batches: 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
     params = [p for p in model.parameters() if p.requires_grad]
     n_acc, log = run.grad_accum, StepLog(stage.name, d.world, out)
-    prefetch = Prefetch(batches, range(start * n_acc, end * n_acc), pin=cuda)
+    prefetch = Prefetch(batches, range(start * n_acc, end * n_acc), cuda, data_thread)
     t_log, n_steps, n_samples = time.perf_counter(), 0, 0
     try:
         bar = tqdm(range(start, end), stage.name, disable=not d.main, dynamic_ncols=True, file=sys.stderr)
