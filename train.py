@@ -31,7 +31,7 @@ Run:
     python train.py --preset gpu                    # a larger model and schedule for one GPU
     python train.py export --ckpt out.pt --out hf/  # LoRA merged; transformers loads hf/ (unimllm.export_hf)
 
-One step (train_stage): lr, then per micro-batch a batch (Prefetch: a data thread on CUDA), forward +
+One step (train_stage): lr, then per micro-batch a batch from the data thread (Prefetch), forward +
 compute_loss + backward, then clip, AdamW, and on log / checkpoint steps only, one device->host read of the
 loss terms and gradient norms (StepLog), where the NaN guard stops a run before anything bad is written.
 """
@@ -722,27 +722,19 @@ class Batches:
 
 
 class Prefetch:
-    """Builds the batches of micro-steps `ks`. On CUDA on a background thread, `depth` ahead of the training
-    loop, pinned, so data never sits on the critical path and the loop's copies to the device are
-    asynchronous. On the CPU inline, when the loop asks: the training's ops use every core, and a thread
-    beside them slows a step by more than building its batch costs (README, "Benchmarks":
-    bench/bench_train.py --data-thread). The batches are pure functions of k, so neither way changes a
-    number. Errors (a bad sample, an empty stream) reach the loop at the micro-step that needed the batch."""
+    """Builds the batches of micro-steps `ks` on a background thread, `depth` ahead of the training loop, so
+    data never sits on the critical path; on CUDA it pins them, so the loop's copies to the device are
+    asynchronous. The batches are pure functions of k, so the thread changes no number. Errors (a bad sample,
+    an empty stream) reach the loop at the micro-step that needed the batch."""
 
-    def __init__(self, make: Batches, ks: range, cuda: bool, thread: bool | None = None,
-                 depth: int = 3) -> None:
-        """thread: build on a background thread (default: on CUDA only)."""
-        self.make, self.ks = make, iter(ks)
+    def __init__(self, make: Batches, ks: range, pin: bool, depth: int = 3) -> None:
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
         self.closed = threading.Event()
-        background = cuda if thread is None else thread
-        self.thread = (threading.Thread(target=self._fill, args=(make, ks, cuda), daemon=True) if background
-                       else None)
-        if self.thread is not None:
-            self.thread.start()
+        self.thread = threading.Thread(target=self._fill, args=(make, ks, pin), daemon=True)
+        self.thread.start()
 
     def _fill(self, make: Batches, ks: range, pin: bool) -> None:
-        if not pin:  # the CPU's ops use every core; a second thread team would oversubscribe them
+        if not pin:  # training on the CPU: its ops use every core; a second thread team would oversubscribe
             torch.set_num_threads(1)  # (per thread: this one only)
         for k in ks:
             try:
@@ -759,8 +751,6 @@ class Prefetch:
                 return
 
     def next(self) -> Batch:
-        if self.thread is None:
-            return self.make(next(self.ks))
         item = self.queue.get()
         if isinstance(item, BaseException):
             raise item
@@ -768,8 +758,7 @@ class Prefetch:
 
     def close(self) -> None:
         self.closed.set()
-        if self.thread is not None:
-            self.thread.join()
+        self.thread.join()
 
 
 
@@ -1111,10 +1100,9 @@ class LoopTimes:
 
 
 def train_stage(stage: Stage, model: MLLM, opt: torch.optim.Optimizer, batches: Batches,
-                history: dict[str, list], start: int, stop: float, times: LoopTimes | None = None,
-                data_thread: bool | None = None) -> bool:
+                history: dict[str, list], start: int, stop: float, times: LoopTimes | None = None) -> bool:
     """Steps start..min(total, stop)-1 of one stage, appending each step's global loss terms to
-    history[stage]. times, data_thread: for bench/bench_train.py (Prefetch's `thread`).
+    history[stage].
     Returns True when the stage is complete (False: --stop-after ended this invocation; --resume
     continues)."""
     cfg, d = batches.cfg, batches.d
@@ -1128,7 +1116,7 @@ def train_stage(stage: Stage, model: MLLM, opt: torch.optim.Optimizer, batches: 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
     params = [p for p in model.parameters() if p.requires_grad]
     n_acc, log = run.grad_accum, StepLog(stage.name, d.world, out)
-    prefetch = Prefetch(batches, range(start * n_acc, end * n_acc), cuda, data_thread)
+    prefetch = Prefetch(batches, range(start * n_acc, end * n_acc), pin=cuda)
     t_log, n_steps, n_samples = time.perf_counter(), 0, 0
     try:
         bar = tqdm(range(start, end), stage.name, disable=not d.main, dynamic_ncols=True, file=sys.stderr)

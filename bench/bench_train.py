@@ -5,20 +5,15 @@ fine-tuning method, at the sizes of each --preset, measured in the same run. Per
   ms/step      median wall time of one step of the training thread (the first step, which warms up allocators
                and caches, and the last, which writes a checkpoint, are left out)
   samples/s    sequences per step / median step time (a pair counts once)
-  build ms     time to build one batch (collation + Sugar GAK targets)
-  data wait    share of the step the training thread spent getting its batch: building it, on the CPU (train.py
-               builds inline there), or blocked on the data thread (CUDA, or --data-thread)
+  build ms     time to build one batch on the data thread (collation + Sugar GAK targets), overlapping steps
+  data wait    share of the step the training thread spent blocked on the data thread
   log          share spent flushing the loss terms (one device->host transfer), logging and checking for NaN;
                on CUDA this is also where the thread waits for the device, every --log-every steps
 
 Goal (2 CPU cores): data wait + log <= 5% of a step.
 
-With --data-thread every configuration is measured twice, the second time with the batches built on a background
-thread as on CUDA (its ratio: thread / train.py's choice).
-
 Run:
     python bench/bench_train.py                             # the cpu preset (the gpu one: --presets cpu,gpu)
-    python bench/bench_train.py --data-thread               # inline batches against a data thread
     python bench/bench_train.py --device cuda --presets cpu,gpu
 """
 import argparse
@@ -37,7 +32,7 @@ from unimllm import MLLM, set_trainable  # noqa: E402
 
 
 def measure(cfg: train.TrainConfig, corpus: train.Corpus, tok: data.Tokenizer, stage_name: str, steps: int,
-            device: torch.device, data_thread: bool | None = None) -> tuple[float, float, float, float, float]:
+            device: torch.device) -> tuple[float, float, float, float, float]:
     """(ms/step, samples/s, build ms, data-wait share, log share) of `steps` measured steps of one stage."""
     d = train.Dist(0, 1, device)
     torch.manual_seed(0)
@@ -59,7 +54,7 @@ def measure(cfg: train.TrainConfig, corpus: train.Corpus, tok: data.Tokenizer, s
     build = (time.perf_counter() - t0) / 3
     times = train.LoopTimes()
     stage = train.Stage(stage_name, steps + 2, lr, None)
-    train.train_stage(stage, model, opt, batches, {stage_name: []}, 0, steps + 2, times, data_thread)
+    train.train_stage(stage, model, opt, batches, {stage_name: []}, 0, steps + 2, times)
     step, wait, log = (times.step_s[1:-1], times.data_wait_s[1:-1], times.log_s[1:-1])
     total = sum(step)
     median = statistics.median(step)
@@ -74,9 +69,6 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10, help="measured steps per configuration")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--n-train", type=int, default=300, help="world scenes (batches: the preset's)")
-    p.add_argument("--data-thread", action="store_true", help="also measure with a background data thread")
-    p.add_argument("--stages", default="pretrain," + ",".join(train.METHODS),
-                   help="comma-separated: pretrain and / or fine-tuning methods")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -90,17 +82,12 @@ def main() -> None:
             cfg = train.parse_args(argv)
             corpus = train.builtin_corpus(cfg)
             tok = data.train_tokenizer(corpus.texts, cfg.model.vocab_size)
-            for what in args.stages.split(","):
-                stage_name, method = ("pretrain", "generative") if what == "pretrain" else ("finetune", what)
+            for stage_name, method in [("pretrain", "generative")] + [("finetune", m) for m in train.METHODS]:
                 cfg.finetune.method = method
-                label = "pretrain" if stage_name == "pretrain" else f"finetune {method}"
                 ms, sps, build, wait, log = measure(cfg, corpus, tok, stage_name, args.steps, device)
-                print(f"{preset:<7} {label:<20} {ms:8.0f} {sps:10.1f} {build:9.1f} {wait:10.1%} {log:7.1%}",
+                what = "pretrain" if stage_name == "pretrain" else f"finetune {method}"
+                print(f"{preset:<7} {what:<20} {ms:8.0f} {sps:10.1f} {build:9.1f} {wait:10.1%} {log:7.1%}",
                       flush=True)
-                if args.data_thread:
-                    ms_t, sps, build, wait, log = measure(cfg, corpus, tok, stage_name, args.steps, device, True)
-                    print(f"{preset:<7} {label + ' (thread)':<20} {ms_t:8.0f} {sps:10.1f} {build:9.1f} "
-                          f"{wait:10.1%} {log:7.1%}  x{ms_t / ms:.2f}", flush=True)
 
 
 if __name__ == "__main__":

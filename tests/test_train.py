@@ -109,16 +109,6 @@ def test_resume_equals_uninterrupted(tmp_path, stop_after):
     assert_same_weights(resumed.model.state_dict(), full.model.state_dict())
 
 
-def test_a_data_thread_changes_no_number(tmp_path, monkeypatch):
-    # the CPU builds batches inline, CUDA on a background thread (train.Prefetch): the same run either way
-    inline = run_single(tmp_path / "inline.pt")
-    stage = train.train_stage
-    monkeypatch.setattr(train, "train_stage", lambda *a, **k: stage(*a, **k, data_thread=True))
-    threaded = run_single(tmp_path / "threaded.pt")
-    assert flat(threaded.history) == flat(inline.history)
-    assert_same_weights(threaded.model.state_dict(), inline.model.state_dict())
-
-
 def test_pretraining_opens_with_lookups_then_where_and_relations(tmp_path):
     cfg = train.parse_args(SMOKE + ["--lookup-steps", "3", "--where-steps", "2", "--out", str(tmp_path / "x.pt")])
     corpus = train.builtin_corpus(cfg)
