@@ -1,6 +1,7 @@
 """train.py end to end on the --smoke configuration: DDP (torchrun, 2 gloo ranks) against one process on the
 same global batch, exact resume, a checkpoint eval.py loads, and bad input stopping with a clear message."""
 import json
+import dataclasses
 import math
 import os
 import re
@@ -138,6 +139,30 @@ def test_pretraining_opens_with_lookups_then_where_and_relations(tmp_path):
             in_mix += [bool(re.fullmatch(f"{lookup}|{where}", t)) for t in texts]
     assert any(in_second) and not all(in_mix)
     assert train.opening(cfg, streams) == [("lookup", 3), ("where", 2)]
+
+
+def test_where_mix_adds_every_nth_mix_sample_to_the_second_part(tmp_path):
+    # --where-mix 3: the second part's stream is the default one plus every third sample of the full mix's list
+    # (captions, conversations, RAG, long captions, stories: counted here from data.py's own builders)
+    argv = SMOKE + ["--out", str(tmp_path / "x.pt")]
+    plain, mixed = train.builtin_corpus(train.parse_args(argv)), train.builtin_corpus(train.parse_args(
+        argv + ["--where-mix", "3"]))
+    mix = plain.lm + plain.long + plain.stories
+    def same(a: list, b: list) -> bool:  # samples hold tensors (images, teacher features): compare field by field
+        def eq(x, y):
+            if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+                return isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and torch.equal(x, y)
+            if dataclasses.is_dataclass(x):
+                return type(x) is type(y) and all(eq(getattr(x, f.name), getattr(y, f.name))
+                                                  for f in dataclasses.fields(x))
+            if isinstance(x, (list, tuple)):
+                return isinstance(y, (list, tuple)) and len(x) == len(y) and all(map(eq, x, y))
+            return x == y
+        return eq(a, b)
+
+    assert len(mixed.where) == len(plain.where) + math.ceil(len(mix) / 3)
+    assert same(mixed.where[:len(plain.where)], plain.where) and same(mixed.where[len(plain.where):], mix[::3])
+    assert same(mixed.lookup, plain.lookup) and same(mixed.lm, plain.lm)  # nothing else changes
 
 
 def test_smoke_checkpoint_evaluates(tmp_path):
