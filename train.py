@@ -614,7 +614,9 @@ def opening(cfg: TrainConfig, streams: dict[str, Stream]) -> list[tuple[str, int
     colour before the shape). Trained first on short samples of these alone, they are learned in a few
     hundred steps (README, "A model that sees", item 7). A relation reads two objects' cells and compares
     them: the LLM learns it once it reads one cell (row, column), within the budget only after the first
-    lookups are learned, and never in the mix (item 10). A curriculum; our choice."""
+    lookups are learned, and never in the mix (item 10). A curriculum; our choice. --where-mix N adds every Nth
+    sample of the full mix to the second part, so that the mix's text is not new when the mix starts (item 13:
+    measured, not adopted)."""
     parts = [("lookup", cfg.pretrain.lookup_steps), ("where", cfg.pretrain.where_steps)]
     return [(name, n if streams[name].items else 0) for name, n in parts]
 
