@@ -134,7 +134,7 @@ for step in range(a.steps):
     lr = T.lr_at(step, a.steps, a.lr, a.warm)
     for g in opt.param_groups: g['lr'] = lr
     b = data.collate(stream.batch(step, a.batch), tok, n_img, 192)
-    logits, _ = model(b['input_ids'], b['images'])
+    logits, _ = model(b['input_ids'], b['images'], T.predicting(b['labels']))
     s, c = T.ntp_sum(logits, b['labels'])
     loss = s / c
     loss.backward()

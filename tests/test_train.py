@@ -1,7 +1,7 @@
 """train.py end to end on the --smoke configuration: DDP (torchrun, 2 gloo ranks) against one process on the
 same global batch, exact resume, a checkpoint eval.py loads, and bad input stopping with a clear message."""
-import json
 import dataclasses
+import json
 import math
 import os
 import re
