@@ -688,18 +688,21 @@ class Batches:
                 j -= n * cfg.run.grad_accum
             items = self.streams[name].batch(j, cfg.pretrain.pretrain_batch)
             lm = data.collate(shard(items, cfg.pretrain.pretrain_batch, d), tok, n_img, L)
-            return Batch(lm=lm, n_sequences=lm["input_ids"].shape[0])
+            return Batch(lm=lm | {"predict": predicting(lm["labels"])}, n_sequences=lm["input_ids"].shape[0])
         ft, obj, out = cfg.finetune, self.objective, Batch()
         pairs = self.streams["pairs"].batch(k, ft.pair_batch) if self.streams["pairs"].items else []
         local_pairs = shard(pairs, ft.pair_batch, d)
         if pairs:  # a conversations-only corpus fine-tunes generatively without them (check_corpus)
             out.pairs = data.collate_pairs(local_pairs, tok, n_img, self.model_cfg.n_soft_tokens, L)
+            out.pairs["img_predict"] = predicting(out.pairs["img_labels"])
         if obj.lm and self.streams["lm"].items:
             out.lm = data.collate(shard(self.streams["lm"].batch(k, ft.lm_batch), ft.lm_batch, d),
                                   tok, n_img, L)
+            out.lm["predict"] = predicting(out.lm["labels"])
         if obj.lm and self.streams["stories"].items:
             stories = self.streams["stories"].batch(k, ft.story_batch)
             out.stories = data.collate(shard(stories, ft.story_batch, d), tok, n_img, L)
+            out.stories["predict"] = predicting(out.stories["labels"])
             if obj.structure:
                 # every rank builds the global targets' inputs in the gathered order: stories, then singles
                 ranks = [Dist(r, d.world, d.device) for r in range(d.world)]
@@ -911,19 +914,20 @@ def check_compatible(ckpt: dict[str, Any], cfg: TrainConfig, where: str) -> None
 
 
 def predicting(labels: Tensor) -> Tensor:
-    """(B, T) bool: the positions that predict a label (HF convention: labels[t] is the token at t; position
-    t-1 predicts it). The model computes logits there only (MLLM.forward's `predict`)."""
+    """(N,) long: the flat indices into (B, T) of the positions that predict a label, in row-major order (HF
+    convention: labels[t] is the token at t; position t-1 predicts it). The model computes logits there only
+    (MLLM.forward's `predict`). Batches builds them on the CPU, so the device never waits for their count."""
     mask = torch.zeros_like(labels, dtype=torch.bool)
     mask[:, :-1] = labels[:, 1:] != -100
-    return mask
+    return mask.flatten().nonzero().squeeze(1)
 
 
-def ntp_sum(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+def ntp_sum(logits: Tensor, labels: Tensor, predict: Tensor) -> tuple[Tensor, Tensor]:
     """Summed next-token cross-entropy and the number of predicted tokens; logits (N, V) are those of the
-    positions `predicting(labels)`, in row-major order."""
-    target = labels[:, 1:][labels[:, 1:] != -100]  # (N,), row-major: the order of logits
-    assert logits.shape[0] == target.shape[0], "logits must be those of predicting(labels)"
-    return F.cross_entropy(logits.float(), target, reduction="sum"), target.new_tensor(target.shape[0])
+    positions `predict` = predicting(labels), each of which predicts the token one place after it."""
+    assert logits.shape[0] == predict.shape[0], "logits must be those of the positions `predict`"
+    target = labels.flatten()[predict + 1]  # (N,): never past a row's end, whose last position predicts nothing
+    return F.cross_entropy(logits.float(), target, reduction="sum"), predict.new_full((), predict.shape[0])
 
 
 def unwrap(model: torch.nn.Module) -> MLLM:
@@ -961,28 +965,28 @@ def compute_loss(model: torch.nn.Module, batch: Batch, obj: Objective, world: in
     # Forward passes, each batch once: logits for L_ntp, hidden states for the summaries and prefix vectors.
     ntp_parts = {}  # source -> (summed loss, tokens)
     if batch.lm is not None:  # captions, VQA, RAG (pre-training: every sample)
-        labels = batch.lm["labels"]
-        logits, _ = model(batch.lm["input_ids"], batch.lm["images"], predicting(labels))
-        ntp_parts["lm"] = ntp_sum(logits, labels)
+        lm = batch.lm
+        logits, _ = model(lm["input_ids"], lm["images"], lm["predict"])
+        ntp_parts["lm"] = ntp_sum(logits, lm["labels"], lm["predict"])
     if batch.pairs is not None:  # [image][soft image prompt][long caption]
-        labels = batch.pairs["img_labels"]
-        logits, img_hidden = model(batch.pairs["img_ids"], batch.pairs["images"], predicting(labels))
-        ntp_parts["pairs"] = ntp_sum(logits, labels)
+        pairs = batch.pairs
+        logits, img_hidden = model(pairs["img_ids"], pairs["images"], pairs["img_predict"])
+        ntp_parts["pairs"] = ntp_sum(logits, pairs["img_labels"], pairs["img_predict"])
         if obj.contrastive:  # VladVA: last-token summaries of the image side and [short caption][text prompt]
-            txt_ids = batch.pairs["txt_ids"]
-            _, txt_hidden = model(txt_ids, None, torch.zeros_like(txt_ids, dtype=torch.bool))  # no logits
+            txt_ids = pairs["txt_ids"]
+            _, txt_hidden = model(txt_ids, None, txt_ids.new_zeros(0))  # no logits
             img_emb = core.summary_embedding(img_hidden, batch.pairs["img_pos"])  # (B, D)
             txt_emb = core.summary_embedding(txt_hidden, batch.pairs["txt_pos"])  # (B, D)
     prefixes = []  # Sugar: one embedding per prefix, stories then singles (the order of batch.sugar_targets)
     if batch.stories is not None:
-        labels = batch.stories["labels"]
-        logits, hidden = model(batch.stories["input_ids"], batch.stories["images"], predicting(labels))
-        ntp_parts["stories"] = ntp_sum(logits, labels)
+        stories = batch.stories
+        logits, hidden = model(stories["input_ids"], stories["images"], stories["predict"])
+        ntp_parts["stories"] = ntp_sum(logits, stories["labels"], stories["predict"])
         if obj.structure:
             prefixes.append(prefix_embeddings(core, batch.stories, hidden, obj.pool))  # (P_story, proj_dim)
     if batch.singles is not None:
         ids = batch.singles["input_ids"]
-        _, hidden = model(ids, batch.singles["images"], torch.zeros_like(ids, dtype=torch.bool))  # no logits
+        _, hidden = model(ids, batch.singles["images"], ids.new_zeros(0))  # no logits
         prefixes.append(prefix_embeddings(core, batch.singles, hidden, obj.pool))  # (P_single, proj_dim)
 
     # L_ntp: the mean over the sources present in the GLOBAL batch of each source's mean over its predicted

@@ -443,9 +443,9 @@ class LLM(nn.Module):
                 predict: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
         """logits (B, T, V) for tokens at positions start_pos..start_pos+T-1 (earlier ones held by
         `kv_cache`); with return_hidden also the hidden states after the final RMSNorm (B, T, D).
-        predict (B, T) bool: the logits of those positions only, (N, V) in row-major order. Training needs
-        them at the labelled positions alone, and the vocabulary projection of every position would be about
-        a tenth of a pre-training step's matmuls."""
+        predict (N,) long, flat indices into the (B, T) positions: the logits of those positions only, (N, V).
+        Training needs them at the labelled positions alone, and the vocabulary projection of every position
+        would be about a tenth of a pre-training step's matmuls."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, D)
@@ -459,7 +459,7 @@ class LLM(nn.Module):
                              f"{'KV cache length' if kv_cache is not None else 'max_seq_len'} {limit}")
         positions = torch.arange(start_pos, end, device=x.device).expand(B, T)  # (B, T)
         hidden = self.run(x, positions, kv_cache, start_pos, None)  # (B, T, D)
-        logits = self.head(hidden if predict is None else hidden[predict])  # (B, T, V) | (N, V)
+        logits = self.head(hidden if predict is None else hidden.flatten(0, 1)[predict])  # (B, T, V) | (N, V)
         return (logits, hidden) if return_hidden else logits
 
     def run(self, x: Tensor, positions: Tensor, kv_cache: KVCache | None, start_pos: int,
@@ -639,8 +639,8 @@ class MLLM(nn.Module):
 
     def forward(self, input_ids: Tensor, images: Tensor | None = None,
                 predict: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """-> logits (B, T, V), or (N, V) at the positions of `predict` (B, T) bool (LLM.forward), and the
-        hidden states after the final RMSNorm (B, T, D)."""
+        """-> logits (B, T, V), or (N, V) at the flat positions `predict` (N,) (LLM.forward), and the hidden
+        states after the final RMSNorm (B, T, D)."""
         return self.llm(inputs_embeds=self.embed(input_ids, images), return_hidden=True, predict=predict)
 
     @torch.no_grad()

@@ -446,7 +446,8 @@ for step in range(total):
     b = data.collate(batch_at(step), tok, n_img, max_len)
     logits, _ = model(b['input_ids'], b['images'])
     if a.loss == 'token':
-        s, c = T.ntp_sum(logits[T.predicting(b['labels'])], b['labels'])
+        pred = T.predicting(b['labels'])
+        s, c = T.ntp_sum(logits.flatten(0, 1)[pred], b['labels'], pred)
         loss = s / c
     else:
         lab = b['labels'][:, 1:]

@@ -134,8 +134,9 @@ for step in range(a.steps):
     lr = T.lr_at(step, a.steps, a.lr, a.warm)
     for g in opt.param_groups: g['lr'] = lr
     b = data.collate(stream.batch(step, a.batch), tok, n_img, 192)
-    logits, _ = model(b['input_ids'], b['images'], T.predicting(b['labels']))
-    s, c = T.ntp_sum(logits, b['labels'])
+    pred = T.predicting(b['labels'])
+    logits, _ = model(b['input_ids'], b['images'], pred)
+    s, c = T.ntp_sum(logits, b['labels'], pred)
     loss = s / c
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

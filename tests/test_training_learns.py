@@ -68,17 +68,18 @@ def test_ntp_sum_predicts_the_label_from_the_previous_position():
     V = 11
     g = torch.Generator().manual_seed(0)
     labels = torch.tensor([[-100, -100, 7, -100, -100]])
-    assert T.predicting(labels).tolist() == [[False, True, False, False, False]]
+    predict = T.predicting(labels)
+    assert predict.tolist() == [1]
     logits = torch.randn(1, V, generator=g, dtype=torch.float64)  # position 1's
-    loss, count = T.ntp_sum(logits, labels)
+    loss, count = T.ntp_sum(logits, labels, predict)
     assert int(count) == 1
     want = -math.log(math.exp(logits[0, 7].item()) / sum(math.exp(logits[0, v].item()) for v in range(V)))
     assert float(loss) == pytest.approx(want, rel=1e-6)  # ntp_sum computes in float32
     # a model that puts the answer at the position predicting it has (almost) zero loss; a wrong one, not
     right, wrong = torch.zeros(1, V), torch.zeros(1, V)
     right[0, 7] = wrong[0, 3] = 30.0
-    assert float(T.ntp_sum(right, labels)[0]) < 1e-6
-    assert float(T.ntp_sum(wrong, labels)[0]) == pytest.approx(30.0, rel=1e-6)  # logsumexp - 0
+    assert float(T.ntp_sum(right, labels, predict)[0]) < 1e-6
+    assert float(T.ntp_sum(wrong, labels, predict)[0]) == pytest.approx(30.0, rel=1e-6)  # logsumexp - 0
 
 
 @settings(max_examples=30, deadline=None)
@@ -95,7 +96,8 @@ def test_ntp_sum_of_the_predicting_positions_is_the_sum_over_labelled_tokens(row
                 z = full[b, t - 1]
                 want -= z[labels[b, t]].item() - math.log(sum(math.exp(x) for x in z.tolist()))
                 n += 1
-    loss, count = T.ntp_sum(full[T.predicting(labels)], labels)
+    predict = T.predicting(labels)
+    loss, count = T.ntp_sum(full.flatten(0, 1)[predict], labels, predict)
     assert int(count) == n
     assert float(loss) == pytest.approx(want, rel=1e-5, abs=1e-5)
 

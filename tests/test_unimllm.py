@@ -100,12 +100,13 @@ def test_llm_logits_and_hidden_match_transformers(saved, name: str) -> None:
         ref = hf(ids)
         ref_hidden = hf.model(ids).last_hidden_state
         logits, hidden = llm(ids, return_hidden=True)
-        predict = torch.rand(2, 11, generator=torch.Generator().manual_seed(2)) < 0.4  # training's subset
+        chosen = torch.rand(2, 11, generator=torch.Generator().manual_seed(2)) < 0.4  # training's subset
+        predict = chosen.flatten().nonzero().squeeze(1)  # (N,) flat indices, row-major
         some = llm(ids, predict=predict)
     torch.testing.assert_close(logits, ref.logits)
     torch.testing.assert_close(hidden, ref_hidden)
-    assert some.shape == (int(predict.sum()), VOCAB)
-    torch.testing.assert_close(some, ref.logits[predict])  # row-major order, as ntp_sum reads its targets
+    assert some.shape == (int(chosen.sum()), VOCAB)
+    torch.testing.assert_close(some, ref.logits[chosen])  # boolean indexing: the same positions, row-major
 
 
 @TRANSFORMERS
