@@ -688,7 +688,8 @@ class Batches:
                 j -= n * cfg.run.grad_accum
             items = self.streams[name].batch(j, cfg.pretrain.pretrain_batch)
             lm = data.collate(shard(items, cfg.pretrain.pretrain_batch, d), tok, n_img, L)
-            return Batch(lm=lm | {"predict": predicting(lm["labels"])}, n_sequences=lm["input_ids"].shape[0])
+            lm["predict"] = predicting(lm["labels"])
+            return Batch(lm=lm, n_sequences=lm["input_ids"].shape[0])
         ft, obj, out = cfg.finetune, self.objective, Batch()
         pairs = self.streams["pairs"].batch(k, ft.pair_batch) if self.streams["pairs"].items else []
         local_pairs = shard(pairs, ft.pair_batch, d)
@@ -943,13 +944,13 @@ def prefix_embeddings(model: MLLM, batch: dict[str, Tensor], hidden: Tensor, poo
 
 
 # the next-token loss's sources, in the order of `predicted_tokens` and `compute_loss`'s terms
-NTP_SOURCES = (("lm", "labels"), ("pairs", "img_labels"), ("stories", "labels"))
+NTP_SOURCES = (("lm", "predict"), ("pairs", "img_predict"), ("stories", "predict"))
 
 
 def predicted_tokens(batch: Batch) -> Tensor:
-    """(len(NTP_SOURCES),) float: the tokens each source of the batch predicts (label shift as in ntp_sum)."""
+    """(len(NTP_SOURCES),) float: the tokens each source of the batch predicts (its `predicting` positions)."""
     parts = [getattr(batch, name) for name, _ in NTP_SOURCES]
-    return torch.tensor([0.0 if part is None else float((part[key][:, 1:] != -100).sum())
+    return torch.tensor([0.0 if part is None else float(part[key].shape[0])
                          for part, (_, key) in zip(parts, NTP_SOURCES)])
 
 
@@ -975,15 +976,15 @@ def compute_loss(model: torch.nn.Module, batch: Batch, obj: Objective, world: in
         if obj.contrastive:  # VladVA: last-token summaries of the image side and [short caption][text prompt]
             txt_ids = pairs["txt_ids"]
             _, txt_hidden = model(txt_ids, None, txt_ids.new_zeros(0))  # no logits
-            img_emb = core.summary_embedding(img_hidden, batch.pairs["img_pos"])  # (B, D)
-            txt_emb = core.summary_embedding(txt_hidden, batch.pairs["txt_pos"])  # (B, D)
+            img_emb = core.summary_embedding(img_hidden, pairs["img_pos"])  # (B, D)
+            txt_emb = core.summary_embedding(txt_hidden, pairs["txt_pos"])  # (B, D)
     prefixes = []  # Sugar: one embedding per prefix, stories then singles (the order of batch.sugar_targets)
     if batch.stories is not None:
         stories = batch.stories
         logits, hidden = model(stories["input_ids"], stories["images"], stories["predict"])
         ntp_parts["stories"] = ntp_sum(logits, stories["labels"], stories["predict"])
         if obj.structure:
-            prefixes.append(prefix_embeddings(core, batch.stories, hidden, obj.pool))  # (P_story, proj_dim)
+            prefixes.append(prefix_embeddings(core, stories, hidden, obj.pool))  # (P_story, proj_dim)
     if batch.singles is not None:
         ids = batch.singles["input_ids"]
         _, hidden = model(ids, batch.singles["images"], ids.new_zeros(0))  # no logits
