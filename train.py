@@ -171,11 +171,11 @@ class PretrainArgs:
     vision_batch: int = 64          # images per stage-0 step
     vision_lr: float = 1e-3
     lookup_steps: int = 800         # stage 1 opens with N steps of lookups + RAG copies (built-in world)
-    where_steps: int = 4000         # then N steps of the same + row / column and relation questions
+    where_steps: int = 2400         # then N steps of the same + row / column and relation questions
     where_mix: int = 0              # every Nth sample of the full mix joins those N steps (0: none)
-    pretrain_steps: int = 2750      # then N steps of the full mix (a warm-up + cosine of its own)
+    pretrain_steps: int = 2500      # then N steps of the full mix (a warm-up + cosine of its own)
     pretrain_batch: int = 32        # global sequences per step
-    pretrain_lr: float = 6e-4       # peak lr (1e-3, 1.5e-3: colour, shape at chance after 400 steps; README)
+    pretrain_lr: float = 4e-4       # peak lr (6e-4: relations at some seeds only; 1e-3: no lookup; README item 14)
 
 
 @dataclass
