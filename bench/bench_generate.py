@@ -59,6 +59,8 @@ def time_generate(llm: um.LLM, ids: torch.Tensor, new: int, use_cache: bool, rep
 
 def main() -> None:
     a = parse_args()
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"bench_generate.py: --device {a.device} needs a CUDA device")
     if a.threads:
         # on a shared CPU, fewer threads than cores avoids OpenMP spin contention
         torch.set_num_threads(a.threads)

@@ -72,6 +72,8 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"bench_train.py: --device {args.device} needs a CUDA device")
     print(f"device {device}, {args.threads} threads, median of {args.steps} steps through train.train_stage")
     print(f"{'preset':<7} {'stage / method':<20} {'ms/step':>8} {'samples/s':>10} {'build ms':>9} "
           f"{'data wait':>10} {'log':>7}")
