@@ -349,3 +349,16 @@ def test_interleaved_suite_refuses_documents_it_cannot_query(tmp_path):
     assert data.sample_lengths([data.Sample([data.text_seg(long, False)])], tok, 16)[0] > room
     with pytest.raises(SystemExit, match=r"long.jsonl: record 2: a sentence with the summary's soft prompt"):
         E.main(["--ckpt", str(tmp_path / "c.pt"), "--data", str(path)])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without a CUDA GPU")
+@pytest.mark.parametrize("script", [pytest.param("bench_dtw.py", marks=pytest.mark.reference("tslearn.metrics")),
+                                    "bench_train.py", "bench_generate.py"])
+def test_benchmarks_refuse_cuda_without_a_gpu(script):
+    """`--device cuda` on a machine without a GPU stops with one line naming the flag, not a traceback from
+    torch's lazy CUDA init deep inside the benchmark."""
+    import subprocess
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--device", "cuda"], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 1
+    assert done.stderr.strip() == f"{script}: --device cuda needs a CUDA device", done.stderr[-2000:]
