@@ -4,6 +4,7 @@ made better by a broken model, never a checkpoint or a temporary file left where
 import json
 import math
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -357,7 +358,6 @@ def test_interleaved_suite_refuses_documents_it_cannot_query(tmp_path):
 def test_benchmarks_refuse_cuda_without_a_gpu(script):
     """`--device cuda` on a machine without a GPU stops with one line naming the flag, not a traceback from
     torch's lazy CUDA init deep inside the benchmark."""
-    import subprocess
     done = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--device", "cuda"], capture_output=True,
                           text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 1

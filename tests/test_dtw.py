@@ -101,6 +101,19 @@ def rng_from(seed: int) -> np.random.Generator:
     return np.random.default_rng(seed)
 
 
+def ragged_batch(seed: int, batch: int = 6, n: int = 5, m: int = 4) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """(batch, n, m) float64 costs with random lengths; NaN / +inf in the padding must never leak (the Triton
+    kernels' tests, tests/test_dtw_triton.py and tests/test_dtw_cuda.py)."""
+    rng = rng_from(seed)
+    xl, yl = rng.integers(1, n + 1, size=batch), rng.integers(1, m + 1, size=batch)
+    xl[0], yl[0] = n, m
+    cost = torch.tensor(rng.uniform(0, 3, size=(batch, n, m)))
+    for b in range(batch):
+        cost[b, xl[b]:, :] = float("nan")
+        cost[b, :, yl[b]:] = float("inf")
+    return cost, xl, yl
+
+
 sizes = st.integers(1, 4)
 gammas = st.floats(-3, 3).map(lambda e: 10.0 ** e)
 radii = st.one_of(st.none(), st.integers(0, 3))

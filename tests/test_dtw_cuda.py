@@ -18,14 +18,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dtw  # noqa: E402
-from test_dtw import band_paths, brute_soft_dtw, rng_from  # noqa: E402
+from test_dtw import band_paths, brute_soft_dtw, ragged_batch, rng_from  # noqa: E402
+from test_dtw_triton import LAYOUTS  # noqa: E402
 
 pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
               pytest.mark.reference("triton")]
 CUDA = torch.device("cuda")
-
-# (_MIN_PROGRAMS, _MAX_BLOCK_W): pairs-per-program layout, one pair per program, and 2-cell diagonal chunks
-LAYOUTS = {"pair_lanes": (1, 256), "diagonal": (10 ** 9, 256), "chunked": (10 ** 9, 2)}
 
 
 @pytest.fixture(params=list(LAYOUTS))
@@ -34,18 +32,6 @@ def layout(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> s
     monkeypatch.setattr(dtw, "_MIN_PROGRAMS", programs)
     monkeypatch.setattr(dtw, "_MAX_BLOCK_W", block_w)
     return request.param
-
-
-def ragged_batch(seed: int, batch: int = 6, n: int = 5, m: int = 4) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
-    """(batch, n, m) float64 costs with random lengths; NaN / +inf in the padding must never leak."""
-    rng = rng_from(seed)
-    xl, yl = rng.integers(1, n + 1, size=batch), rng.integers(1, m + 1, size=batch)
-    xl[0], yl[0] = n, m
-    cost = torch.tensor(rng.uniform(0, 3, size=(batch, n, m)))
-    for b in range(batch):
-        cost[b, xl[b]:, :] = float("nan")
-        cost[b, :, yl[b]:] = float("inf")
-    return cost, xl, yl
 
 
 @pytest.mark.parametrize("gamma", [0.05, 1.0])
@@ -66,9 +52,9 @@ def test_values_and_gradients_equal_brute_force(layout: str, gamma: float, radiu
 @pytest.mark.parametrize("radius", [None, 0, 2])
 def test_hard_dtw_and_paths(layout: str, radius: int | None) -> None:
     cost, xl, yl = ragged_batch(40 + (radius or 0), batch=5, n=6, m=5)
-    lengths = torch.tensor(xl, device=CUDA), torch.tensor(yl, device=CUDA)
-    got = dtw.soft_dtw(cost.to(CUDA), 0.0, *lengths, radius)
-    paths = dtw.hard_dtw_path(cost.to(CUDA), *lengths, radius)
+    on_gpu, lengths = cost.to(CUDA), (torch.tensor(xl, device=CUDA), torch.tensor(yl, device=CUDA))
+    got = dtw.soft_dtw(on_gpu, 0.0, *lengths, radius)
+    paths = dtw.hard_dtw_path(on_gpu, *lengths, radius)
     for b in range(cost.shape[0]):
         c = cost[b, :xl[b], :yl[b]]
         want = min(sum(c[i, j].item() for i, j in p) for p in band_paths(xl[b], yl[b], radius))

@@ -29,6 +29,8 @@ import dtw  # noqa: E402
 
 pytestmark = pytest.mark.reference("triton", "tslearn.metrics")  # tests/conftest.py
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+# (_MIN_PROGRAMS, _MAX_BLOCK_W): pairs-per-program layout, one pair per program, and 2-cell diagonal chunks
+LAYOUTS = {"pair_lanes": (1, 256), "diagonal": (10 ** 9, 256), "chunked": (10 ** 9, 2)}
 
 if not INTERPRETED:
     def test_triton_kernels_under_interpreter() -> None:
@@ -66,11 +68,7 @@ if not INTERPRETED:
             assert "bar.sync" in ptx and "ld.global.cg" in ptx  # the per-diagonal barrier and L2-only loads
 
 else:
-    from test_dtw import band_paths, brute_soft_dtw, rng_from  # noqa: E402
-
-    # (_MIN_PROGRAMS, _MAX_BLOCK_W): pairs-per-program layout, one pair per program, and 2-cell
-    # diagonal chunks
-    LAYOUTS = {"pair_lanes": (1, 256), "diagonal": (10 ** 9, 256), "chunked": (10 ** 9, 2)}
+    from test_dtw import band_paths, brute_soft_dtw, ragged_batch, rng_from  # noqa: E402
 
     @pytest.fixture(params=list(LAYOUTS))
     def layout(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
@@ -79,18 +77,6 @@ else:
         monkeypatch.setattr(dtw, "_MIN_PROGRAMS", programs)
         monkeypatch.setattr(dtw, "_MAX_BLOCK_W", block_w)
         return request.param
-
-    def ragged_batch(seed: int, batch: int = 6, n: int = 5,
-                     m: int = 4) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
-        """(batch, n, m) float64 costs with random lengths; NaN / +inf in the padding must never leak."""
-        rng = rng_from(seed)
-        xl, yl = rng.integers(1, n + 1, size=batch), rng.integers(1, m + 1, size=batch)
-        xl[0], yl[0] = n, m
-        cost = torch.tensor(rng.uniform(0, 3, size=(batch, n, m)))
-        for b in range(batch):
-            cost[b, xl[b]:, :] = float("nan")
-            cost[b, :, yl[b]:] = float("inf")
-        return cost, xl, yl
 
     def test_layout_config_is_what_the_fixture_asks(layout: str) -> None:
         block_w, block_b, _ = dtw._launch_config(6, 5, 4)
