@@ -539,7 +539,7 @@ def tiny_model():
 def test_recipes_follow_the_papers_unless_a_flag_is_given():
     """VladVA: LoRA r = 16, alpha = 16 on every projection, prompts + LoRA. Sugar: LoRA on W_q, W_v with the
     paper's alpha / r = 2 at r = 64 (128 capped by v_proj's 64 outputs), no soft prompts. lr 2e-3 for all (the
-    papers' 1e-4 scaled for 200 steps). Explicit flags win over the recipe, field by field."""
+    papers' 1e-4 scaled for a few hundred steps). Explicit flags win over the recipe, field by field."""
     expected = {"vladva": (ALL_PROJECTIONS, 16, 16.0, 2e-3, "both"),
                 "sugar": ({"q_proj", "v_proj"}, 64, 128.0, 2e-3, "lora"),
                 "generative": (ALL_PROJECTIONS, 16, 16.0, 2e-3, "lora"),
