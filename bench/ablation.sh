@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's ablations: one generative base, every fine-tuning from it with the same steps and the same data
 # order (same --seed, the batch of step s a pure function of it), each evaluated.
-#   bash bench/ablation.sh [OUTDIR]      (two to three hours on 2 CPU cores: 42 fine-tunings)
+#   bash bench/ablation.sh [OUTDIR]      (about three hours on 2 CPU cores: 42 fine-tunings)
 # The default `python train.py` pre-trains the base (OUTDIR/unified.base.pt) and fine-tunes `unified`; every other
 # run fine-tunes from that same base, each method with its own recipe (train.RECIPES), one switch changed per row:
 #   methods:  generative, vladva, sugar, and unified without the structure loss (the README's diagnostic)
