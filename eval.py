@@ -21,11 +21,15 @@ Metrics (the JSON keys):
   vqa/relation_{left_right,above_below}   the built-in world's relation questions per axis
   pope/{acc,precision,recall,f1,yes_ratio}   object-existence yes/no questions (POPE, Li et al., EMNLP 2023)
   rag/acc, rag/acc_without_retrieval   name questions about test objects whose names never occur in training:
-                                  answered with the top-k knowledge-base entries that the model's own
-                                  embeddings retrieve (question text -> entry image), and with no context
-                                  at all
+                                  answered with the top-k knowledge-base entries that the model itself
+                                  retrieves (question text -> entry image), and with no context at all.
+                                  The retriever (--rag-retriever): the method's embeddings, or, for a
+                                  checkpoint with no trained embedding (the base, generative), the
+                                  likelihood of the question given each entry image
   rag/acc_oracle_context, rag/retrieval_r1   the two halves of rag/acc: answering with the right entry given,
                                   and how often the right entry is retrieved first
+  speed/embeddings_per_s          embeddings a second over the retrieval, compositional, Winoground and
+                                  interleaved suites
   oracle/<suite>/...              the retrieval, compositional, Winoground and interleaved suites scored
                                   with the teacher features instead of the model (TeacherEmbedder): the
                                   ceiling on this world
@@ -38,6 +42,7 @@ Run:
     python eval.py --ckpt out.pt --data llava_test.json,pope_random.jsonl     # vqa/* and pope/* of two files
     python eval.py --ckpt out.pt --data mmc4_docs.jsonl,winoground.jsonl      # interleaved/* and winoground/*
     python eval.py --ckpt out.pt --blank-images 1     # the same with black images: what the image contributes
+    python eval.py --ckpt out.pt --rag-retriever likelihood   # RAG retrieves by likelihood whatever the method
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -70,6 +76,7 @@ class EvalArgs:
     batch: int = 64
     rag_k: int = 1            # knowledge-base entries put into the prompt
     embedding: str = "auto"   # auto (the checkpoint's method) | summary | prefix
+    rag_retriever: str = "auto"  # auto | embedding | likelihood (auto: likelihood where no embedding is trained)
     blank_images: int = 0     # 1: test images replaced by zeros (how much of a score comes from the image)
 
 
@@ -79,6 +86,9 @@ def parse_args(argv: list[str] | None = None) -> EvalArgs:
     args = EvalArgs(**vars(p.parse_args(argv)))
     if args.embedding not in ("auto", "summary", "prefix"):
         raise SystemExit(f"eval.py: --embedding must be auto, summary or prefix, got {args.embedding!r}")
+    if args.rag_retriever not in ("auto", "embedding", "likelihood"):
+        raise SystemExit(f"eval.py: --rag-retriever must be auto, embedding or likelihood, "
+                         f"got {args.rag_retriever!r}")
     if args.data_split not in data.KARPATHY_SPLITS:
         raise SystemExit(f"eval.py: --data-split must be one of {', '.join(data.KARPATHY_SPLITS)}, "
                          f"got {args.data_split!r}")
@@ -254,6 +264,24 @@ def generate_answers(model: MLLM, tok: data.Tokenizer, prompts: list[data.Sample
             row = row[:row.index(tok.eos_id)] if tok.eos_id in row else row
             answers[i] = tok.decode(row).strip()
     return answers
+
+
+@torch.no_grad()
+def text_log_likelihoods(model: MLLM, tok: data.Tokenizer, pairs: list[tuple[Tensor, str]], device: torch.device,
+                         batch: int, desc: str = "likelihood") -> Tensor:
+    """log p(text | image) for each (image, text) pair: the summed log-probabilities of the text's tokens and
+    its end-of-turn token after `[bos] <image>*n`, the tokens the next-token loss scores on a caption. (N,)"""
+    out = []
+    for i in tqdm(range(0, len(pairs), batch), desc=desc, leave=False, file=sys.stderr):
+        b = data.collate([data.Sample([data.image_seg(x), data.text_seg(t, True)]) for x, t in pairs[i:i + batch]],
+                         tok, model.n_image_tokens, model.cfg.llm.max_seq_len)
+        logits, _ = model(b["input_ids"].to(device), b["images"].to(device))  # (B, T, V)
+        labels = b["labels"][:, 1:].to(device)  # (B, T-1): position t predicts the token at t + 1
+        logp = logits[:, :-1].float().log_softmax(-1)
+        scored = labels != -100
+        picked = logp.gather(2, labels.clamp(min=0)[..., None])[..., 0]  # (B, T-1)
+        out.append(torch.where(scored, picked, 0.0).sum(1).cpu())
+    return torch.cat(out)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -440,15 +468,37 @@ def eval_vqa_pope(world: data.World, model: MLLM, tok: data.Tokenizer, device: t
     return out
 
 
-def eval_rag(world: data.World, model: MLLM, tok: data.Tokenizer, emb: Embedder, kind: str, k: int,
+Retriever = Callable[[list[str], list[Tensor]], Tensor]  # (questions, images) -> scores (Q, E)
+
+
+def embedding_retriever(emb: Embedder, kind: str) -> Retriever:
+    """Cosine of the question's text embedding and each entry image's embedding (the method's own)."""
+    return lambda questions, images: cosine(emb([txt(q) for q in questions], kind, "text"),
+                                            emb([img(x) for x in images], kind, "image"))
+
+
+def likelihood_retriever(model: MLLM, tok: data.Tokenizer, device: torch.device, batch: int) -> Retriever:
+    """For a model with no trained embedding (the base, generative fine-tuning): an entry's score for a question
+    is log p(question | entry image) under the model's own next-token distribution (text_log_likelihoods),
+    so the entry it retrieves is the image that best explains the question's words. One forward pass per
+    (question, entry) pair, against one per question and per entry for embeddings. Our choice; no score is
+    normalised across the questions asked, so each question is retrieved for on its own."""
+    def scores(questions: list[str], images: list[Tensor]) -> Tensor:
+        pairs = [(x, q) for q in questions for x in images]
+        return text_log_likelihoods(model, tok, pairs, device, batch, "rag likelihood").view(len(questions),
+                                                                                           len(images))
+    return scores
+
+
+def eval_rag(world: data.World, model: MLLM, tok: data.Tokenizer, retrieve: Retriever, k: int,
              device: torch.device, batch: int) -> dict[str, float]:
     """Names of test objects never occur in training: without retrieval only a guess can answer. With
-    retrieval the question's text embedding picks the k nearest knowledge-base entry images and their
-    descriptions go first."""
+    retrieval the question's k best-scoring knowledge-base entry images (`retrieve`) put their descriptions
+    first."""
     kb = world.kb
-    keys = emb([img(e.image) for e in kb.entries], kind, "image")  # (E, d)
-    q = emb([txt(question) for question, _ in kb.questions], kind, "text")  # (Q, d)
-    top = cosine(q, keys).topk(min(k, len(kb.entries)), dim=1).indices.tolist()
+    scores = retrieve([question for question, _ in kb.questions], [e.image for e in kb.entries])  # (Q, E)
+    require_finite("RAG retrieval scores", scores)
+    top = scores.topk(min(k, len(kb.entries)), dim=1).indices.tolist()
     with_ctx = [data.Sample([data.text_seg(kb.entries[e].description, False) for e in reversed(top[n])]
                             + [data.text_seg(data.format_question(question), False)])
                 for n, (question, _) in enumerate(kb.questions)]
@@ -486,13 +536,19 @@ def evaluate_world(model: MLLM, tok: data.Tokenizer, method: str, args: EvalArgs
     if args.blank_images:
         blank_world_images(world)
     kinds = embedding_kinds(method, args.embedding)
+    # RAG's retriever: auto takes the likelihood where the method trains no embedding
+    likelihood = args.rag_retriever == "likelihood" or (args.rag_retriever == "auto" and method == "generative")
+    kinds["rag"] = "likelihood" if likelihood else kinds["pairs"]
     emb = Embedder(model, tok, args.batch, device, pool)
     metrics: dict[str, float] = {}
     t0 = time.perf_counter()
     metrics.update(eval_discriminative(world, emb, kinds))
-    metrics.update(eval_rag(world, model, tok, emb, kinds["pairs"], args.rag_k, device, args.batch))
-    t_emb = time.perf_counter() - t0
-    metrics["speed/embeddings_per_s"] = emb.count / t_emb
+    metrics["speed/embeddings_per_s"] = emb.count / (time.perf_counter() - t0)
+    if kinds["rag"] == "likelihood":
+        retrieve = likelihood_retriever(model, tok, device, args.batch)
+    else:
+        retrieve = embedding_retriever(emb, kinds["pairs"])
+    metrics.update(eval_rag(world, model, tok, retrieve, args.rag_k, device, args.batch))
     metrics.update(eval_vqa_pope(world, model, tok, device, args.batch))
     # the oracle row: the same suites on the teacher features, the ceiling each score is read against
     oracle = eval_discriminative(world, TeacherEmbedder(), {"pairs": "teacher", "interleaved": "teacher"})
@@ -604,7 +660,7 @@ def eval_questions(questions: list[data.Question], model: MLLM, tok: data.Tokeni
 
 def print_table(metrics: dict[str, float], kinds: dict[str, str], ckpt: str, method: str) -> None:
     print(f"checkpoint {ckpt} | method {method} | embeddings: image-text {kinds['pairs']}, "
-          f"interleaved {kinds['interleaved']}")
+          f"interleaved {kinds['interleaved']}" + (f", RAG retrieval {kinds['rag']}" if "rag" in kinds else ""))
     width = max(len(k) for k in metrics)
     for k, v in metrics.items():
         print(f"  {k:<{width}}  {v:8.4f}")

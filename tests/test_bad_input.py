@@ -135,6 +135,7 @@ def test_unwritable_out_is_refused_up_front(tmp_path, where):
     (["--batch", "0"], "--batch must be >= 1"), (["--n-test", "0"], "--n-test must be >= 1"),
     (["--rag-k", "0"], "--rag-k must be >= 1"), (["--blank-images", "2"], "--blank-images must be 0 or 1"),
     (["--data-split", "dev"], "--data-split must be one of"),
+    (["--rag-retriever", "cosine"], "--rag-retriever must be auto, embedding or likelihood"),
 ])
 def test_bad_eval_flags_stop_before_loading(tmp_path, flags, message):
     with pytest.raises(SystemExit, match=message):  # the checkpoint does not exist: the flag is checked first

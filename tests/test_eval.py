@@ -274,3 +274,60 @@ def test_interleaved_query_longer_than_the_context_drops_its_oldest_segments(tmp
                                       for x in last.segments[n_dropped:]]
     assert data.sample_lengths([data.Sample(last.segments[n_dropped - 1:])], tok,
                                16)[0] > room  # none too many
+
+
+# ------------------------------------------------------------------------------------------------------------
+# RAG's likelihood retriever
+
+WORDS = ["the", "small", "large", "red", "blue", "circle", "square", "what", "is", "name", "of"]
+
+
+def likelihood_setup():
+    import data
+    from unimllm import LLMConfig, MLLM, MLLMConfig, VisionConfig
+    tok = data.train_tokenizer([" ".join(WORDS)] * 4, 120)
+    torch.manual_seed(0)
+    model = MLLM(MLLMConfig(VisionConfig(image_size=8, patch_size=4, hidden_size=32, num_layers=2,
+                                         intermediate_size=64),
+                            LLMConfig(vocab_size=tok.vocab_size, hidden_size=48, intermediate_size=96,
+                                      num_layers=2, max_seq_len=64),
+                            image_token_id=tok.image_id, soft_image_token_id=tok.soft_image_id,
+                            soft_text_token_id=tok.soft_text_id, n_soft_tokens=1)).eval()
+    return data, tok, model
+
+
+@settings(max_examples=12, deadline=None)
+@given(texts=st.lists(st.lists(st.sampled_from(WORDS), min_size=1, max_size=6), min_size=1, max_size=5),
+       batch=st.integers(1, 4), seed=st.integers(0, 100))
+def test_text_log_likelihoods_are_minus_the_training_loss_of_each_pair_alone(texts, batch, seed):
+    """log p(text | image), batched with texts of other lengths (padding), against train.py's next-token loss
+    (train.predicting + train.ntp_sum, summed cross-entropy) of each (image, text) sample collated alone."""
+    import train
+    data, tok, model = likelihood_setup()
+    g = torch.Generator().manual_seed(seed)
+    pairs = [(torch.rand(3, 8, 8, generator=g), " ".join(words)) for words in texts]
+    got = E.text_log_likelihoods(model, tok, pairs, torch.device("cpu"), batch)
+    for (image, text), value in zip(pairs, got.tolist()):
+        b = data.collate([data.Sample([data.image_seg(image), data.text_seg(text, True)])], tok,
+                         model.n_image_tokens, 64)
+        predict = train.predicting(b["labels"])
+        with torch.no_grad():
+            logits, _ = model(b["input_ids"], b["images"], predict)
+        loss, n = train.ntp_sum(logits, b["labels"], predict)
+        assert n == len(tok.encode(text)) + 1  # the text's tokens and its end of turn
+        assert value == pytest.approx(-float(loss), rel=1e-5, abs=1e-4)
+
+
+def test_likelihood_retriever_scores_question_rows_against_entry_columns():
+    """scores[q, e] is log p(question q | image e), each pair scored on its own."""
+    data, tok, model = likelihood_setup()
+    g = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, 8, 8, generator=g) for _ in range(3)]
+    questions = ["what is the name of the red circle?", "the large square", "blue"]
+    got = E.likelihood_retriever(model, tok, torch.device("cpu"), 4)(questions, images)
+    assert got.shape == (3, 3)
+    for q, question in enumerate(questions):
+        for e, image in enumerate(images):
+            alone = E.text_log_likelihoods(model, tok, [(image, question)], torch.device("cpu"), 1)
+            assert float(got[q, e]) == pytest.approx(float(alone[0]), rel=1e-5, abs=1e-4)
+    assert len({round(float(v), 3) for v in got[0]}) > 1  # the image changes the score

@@ -197,7 +197,8 @@ def test_rag_copier_scores_its_retrieval_and_one_with_the_right_entry(world, wor
     n = len(world.kb.entries)
     runner_up = set(range(0, n, 3))
     emb = ranked_embedder(world, runner_up)
-    got = E.eval_rag(world, EntryCopier(world_tok), world_tok, emb, "summary", k, torch.device("cpu"), 4)
+    got = E.eval_rag(world, EntryCopier(world_tok), world_tok, E.embedding_retriever(emb, "summary"), k,
+                     torch.device("cpu"), 4)
     hit_at_1 = 1 - len(runner_up) / n
     assert got["rag/retrieval_r1"] == pytest.approx(hit_at_1)
     assert got["rag/acc_oracle_context"] == 1.0  # the right entry given: a copier cannot miss
@@ -210,6 +211,6 @@ def test_rag_fixed_wrong_name_scores_zero(world, world_tok):
     wrong = data.make_name(random.Random(0), "train")  # no test name is ever a training name
     emb = ranked_embedder(world, set())
     copier = EntryCopier(world_tok, wrong)
-    got = E.eval_rag(world, copier, world_tok, emb, "summary", 1, torch.device("cpu"), 4)
+    got = E.eval_rag(world, copier, world_tok, E.embedding_retriever(emb, "summary"), 1, torch.device("cpu"), 4)
     assert got["rag/retrieval_r1"] == 1.0
     assert got["rag/acc"] == got["rag/acc_without_retrieval"] == got["rag/acc_oracle_context"] == 0.0, got

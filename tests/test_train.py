@@ -165,7 +165,7 @@ def test_where_mix_adds_every_nth_mix_sample_to_the_second_part(tmp_path):
     assert same(mixed.lookup, plain.lookup) and same(mixed.lm, plain.lm)  # nothing else changes
 
 
-def test_smoke_checkpoint_evaluates(tmp_path):
+def test_smoke_checkpoint_evaluates(tmp_path, capsys):
     out = tmp_path / "smoke.pt"
     train.main(["--smoke", "--out", str(out)])
     assert (tmp_path / "smoke.base.pt").is_file()
@@ -176,6 +176,10 @@ def test_smoke_checkpoint_evaluates(tmp_path):
                 "interleaved/r5",
                 "vqa/acc", "pope/f1", "pope/yes_ratio", "rag/acc", "rag/acc_without_retrieval"):
         assert key in saved and math.isfinite(saved[key]), key
+    assert "RAG retrieval summary" in capsys.readouterr().out  # unified: its trained summaries
+    # the base has no trained embedding: RAG retrieves by the question's likelihood given each entry image
+    base = E.main(["--ckpt", str(tmp_path / "smoke.base.pt"), "--n-test", "8"])
+    assert "RAG retrieval likelihood" in capsys.readouterr().out and math.isfinite(base["rag/acc"])
     # every method fine-tunes from the same saved base
     vladva = tmp_path / "vladva.pt"
     train.main(["--smoke", "--method", "vladva", "--init", str(tmp_path / "smoke.base.pt"), "--out",
