@@ -327,6 +327,9 @@ _MAX_TILE = 1024
 _MAX_BLOCK_W = 256
 _MAX_BLOCK_B = 128
 _MIN_PROGRAMS = 264
+# Multiply-adds in the kernels contract to FMA (one rounding each): set here, not left to Triton's default,
+# which Triton 3.10 changes to off, so the kernels round the same under every Triton version.
+_FP_FUSION = True
 
 
 def _use_triton(cost: Tensor) -> bool:
@@ -520,7 +523,7 @@ def _triton_forward(cost: Tensor, gamma: float, x_lengths: Tensor | None, y_leng
         c, q, weights, offsets, xl, yl, batch, n, m, -1.0 / gamma if gamma > 0 else -1.0, bandwidth or 0,
         _sentinel(cost.dtype, n, m), *c.stride(), *q_strides, *w_strides, HARD=gamma == 0,
         BANDED=bandwidth is not None, STORE_W=need_weights, EXP_CUT=_EXP_CUT[cost.dtype], BLOCK_B=block_b,
-        BLOCK_W=block_w, num_warps=warps)
+        BLOCK_W=block_w, num_warps=warps, enable_fp_fusion=_FP_FUSION)
     end = offsets[xl + yl] + xl - (xl + yl - m).clamp(min=0)  # (B,) skewed row of (n_b, m_b)
     q_end = (q.gather(0, end.view(1, -1)) if pair_inner else q.gather(1, end.view(-1, 1))).view(batch)
     if not need_weights:
@@ -548,7 +551,7 @@ def _triton_backward(state: _TritonPass, shape: torch.Size, dvalue: Tensor) -> T
     backward_kernel[(_cdiv(batch, block_b),)](
         weights, e, grad, dvalue, state.offsets, state.x_lengths, state.y_lengths, batch, n, m,
         _FLUSH[weights.dtype], *e_strides, *w_strides, *grad.stride(), BLOCK_B=block_b, BLOCK_W=block_w,
-        num_warps=warps)
+        num_warps=warps, enable_fp_fusion=_FP_FUSION)
     return grad
 
 

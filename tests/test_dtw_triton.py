@@ -63,9 +63,12 @@ if not INTERPRETED:
             names = list(sig)
             source = ASTSource(fn=fn, signature=sig,
                                constexprs={(names.index(k),): v for k, v in consts.items()})
-            compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+            options = {"num_warps": 4, "enable_fp_fusion": dtw._FP_FUSION}  # as dtw.py launches them
+            compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
             ptx = compiled.asm["ptx"]
             assert "bar.sync" in ptx and "ld.global.cg" in ptx  # the per-diagonal barrier and L2-only loads
+            # without fusion every multiply is written mul.rn (explicit rounding: ptxas may not contract it)
+            assert ("mul.rn." in ptx) != dtw._FP_FUSION
 
 else:
     from test_dtw import band_paths, brute_soft_dtw, ragged_batch, rng_from  # noqa: E402
