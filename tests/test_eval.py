@@ -331,3 +331,29 @@ def test_likelihood_retriever_scores_question_rows_against_entry_columns():
             alone = E.text_log_likelihoods(model, tok, [(image, question)], torch.device("cpu"), 1)
             assert float(got[q, e]) == pytest.approx(float(alone[0]), rel=1e-5, abs=1e-4)
     assert len({round(float(v), 3) for v in got[0]}) > 1  # the image changes the score
+
+
+def test_embedding_throughput_times_the_discriminative_suites_only(monkeypatch):
+    """speed/embeddings_per_s: the embeddings of the retrieval, compositional, Winoground and interleaved
+    suites over their time; RAG's generation and the VQA / POPE answers after them are not counted in."""
+    from types import SimpleNamespace
+    clock = [0.0]
+    monkeypatch.setattr(E.time, "perf_counter", lambda: clock[0])
+
+    def discriminative(world, emb, kinds):
+        if isinstance(emb, E.Embedder):  # the model's suites: 10 embeddings in 2 s; the oracle row is free
+            emb.count += 10
+            clock[0] += 2.0
+        return {}
+
+    def slow(*args, **kwargs):
+        clock[0] += 100.0
+        return {}
+
+    monkeypatch.setattr(E, "eval_discriminative", discriminative)
+    monkeypatch.setattr(E, "eval_rag", slow)
+    monkeypatch.setattr(E, "eval_vqa_pope", slow)
+    model = SimpleNamespace(cfg=SimpleNamespace(vision=SimpleNamespace(image_size=32)))
+    metrics, kinds = E.evaluate_world(model, None, "unified", E.EvalArgs(n_test=4), torch.device("cpu"))
+    assert metrics["speed/embeddings_per_s"] == 5.0
+    assert kinds["rag"] == "summary"
