@@ -58,6 +58,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
@@ -270,17 +271,19 @@ def generate_answers(model: MLLM, tok: data.Tokenizer, prompts: list[data.Sample
 def text_log_likelihoods(model: MLLM, tok: data.Tokenizer, pairs: list[tuple[Tensor, str]], device: torch.device,
                          batch: int, desc: str = "likelihood") -> Tensor:
     """log p(text | image) for each (image, text) pair: the summed log-probabilities of the text's tokens and
-    its end-of-turn token after `[bos] <image>*n`, the tokens the next-token loss scores on a caption. (N,)"""
+    its end-of-turn token after `[bos] <image>*n`, the tokens the next-token loss scores on a caption, with
+    logits computed at those positions only (train.predicting, as the loss does). (N,)"""
+    from train import predicting
     out = []
     for i in tqdm(range(0, len(pairs), batch), desc=desc, leave=False, file=sys.stderr):
         b = data.collate([data.Sample([data.image_seg(x), data.text_seg(t, True)]) for x, t in pairs[i:i + batch]],
                          tok, model.n_image_tokens, model.cfg.llm.max_seq_len)
-        logits, _ = model(b["input_ids"].to(device), b["images"].to(device))  # (B, T, V)
-        labels = b["labels"][:, 1:].to(device)  # (B, T-1): position t predicts the token at t + 1
-        logp = logits[:, :-1].float().log_softmax(-1)
-        scored = labels != -100
-        picked = logp.gather(2, labels.clamp(min=0)[..., None])[..., 0]  # (B, T-1)
-        out.append(torch.where(scored, picked, 0.0).sum(1).cpu())
+        labels = b["labels"]  # (B, T)
+        predict = predicting(labels)  # (P,) flat positions; position t predicts the token at t + 1
+        logits, _ = model(b["input_ids"].to(device), b["images"].to(device), predict.to(device))  # (P, V)
+        token_logp = -F.cross_entropy(logits.float(), labels.flatten()[predict + 1].to(device), reduction="none")
+        row = (predict // labels.shape[1]).to(device)  # (P,) the pair each position belongs to
+        out.append(token_logp.new_zeros(len(labels)).index_add_(0, row, token_logp).cpu())
     return torch.cat(out)
 
 
