@@ -755,6 +755,7 @@ class Scene:
     cross_long: Tensor                 # == cross_image: the long caption states every fact of the scene
     phrase: Phrase                     # the structure behind short_caption
     negative_phrases: dict[str, Phrase]
+    twin: "Scene | None" = None        # a hard-negative partner (twin_scene, train.py --pair-twins swap)
 
 
 @dataclass
@@ -832,8 +833,8 @@ class World:
     cross_dim: int = CROSS_DIM
 
 
-def _make_scene(graph: SceneGraph, rng: random.Random, image_size: int) -> Scene:
-    phrase = _short_phrase(graph, rng)
+def _make_scene(graph: SceneGraph, rng: random.Random, image_size: int, phrase: Phrase | None = None) -> Scene:
+    phrase = _short_phrase(graph, rng) if phrase is None else phrase
     neg = make_negatives(graph, phrase, rng)
     short, long_ = phrase.text(), _long_caption(graph)
     return Scene(
@@ -843,6 +844,35 @@ def _make_scene(graph: SceneGraph, rng: random.Random, image_size: int) -> Scene
         uni_short=uni_text_features(short), cross_short=cross_features(cross_facts_phrase(phrase)),
         uni_long=uni_text_features(long_), cross_long=cross_features(cross_facts_graph(graph)),
         phrase=phrase, negative_phrases=neg)
+
+
+def twin_scene(scene: Scene, kind: str, image_size: int) -> Scene | None:
+    """The scene's Winoground-style twin, a hard negative for the contrastive loss (train.py --pair-twins swap;
+    measured, not the default): the two objects its short caption names trade places (kind "swap_obj") or
+    colours ("swap_att"), and the twin's caption says so with the same words in another binding ("a red square
+    above a blue circle" -> "a blue circle above a red square" / "a blue square above a red circle"). Each
+    caption is false of the other's image: swapped places reverse the relation on every axis, swapped colours
+    name a (colour, shape) the other scene lacks. The other objects stay. None when the caption names one
+    object, or when the twin's graph belongs to the test split (the splits stay content-disjoint). Our choice
+    (neither paper; NegCLIP, Yuksekgonul et al. ICLR 2023, adds swapped captions as negatives; here the twin's
+    image comes with it, so the pair is a negative both ways)."""
+    if kind not in ("swap_obj", "swap_att"):
+        raise ValueError(f"twin_scene: kind must be 'swap_obj' or 'swap_att', got {kind!r}")
+    p = scene.phrase
+    if p.rel is None or p.second is None:
+        return None
+    a, b = scene.graph.find(p.first.colour, p.first.shape), scene.graph.find(p.second.colour, p.second.shape)
+    assert a is not None and b is not None, "a short caption names objects of its scene"
+    if kind == "swap_obj":
+        new_a, new_b = replace(a, row=b.row, col=b.col), replace(b, row=a.row, col=a.col)
+        phrase = Phrase(NP(b.colour, b.shape), p.rel, NP(a.colour, a.shape))
+    else:
+        new_a, new_b = replace(a, colour=b.colour), replace(b, colour=a.colour)
+        phrase = Phrase(NP(b.colour, a.shape), p.rel, NP(a.colour, b.shape))
+    graph = SceneGraph([new_a if o is a else new_b if o is b else o for o in scene.graph.objects])
+    if graph_split(graph) != "train":
+        return None
+    return _make_scene(graph, random.Random(f"twin:{canonical(graph)}"), image_size, phrase)
 
 
 def _scene_for_split(split: str, rng: random.Random) -> SceneGraph:

@@ -48,7 +48,7 @@ import sys
 import threading
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -163,6 +163,8 @@ class DataArgs:
     rag_kbs: int = 100      # built-in world: training knowledge bases of 48 made-up names each
     rag_pairs: int = 8      # built-in world: copies of the 48 entry-image / name-question retrieval pairs
                             # among fine-tuning's image-caption pairs (data.kb_pairs; 0: none)
+    pair_twins: str = "none"  # swap: each scene pair's Winoground-style twin follows it in its fine-tuning
+                              # step, a hard negative (with_twins; measured, not adopted: README) | none
     data_split: str = "train"  # Karpathy records trained on: train (+ restval) | val | test | all
 
 
@@ -295,6 +297,8 @@ def validate(cfg: TrainConfig) -> None:
     ft, run = cfg.finetune, cfg.run
     if ft.method not in METHODS:
         raise SystemExit(f"train.py: --method must be one of {', '.join(METHODS)}, got {ft.method!r}")
+    if cfg.data.pair_twins not in ("swap", "none"):
+        raise SystemExit(f"train.py: --pair-twins must be swap or none, got {cfg.data.pair_twins!r}")
     if cfg.data.data_split not in data.KARPATHY_SPLITS:
         raise SystemExit(f"train.py: --data-split must be one of {', '.join(data.KARPATHY_SPLITS)}, "
                          f"got {cfg.data.data_split!r}")
@@ -480,6 +484,20 @@ def long_caption_samples(items: list) -> list[data.Sample]:
     return [data.Sample([data.image_seg(s.image), data.text_seg(s.long_caption, True)]) for s in items]
 
 
+def with_twins(items: list, n: int) -> list:
+    """A step's pairs with --pair-twins swap: each item followed by its twin (data.twin_scene), the first n.
+    About half of a batch's pairs then sit beside a pair whose caption uses the same words in another binding,
+    which the symmetric InfoNCE must tell apart both ways; drawn at random, a batch of 32 holds one about 1% of
+    the time. Items without a twin (knowledge-base pairs, user pairs) pass alone. Measured on the default base
+    and not adopted: the summaries of a twin pair's captions stay as close as without twins (cosine 0.96), so
+    Winoground stays near 0, and retrieval loses a third of its R@1 (README, "Hard-negative twins")."""
+    out = []
+    for s in items:
+        twin = getattr(s, "twin", None)
+        out += [s] if twin is None else [s, twin]
+    return out[:n]
+
+
 def singles(pairs: list) -> list[data.Sample]:
     """Sugar's single-slice samples: [image] and [short caption] of each pair, each its own one-slice prefix.
     They make the structure loss shape the same embeddings eval.py retrieves with (our choice: Sugar's paper
@@ -497,7 +515,11 @@ def builtin_corpus(cfg: TrainConfig) -> Corpus:
     rag = [s for w in kb_worlds for s in data.rag_samples(w)]
     # every knowledge base holds the same entry images and questions (only the names differ): one set of
     # retrieval pairs, repeated --rag-pairs times among the scenes
-    pairs = world.scenes + data.kb_pairs(kb_worlds[0].kb, cfg.model.image_size) * cfg.data.rag_pairs
+    scenes = world.scenes
+    if cfg.data.pair_twins == "swap":  # the two kinds of swap alternate over the scenes, as in the test suite
+        scenes = [replace(s, twin=data.twin_scene(s, ("swap_obj", "swap_att")[i % 2], cfg.model.image_size))
+                  for i, s in enumerate(scenes)]
+    pairs = scenes + data.kb_pairs(kb_worlds[0].kb, cfg.model.image_size) * cfg.data.rag_pairs
     lookup = data.lookup_samples(world) + rag
     lm, long = data.pretrain_samples(world) + rag, long_caption_samples(world.scenes)
     stories = data.story_samples(world)
@@ -581,7 +603,7 @@ def check_corpus(corpus: Corpus, cfg: TrainConfig, tok: data.Tokenizer, n_image_
                              f"{max_len}; nothing is truncated)")
     if not corpus.files:
         longest = max(data.sample_lengths(corpus.lm + corpus.stories, tok, n_image_tokens)
-                      + data.pair_lengths(corpus.pairs, tok, n_image_tokens))
+                      + data.pair_lengths(with_twins(corpus.pairs, 2 * len(corpus.pairs)), tok, n_image_tokens))
         if longest > max_len:
             raise SystemExit(f"train.py: {where} has samples of up to {longest} tokens, more than --max-len "
                              f"{max_len} (nothing is truncated)")
@@ -693,6 +715,7 @@ class Batches:
             return Batch(lm=lm, n_sequences=lm["input_ids"].shape[0])
         ft, obj, out = cfg.finetune, self.objective, Batch()
         pairs = self.streams["pairs"].batch(k, ft.pair_batch) if self.streams["pairs"].items else []
+        pairs = with_twins(pairs, ft.pair_batch)
         local_pairs = shard(pairs, ft.pair_batch, d)
         if pairs:  # a conversations-only corpus fine-tunes generatively without them (check_corpus)
             out.pairs = data.collate_pairs(local_pairs, tok, n_img, self.model_cfg.n_soft_tokens, L)

@@ -6,6 +6,7 @@ calls data.py's caption/negative code. Readers round-trip fixtures this file wri
 
 Run: .venv/bin/python -m pytest tests/test_data.py -x -q
 """
+import dataclasses
 import json
 import math
 import re
@@ -273,6 +274,45 @@ def test_winoground_and_stories(seed):
                 assert not any((o.colour, o.shape) == (m[1], m[2]) for o in objs)
             image, sentence = cur
             assert image.shape == (3, 32, 32) and sentence == s
+
+
+@FAST
+@given(seed=st.integers(0, 10**6), kind=st.sampled_from(["swap_obj", "swap_att"]))
+def test_twin_scene_is_a_winoground_pair_of_its_scene(seed, kind):
+    """Fine-tuning's hard-negative twins: the two objects the caption names trade places / colours and nothing
+    else changes; each caption is true of its own scene and false of the other, with the same words; the
+    twin is a whole scene (image, long caption, answers) and never a test-split graph."""
+    w = data.make_world("train", 16, seed)
+    for s in w.scenes:
+        twin = data.twin_scene(s, kind, w.image_size)
+        first, rel, second, _ = parse(s.short_caption)
+        if rel is None:
+            assert twin is None
+            continue
+        objs = s.graph.objects
+        a = next(o for o in objs if matches(o, first))
+        b = next(o for o in objs if matches(o, second))
+        if kind == "swap_obj":
+            moved = {id(a): dataclasses.replace(a, row=b.row, col=b.col),
+                     id(b): dataclasses.replace(b, row=a.row, col=a.col)}
+        else:
+            moved = {id(a): dataclasses.replace(a, colour=b.colour), id(b): dataclasses.replace(b, colour=a.colour)}
+        expected = data.SceneGraph([moved.get(id(o), o) for o in objs])
+        if twin is None:
+            assert data.graph_split(expected) == "test"
+            continue
+        assert data.canonical(twin.graph) == data.canonical(expected) and data.graph_split(expected) == "train"
+        t_objs = twin.graph.objects
+        assert true_of(twin.short_caption, t_objs) and not true_of(twin.short_caption, objs)
+        assert not true_of(s.short_caption, t_objs)
+        assert sorted(twin.short_caption.split()) == sorted(s.short_caption.split())
+        assert twin.short_caption != s.short_caption
+        assert torch.equal(twin.image, data.render(expected, w.image_size))
+        check_long(twin.long_caption, t_objs)
+        for q, ans in twin.vqa + twin.pope:
+            assert answer_of(q, t_objs) == ans
+    with pytest.raises(ValueError, match="kind must be"):
+        data.twin_scene(w.scenes[0], "swap_size", w.image_size)
 
 
 def test_train_test_disjoint_and_rag_names(train_world):

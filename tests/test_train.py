@@ -165,6 +165,33 @@ def test_where_mix_adds_every_nth_mix_sample_to_the_second_part(tmp_path):
     assert same(mixed.lookup, plain.lookup) and same(mixed.lm, plain.lm)  # nothing else changes
 
 
+def test_finetuning_pairs_come_with_their_winoground_twins(tmp_path):
+    """--pair-twins swap: a fine-tuning step's captions hold pairs that use the same words in another binding
+    (the twin's), each with its own image; with none (the default) they almost never meet in a step."""
+    def partnered(twins: str) -> tuple[int, int]:
+        cfg = train.parse_args(SMOKE + ["--n-train", "200", "--pair-batch", "8", "--pair-twins", twins,
+                                        "--out", str(tmp_path / "x.pt")])
+        corpus = train.builtin_corpus(cfg)
+        tok = data.train_tokenizer(corpus.texts, cfg.model.vocab_size)
+        streams = train.build_streams(corpus, 0, tok, 9, cfg.run.length_group)
+        make = train.Batches("finetune", streams, cfg, train.Dist(0, 1, torch.device("cpu")), tok,
+                             train.model_config(cfg.model, tok), train.objective_of("finetune", cfg.finetune),
+                             True)
+        hits = total = 0
+        for k in range(12):
+            pairs = make(k).pairs
+            special = {tok.bos_id, tok.pad_id, tok.soft_text_id}
+            texts = [tok.decode([i for i in row.tolist() if i not in special]).strip() for row in pairs["txt_ids"]]
+            for i, t in enumerate(texts):
+                twins_of_t = [j for j, u in enumerate(texts) if u != t and sorted(u.split()) == sorted(t.split())]
+                assert all(not torch.equal(pairs["images"][i], pairs["images"][j]) for j in twins_of_t)
+                hits += bool(twins_of_t)
+            total += len(texts)
+        return hits, total
+    (with_, n), (without, _) = partnered("swap"), partnered("none")
+    assert with_ >= 0.4 * n and without <= 0.1 * n, (with_, without, n)
+
+
 def test_smoke_checkpoint_evaluates(tmp_path, capsys):
     out = tmp_path / "smoke.pt"
     train.main(["--smoke", "--out", str(out)])
@@ -274,6 +301,8 @@ def test_help_presets_and_explicit_flags(capsys):
 def test_bad_flags_stop_with_a_message(tmp_path):
     with pytest.raises(SystemExit, match="--method must be one of"):
         train.parse_args(["--method", "clip"])
+    with pytest.raises(SystemExit, match="--pair-twins must be swap or none"):
+        train.parse_args(["--pair-twins", "all"])
     with pytest.raises(SystemExit, match="--init .*no such file"):
         train.parse_args(["--init", str(tmp_path / "missing.pt")])
     with pytest.raises(SystemExit, match="--llm .*no such file"):
