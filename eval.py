@@ -25,7 +25,8 @@ Metrics (the JSON keys):
                                   retrieves (question text -> entry image), and with no context at all.
                                   The retriever (--rag-retriever): the method's embeddings, or, for a
                                   checkpoint with no trained embedding (the base, generative), the
-                                  likelihood of the question given each entry image
+                                  likelihood of the question given each entry image, less the image's mean
+                                  likelihood of a fixed bank of training questions (--rag-prior)
   rag/acc_oracle_context, rag/retrieval_r1   the two halves of rag/acc: answering with the right entry given,
                                   and how often the right entry is retrieved first
   speed/embeddings_per_s          embeddings a second over the retrieval, compositional, Winoground and
@@ -78,6 +79,8 @@ class EvalArgs:
     rag_k: int = 1            # knowledge-base entries put into the prompt
     embedding: str = "auto"   # auto (the checkpoint's method) | summary | prefix
     rag_retriever: str = "auto"  # auto | embedding | likelihood (auto: likelihood where no embedding is trained)
+    rag_prior: int = 48       # likelihood retrieval: minus each image's mean log-likelihood of N training-split
+                              # VQA questions (prior_questions; 0: none)
     blank_images: int = 0     # 1: test images replaced by zeros (how much of a score comes from the image)
 
 
@@ -96,6 +99,8 @@ def parse_args(argv: list[str] | None = None) -> EvalArgs:
     for name in ("n_test", "batch", "rag_k"):
         if getattr(args, name) < 1:
             raise SystemExit(f"eval.py: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.rag_prior < 0:
+        raise SystemExit(f"eval.py: --rag-prior must be >= 0, got {args.rag_prior}")
     if args.blank_images not in (0, 1):
         raise SystemExit(f"eval.py: --blank-images must be 0 or 1, got {args.blank_images}")
     why = output_problem(Path(args.json)) if args.json else None
@@ -480,16 +485,31 @@ def embedding_retriever(emb: Embedder, kind: str) -> Retriever:
                                             emb([img(x) for x in images], kind, "image"))
 
 
-def likelihood_retriever(model: MLLM, tok: data.Tokenizer, device: torch.device, batch: int) -> Retriever:
+def prior_questions(n: int) -> list[str]:
+    """The first n VQA questions of the built-in world's training split (data seed 0; "what colour is the
+    square?"): likelihood_retriever's prior bank. None is a RAG question; all are asked of training scenes."""
+    return [q for scene in data.make_world("train", max(1, n), 0).scenes for q, _ in scene.vqa][:n]
+
+
+def likelihood_retriever(model: MLLM, tok: data.Tokenizer, device: torch.device, batch: int,
+                         prior: list[str]) -> Retriever:
     """For a model with no trained embedding (the base, generative fine-tuning): an entry's score for a question
     is log p(question | entry image) under the model's own next-token distribution (text_log_likelihoods),
-    so the entry it retrieves is the image that best explains the question's words. One forward pass per
-    (question, entry) pair, against one per question and per entry for embeddings. Our choice; no score is
-    normalised across the questions asked, so each question is retrieved for on its own."""
-    def scores(questions: list[str], images: list[Tensor]) -> Tensor:
-        pairs = [(x, q) for q in questions for x in images]
-        return text_log_likelihoods(model, tok, pairs, device, batch, "rag likelihood").view(len(questions),
+    minus the mean of log p(b | entry image) over the texts b of `prior` (empty: nothing subtracted), so the
+    entry it retrieves is the image that best explains the question's words beyond what it gives any question.
+    Why the prior: most of a question's log-likelihood is its opening ("what is the name of the"), which says
+    nothing about the entry yet varies from image to image, as does how likely an image makes any text; a
+    fixed bank of training-split questions (prior_questions) measures that per-image offset without looking at
+    the questions asked (a pointwise-mutual-information-style score). One forward pass per (question, entry)
+    pair and per (bank text, entry) pair. Our choice; each question is retrieved for on its own."""
+    def loglik(texts: list[str], images: list[Tensor]) -> Tensor:  # (len(texts), len(images))
+        pairs = [(x, t) for t in texts for x in images]
+        return text_log_likelihoods(model, tok, pairs, device, batch, "rag likelihood").view(len(texts),
                                                                                            len(images))
+
+    def scores(questions: list[str], images: list[Tensor]) -> Tensor:
+        out = loglik(questions, images)  # (Q, E)
+        return out - loglik(prior, images).mean(0, keepdim=True) if prior else out
     return scores
 
 
@@ -548,7 +568,7 @@ def evaluate_world(model: MLLM, tok: data.Tokenizer, method: str, args: EvalArgs
     metrics.update(eval_discriminative(world, emb, kinds))
     metrics["speed/embeddings_per_s"] = emb.count / (time.perf_counter() - t0)
     if kinds["rag"] == "likelihood":
-        retrieve = likelihood_retriever(model, tok, device, args.batch)
+        retrieve = likelihood_retriever(model, tok, device, args.batch, prior_questions(args.rag_prior))
     else:
         retrieve = embedding_retriever(emb, kinds["pairs"])
     metrics.update(eval_rag(world, model, tok, retrieve, args.rag_k, device, args.batch))

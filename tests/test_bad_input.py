@@ -136,6 +136,7 @@ def test_unwritable_out_is_refused_up_front(tmp_path, where):
     (["--rag-k", "0"], "--rag-k must be >= 1"), (["--blank-images", "2"], "--blank-images must be 0 or 1"),
     (["--data-split", "dev"], "--data-split must be one of"),
     (["--rag-retriever", "cosine"], "--rag-retriever must be auto, embedding or likelihood"),
+    (["--rag-prior", "-1"], "--rag-prior must be >= 0"),
 ])
 def test_bad_eval_flags_stop_before_loading(tmp_path, flags, message):
     with pytest.raises(SystemExit, match=message):  # the checkpoint does not exist: the flag is checked first

@@ -324,13 +324,52 @@ def test_likelihood_retriever_scores_question_rows_against_entry_columns():
     g = torch.Generator().manual_seed(0)
     images = [torch.rand(3, 8, 8, generator=g) for _ in range(3)]
     questions = ["what is the name of the red circle?", "the large square", "blue"]
-    got = E.likelihood_retriever(model, tok, torch.device("cpu"), 4)(questions, images)
+    got = E.likelihood_retriever(model, tok, torch.device("cpu"), 4, [])(questions, images)
     assert got.shape == (3, 3)
     for q, question in enumerate(questions):
         for e, image in enumerate(images):
             alone = E.text_log_likelihoods(model, tok, [(image, question)], torch.device("cpu"), 1)
             assert float(got[q, e]) == pytest.approx(float(alone[0]), rel=1e-5, abs=1e-4)
     assert len({round(float(v), 3) for v in got[0]}) > 1  # the image changes the score
+
+
+@settings(max_examples=8, deadline=None)
+@given(bank=st.lists(st.lists(st.sampled_from(WORDS), min_size=1, max_size=5), min_size=1, max_size=4),
+       seed=st.integers(0, 100))
+def test_likelihood_retriever_subtracts_each_images_mean_over_the_prior_bank(bank, seed):
+    """scores[q, e] = log p(q | image e) - mean over the bank's texts b of log p(b | image e), each term from
+    the next-token loss of the pair collated alone (float64 mean), so the prior moves the columns and never
+    the order of one column's questions."""
+    import train
+    data, tok, model = likelihood_setup()
+    g = torch.Generator().manual_seed(seed)
+    images = [torch.rand(3, 8, 8, generator=g) for _ in range(3)]
+    questions = ["what is the name of the red circle?", "the large square"]
+    bank = [" ".join(words) for words in bank]
+
+    def alone(image, text) -> float:
+        b = data.collate([data.Sample([data.image_seg(image), data.text_seg(text, True)])], tok,
+                         model.n_image_tokens, 64)
+        predict = train.predicting(b["labels"])
+        with torch.no_grad():
+            logits, _ = model(b["input_ids"], b["images"], predict)
+        return -float(train.ntp_sum(logits, b["labels"], predict)[0])
+
+    got = E.likelihood_retriever(model, tok, torch.device("cpu"), 3, bank)(questions, images)
+    for e, image in enumerate(images):
+        prior = sum(alone(image, b) for b in bank) / len(bank)
+        for q, question in enumerate(questions):
+            assert float(got[q, e]) == pytest.approx(alone(image, question) - prior, rel=1e-5, abs=1e-4)
+
+
+def test_prior_questions_are_training_split_vqa_questions_and_no_rag_question():
+    import data
+    bank = E.prior_questions(48)
+    train_questions = {q for s in data.make_world("train", 48, 0).scenes for q, _ in s.vqa}
+    test = data.make_world("test", 200, 1)
+    assert len(bank) == 48 and set(bank) <= train_questions
+    assert not set(bank) & {q for q, _ in test.kb.questions}
+    assert E.prior_questions(0) == []
 
 
 def test_embedding_throughput_times_the_discriminative_suites_only(monkeypatch):
