@@ -8,7 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 import eval as E  # noqa: E402
 
 
@@ -396,3 +397,32 @@ def test_embedding_throughput_times_the_discriminative_suites_only(monkeypatch):
     metrics, kinds = E.evaluate_world(model, None, "unified", E.EvalArgs(n_test=4), torch.device("cpu"))
     assert metrics["speed/embeddings_per_s"] == 5.0
     assert kinds["rag"] == "summary"
+
+
+# bench/summary_probe.py's binding probe
+
+def test_binding_probe_scores_a_bag_of_attributes_at_chance_and_their_conjunctions_at_one():
+    """On real scenes: a representation that sums one-hot colours and shapes (a bag) scores 0.5 on the hard
+    cases, one that also holds each object's (colour, shape) one-hot scores 1.0, whatever the object order."""
+    import importlib.util
+    import data
+    spec = importlib.util.spec_from_file_location("summary_probe", ROOT / "bench" / "summary_probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    colours, shapes = list(data.COLOURS), list(data.SHAPES)
+
+    def reps(scenes, conj: bool) -> torch.Tensor:
+        x = torch.zeros(len(scenes), len(colours) + len(shapes) + (len(probe.PAIRS) if conj else 0))
+        for n, s in enumerate(scenes):
+            for o in s.graph.objects:
+                x[n, colours.index(o.colour)] += 1
+                x[n, len(colours) + shapes.index(o.shape)] += 1
+                if conj:
+                    x[n, len(colours) + len(shapes) + probe.PAIRS.index((o.colour, o.shape))] = 1
+        return x + 0.01 * torch.randn(x.shape, generator=torch.Generator().manual_seed(len(scenes)))
+    train, test = data.make_world("train", 400, 3).scenes, data.make_world("test", 200, 3).scenes
+    (y_tr, _), (y_te, hard) = probe.image_labels(train), probe.image_labels(test)
+    assert hard.sum() > 100 and (hard & (y_te == 0)).sum() > 50  # enough hard cases of both kinds
+    bag = probe.probe(reps(train, False), y_tr, reps(test, False), y_te, hard)
+    bound = probe.probe(reps(train, True), y_tr, reps(test, True), y_te, hard)
+    assert abs(bag - 0.5) < 0.1 and bound > 0.97, (bag, bound)
