@@ -297,26 +297,33 @@ def likelihood_setup():
     return data, tok, model
 
 
+def training_loss_alone(model, tok, image, text) -> tuple[float, int]:
+    """train.py's next-token loss (train.predicting + train.ntp_sum, summed cross-entropy) of one (image, text)
+    sample collated alone, and the tokens it scores: the independent reference for the likelihood tests."""
+    import data
+    import train
+    b = data.collate([data.Sample([data.image_seg(image), data.text_seg(text, True)])], tok, model.n_image_tokens, 64)
+    predict = train.predicting(b["labels"])
+    with torch.no_grad():
+        logits, _ = model(b["input_ids"], b["images"], predict)
+    loss, n = train.ntp_sum(logits, b["labels"], predict)
+    return float(loss), int(n)
+
+
 @settings(max_examples=12, deadline=None)
 @given(texts=st.lists(st.lists(st.sampled_from(WORDS), min_size=1, max_size=6), min_size=1, max_size=5),
        batch=st.integers(1, 4), seed=st.integers(0, 100))
 def test_text_log_likelihoods_are_minus_the_training_loss_of_each_pair_alone(texts, batch, seed):
     """log p(text | image), batched with texts of other lengths (padding), against train.py's next-token loss
     (train.predicting + train.ntp_sum, summed cross-entropy) of each (image, text) sample collated alone."""
-    import train
     data, tok, model = likelihood_setup()
     g = torch.Generator().manual_seed(seed)
     pairs = [(torch.rand(3, 8, 8, generator=g), " ".join(words)) for words in texts]
     got = E.text_log_likelihoods(model, tok, pairs, torch.device("cpu"), batch)
     for (image, text), value in zip(pairs, got.tolist()):
-        b = data.collate([data.Sample([data.image_seg(image), data.text_seg(text, True)])], tok,
-                         model.n_image_tokens, 64)
-        predict = train.predicting(b["labels"])
-        with torch.no_grad():
-            logits, _ = model(b["input_ids"], b["images"], predict)
-        loss, n = train.ntp_sum(logits, b["labels"], predict)
+        loss, n = training_loss_alone(model, tok, image, text)
         assert n == len(tok.encode(text)) + 1  # the text's tokens and its end of turn
-        assert value == pytest.approx(-float(loss), rel=1e-5, abs=1e-4)
+        assert value == pytest.approx(-loss, rel=1e-5, abs=1e-4)
 
 
 def test_likelihood_retriever_scores_question_rows_against_entry_columns():
@@ -341,20 +348,14 @@ def test_likelihood_retriever_subtracts_each_images_mean_over_the_prior_bank(ban
     """scores[q, e] = log p(q | image e) - mean over the bank's texts b of log p(b | image e), each term from
     the next-token loss of the pair collated alone (float64 mean), so the prior moves the columns and never
     the order of one column's questions."""
-    import train
-    data, tok, model = likelihood_setup()
+    _, tok, model = likelihood_setup()
     g = torch.Generator().manual_seed(seed)
     images = [torch.rand(3, 8, 8, generator=g) for _ in range(3)]
     questions = ["what is the name of the red circle?", "the large square"]
     bank = [" ".join(words) for words in bank]
 
-    def alone(image, text) -> float:
-        b = data.collate([data.Sample([data.image_seg(image), data.text_seg(text, True)])], tok,
-                         model.n_image_tokens, 64)
-        predict = train.predicting(b["labels"])
-        with torch.no_grad():
-            logits, _ = model(b["input_ids"], b["images"], predict)
-        return -float(train.ntp_sum(logits, b["labels"], predict)[0])
+    def alone(image, text) -> float:  # log p(text | image)
+        return -training_loss_alone(model, tok, image, text)[0]
 
     got = E.likelihood_retriever(model, tok, torch.device("cpu"), 3, bank)(questions, images)
     for e, image in enumerate(images):

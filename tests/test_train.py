@@ -177,10 +177,10 @@ def test_finetuning_pairs_come_with_their_winoground_twins(tmp_path):
         make = train.Batches("finetune", streams, cfg, train.Dist(0, 1, torch.device("cpu")), tok,
                              train.model_config(cfg.model, tok), train.objective_of("finetune", cfg.finetune),
                              True)
+        special = {tok.bos_id, tok.pad_id, tok.soft_text_id}
         hits = total = 0
         for k in range(12):
             pairs = make(k).pairs
-            special = {tok.bos_id, tok.pad_id, tok.soft_text_id}
             texts = [tok.decode([i for i in row.tolist() if i not in special]).strip() for row in pairs["txt_ids"]]
             for i, t in enumerate(texts):
                 twins_of_t = [j for j, u in enumerate(texts) if u != t and sorted(u.split()) == sorted(t.split())]
