@@ -398,6 +398,23 @@ def collate_pairs(items: Sequence[object], tok: Tokenizer, n_image_tokens: int, 
     }
 
 
+def collate_caption_negatives(items: Sequence[object], tok: Tokenizer, n_soft: int) -> dict[str, Tensor]:
+    """The text side of each pair's hard negative (train.py --pair-twins caption): its twin's short caption
+    (twin_scene: the same words in another binding), as collate_pairs' txt rows. A pair without a twin gets
+    its own caption as a placeholder row with neg_valid False, which the contrastive loss masks.
+
+    neg_ids: [bos] twin_short_caption <soft_text>*K"""
+    rows, pos, valid = [], [], []
+    for item in items:
+        twin = getattr(item, "twin", None)
+        row, p = summary_row([tok.bos_id] + tok.encode((twin or item).short_caption), tok.soft_text_id, n_soft)
+        rows.append(row)
+        pos.append(p)
+        valid.append(twin is not None)
+    return {"neg_ids": _pad(rows, tok.pad_id), "neg_pos": torch.tensor(pos, dtype=torch.long),
+            "neg_valid": torch.tensor(valid, dtype=torch.bool)}
+
+
 def _pad(rows: list[list[int]], value: int) -> Tensor:
     T = max(len(r) for r in rows)
     out = torch.full((len(rows), T), value, dtype=torch.long)  # (B, T)

@@ -374,15 +374,20 @@ def gather_with_grad(x: Tensor) -> tuple[Tensor, int]:
     return torch.cat(dist_fn.all_gather(x), dim=0), dist.get_rank()
 
 
-def contrastive_loss(img: Tensor, txt: Tensor, logit_scale: Tensor,
-                     max_scale: float = MAX_LOGIT_SCALE) -> Tensor:
+def contrastive_loss(img: Tensor, txt: Tensor, logit_scale: Tensor, max_scale: float = MAX_LOGIT_SCALE,
+                     neg: Tensor | None = None, neg_valid: Tensor | None = None) -> Tensor:
     """VladVA's symmetric InfoNCE (CLIP form): the mean of the image->text and text->image cross-entropies
     over the logits exp(logit_scale) * <img_i, txt_j>, exp(logit_scale) clamped at max_scale. img, txt (B, d),
     row k of each a positive pair (L2-normalised here); logit_scale a scalar, log of the inverse temperature.
     The mean of the two directions, not the sum, is ours (VladVA writes no formula): CLIP's pseudo-code and
     open_clip's ClipLoss, so log(B) means chance. Under DDP each rank scores its own rows against every rank's
     columns (open_clip's local_loss=True: (B, W*B) logits instead of (W*B, W*B)), exact by the DDP gradient
-    argument (gather_with_grad)."""
+    argument (gather_with_grad).
+
+    neg (B, d), neg_valid (B,) bool: hard-negative texts (NegCLIP, Yuksekgonul et al. ICLR 2023; train.py
+    --pair-twins caption), extra columns of the image->text direction only, for every image; a row whose
+    neg_valid is False is no column (a pair without a negative still passes a row, so every rank gathers the
+    same shape)."""
     assert img.dim() == 2 and img.shape == txt.shape and img.shape[0] > 0 and logit_scale.numel() == 1
     img_local = F.normalize(img, dim=-1)  # (B, d)
     txt_local = F.normalize(txt, dim=-1)  # (B, d)
@@ -391,6 +396,12 @@ def contrastive_loss(img: Tensor, txt: Tensor, logit_scale: Tensor,
     scale = logit_scale.reshape(()).clamp(max=math.log(max_scale)).exp()  # CLIP's clamp at 100
     logits_img = scale * img_local @ txt_all.T  # (B, W*B): my images against every caption
     logits_txt = scale * txt_local @ img_all.T  # (B, W*B): my captions against every image
+    if neg is not None:
+        assert neg.shape == txt.shape and neg_valid is not None and neg_valid.shape == txt.shape[:1]
+        neg_all, _ = gather_with_grad(F.normalize(neg, dim=-1))  # (W*B, d)
+        valid_all = gather_with_grad(neg_valid.float())[0] > 0.5  # (W*B,)
+        logits_neg = (scale * img_local @ neg_all.T).masked_fill(~valid_all, float("-inf"))  # (B, W*B)
+        logits_img = torch.cat([logits_img, logits_neg], dim=1)  # (B, 2*W*B)
     # (B,) positives, offset by rank
     labels = torch.arange(img.shape[0], device=img.device) + rank * img.shape[0]
     return 0.5 * (F.cross_entropy(logits_img, labels) + F.cross_entropy(logits_txt, labels))

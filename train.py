@@ -164,7 +164,9 @@ class DataArgs:
     rag_pairs: int = 8      # built-in world: copies of the 48 entry-image / name-question retrieval pairs
                             # among fine-tuning's image-caption pairs (data.kb_pairs; 0: none)
     pair_twins: str = "none"  # swap: each scene pair's Winoground-style twin follows it in its fine-tuning
-                              # step, a hard negative (with_twins; helps at 1200 steps, not at 300: README) | none
+                              # step, a hard negative (with_twins; helps at 1200 steps, not at 300: README) |
+                              # caption: only the twin's caption, an extra negative text for every image
+                              # (NegCLIP; data.collate_caption_negatives) | none
     data_split: str = "train"  # Karpathy records trained on: train (+ restval) | val | test | all
 
 
@@ -297,8 +299,8 @@ def validate(cfg: TrainConfig) -> None:
     ft, run = cfg.finetune, cfg.run
     if ft.method not in METHODS:
         raise SystemExit(f"train.py: --method must be one of {', '.join(METHODS)}, got {ft.method!r}")
-    if cfg.data.pair_twins not in ("swap", "none"):
-        raise SystemExit(f"train.py: --pair-twins must be swap or none, got {cfg.data.pair_twins!r}")
+    if cfg.data.pair_twins not in ("swap", "caption", "none"):
+        raise SystemExit(f"train.py: --pair-twins must be swap, caption or none, got {cfg.data.pair_twins!r}")
     if cfg.data.data_split not in data.KARPATHY_SPLITS:
         raise SystemExit(f"train.py: --data-split must be one of {', '.join(data.KARPATHY_SPLITS)}, "
                          f"got {cfg.data.data_split!r}")
@@ -517,7 +519,7 @@ def builtin_corpus(cfg: TrainConfig) -> Corpus:
     # every knowledge base holds the same entry images and questions (only the names differ): one set of
     # retrieval pairs, repeated --rag-pairs times among the scenes
     scenes = world.scenes
-    if cfg.data.pair_twins == "swap":  # the two kinds of swap alternate over the scenes, as in the test suite
+    if cfg.data.pair_twins != "none":  # the two kinds of swap alternate over the scenes, as in the test suite
         scenes = [replace(s, twin=data.twin_scene(s, ("swap_obj", "swap_att")[i % 2], cfg.model.image_size))
                   for i, s in enumerate(scenes)]
     pairs = scenes + data.kb_pairs(kb_worlds[0].kb, cfg.model.image_size) * cfg.data.rag_pairs
@@ -716,11 +718,14 @@ class Batches:
             return Batch(lm=lm, n_sequences=lm["input_ids"].shape[0])
         ft, obj, out = cfg.finetune, self.objective, Batch()
         pairs = self.streams["pairs"].batch(k, ft.pair_batch) if self.streams["pairs"].items else []
-        pairs = with_twins(pairs, ft.pair_batch)
+        if cfg.data.pair_twins == "swap":
+            pairs = with_twins(pairs, ft.pair_batch)
         local_pairs = shard(pairs, ft.pair_batch, d)
         if pairs:  # a conversations-only corpus fine-tunes generatively without them (check_corpus)
             out.pairs = data.collate_pairs(local_pairs, tok, n_img, self.model_cfg.n_soft_tokens, L)
             out.pairs["img_predict"] = predicting(out.pairs["img_labels"])
+            if cfg.data.pair_twins == "caption" and obj.contrastive:
+                out.pairs.update(data.collate_caption_negatives(local_pairs, tok, self.model_cfg.n_soft_tokens))
         if obj.lm and self.streams["lm"].items:
             out.lm = data.collate(shard(self.streams["lm"].batch(k, ft.lm_batch), ft.lm_batch, d),
                                   tok, n_img, L)
@@ -990,6 +995,7 @@ def compute_loss(model: torch.nn.Module, batch: Batch, obj: Objective, world: in
     core = unwrap(model)
     # Forward passes, each batch once: logits for L_ntp, hidden states for the summaries and prefix vectors.
     ntp_parts = {}  # source -> (summed loss, tokens)
+    neg = (None, None)  # --pair-twins caption: hard-negative text summaries and which are real
     if batch.lm is not None:  # captions, VQA, RAG (pre-training: every sample)
         lm = batch.lm
         logits, _ = model(lm["input_ids"], lm["images"], lm["predict"])
@@ -1003,6 +1009,9 @@ def compute_loss(model: torch.nn.Module, batch: Batch, obj: Objective, world: in
             _, txt_hidden = model(txt_ids, None, txt_ids.new_zeros(0))  # no logits
             img_emb = core.summary_embedding(img_hidden, pairs["img_pos"])  # (B, D)
             txt_emb = core.summary_embedding(txt_hidden, pairs["txt_pos"])  # (B, D)
+            if "neg_ids" in pairs:  # --pair-twins caption: each pair's twin caption, a negative text
+                _, neg_hidden = model(pairs["neg_ids"], None, txt_ids.new_zeros(0))
+                neg = (core.summary_embedding(neg_hidden, pairs["neg_pos"]), pairs["neg_valid"])  # (B, D); (B,)
     prefixes = []  # Sugar: one embedding per prefix, stories then singles (the order of batch.sugar_targets)
     if batch.stories is not None:
         stories = batch.stories
@@ -1031,7 +1040,9 @@ def compute_loss(model: torch.nn.Module, batch: Batch, obj: Objective, world: in
     ntp = (sums / ntp_tokens.clamp_min(1) * world * present).sum() / present.sum().clamp_min(1)
 
     # L_contrastive: VladVA's symmetric InfoNCE, this rank's rows against every rank's (kernel.py).
-    contrastive = kernel.contrastive_loss(img_emb, txt_emb, core.logit_scale) if obj.contrastive else None
+    contrastive = None
+    if obj.contrastive:
+        contrastive = kernel.contrastive_loss(img_emb, txt_emb, core.logit_scale, kernel.MAX_LOGIT_SCALE, *neg)
 
     # L_structure: Sugar Eq. 3 over the prefixes of the whole global batch against the GAK targets (Eq. 2, 4).
     # Every rank computes the same full loss on the gathered embeddings (the DDP gradient argument).

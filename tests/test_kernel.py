@@ -85,13 +85,19 @@ def naive_structure(r: np.ndarray, targets: np.ndarray) -> float:
     return total / n
 
 
-def naive_contrastive(img: np.ndarray, txt: np.ndarray, logit_scale: float) -> float:
+def naive_contrastive(img: np.ndarray, txt: np.ndarray, logit_scale: float, neg: np.ndarray | None = None,
+                      valid: list[bool] | None = None) -> float:
+    """neg, valid: hard-negative captions, extra terms of every image's image->text denominator where valid."""
     scale = min(math.exp(logit_scale), 100.0)
     img = img / np.linalg.norm(img, axis=1, keepdims=True)
     txt = txt / np.linalg.norm(txt, axis=1, keepdims=True)
     b = len(img)
     sim = [[scale * float(img[i] @ txt[j]) for j in range(b)] for i in range(b)]
-    i2t = sum(-sim[i][i] + math.log(sum(math.exp(sim[i][j]) for j in range(b))) for i in range(b)) / b
+    extra = [0.0] * b
+    if neg is not None:
+        neg = neg / np.linalg.norm(neg, axis=1, keepdims=True)
+        extra = [sum(math.exp(scale * float(img[i] @ neg[k])) for k in range(b) if valid[k]) for i in range(b)]
+    i2t = sum(-sim[i][i] + math.log(sum(math.exp(sim[i][j]) for j in range(b)) + extra[i]) for i in range(b)) / b
     t2i = sum(-sim[j][j] + math.log(sum(math.exp(sim[i][j]) for i in range(b))) for j in range(b)) / b
     return 0.5 * (i2t + t2i)
 
@@ -403,12 +409,29 @@ def test_contrastive_matches_naive(log_scale):
     assert got.item() == pytest.approx(naive_contrastive(img.numpy(), txt.numpy(), log_scale), rel=1e-12)
 
 
+@settings(max_examples=30, deadline=None)
+@given(b=st.integers(1, 6), valid=st.lists(st.booleans(), min_size=6, max_size=6), seed=st.integers(0, 2**16))
+def test_contrastive_hard_negatives_join_the_image_to_text_denominator(b, valid, seed):
+    """--pair-twins caption (NegCLIP): each valid negative caption is one more wrong caption for every image;
+    an invalid one is no term at all; the text->image direction is unchanged."""
+    gen = torch.Generator().manual_seed(seed)
+    img, txt, neg = (torch.randn(b, 3, generator=gen, dtype=torch.float64) for _ in range(3))
+    log_scale = math.log(1 / 0.07)
+    got = kernel.contrastive_loss(img, txt, torch.tensor(log_scale, dtype=torch.float64), 100.0, neg,
+                                  torch.tensor(valid[:b]))
+    want = naive_contrastive(img.numpy(), txt.numpy(), log_scale, neg.numpy(), valid[:b])
+    assert got.item() == pytest.approx(want, rel=1e-12)
+
+
 def test_contrastive_gradcheck_and_clamp():
     gen = torch.Generator().manual_seed(7)
     img = torch.randn(4, 3, generator=gen, dtype=torch.float64, requires_grad=True)
     txt = torch.randn(4, 3, generator=gen, dtype=torch.float64, requires_grad=True)
     scale = torch.tensor(1.2, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(kernel.contrastive_loss, (img, txt, scale))
+    neg = torch.randn(4, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    valid = torch.tensor([True, False, True, True])
+    assert torch.autograd.gradcheck(lambda *x: kernel.contrastive_loss(*x, 100.0, neg, valid), (img, txt, scale))
     clamped = torch.tensor(math.log(300.0), dtype=torch.float64, requires_grad=True)
     kernel.ContrastiveLoss()(img, txt, clamped).backward()
     assert clamped.grad.item() == 0.0  # above CLIP's 100 the temperature is frozen
@@ -426,17 +449,19 @@ class _Towers(nn.Module):
             p.data = torch.randn(p.shape, generator=gen, dtype=torch.float64)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07), dtype=torch.float64))
 
-    def forward(self, x_img, x_txt):
-        return kernel.contrastive_loss(self.img(x_img), self.txt(x_txt), self.logit_scale)
+    def forward(self, x_img, x_txt, x_neg=None, valid=None):
+        neg = None if x_neg is None else self.txt(x_neg)  # hard-negative captions through the text tower
+        return kernel.contrastive_loss(self.img(x_img), self.txt(x_txt), self.logit_scale, 100.0, neg, valid)
 
 
 def _full_batch(world: int, per_rank: int):
+    """Images, captions, hard-negative captions and which negatives are real (every third is not)."""
     gen = torch.Generator().manual_seed(12)
-    return (torch.randn(world * per_rank, 5, generator=gen, dtype=torch.float64),
-            torch.randn(world * per_rank, 5, generator=gen, dtype=torch.float64))
+    return (*(torch.randn(world * per_rank, 5, generator=gen, dtype=torch.float64) for _ in range(3)),
+            torch.arange(world * per_rank) % 3 != 1)
 
 
-def _ddp_worker(rank: int, world: int, port: int, per_rank: int, out_dir: str):
+def _ddp_worker(rank: int, world: int, port: int, per_rank: int, out_dir: str, negatives: bool):
     # While the worker lives, every thread's stack goes to a file each 30 s: a worker stuck where no timeout
     # reaches (process teardown) leaves a trace the parent reports.
     stacks = open(f"{out_dir}/rank{rank}.stacks", "w")
@@ -447,27 +472,28 @@ def _ddp_worker(rank: int, world: int, port: int, per_rank: int, out_dir: str):
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
     try:
         model = nn.parallel.DistributedDataParallel(_Towers())
-        x_img, x_txt = _full_batch(world, per_rank)
         rows = slice(rank * per_rank, (rank + 1) * per_rank)
-        x_img, x_txt = x_img[rows].clone().requires_grad_(), x_txt[rows].clone().requires_grad_()
-        loss = model(x_img, x_txt)
+        x_img, x_txt, x_neg = (x[rows].clone().requires_grad_() for x in _full_batch(world, per_rank)[:3])
+        valid = _full_batch(world, per_rank)[3][rows]
+        loss = model(x_img, x_txt, *((x_neg, valid) if negatives else ()))
         loss.backward()
         grads = {name: p.grad for name, p in model.module.named_parameters()}
-        torch.save({"loss": loss.detach(), "grads": grads, "x_img": x_img.grad, "x_txt": x_txt.grad},
-                   f"{out_dir}/rank{rank}.pt")
+        torch.save({"loss": loss.detach(), "grads": grads, "x_img": x_img.grad, "x_txt": x_txt.grad,
+                    "x_neg": x_neg.grad}, f"{out_dir}/rank{rank}.pt")
         dist.barrier()  # the other rank may still be in a collective with this one
     finally:
         dist.destroy_process_group()
 
 
-def _run_ddp_workers(world: int, per_rank: int, out_dir, limit_s: float = 90) -> list[dict]:
+def _run_ddp_workers(world: int, per_rank: int, out_dir, negatives: bool, limit_s: float = 90) -> list[dict]:
     """Runs _ddp_worker on `world` gloo ranks; returns each rank's saved results. Fails with the workers'
     stacks if a rank has not saved its results within limit_s. A rank that saved them but has not exited
     (stuck in teardown, after its last collective) is terminated with a warning that carries its stacks:
     the results it saved are complete."""
     store = dist.TCPStore("127.0.0.1", 0, world + 1, is_master=True, wait_for_workers=False,
                           timeout=datetime.timedelta(seconds=60))
-    workers = mp.spawn(_ddp_worker, args=(world, store.port, per_rank, str(out_dir)), nprocs=world, join=False)
+    workers = mp.spawn(_ddp_worker, args=(world, store.port, per_rank, str(out_dir), negatives), nprocs=world,
+                       join=False)
     deadline = time.monotonic() + limit_s
     while not workers.join(timeout=1):  # raises if a worker fails
         if time.monotonic() > deadline:
@@ -482,23 +508,26 @@ def _run_ddp_workers(world: int, per_rank: int, out_dir, limit_s: float = 90) ->
     return [torch.load(out_dir / f"rank{r}.pt") for r in range(world)]
 
 
-def test_contrastive_ddp_two_ranks_equals_one_process(tmp_path):
+@pytest.mark.parametrize("negatives", [False, True])
+def test_contrastive_ddp_two_ranks_equals_one_process(tmp_path, negatives):
     """2 gloo ranks, real DDP: the mean of the rank losses is the whole-batch loss, the parameter gradients
     DDP averages (towers + shared logit_scale) are the whole-batch gradients, and each rank's input gradient
-    divided by the world size (what DDP's averaging applies upstream) is the whole-batch input gradient."""
+    divided by the world size (what DDP's averaging applies upstream) is the whole-batch input gradient; with
+    hard-negative captions too (each rank's negatives are columns of every rank's images)."""
     world, per_rank = 2, 3
-    ranks = _run_ddp_workers(world, per_rank, tmp_path)
+    ranks = _run_ddp_workers(world, per_rank, tmp_path, negatives)
 
     model = _Towers()
-    x_img, x_txt = (x.requires_grad_() for x in _full_batch(world, per_rank))
-    loss = model(x_img, x_txt)
+    *xs, valid = _full_batch(world, per_rank)
+    x_img, x_txt, x_neg = (x.requires_grad_() for x in xs)
+    loss = model(x_img, x_txt, *((x_neg, valid) if negatives else ()))
     loss.backward()
 
     assert torch.stack([r["loss"] for r in ranks]).mean().item() == pytest.approx(loss.item(), rel=1e-12)
     for name, p in model.named_parameters():
         for r in ranks:  # DDP leaves the same averaged gradient on every rank
             torch.testing.assert_close(r["grads"][name], p.grad, rtol=1e-10, atol=1e-12)
-    for key, x in (("x_img", x_img), ("x_txt", x_txt)):
+    for key, x in (("x_img", x_img), ("x_txt", x_txt)) + ((("x_neg", x_neg),) if negatives else ()):
         torch.testing.assert_close(torch.cat([r[key] for r in ranks]) / world, x.grad, rtol=1e-10, atol=1e-12)
 
 

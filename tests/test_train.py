@@ -165,31 +165,61 @@ def test_where_mix_adds_every_nth_mix_sample_to_the_second_part(tmp_path):
     assert same(mixed.lookup, plain.lookup) and same(mixed.lm, plain.lm)  # nothing else changes
 
 
+def twins_batches(tmp_path, twins: str) -> tuple[train.Batches, data.Tokenizer]:
+    """Fine-tuning batches of a small built-in world with --pair-twins `twins`, 8 pairs a step."""
+    cfg = train.parse_args(SMOKE + ["--n-train", "200", "--pair-batch", "8", "--pair-twins", twins,
+                                    "--out", str(tmp_path / "x.pt")])
+    corpus = train.builtin_corpus(cfg)
+    tok = data.train_tokenizer(corpus.texts, cfg.model.vocab_size)
+    streams = train.build_streams(corpus, 0, tok, 9, cfg.run.length_group)
+    make = train.Batches("finetune", streams, cfg, train.Dist(0, 1, torch.device("cpu")), tok,
+                         train.model_config(cfg.model, tok), train.objective_of("finetune", cfg.finetune), True)
+    return make, tok
+
+
+def caption_texts(rows: torch.Tensor, tok: data.Tokenizer) -> list[str]:
+    special = {tok.bos_id, tok.pad_id, tok.soft_text_id}
+    return [tok.decode([i for i in row.tolist() if i not in special]).strip() for row in rows]
+
+
 def test_finetuning_pairs_come_with_their_winoground_twins(tmp_path):
     """--pair-twins swap: a fine-tuning step's captions hold pairs that use the same words in another binding
     (the twin's), each with its own image; with none (the default) they almost never meet in a step."""
     def partnered(twins: str) -> tuple[int, int]:
-        cfg = train.parse_args(SMOKE + ["--n-train", "200", "--pair-batch", "8", "--pair-twins", twins,
-                                        "--out", str(tmp_path / "x.pt")])
-        corpus = train.builtin_corpus(cfg)
-        tok = data.train_tokenizer(corpus.texts, cfg.model.vocab_size)
-        streams = train.build_streams(corpus, 0, tok, 9, cfg.run.length_group)
-        make = train.Batches("finetune", streams, cfg, train.Dist(0, 1, torch.device("cpu")), tok,
-                             train.model_config(cfg.model, tok), train.objective_of("finetune", cfg.finetune),
-                             True)
-        special = {tok.bos_id, tok.pad_id, tok.soft_text_id}
+        make, tok = twins_batches(tmp_path, twins)
         hits = total = 0
         for k in range(12):
             pairs = make(k).pairs
-            texts = [tok.decode([i for i in row.tolist() if i not in special]).strip() for row in pairs["txt_ids"]]
+            texts = caption_texts(pairs["txt_ids"], tok)
             for i, t in enumerate(texts):
                 twins_of_t = [j for j, u in enumerate(texts) if u != t and sorted(u.split()) == sorted(t.split())]
                 assert all(not torch.equal(pairs["images"][i], pairs["images"][j]) for j in twins_of_t)
                 hits += bool(twins_of_t)
             total += len(texts)
+        assert "neg_ids" not in pairs
         return hits, total
     (with_, n), (without, _) = partnered("swap"), partnered("none")
     assert with_ >= 0.4 * n and without <= 0.1 * n, (with_, without, n)
+
+
+def test_caption_twins_are_each_pairs_negative_text_and_leave_its_pairs_alone(tmp_path):
+    """--pair-twins caption (NegCLIP): a step's pairs are those of the default, and each pair's negative row
+    is a caption with the same words in another binding (its twin's); a pair without a twin
+    passes its own caption, marked not valid."""
+    none, _ = twins_batches(tmp_path, "none")
+    make, tok = twins_batches(tmp_path, "caption")
+    valid = total = 0
+    for k in range(12):
+        want, got = none(k).pairs, make(k).pairs
+        assert all(torch.equal(want[key], got[key]) for key in want)
+        texts, negs = caption_texts(got["txt_ids"], tok), caption_texts(got["neg_ids"], tok)
+        for t, n, ok in zip(texts, negs, got["neg_valid"].tolist()):
+            assert (n != t and sorted(n.split()) == sorted(t.split())) if ok else n == t, (t, n, ok)
+            valid += ok
+        total += len(texts)
+        assert got["neg_pos"].tolist() == [len(caption_ids) - 1 for caption_ids in
+                                           (row[row != tok.pad_id] for row in got["neg_ids"])]
+    assert valid >= 0.25 * total, (valid, total)  # about 2 in 5 (one-object captions and test-split twins have none)
 
 
 def test_smoke_checkpoint_evaluates(tmp_path, capsys):
@@ -301,7 +331,7 @@ def test_help_presets_and_explicit_flags(capsys):
 def test_bad_flags_stop_with_a_message(tmp_path):
     with pytest.raises(SystemExit, match="--method must be one of"):
         train.parse_args(["--method", "clip"])
-    with pytest.raises(SystemExit, match="--pair-twins must be swap or none"):
+    with pytest.raises(SystemExit, match="--pair-twins must be swap, caption or none"):
         train.parse_args(["--pair-twins", "all"])
     with pytest.raises(SystemExit, match="--init .*no such file"):
         train.parse_args(["--init", str(tmp_path / "missing.pt")])
