@@ -365,12 +365,16 @@ def summary_row(ids: list[int], soft_id: int, n_soft: int) -> tuple[list[int], i
 
 
 def collate_pairs(items: Sequence[object], tok: Tokenizer, n_image_tokens: int, n_soft: int,
-                  max_len: int) -> dict[str, Tensor]:
+                  max_len: int, n_long: int | None = None) -> dict[str, Tensor]:
     """VladVA batch from Scenes / Pairs (anything with .image .short_caption .long_caption) or (image, short,
     long).
 
     img_ids: [bos] <image>*n <soft_image>*K long_caption </s>   (labels on long caption + </s>)
-    txt_ids: [bos] short_caption <soft_text>*K"""
+    txt_ids: [bos] short_caption <soft_text>*K
+
+    n_long: only the first n_long items keep their long caption (img_ids, img_labels, img_pos, images); the
+    image rows of the others stop at their summary (head_ids: [bos] <image>*n <soft_image>*K, head_pos,
+    head_images), the rows eval.py embeds images with. txt_ids covers every item, in order."""
     if not items:
         raise ValueError("collate_pairs: empty batch")
     img_rows, img_labs, img_pos, txt_rows, txt_pos, images = [], [], [], [], [], []
@@ -391,11 +395,18 @@ def collate_pairs(items: Sequence[object], tok: Tokenizer, n_image_tokens: int, 
         txt_rows.append(txt)
         txt_pos.append(txt_p)
         images.append(image)
-    return {
-        "img_ids": _pad(img_rows, tok.pad_id), "img_labels": _pad(img_labs, -100),
-        "img_pos": torch.tensor(img_pos, dtype=torch.long), "images": _stack_images(images),
+    n = len(items) if n_long is None else n_long
+    if not 0 < n <= len(items):
+        raise ValueError(f"collate_pairs: n_long must be in 1..{len(items)} (the items), got {n_long}")
+    out = {
+        "img_ids": _pad(img_rows[:n], tok.pad_id), "img_labels": _pad(img_labs[:n], -100),
+        "img_pos": torch.tensor(img_pos[:n], dtype=torch.long), "images": _stack_images(images[:n]),
         "txt_ids": _pad(txt_rows, tok.pad_id), "txt_pos": torch.tensor(txt_pos, dtype=torch.long),
     }
+    if n < len(items):
+        out.update(head_ids=_pad([row[:p + 1] for row, p in zip(img_rows[n:], img_pos[n:])], tok.pad_id),
+                   head_pos=torch.tensor(img_pos[n:], dtype=torch.long), head_images=_stack_images(images[n:]))
+    return out
 
 
 def collate_caption_negatives(items: Sequence[object], tok: Tokenizer, n_soft: int) -> dict[str, Tensor]:

@@ -188,7 +188,9 @@ class FinetuneArgs:
     method: str = "unified"         # generative | vladva | sugar | unified: which fine-tuning losses
     finetune_steps: int = 300       # README, "Fine-tuning length": 100 to 400 steps
     lm_batch: int = 16              # global caption / VQA / RAG sequences per step
-    pair_batch: int = 32            # global image-caption pairs per step (VladVA; also Sugar's singles)
+    pair_batch: int = 128           # global image-caption pairs per step in the contrastive loss (VladVA)
+    caption_batch: int = 32         # of those, the pairs whose long caption the next-token loss reads (and
+                                    # Sugar's singles); a method without the contrastive loss draws these alone
     story_batch: int = 4            # global interleaved stories per step
     finetune_lr: float | None = field(default=None, metadata=RECIPE)
     lora_r: int | None = field(default=None, metadata=RECIPE)
@@ -240,8 +242,8 @@ class TrainConfig:
 SMOKE = dict(vision_steps=4, vision_width=32, vision_layers=2, vision_heads=2, llm_width=64, llm_layers=2,
              llm_heads=2, llm_kv_heads=1, llm_mlp=128, vocab_size=600, proj_dim=32, n_train=48, rag_kbs=1,
              rag_pairs=1, lookup_steps=2, where_steps=2, pretrain_steps=6,
-             pretrain_batch=8, finetune_steps=6, lm_batch=4, pair_batch=4, story_batch=2, log_every=2,
-             ckpt_every=4)
+             pretrain_batch=8, finetune_steps=6, lm_batch=4, pair_batch=8, caption_batch=4, story_batch=2,
+             log_every=2, ckpt_every=4)
 
 # --preset: sizes for a machine (below --smoke and explicit flags). "gpu" is our estimate of what one H100
 # trains end to end in about 10 minutes (25M parameters; not timed on a GPU yet): 4x the world, 8x the tokens
@@ -251,7 +253,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gpu": dict(vision_width=256, vision_layers=7, vision_heads=8, llm_width=512, llm_layers=8, llm_heads=8,
                 llm_kv_heads=4, llm_mlp=1408, vocab_size=2048, proj_dim=256, n_train=12000, rag_kbs=80,
                 rag_pairs=32, pretrain_steps=3000, pretrain_batch=128, finetune_steps=1000, lm_batch=32,
-                pair_batch=64, story_batch=8, pretrain_lr=3e-4, finetune_lr=5e-4, log_every=50, ckpt_every=500),
+                pair_batch=256, caption_batch=64, story_batch=8, pretrain_lr=3e-4, finetune_lr=5e-4, log_every=50,
+                ckpt_every=500),
 }
 
 
@@ -284,10 +287,10 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 # Model sizes are checked only when the model is built from them (not with --init or --llm/--vision).
 AT_LEAST = {"n_train": 1, "rag_kbs": 1, "rag_pairs": 0, "vision_steps": 0, "vision_batch": 1, "lookup_steps": 0,
             "where_steps": 0, "where_mix": 0, "pretrain_steps": 0, "pretrain_batch": 1, "finetune_steps": 0,
-            "lm_batch": 1, "pair_batch": 1, "story_batch": 1, "lora_r": 1, "lambda_contrastive": 0.0,
-            "lambda_structure": 0.0, "gak_delta": 0.0, "grad_accum": 1, "length_group": 1, "warmup_frac": 0.0,
-            "weight_decay": 0.0, "grad_clip": 0.0, "log_every": 1, "ckpt_every": 1, "stop_after": 0,
-            "max_len": 1, "proj_dim": 1}
+            "lm_batch": 1, "pair_batch": 1, "caption_batch": 1, "story_batch": 1, "lora_r": 1,
+            "lambda_contrastive": 0.0, "lambda_structure": 0.0, "gak_delta": 0.0, "grad_accum": 1, "length_group": 1,
+            "warmup_frac": 0.0, "weight_decay": 0.0, "grad_clip": 0.0, "log_every": 1, "ckpt_every": 1,
+            "stop_after": 0, "max_len": 1, "proj_dim": 1}
 ABOVE = {"vision_lr": 0.0, "pretrain_lr": 0.0, "finetune_lr": 0.0, "lora_alpha": 0.0}
 MODEL_AT_LEAST = {"image_size": 12, "patch_size": 1, "vision_width": 1, "vision_layers": 1, "vision_heads": 1,
                   "llm_width": 1, "llm_layers": 1, "llm_heads": 1, "llm_kv_heads": 1, "llm_mlp": 1,
@@ -339,7 +342,10 @@ def validate(cfg: TrainConfig) -> None:
             raise SystemExit(f"train.py: --llm-width / --llm-heads = {m.llm_width // m.llm_heads} (the head "
                              f"size) must be even for rotary position embeddings")
     world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun
-    for name in ("pretrain_batch", "lm_batch", "pair_batch", "story_batch"):
+    if ft.caption_batch > ft.pair_batch:
+        raise SystemExit(f"train.py: --caption-batch {ft.caption_batch} must be at most --pair-batch "
+                         f"{ft.pair_batch} (its pairs are among the step's pairs)")
+    for name in ("pretrain_batch", "lm_batch", "pair_batch", "caption_batch", "story_batch"):
         if values[name] % world:
             raise SystemExit(f"train.py: {flag_of(name)} {values[name]} (a global batch) does not split over "
                              f"{world} ranks")
@@ -717,12 +723,16 @@ class Batches:
             lm["predict"] = predicting(lm["labels"])
             return Batch(lm=lm, n_sequences=lm["input_ids"].shape[0])
         ft, obj, out = cfg.finetune, self.objective, Batch()
-        pairs = self.streams["pairs"].batch(k, ft.pair_batch) if self.streams["pairs"].items else []
+        # --pair-batch pairs for the contrastive loss; the first --caption-batch of them (each rank's first
+        # share) also give the next-token loss their long caption and the structure loss its singles
+        n_pairs = ft.pair_batch if obj.contrastive else ft.caption_batch
+        n_long = ft.caption_batch // d.world  # per rank
+        pairs = self.streams["pairs"].batch(k, n_pairs) if self.streams["pairs"].items else []
         if cfg.data.pair_twins == "swap":
-            pairs = with_twins(pairs, ft.pair_batch)
-        local_pairs = shard(pairs, ft.pair_batch, d)
+            pairs = with_twins(pairs, n_pairs)
+        local_pairs = shard(pairs, n_pairs, d)
         if pairs:  # a conversations-only corpus fine-tunes generatively without them (check_corpus)
-            out.pairs = data.collate_pairs(local_pairs, tok, n_img, self.model_cfg.n_soft_tokens, L)
+            out.pairs = data.collate_pairs(local_pairs, tok, n_img, self.model_cfg.n_soft_tokens, L, n_long)
             out.pairs["img_predict"] = predicting(out.pairs["img_labels"])
             if cfg.data.pair_twins == "caption" and obj.contrastive:
                 out.pairs.update(data.collate_caption_negatives(local_pairs, tok, self.model_cfg.n_soft_tokens))
@@ -739,8 +749,8 @@ class Batches:
                 ranks = [Dist(r, d.world, d.device) for r in range(d.world)]
                 global_samples = [s for r in ranks for s in shard(stories, ft.story_batch, r)]
                 if self.pair_singles:
-                    out.singles = data.collate(singles(local_pairs), tok, n_img, L)
-                    global_samples += [s for r in ranks for s in singles(shard(pairs, ft.pair_batch, r))]
+                    out.singles = data.collate(singles(local_pairs[:n_long]), tok, n_img, L)
+                    global_samples += [s for r in ranks for s in singles(shard(pairs, n_pairs, r)[:n_long])]
                 global_batch = data.collate(global_samples, tok, n_img, L)
                 args = (global_batch["slice_uni"], global_batch["slice_cross"], global_batch["seg_is_image"],
                         global_batch["prefix_slices"], global_batch["prefix_len"],
@@ -751,9 +761,7 @@ class Batches:
                     out.sugar_targets = kernel.gak_targets(*args, delta=ft.gak_delta, kernel=ft.sugar_kernel,
                                                            single=ft.sugar_single)  # (P, P)
         rows = [part["input_ids"] for part in (out.lm, out.stories, out.singles) if part is not None]
-        if out.pairs is not None:
-            rows.append(out.pairs["img_ids"])  # a pair is one sample (its caption side rides along)
-        out.n_sequences = sum(r.shape[0] for r in rows)
+        out.n_sequences = sum(r.shape[0] for r in rows) + len(local_pairs)  # a pair is one sample
         return out
 
 
@@ -1000,14 +1008,17 @@ def compute_loss(model: torch.nn.Module, batch: Batch, obj: Objective, world: in
         lm = batch.lm
         logits, _ = model(lm["input_ids"], lm["images"], lm["predict"])
         ntp_parts["lm"] = ntp_sum(logits, lm["labels"], lm["predict"])
-    if batch.pairs is not None:  # [image][soft image prompt][long caption]
+    if batch.pairs is not None:  # [image][soft image prompt][long caption], the first --caption-batch pairs
         pairs = batch.pairs
         logits, img_hidden = model(pairs["img_ids"], pairs["images"], pairs["img_predict"])
         ntp_parts["pairs"] = ntp_sum(logits, pairs["img_labels"], pairs["img_predict"])
         if obj.contrastive:  # VladVA: last-token summaries of the image side and [short caption][text prompt]
             txt_ids = pairs["txt_ids"]
             _, txt_hidden = model(txt_ids, None, txt_ids.new_zeros(0))  # no logits
-            img_emb = core.summary_embedding(img_hidden, pairs["img_pos"])  # (B, D)
+            img_emb = core.summary_embedding(img_hidden, pairs["img_pos"])  # (B_long, D)
+            if "head_ids" in pairs:  # the pairs whose long caption is not read: their image side to the summary
+                _, head_hidden = model(pairs["head_ids"], pairs["head_images"], txt_ids.new_zeros(0))
+                img_emb = torch.cat([img_emb, core.summary_embedding(head_hidden, pairs["head_pos"])])  # (B, D)
             txt_emb = core.summary_embedding(txt_hidden, pairs["txt_pos"])  # (B, D)
             if "neg_ids" in pairs:  # --pair-twins caption: each pair's twin caption, a negative text
                 _, neg_hidden = model(pairs["neg_ids"], None, txt_ids.new_zeros(0))

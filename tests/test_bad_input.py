@@ -83,6 +83,8 @@ def test_nan_checkpoint_gives_no_metric_and_names_the_checkpoint(ckpt, tmp_path)
     (["--pretrain-batch", "0"], "--pretrain-batch must be >= 1"),
     (["--lm-batch", "0"], "--lm-batch must be >= 1"),
     (["--pair-batch", "0"], "--pair-batch must be >= 1"),
+    (["--caption-batch", "0"], "--caption-batch must be >= 1"),
+    (["--caption-batch", "64", "--pair-batch", "32"], "--caption-batch 64 must be at most --pair-batch 32"),
     (["--log-every", "0"], "--log-every must be >= 1"),
     (["--ckpt-every", "0"], "--ckpt-every must be >= 1"),
     (["--lora-r", "0"], "--lora-r must be >= 1"),

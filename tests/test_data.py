@@ -642,7 +642,30 @@ def test_collate_pairs_layout_written_out():
     assert b["txt_ids"].tolist() == [[BOS, 20, 16, 21, 22, SOFT_TXT, SOFT_TXT],
                                      [BOS, 20, 25, 22, SOFT_TXT, SOFT_TXT, PAD]]
     assert b["txt_pos"].tolist() == [6, 5]
-    assert torch.equal(b["images"], ims)
+    assert torch.equal(b["images"], ims) and "head_ids" not in b
+
+
+def test_collate_pairs_with_n_long_cuts_the_other_image_rows_at_their_summary_written_out():
+    """train.py --caption-batch: only the first n_long pairs keep their long caption; the image rows of the
+    others end at the last <soft_image>, where the summary is read; the text rows cover every pair."""
+    tok = literal_tokenizer()
+    ims = torch.rand(3, 3, 8, 8)
+    b = data.collate_pairs([(ims[0], "a red square.", "a red square. a blue circle."),
+                            (ims[1], "a circle.", "a blue circle."),
+                            (ims[2], "a blue square.", "a blue square. a red circle.")], tok, 3, 2, 64, n_long=1)
+    head = [BOS, IMG, IMG, IMG, SOFT_IMG, SOFT_IMG]
+    assert b["img_ids"].tolist() == [head + [20, 16, 21, 22, 23, 24, 25, 22, EOS]]
+    assert b["img_labels"].tolist() == [[NO] * 6 + [20, 16, 21, 22, 23, 24, 25, 22, EOS]]
+    assert b["img_pos"].tolist() == [5] and torch.equal(b["images"], ims[:1])
+    assert b["head_ids"].tolist() == [head, head] and b["head_pos"].tolist() == [5, 5]
+    assert torch.equal(b["head_images"], ims[1:])
+    assert b["txt_ids"].tolist() == [[BOS, 20, 16, 21, 22, SOFT_TXT, SOFT_TXT],
+                                     [BOS, 20, 25, 22, SOFT_TXT, SOFT_TXT, PAD],
+                                     [BOS, 20, 24, 21, 22, SOFT_TXT, SOFT_TXT]]
+    assert b["txt_pos"].tolist() == [6, 5, 6]
+    for bad in (0, 4):
+        with pytest.raises(ValueError, match="n_long must be in 1..3"):
+            data.collate_pairs([(ims[0], "a circle.", "a blue circle.")] * 3, tok, 3, 2, 64, n_long=bad)
 
 
 # ---- readers -----------------------------------------------------------------------------------------------

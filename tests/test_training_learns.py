@@ -179,6 +179,38 @@ def test_finetuning_ntp_is_the_mean_of_each_sources_token_mean(tmp_path):
     assert float(terms["ntp"]) == pytest.approx(want, rel=1e-5)
 
 
+def test_pairs_past_the_caption_batch_enter_the_contrastive_loss_alone(tmp_path):
+    """--caption-batch: of a step's --pair-batch pairs, the first caption_batch give the next-token loss their
+    long caption; every pair enters the contrastive loss with the summary its full [image][soft prompt][long
+    caption] row gives (causal attention: the caption after the summary cannot change it), recomputed here
+    from each pair's full row. A method without the contrastive loss draws the caption_batch pairs alone."""
+    cfg, tok, corpus, streams, model = setup("vladva", tmp_path / "c.pt", "--pair-batch", "8",
+                                             "--caption-batch", "3")
+    model.init_soft_prompts(*data.soft_prompt_ids(tok))
+    fb = batches("finetune", cfg, tok, corpus, streams, model)
+    _, terms = T.compute_loss(model, fb(0), fb.objective, 1)
+    full = data.collate_pairs(streams["pairs"].batch(0, 8), tok, model.cfg.vision.num_patches,
+                              model.cfg.n_soft_tokens, cfg.model.max_len)
+    with torch.no_grad():
+        logits, hidden = model(full["img_ids"], full["images"])
+        img = model.summary_embedding(hidden, full["img_pos"])
+        txt = model.summary_embedding(model(full["txt_ids"], None)[1], full["txt_pos"])
+        labels = full["img_labels"][:, 1:]
+        per_token = torch.nn.functional.cross_entropy(logits[:, :-1].double().transpose(1, 2), labels,
+                                                      ignore_index=-100, reduction="none")
+        first3 = per_token[:3][labels[:3] != -100].mean()
+        assert abs(float(first3) - float(per_token[labels != -100].mean())) > 1e-3  # the cut-off matters
+        assert float(terms["ntp"]) == pytest.approx(float(first3), rel=1e-5)
+        want = T.kernel.contrastive_loss(img, txt, model.logit_scale)
+        assert float(terms["contrastive"]) == pytest.approx(float(want), rel=1e-5)
+    gen_cfg = T.parse_args(["--smoke", "--method", "generative", "--out", str(tmp_path / "g.pt"),
+                            "--length-group", "1", "--pair-batch", "8", "--caption-batch", "3"])
+    gen = batches("finetune", gen_cfg, tok, corpus, streams, model)(0).pairs
+    three = data.collate_pairs(streams["pairs"].batch(0, 3), tok, model.cfg.vision.num_patches,
+                               model.cfg.n_soft_tokens, cfg.model.max_len)
+    assert torch.equal(gen["img_ids"], three["img_ids"]) and "head_ids" not in gen
+
+
 def sgd_step(tmp_path: Path, n_acc: int, batch: int) -> dict[str, torch.Tensor]:
     """The parameter change of one real pre-training step (train_stage) with SGD at lr 1, no clipping: minus
     the step's gradient."""
