@@ -11,7 +11,9 @@ Fine-tuning objective:
 - L_contrastive: VladVA's symmetric InfoNCE between last-token summaries of an image (+ image soft prompt) and
   of its short caption (+ text soft prompt) (Ouali et al., CVPR 2025, arXiv 2412.04378). With the built-in
   world the pairs also hold the knowledge-base entry images with their name questions (`data.kb_pairs`,
-  --rag-pairs), the query RAG retrieves with.
+  --rag-pairs), the query RAG retrieves with. A step holds --pair-batch pairs; the next-token loss reads the
+  long caption of the first --caption-batch of them (VladVA reads every pair's; ours, so that the contrastive
+  batch can grow at a fraction of the cost: the other image rows stop at their summary).
 - L_structure: Sugar Eq. 3, the squared gap between the cosine matrix of prefix embeddings and the normalised
   global alignment kernel (Sugar Eq. 2) of their slice sequences under the triple kernel (Sugar Eq. 4)
   (Chow et al., NeurIPS 2024, arXiv 2411.00304).
@@ -188,9 +190,10 @@ class FinetuneArgs:
     method: str = "unified"         # generative | vladva | sugar | unified: which fine-tuning losses
     finetune_steps: int = 300       # README, "Fine-tuning length": 100 to 400 steps
     lm_batch: int = 16              # global caption / VQA / RAG sequences per step
-    pair_batch: int = 128           # global image-caption pairs per step in the contrastive loss (VladVA)
+    pair_batch: int = 32            # global image-caption pairs per step in the contrastive loss (VladVA)
     caption_batch: int = 32         # of those, the pairs whose long caption the next-token loss reads (and
-                                    # Sugar's singles); a method without the contrastive loss draws these alone
+                                    # Sugar's singles); a method without the contrastive loss draws these alone.
+                                    # --pair-batch 128: README, "More pairs a step"
     story_batch: int = 4            # global interleaved stories per step
     finetune_lr: float | None = field(default=None, metadata=RECIPE)
     lora_r: int | None = field(default=None, metadata=RECIPE)
@@ -497,7 +500,7 @@ def with_twins(items: list, n: int) -> list:
     About half of a batch's pairs then sit beside a pair whose caption uses the same words in another binding,
     which the symmetric InfoNCE must tell apart both ways; drawn at random, a batch of 32 holds one about 1% of
     the time. Items without a twin (knowledge-base pairs, user pairs) pass alone. Measured on the default base
-    (README, "Hard-negative twins"): at the default 300 steps the summaries of a twin pair's captions stay as
+    (README, "Hard negatives"): at the default 300 steps the summaries of a twin pair's captions stay as
     close as without twins (cosine 0.96) and retrieval loses a third of its R@1, so it is off by default; at
     1200 steps, once the binding is being learned, twins lift winoground/group from 0.21 to 0.33 (two seeds)."""
     out = []

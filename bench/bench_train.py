@@ -12,8 +12,12 @@ fine-tuning method, at the sizes of each --preset, measured in the same run. Per
 
 Goal (2 CPU cores): data wait + log <= 5% of a step.
 
+With --pair-batches, vladva and unified are measured at each --pair-batch given (the --caption-batch pairs
+whose long caption is read stay the preset's), each also as a ratio to the first.
+
 Run:
     python bench/bench_train.py                             # the cpu preset (the gpu one: --presets cpu,gpu)
+    python bench/bench_train.py --pair-batches 32,128       # README, "More pairs a step"
     python bench/bench_train.py --device cuda --presets cpu,gpu
 """
 import argparse
@@ -69,14 +73,21 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10, help="measured steps per configuration")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--n-train", type=int, default=300, help="world scenes (batches: the preset's)")
+    p.add_argument("--pair-batches", default="", help="comma-separated --pair-batch values for vladva and unified")
     args = p.parse_args()
+    try:
+        pair_batches = [int(x) for x in args.pair_batches.split(",")] if args.pair_batches else []
+    except ValueError:
+        raise SystemExit(f"bench_train.py: --pair-batches takes comma-separated integers, got {args.pair_batches!r}")
+    if any(n < 1 for n in pair_batches):
+        raise SystemExit(f"bench_train.py: every --pair-batches value must be >= 1, got {args.pair_batches!r}")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"bench_train.py: --device {args.device} needs a CUDA device")
     print(f"device {device}, {args.threads} threads, median of {args.steps} steps through train.train_stage")
-    print(f"{'preset':<7} {'stage / method':<20} {'ms/step':>8} {'samples/s':>10} {'build ms':>9} "
-          f"{'data wait':>10} {'log':>7}")
+    print(f"{'preset':<7} {'stage / method':<26} {'ms/step':>8} {'samples/s':>10} {'build ms':>9} "
+          f"{'data wait':>10} {'log':>7} {'x first':>8}")
     with tempfile.TemporaryDirectory() as tmp:
         for preset in args.presets.split(","):
             argv = ["--preset", preset, "--n-train", str(args.n_train), "--out", str(Path(tmp) / "bench.pt"),
@@ -84,12 +95,19 @@ def main() -> None:
             cfg = train.parse_args(argv)
             corpus = train.builtin_corpus(cfg)
             tok = data.train_tokenizer(corpus.texts, cfg.model.vocab_size)
+            default_pairs, default_captions = cfg.finetune.pair_batch, cfg.finetune.caption_batch
             for stage_name, method in [("pretrain", "generative")] + [("finetune", m) for m in train.METHODS]:
                 cfg.finetune.method = method
-                ms, sps, build, wait, log = measure(cfg, corpus, tok, stage_name, args.steps, device)
-                what = "pretrain" if stage_name == "pretrain" else f"finetune {method}"
-                print(f"{preset:<7} {what:<20} {ms:8.0f} {sps:10.1f} {build:9.1f} {wait:10.1%} {log:7.1%}",
-                      flush=True)
+                sizes = pair_batches if pair_batches and method in ("vladva", "unified") else [default_pairs]
+                first = None
+                for n in sizes:
+                    cfg.finetune.pair_batch, cfg.finetune.caption_batch = n, min(n, default_captions)
+                    ms, sps, build, wait, log = measure(cfg, corpus, tok, stage_name, args.steps, device)
+                    first = first or ms
+                    what = "pretrain" if stage_name == "pretrain" else f"finetune {method}"
+                    what += f" pairs {n}" if len(sizes) > 1 else ""
+                    print(f"{preset:<7} {what:<26} {ms:8.0f} {sps:10.1f} {build:9.1f} {wait:10.1%} {log:7.1%} "
+                          f"{ms / first:8.2f}", flush=True)
 
 
 if __name__ == "__main__":
