@@ -426,6 +426,13 @@ def shard(items: list, step_batch: int, d: Dist) -> list:
     return items[d.rank * n:(d.rank + 1) * n]
 
 
+def shard_pairs(pairs: list, n_long: int, d: Dist) -> list:
+    """This rank's image-caption pairs: its chunk of the first n_long (--caption-batch, whose long captions the
+    next-token loss reads), then its chunk of the rest. So a step's long-caption pairs, and the Sugar singles
+    made of them in rank order, are the same whatever the number of ranks."""
+    return shard(pairs[:n_long], n_long, d) + shard(pairs[n_long:], len(pairs) - n_long, d)
+
+
 def all_sum(x: Tensor) -> Tensor:
     if dist.is_initialized():
         x = x.clone()
@@ -726,14 +733,14 @@ class Batches:
             lm["predict"] = predicting(lm["labels"])
             return Batch(lm=lm, n_sequences=lm["input_ids"].shape[0])
         ft, obj, out = cfg.finetune, self.objective, Batch()
-        # --pair-batch pairs for the contrastive loss; the first --caption-batch of them (each rank's first
-        # share) also give the next-token loss their long caption and the structure loss its singles
+        # --pair-batch pairs for the contrastive loss; the first --caption-batch of them (shard_pairs puts each
+        # rank's share first) also give the next-token loss their long caption and the structure loss its singles
         n_pairs = ft.pair_batch if obj.contrastive else ft.caption_batch
         n_long = ft.caption_batch // d.world  # per rank
         pairs = self.streams["pairs"].batch(k, n_pairs) if self.streams["pairs"].items else []
         if cfg.data.pair_twins == "swap":
             pairs = with_twins(pairs, n_pairs)
-        local_pairs = shard(pairs, n_pairs, d)
+        local_pairs = shard_pairs(pairs, ft.caption_batch, d)
         if pairs:  # a conversations-only corpus fine-tunes generatively without them (check_corpus)
             out.pairs = data.collate_pairs(local_pairs, tok, n_img, self.model_cfg.n_soft_tokens, L, n_long)
             out.pairs["img_predict"] = predicting(out.pairs["img_labels"])
@@ -753,7 +760,8 @@ class Batches:
                 global_samples = [s for r in ranks for s in shard(stories, ft.story_batch, r)]
                 if self.pair_singles:
                     out.singles = data.collate(singles(local_pairs[:n_long]), tok, n_img, L)
-                    global_samples += [s for r in ranks for s in singles(shard(pairs, n_pairs, r)[:n_long])]
+                    global_samples += [s for r in ranks for s in singles(shard(pairs[:ft.caption_batch],
+                                                                               ft.caption_batch, r))]
                 global_batch = data.collate(global_samples, tok, n_img, L)
                 args = (global_batch["slice_uni"], global_batch["slice_cross"], global_batch["seg_is_image"],
                         global_batch["prefix_slices"], global_batch["prefix_len"],
