@@ -760,8 +760,8 @@ class Batches:
                 global_samples = [s for r in ranks for s in shard(stories, ft.story_batch, r)]
                 if self.pair_singles:
                     out.singles = data.collate(singles(local_pairs[:n_long]), tok, n_img, L)
-                    global_samples += [s for r in ranks for s in singles(shard(pairs[:ft.caption_batch],
-                                                                               ft.caption_batch, r))]
+                    global_samples += [s for r in ranks
+                                       for s in singles(shard_pairs(pairs, ft.caption_batch, r)[:n_long])]
                 global_batch = data.collate(global_samples, tok, n_img, L)
                 args = (global_batch["slice_uni"], global_batch["slice_cross"], global_batch["seg_is_image"],
                         global_batch["prefix_slices"], global_batch["prefix_len"],
@@ -1014,7 +1014,7 @@ def compute_loss(model: torch.nn.Module, batch: Batch, obj: Objective, world: in
     core = unwrap(model)
     # Forward passes, each batch once: logits for L_ntp, hidden states for the summaries and prefix vectors.
     ntp_parts = {}  # source -> (summed loss, tokens)
-    neg = (None, None)  # --pair-twins caption: hard-negative text summaries and which are real
+    neg, neg_valid = None, None  # --pair-twins caption: hard-negative text summaries and which are real
     if batch.lm is not None:  # captions, VQA, RAG (pre-training: every sample)
         lm = batch.lm
         logits, _ = model(lm["input_ids"], lm["images"], lm["predict"])
@@ -1033,7 +1033,7 @@ def compute_loss(model: torch.nn.Module, batch: Batch, obj: Objective, world: in
             txt_emb = core.summary_embedding(txt_hidden, pairs["txt_pos"])  # (B, D)
             if "neg_ids" in pairs:  # --pair-twins caption: each pair's twin caption, a negative text
                 _, neg_hidden = model(pairs["neg_ids"], None, txt_ids.new_zeros(0))
-                neg = (core.summary_embedding(neg_hidden, pairs["neg_pos"]), pairs["neg_valid"])  # (B, D); (B,)
+                neg, neg_valid = core.summary_embedding(neg_hidden, pairs["neg_pos"]), pairs["neg_valid"]  # (B, D)
     prefixes = []  # Sugar: one embedding per prefix, stories then singles (the order of batch.sugar_targets)
     if batch.stories is not None:
         stories = batch.stories
@@ -1062,9 +1062,8 @@ def compute_loss(model: torch.nn.Module, batch: Batch, obj: Objective, world: in
     ntp = (sums / ntp_tokens.clamp_min(1) * world * present).sum() / present.sum().clamp_min(1)
 
     # L_contrastive: VladVA's symmetric InfoNCE, this rank's rows against every rank's (kernel.py).
-    contrastive = None
-    if obj.contrastive:
-        contrastive = kernel.contrastive_loss(img_emb, txt_emb, core.logit_scale, kernel.MAX_LOGIT_SCALE, *neg)
+    contrastive = (kernel.contrastive_loss(img_emb, txt_emb, core.logit_scale, neg=neg, neg_valid=neg_valid)
+                   if obj.contrastive else None)
 
     # L_structure: Sugar Eq. 3 over the prefixes of the whole global batch against the GAK targets (Eq. 2, 4).
     # Every rank computes the same full loss on the gathered embeddings (the DDP gradient argument).
