@@ -223,6 +223,7 @@ class RunArgs:
     seed: int = 0
     grad_accum: int = 1     # micro-batches per step (DDP syncs gradients on the last)
     length_group: int = 16  # next-token batches cut from 16x as many samples sorted by length (1: random)
+    caption_chunks: int = 4  # the long-caption rows in N forward passes of like length (1: one; length_chunks)
     warmup_frac: float = 0.03  # share of a stage's steps in linear warm-up (Sugar: 3%), then cosine to 0
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # max global gradient norm; 0: no clipping
@@ -292,6 +293,7 @@ AT_LEAST = {"n_train": 1, "rag_kbs": 1, "rag_pairs": 0, "vision_steps": 0, "visi
             "where_steps": 0, "where_mix": 0, "pretrain_steps": 0, "pretrain_batch": 1, "finetune_steps": 0,
             "lm_batch": 1, "pair_batch": 1, "caption_batch": 1, "story_batch": 1, "lora_r": 1,
             "lambda_contrastive": 0.0, "lambda_structure": 0.0, "gak_delta": 0.0, "grad_accum": 1, "length_group": 1,
+            "caption_chunks": 1,
             "warmup_frac": 0.0, "weight_decay": 0.0, "grad_clip": 0.0, "log_every": 1, "ckpt_every": 1,
             "stop_after": 0, "max_len": 1, "proj_dim": 1}
 ABOVE = {"vision_lr": 0.0, "pretrain_lr": 0.0, "finetune_lr": 0.0, "lora_alpha": 0.0}
@@ -701,6 +703,8 @@ class Batch:
         def each(x: Any) -> Any:
             if isinstance(x, dict):
                 return {k: each(v) for k, v in x.items()}
+            if isinstance(x, list):
+                return [each(v) for v in x]
             return fn(x) if isinstance(x, Tensor) else x
         return Batch(**{f.name: each(getattr(self, f.name)) for f in fields(self)})
 
@@ -743,7 +747,7 @@ class Batches:
         local_pairs = shard_pairs(pairs, ft.caption_batch, d)
         if pairs:  # a conversations-only corpus fine-tunes generatively without them (check_corpus)
             out.pairs = data.collate_pairs(local_pairs, tok, n_img, self.model_cfg.n_soft_tokens, L, n_long)
-            out.pairs["img_predict"] = predicting(out.pairs["img_labels"])
+            length_chunks(out.pairs, cfg.run.caption_chunks)
             if cfg.data.pair_twins == "caption" and obj.contrastive:
                 out.pairs.update(data.collate_caption_negatives(local_pairs, tok, self.model_cfg.n_soft_tokens))
         if obj.lm and self.streams["lm"].items:
@@ -972,6 +976,25 @@ def predicting(labels: Tensor) -> Tensor:
     return mask.flatten().nonzero().squeeze(1)
 
 
+def length_chunks(pairs: dict[str, Any], n: int) -> None:
+    """Replaces the long-caption rows of a collate_pairs batch (img_ids, img_labels, img_pos, images) by
+    pairs["long"]: up to n chunks of those rows, sorted by length, each cut to its own longest row, with its
+    `predicting` positions; and pairs["long_order"], which puts the chunks' rows back in the pairs' order.
+    Padding sits after a row's end and attention is causal, so no real position sees it, and the loss sums
+    over tokens: the chunks give the padded batch's loss, summaries and gradients, up to rounding. What goes
+    is the padded positions' compute: a step's 32 long captions (35-167 tokens) are 58% real tokens. Our
+    choice; n = 1 keeps the rows in one padded pass, in order."""
+    lengths = pairs["img_pos"] + 1 + (pairs["img_labels"] != -100).sum(1)  # (B,): [bos][image][prompt] caption
+    order = lengths.argsort(stable=True) if n > 1 else torch.arange(len(lengths))
+    ids, labels, pos, images = (pairs.pop(k) for k in ("img_ids", "img_labels", "img_pos", "images"))
+    pairs["long"] = []
+    for rows in order.tensor_split(min(n, len(order))):
+        t = int(lengths[rows].max())
+        pairs["long"].append({"ids": ids[rows, :t], "labels": labels[rows, :t], "pos": pos[rows],
+                              "images": images[rows], "predict": predicting(labels[rows, :t])})
+    pairs["long_order"] = order.argsort()  # (B,): row i of the pairs is row long_order[i] of the chunks
+
+
 def ntp_sum(logits: Tensor, labels: Tensor, predict: Tensor) -> tuple[Tensor, Tensor]:
     """Summed next-token cross-entropy and the number of predicted tokens; logits (N, V) are those of the
     positions `predict` = predicting(labels), each of which predicts the token one place after it."""
@@ -993,14 +1016,17 @@ def prefix_embeddings(model: MLLM, batch: dict[str, Tensor], hidden: Tensor, poo
 
 
 # the next-token loss's sources, in the order of `predicted_tokens` and `compute_loss`'s terms
-NTP_SOURCES = (("lm", "predict"), ("pairs", "img_predict"), ("stories", "predict"))
+NTP_SOURCES = ("lm", "pairs", "stories")
 
 
 def predicted_tokens(batch: Batch) -> Tensor:
     """(len(NTP_SOURCES),) float: the tokens each source of the batch predicts (its `predicting` positions)."""
-    parts = [getattr(batch, name) for name, _ in NTP_SOURCES]
-    return torch.tensor([0.0 if part is None else float(part[key].shape[0])
-                         for part, (_, key) in zip(parts, NTP_SOURCES)])
+    counts = []
+    for name in NTP_SOURCES:
+        part = getattr(batch, name)
+        parts = [] if part is None else part["long"] if name == "pairs" else [part]
+        counts.append(float(sum(p["predict"].shape[0] for p in parts)))
+    return torch.tensor(counts)
 
 
 def compute_loss(model: torch.nn.Module, batch: Batch, obj: Objective, world: int,
@@ -1020,13 +1046,17 @@ def compute_loss(model: torch.nn.Module, batch: Batch, obj: Objective, world: in
         logits, _ = model(lm["input_ids"], lm["images"], lm["predict"])
         ntp_parts["lm"] = ntp_sum(logits, lm["labels"], lm["predict"])
     if batch.pairs is not None:  # [image][soft image prompt][long caption], the first --caption-batch pairs
-        pairs = batch.pairs
-        logits, img_hidden = model(pairs["img_ids"], pairs["images"], pairs["img_predict"])
-        ntp_parts["pairs"] = ntp_sum(logits, pairs["img_labels"], pairs["img_predict"])
+        pairs, sums, img_emb = batch.pairs, [], []
+        for rows in pairs["long"]:  # in passes of rows of like length (length_chunks)
+            logits, hidden = model(rows["ids"], rows["images"], rows["predict"])
+            sums.append(ntp_sum(logits, rows["labels"], rows["predict"]))
+            if obj.contrastive:
+                img_emb.append(core.summary_embedding(hidden, rows["pos"]))  # (rows, D)
+        ntp_parts["pairs"] = (sum(s for s, _ in sums), sum(n for _, n in sums))
         if obj.contrastive:  # VladVA: last-token summaries of the image side and [short caption][text prompt]
+            img_emb = torch.cat(img_emb)[pairs["long_order"]]  # (B_long, D), back in the pairs' order
             txt_ids = pairs["txt_ids"]
             _, txt_hidden = model(txt_ids, None, txt_ids.new_zeros(0))  # no logits
-            img_emb = core.summary_embedding(img_hidden, pairs["img_pos"])  # (B_long, D)
             if "head_ids" in pairs:  # the pairs whose long caption is not read: their image side to the summary
                 _, head_hidden = model(pairs["head_ids"], pairs["head_images"], txt_ids.new_zeros(0))
                 img_emb = torch.cat([img_emb, core.summary_embedding(head_hidden, pairs["head_pos"])])  # (B, D)
@@ -1054,10 +1084,10 @@ def compute_loss(model: torch.nn.Module, batch: Batch, obj: Objective, world: in
     # into caption text ("four a large red cross at"; README "A model that sees", item 9). Our choice; in
     # pre-training (one source) it is the plain mean over tokens.
     zero = torch.zeros((), device=next(core.parameters()).device)
-    sums = torch.stack([ntp_parts[name][0] if name in ntp_parts else zero for name, _ in NTP_SOURCES])
+    sums = torch.stack([ntp_parts[name][0] if name in ntp_parts else zero for name in NTP_SOURCES])
     if ntp_tokens is None:
         ntp_tokens = all_sum(torch.stack([ntp_parts[name][1].float() if name in ntp_parts else zero
-                                          for name, _ in NTP_SOURCES]))
+                                          for name in NTP_SOURCES]))
     present = (ntp_tokens > 0).float()  # (sources,)
     ntp = (sums / ntp_tokens.clamp_min(1) * world * present).sum() / present.sum().clamp_min(1)
 

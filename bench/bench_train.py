@@ -13,11 +13,13 @@ fine-tuning method, at the sizes of each --preset, measured in the same run. Per
 Goal (2 CPU cores): data wait + log <= 5% of a step.
 
 With --pair-batches, vladva and unified are measured at each --pair-batch given (the --caption-batch pairs
-whose long caption is read stay the preset's), each also as a ratio to the first.
+whose long caption is read stay the preset's); with --caption-chunks, every fine-tuning method at each
+--caption-chunks given; each also as a ratio to the first of its method.
 
 Run:
     python bench/bench_train.py                             # the cpu preset (the gpu one: --presets cpu,gpu)
     python bench/bench_train.py --pair-batches 32,128       # README, "More pairs a step"
+    python bench/bench_train.py --caption-chunks 1,4        # README, "Long captions in chunks of like length"
     python bench/bench_train.py --device cuda --presets cpu,gpu
 """
 import argparse
@@ -66,6 +68,18 @@ def measure(cfg: train.TrainConfig, corpus: train.Corpus, tok: data.Tokenizer, s
     return ms, per_s, build * 1e3, sum(wait) / total, sum(log) / total
 
 
+def positive_ints(args: argparse.Namespace, name: str) -> list[int]:
+    """The comma-separated integers >= 1 of flag `name` ([] if not given)."""
+    value, flag = getattr(args, name), "--" + name.replace("_", "-")
+    try:
+        values = [int(x) for x in value.split(",")] if value else []
+    except ValueError:
+        raise SystemExit(f"bench_train.py: {flag} takes comma-separated integers, got {value!r}")
+    if any(n < 1 for n in values):
+        raise SystemExit(f"bench_train.py: every {flag} value must be >= 1, got {value!r}")
+    return values
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -74,19 +88,15 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--n-train", type=int, default=300, help="world scenes (batches: the preset's)")
     p.add_argument("--pair-batches", default="", help="comma-separated --pair-batch values for vladva and unified")
+    p.add_argument("--caption-chunks", default="", help="comma-separated --caption-chunks values for fine-tuning")
     args = p.parse_args()
-    try:
-        pair_batches = [int(x) for x in args.pair_batches.split(",")] if args.pair_batches else []
-    except ValueError:
-        raise SystemExit(f"bench_train.py: --pair-batches takes comma-separated integers, got {args.pair_batches!r}")
-    if any(n < 1 for n in pair_batches):
-        raise SystemExit(f"bench_train.py: every --pair-batches value must be >= 1, got {args.pair_batches!r}")
+    pair_batches, chunks = positive_ints(args, "pair_batches"), positive_ints(args, "caption_chunks")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"bench_train.py: --device {args.device} needs a CUDA device")
     print(f"device {device}, {args.threads} threads, median of {args.steps} steps through train.train_stage")
-    print(f"{'preset':<7} {'stage / method':<26} {'ms/step':>8} {'samples/s':>10} {'build ms':>9} "
+    print(f"{'preset':<7} {'stage / method':<35} {'ms/step':>8} {'samples/s':>10} {'build ms':>9} "
           f"{'data wait':>10} {'log':>7} {'x first':>8}")
     with tempfile.TemporaryDirectory() as tmp:
         for preset in args.presets.split(","):
@@ -99,14 +109,17 @@ def main() -> None:
             for stage_name, method in [("pretrain", "generative")] + [("finetune", m) for m in train.METHODS]:
                 cfg.finetune.method = method
                 sizes = pair_batches if pair_batches and method in ("vladva", "unified") else [default_pairs]
+                cuts = chunks if chunks and stage_name == "finetune" else [cfg.run.caption_chunks]
                 first = None
-                for n in sizes:
+                for n, c in [(n, c) for n in sizes for c in cuts]:
                     cfg.finetune.pair_batch, cfg.finetune.caption_batch = n, min(n, default_captions)
+                    cfg.run.caption_chunks = c
                     ms, sps, build, wait, log = measure(cfg, corpus, tok, stage_name, args.steps, device)
                     first = first or ms
                     what = "pretrain" if stage_name == "pretrain" else f"finetune {method}"
                     what += f" pairs {n}" if len(sizes) > 1 else ""
-                    print(f"{preset:<7} {what:<26} {ms:8.0f} {sps:10.1f} {build:9.1f} {wait:10.1%} {log:7.1%} "
+                    what += f" chunks {c}" if len(cuts) > 1 else ""
+                    print(f"{preset:<7} {what:<35} {ms:8.0f} {sps:10.1f} {build:9.1f} {wait:10.1%} {log:7.1%} "
                           f"{ms / first:8.2f}", flush=True)
 
 

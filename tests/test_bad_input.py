@@ -368,9 +368,11 @@ def test_benchmarks_refuse_cuda_without_a_gpu(script):
     assert done.stderr.strip() == f"{script}: --device cuda needs a CUDA device", done.stderr[-2000:]
 
 
-@pytest.mark.parametrize("value, message", [("32,x", "--pair-batches takes comma-separated integers, got '32,x'"),
-                                            ("32,0", "every --pair-batches value must be >= 1, got '32,0'")])
-def test_bench_train_refuses_bad_pair_batches(value, message):
-    done = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_train.py"), "--pair-batches", value],
+@pytest.mark.parametrize("flag", ["--pair-batches", "--caption-chunks"])
+@pytest.mark.parametrize("value, message", [("32,x", "{} takes comma-separated integers, got '32,x'"),
+                                            ("32,0", "every {} value must be >= 1, got '32,0'")])
+def test_bench_train_refuses_bad_lists(flag, value, message):
+    message = message.format(flag)
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_train.py"), flag, value],
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 1 and done.stderr.strip() == f"bench_train.py: {message}", done.stderr[-2000:]

@@ -177,6 +177,21 @@ def twins_batches(tmp_path, twins: str) -> tuple[train.Batches, data.Tokenizer]:
     return make, tok
 
 
+def pair_images(pairs: dict) -> torch.Tensor:
+    """Every pair's image in the pairs' order: the long-caption rows' (in length chunks), then the others'."""
+    long = torch.cat([rows["images"] for rows in pairs["long"]])[pairs["long_order"]]
+    return torch.cat([long, pairs["head_images"]]) if "head_images" in pairs else long
+
+
+def same_batch(a: object, b: object) -> bool:
+    """Equal batches: the same keys, lists and tensors all the way down."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same_batch(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(same_batch(x, y) for x, y in zip(a, b))
+    return torch.equal(a, b)
+
+
 def caption_texts(rows: torch.Tensor, tok: data.Tokenizer) -> list[str]:
     special = {tok.bos_id, tok.pad_id, tok.soft_text_id}
     return [tok.decode([i for i in row.tolist() if i not in special]).strip() for row in rows]
@@ -191,7 +206,7 @@ def test_finetuning_pairs_come_with_their_winoground_twins(tmp_path):
         for k in range(12):
             pairs = make(k).pairs
             texts = caption_texts(pairs["txt_ids"], tok)
-            images = torch.cat([pairs["images"], pairs["head_images"]])  # every pair's, in the rows' order
+            images = pair_images(pairs)
             for i, t in enumerate(texts):
                 twins_of_t = [j for j, u in enumerate(texts) if u != t and sorted(u.split()) == sorted(t.split())]
                 assert all(not torch.equal(images[i], images[j]) for j in twins_of_t)
@@ -212,7 +227,7 @@ def test_caption_twins_are_each_pairs_negative_text_and_leave_its_pairs_alone(tm
     valid = total = 0
     for k in range(12):
         want, got = none(k).pairs, make(k).pairs
-        assert all(torch.equal(want[key], got[key]) for key in want)
+        assert same_batch(want, {key: got[key] for key in want})
         texts, negs = caption_texts(got["txt_ids"], tok), caption_texts(got["neg_ids"], tok)
         for t, n, ok in zip(texts, negs, got["neg_valid"].tolist()):
             assert (n != t and sorted(n.split()) == sorted(t.split())) if ok else n == t, (t, n, ok)
@@ -314,6 +329,47 @@ def test_length_grouped_stream_sees_every_item_per_epoch_in_length_sorted_batche
         # sorted by length within the group: no batch's length range overlaps another's interior
         spans = sorted((min(lengths[x] for x in b), max(lengths[x] for x in b)) for b in batches)
         assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(lengths=st.lists(st.integers(0, 9), min_size=1, max_size=12), n=st.integers(1, 5), seed=st.integers(0, 9))
+def test_length_chunks_cut_only_padding_and_keep_every_row(lengths, n, seed):
+    """--caption-chunks: the long-caption rows (a 3-token head, then `lengths` caption tokens, right-padded)
+    come back as min(n, rows) chunks of near-equal size, in length order when n > 1 (in the rows' order when
+    n = 1), each as wide as its longest row; every row keeps its tokens, labels, summary position and image,
+    the predicted positions are those of the padded batch, and long_order undoes the sort."""
+    g = torch.Generator().manual_seed(seed)
+    B, head, pad = len(lengths), 3, 0
+    T = head + max(lengths)
+    ids, labels = torch.full((B, T), pad), torch.full((B, T), -100)
+    for b, m in enumerate(lengths):
+        ids[b, :head + m] = torch.randint(6, 50, (head + m,), generator=g)
+        labels[b, head:head + m] = ids[b, head:head + m]
+    pos, images = torch.full((B,), head - 1), torch.rand(B, 3, 4, 4, generator=g)
+    pairs = {"img_ids": ids, "img_labels": labels, "img_pos": pos, "images": images, "txt_ids": ids[:, :1]}
+    train.length_chunks(pairs, n)
+    assert set(pairs) == {"long", "long_order", "txt_ids"}
+    chunks, order = pairs["long"], pairs["long_order"].argsort()  # order[j]: the batch row of chunk row j
+    assert len(chunks) == min(n, B)
+    assert max(len(c["ids"]) for c in chunks) - min(len(c["ids"]) for c in chunks) <= 1
+    assert sorted(order.tolist()) == list(range(B))
+    if n == 1:
+        assert order.tolist() == list(range(B))
+    widths = [[head + lengths[i] for i in rows.tolist()] for rows in order.split([len(c["ids"]) for c in chunks])]
+    if n > 1:
+        assert all(max(a) <= min(b) for a, b in zip(widths, widths[1:]))
+    want_predict = {(b, t) for b in range(B) for t in range(T - 1) if labels[b, t + 1] != -100}
+    got_predict, j = set(), 0
+    for c, w in zip(chunks, widths):
+        assert c["ids"].shape[1] == c["labels"].shape[1] == max(w)
+        for r in range(len(c["ids"])):
+            b = int(order[j + r])
+            assert torch.equal(c["ids"][r], ids[b, :max(w)]) and torch.equal(c["labels"][r], labels[b, :max(w)])
+            assert (ids[b, max(w):] == pad).all() and int(c["pos"][r]) == head - 1
+            assert torch.equal(c["images"][r], images[b])
+        got_predict |= {(int(order[j + p // max(w)]), p % max(w)) for p in c["predict"].tolist()}
+        j += len(c["ids"])
+    assert got_predict == want_predict
 
 
 def test_help_presets_and_explicit_flags(capsys):

@@ -162,10 +162,13 @@ def test_finetuning_ntp_is_the_mean_of_each_sources_token_mean(tmp_path):
     fb = batches("finetune", cfg, tok, corpus, streams, model)
     batch = fb(0)
     _, terms = T.compute_loss(model, batch, fb.objective, 1)
+    ft = cfg.finetune  # the step's first caption_batch pairs give their long caption, in one padded batch here
+    long = data.collate_pairs(streams["pairs"].batch(0, ft.pair_batch)[:ft.caption_batch], tok,
+                              model.cfg.vision.num_patches, model.cfg.n_soft_tokens, cfg.model.max_len)
     means, pooled = [], []
     with torch.no_grad():
         for ids, images, labels in ((batch.lm["input_ids"], batch.lm["images"], batch.lm["labels"]),
-                                    (batch.pairs["img_ids"], batch.pairs["images"], batch.pairs["img_labels"]),
+                                    (long["img_ids"], long["images"], long["img_labels"]),
                                     (batch.stories["input_ids"], batch.stories["images"],
                                      batch.stories["labels"])):
             logits = model(ids, images)[0].double()
@@ -183,13 +186,16 @@ def test_pairs_past_the_caption_batch_enter_the_contrastive_loss_alone(tmp_path)
     """--caption-batch: of a step's --pair-batch pairs, the first caption_batch give the next-token loss their
     long caption; every pair enters the contrastive loss with the summary its full [image][soft prompt][long
     caption] row gives (causal attention: the caption after the summary cannot change it), recomputed here
-    from each pair's full row. A method without the contrastive loss draws the caption_batch pairs alone."""
+    from each pair's full row in one padded batch, so also through the length chunks of the long rows. A
+    method without the contrastive loss draws the caption_batch pairs alone."""
     cfg, tok, corpus, streams, model = setup("vladva", tmp_path / "c.pt", "--pair-batch", "8",
                                              "--caption-batch", "3")
     model.init_soft_prompts(*data.soft_prompt_ids(tok))
     fb = batches("finetune", cfg, tok, corpus, streams, model)
-    _, terms = T.compute_loss(model, fb(0), fb.objective, 1)
-    full = data.collate_pairs(streams["pairs"].batch(0, 8), tok, model.cfg.vision.num_patches,
+    step = fb(6)  # a step whose long-caption rows the length chunks (--caption-chunks) reorder by a 3-cycle
+    assert step.pairs["long_order"].tolist() == [1, 2, 0]
+    _, terms = T.compute_loss(model, step, fb.objective, 1)
+    full = data.collate_pairs(streams["pairs"].batch(6, 8), tok, model.cfg.vision.num_patches,
                               model.cfg.n_soft_tokens, cfg.model.max_len)
     with torch.no_grad():
         logits, hidden = model(full["img_ids"], full["images"])
@@ -205,10 +211,12 @@ def test_pairs_past_the_caption_batch_enter_the_contrastive_loss_alone(tmp_path)
         assert float(terms["contrastive"]) == pytest.approx(float(want), rel=1e-5)
     gen_cfg = T.parse_args(["--smoke", "--method", "generative", "--out", str(tmp_path / "g.pt"),
                             "--length-group", "1", "--pair-batch", "8", "--caption-batch", "3"])
-    gen = batches("finetune", gen_cfg, tok, corpus, streams, model)(0).pairs
-    three = data.collate_pairs(streams["pairs"].batch(0, 3), tok, model.cfg.vision.num_patches,
+    gen = batches("finetune", gen_cfg, tok, corpus, streams, model)(6).pairs
+    three = data.collate_pairs(streams["pairs"].batch(6, 3), tok, model.cfg.vision.num_patches,
                                model.cfg.n_soft_tokens, cfg.model.max_len)
-    assert torch.equal(gen["img_ids"], three["img_ids"]) and "head_ids" not in gen
+    rows = [r[r != tok.pad_id].tolist() for c in gen["long"] for r in c["ids"]]  # in length chunks
+    assert [rows[i] for i in gen["long_order"]] == [r[r != tok.pad_id].tolist() for r in three["img_ids"]]
+    assert "head_ids" not in gen
 
 
 def sgd_step(tmp_path: Path, n_acc: int, batch: int) -> dict[str, torch.Tensor]:
