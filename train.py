@@ -1046,13 +1046,13 @@ def compute_loss(model: torch.nn.Module, batch: Batch, obj: Objective, world: in
         logits, _ = model(lm["input_ids"], lm["images"], lm["predict"])
         ntp_parts["lm"] = ntp_sum(logits, lm["labels"], lm["predict"])
     if batch.pairs is not None:  # [image][soft image prompt][long caption], the first --caption-batch pairs
-        pairs, sums, img_emb = batch.pairs, [], []
+        pairs, chunk_sums, img_emb = batch.pairs, [], []
         for rows in pairs["long"]:  # in passes of rows of like length (length_chunks)
             logits, hidden = model(rows["ids"], rows["images"], rows["predict"])
-            sums.append(ntp_sum(logits, rows["labels"], rows["predict"]))
+            chunk_sums.append(ntp_sum(logits, rows["labels"], rows["predict"]))
             if obj.contrastive:
                 img_emb.append(core.summary_embedding(hidden, rows["pos"]))  # (rows, D)
-        ntp_parts["pairs"] = (sum(s for s, _ in sums), sum(n for _, n in sums))
+        ntp_parts["pairs"] = (sum(s for s, _ in chunk_sums), sum(n for _, n in chunk_sums))
         if obj.contrastive:  # VladVA: last-token summaries of the image side and [short caption][text prompt]
             img_emb = torch.cat(img_emb)[pairs["long_order"]]  # (B_long, D), back in the pairs' order
             txt_ids = pairs["txt_ids"]
