@@ -982,8 +982,9 @@ def length_chunks(pairs: dict[str, Any], n: int) -> None:
     `predicting` positions; and pairs["long_order"], which puts the chunks' rows back in the pairs' order.
     Padding sits after a row's end and attention is causal, so no real position sees it, and the loss sums
     over tokens: the chunks give the padded batch's loss, summaries and gradients, up to rounding. What goes
-    is the padded positions' compute: a step's 32 long captions (35-167 tokens) are 58% real tokens. Our
-    choice; n = 1 keeps the rows in one padded pass, in order."""
+    is the padded positions' compute: a step's 32 long captions (35-167 tokens) are 49% real tokens in one
+    padded pass, 85% in 4 chunks (the default world's first 50 steps). Our choice; n = 1 keeps the rows in one
+    padded pass, in order."""
     lengths = pairs["img_pos"] + 1 + (pairs["img_labels"] != -100).sum(1)  # (B,): [bos][image][prompt] caption
     order = lengths.argsort(stable=True) if n > 1 else torch.arange(len(lengths))
     ids, labels, pos, images = (pairs.pop(k) for k in ("img_ids", "img_labels", "img_pos", "images"))
