@@ -4,7 +4,8 @@
 # 1. tests/test_dtw_cuda.py: the Triton kernels on the GPU against the brute force and the float64 CPU wavefront
 # 2. python train.py --smoke on the GPU (bf16 autocast, TF32, pinned batches, fused AdamW)
 # 3. the default run on the GPU, timed, then eval.py on its base and its unified model
-# 4. bench_dtw.py, bench_train.py (both presets) and bench_generate.py (float32 and bfloat16), --device cuda
+# 4. bench_dtw.py, bench_train.py (both presets; the long captions in one pass and in 4 chunks) and
+#    bench_generate.py (float32 and bfloat16), --device cuda
 # A failing step does not stop the next; the summary lists each step's exit status and wall time.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -28,7 +29,7 @@ step train python train.py --out "$out/unified.pt"
 step eval_base python eval.py --ckpt "$out/unified.base.pt" --json "$out/unified.base.json"
 step eval_unified python eval.py --ckpt "$out/unified.pt" --json "$out/unified.json"
 step bench_dtw python bench/bench_dtw.py --device cuda --repeats 3
-step bench_train python bench/bench_train.py --device cuda --presets cpu,gpu
+step bench_train python bench/bench_train.py --device cuda --presets cpu,gpu --caption-chunks 1,4
 step bench_generate python bench/bench_generate.py --device cuda --repeats 3
 step bench_generate_bf16 python bench/bench_generate.py --device cuda --dtype bfloat16 --repeats 3
 printf '%s\n' "${summary[@]}" | tee "$out/summary.txt"
