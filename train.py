@@ -1039,7 +1039,7 @@ def compute_loss(model: torch.nn.Module, batch: Batch, obj: Objective, world: in
     of the step (with gradient accumulation, the step's total / grad_accum, so the accumulated L_ntp is one
     mean over all of the step's tokens of each source); None: this micro-batch's own global counts."""
     core = unwrap(model)
-    # Forward passes, each batch once: logits for L_ntp, hidden states for the summaries and prefix vectors.
+    # Forward passes, each row once: logits for L_ntp, hidden states for the summaries and prefix vectors.
     ntp_parts = {}  # source -> (summed loss, tokens)
     neg, neg_valid = None, None  # --pair-twins caption: hard-negative text summaries and which are real
     if batch.lm is not None:  # captions, VQA, RAG (pre-training: every sample)

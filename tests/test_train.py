@@ -334,18 +334,19 @@ def test_length_grouped_stream_sees_every_item_per_epoch_in_length_sorted_batche
 @settings(max_examples=60, deadline=None)
 @given(lengths=st.lists(st.integers(0, 9), min_size=1, max_size=12), n=st.integers(1, 5), seed=st.integers(0, 9))
 def test_length_chunks_cut_only_padding_and_keep_every_row(lengths, n, seed):
-    """--caption-chunks: the long-caption rows (a 3-token head, then `lengths` caption tokens, right-padded)
+    """--caption-chunks: the long-caption rows (a head of 1-4 tokens, then `lengths` caption tokens, right-padded)
     come back as min(n, rows) chunks of near-equal size, in length order when n > 1 (in the rows' order when
     n = 1), each as wide as its longest row; every row keeps its tokens, labels, summary position and image,
     the predicted positions are those of the padded batch, and long_order undoes the sort."""
     g = torch.Generator().manual_seed(seed)
-    B, head, pad = len(lengths), 3, 0
-    T = head + max(lengths)
+    B, pad = len(lengths), 0
+    heads = torch.randint(1, 5, (B,), generator=g).tolist()  # [bos][image][prompt] rows of their own lengths
+    T = max(h + m for h, m in zip(heads, lengths))
     ids, labels = torch.full((B, T), pad), torch.full((B, T), -100)
-    for b, m in enumerate(lengths):
+    for b, (head, m) in enumerate(zip(heads, lengths)):
         ids[b, :head + m] = torch.randint(6, 50, (head + m,), generator=g)
         labels[b, head:head + m] = ids[b, head:head + m]
-    pos, images = torch.full((B,), head - 1), torch.rand(B, 3, 4, 4, generator=g)
+    pos, images = torch.tensor(heads) - 1, torch.rand(B, 3, 4, 4, generator=g)
     pairs = {"img_ids": ids, "img_labels": labels, "img_pos": pos, "images": images, "txt_ids": ids[:, :1]}
     train.length_chunks(pairs, n)
     assert set(pairs) == {"long", "long_order", "txt_ids"}
@@ -355,7 +356,7 @@ def test_length_chunks_cut_only_padding_and_keep_every_row(lengths, n, seed):
     assert sorted(order.tolist()) == list(range(B))
     if n == 1:
         assert order.tolist() == list(range(B))
-    widths = [[head + lengths[i] for i in rows.tolist()] for rows in order.split([len(c["ids"]) for c in chunks])]
+    widths = [[heads[i] + lengths[i] for i in rows.tolist()] for rows in order.split([len(c["ids"]) for c in chunks])]
     if n > 1:
         assert all(max(a) <= min(b) for a, b in zip(widths, widths[1:]))
     want_predict = {(b, t) for b in range(B) for t in range(T - 1) if labels[b, t + 1] != -100}
@@ -365,7 +366,7 @@ def test_length_chunks_cut_only_padding_and_keep_every_row(lengths, n, seed):
         for r in range(len(c["ids"])):
             b = int(order[j + r])
             assert torch.equal(c["ids"][r], ids[b, :max(w)]) and torch.equal(c["labels"][r], labels[b, :max(w)])
-            assert (ids[b, max(w):] == pad).all() and int(c["pos"][r]) == head - 1
+            assert (ids[b, max(w):] == pad).all() and int(c["pos"][r]) == heads[b] - 1
             assert torch.equal(c["images"][r], images[b])
         got_predict |= {(int(order[j + p // max(w)]), p % max(w)) for p in c["predict"].tolist()}
         j += len(c["ids"])

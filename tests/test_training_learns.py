@@ -165,6 +165,9 @@ def test_finetuning_ntp_is_the_mean_of_each_sources_token_mean(tmp_path):
     ft = cfg.finetune  # the step's first caption_batch pairs give their long caption, in one padded batch here
     long = data.collate_pairs(streams["pairs"].batch(0, ft.pair_batch)[:ft.caption_batch], tok,
                               model.cfg.vision.num_patches, model.cfg.n_soft_tokens, cfg.model.max_len)
+    counts = T.predicted_tokens(batch)  # (lm, pairs, stories): the divisors of the three token means
+    assert counts.tolist() == [float((part[:, 1:] != -100).sum()) for part in
+                               (batch.lm["labels"], long["img_labels"], batch.stories["labels"])]
     means, pooled = [], []
     with torch.no_grad():
         for ids, images, labels in ((batch.lm["input_ids"], batch.lm["images"], batch.lm["labels"]),
@@ -182,33 +185,43 @@ def test_finetuning_ntp_is_the_mean_of_each_sources_token_mean(tmp_path):
     assert float(terms["ntp"]) == pytest.approx(want, rel=1e-5)
 
 
-def test_pairs_past_the_caption_batch_enter_the_contrastive_loss_alone(tmp_path):
+@pytest.mark.parametrize("chunks", [2, 3])
+def test_pairs_past_the_caption_batch_enter_the_contrastive_loss_alone(tmp_path, chunks):
     """--caption-batch: of a step's --pair-batch pairs, the first caption_batch give the next-token loss their
     long caption; every pair enters the contrastive loss with the summary its full [image][soft prompt][long
-    caption] row gives (causal attention: the caption after the summary cannot change it), recomputed here
-    from each pair's full row in one padded batch, so also through the length chunks of the long rows. A
-    method without the contrastive loss draws the caption_batch pairs alone."""
+    caption] row gives (causal attention: the caption after the summary cannot change it). The loss and its
+    gradient are recomputed here from each pair's full row in one padded batch, so this also checks the long
+    rows' length chunks (--caption-chunks; 2 gives a chunk of two rows, one of them padded). A method without
+    the contrastive loss draws the caption_batch pairs alone."""
     cfg, tok, corpus, streams, model = setup("vladva", tmp_path / "c.pt", "--pair-batch", "8",
-                                             "--caption-batch", "3")
+                                             "--caption-batch", "3", "--caption-chunks", str(chunks))
     model.init_soft_prompts(*data.soft_prompt_ids(tok))
     fb = batches("finetune", cfg, tok, corpus, streams, model)
-    step = fb(6)  # a step whose long-caption rows the length chunks (--caption-chunks) reorder by a 3-cycle
-    assert step.pairs["long_order"].tolist() == [1, 2, 0]
-    _, terms = T.compute_loss(model, step, fb.objective, 1)
+    step = fb(6)  # a step whose long-caption rows the length chunks reorder by a 3-cycle (not its own inverse)
+    assert step.pairs["long_order"].tolist() == [1, 2, 0] and len(step.pairs["long"]) == chunks
+    params = list(model.parameters())
+    loss, terms = T.compute_loss(model, step, fb.objective, 1)
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
     full = data.collate_pairs(streams["pairs"].batch(6, 8), tok, model.cfg.vision.num_patches,
                               model.cfg.n_soft_tokens, cfg.model.max_len)
+    logits, hidden = model(full["img_ids"], full["images"])
+    img = model.summary_embedding(hidden, full["img_pos"])
+    txt = model.summary_embedding(model(full["txt_ids"], None)[1], full["txt_pos"])
+    labels = full["img_labels"][:, 1:]
+    per_token = torch.nn.functional.cross_entropy(logits[:, :-1].double().transpose(1, 2), labels,
+                                                  ignore_index=-100, reduction="none")
+    first3 = per_token[:3][labels[:3] != -100].mean()
+    want = T.kernel.contrastive_loss(img, txt, model.logit_scale)
     with torch.no_grad():
-        logits, hidden = model(full["img_ids"], full["images"])
-        img = model.summary_embedding(hidden, full["img_pos"])
-        txt = model.summary_embedding(model(full["txt_ids"], None)[1], full["txt_pos"])
-        labels = full["img_labels"][:, 1:]
-        per_token = torch.nn.functional.cross_entropy(logits[:, :-1].double().transpose(1, 2), labels,
-                                                      ignore_index=-100, reduction="none")
-        first3 = per_token[:3][labels[:3] != -100].mean()
         assert abs(float(first3) - float(per_token[labels != -100].mean())) > 1e-3  # the cut-off matters
         assert float(terms["ntp"]) == pytest.approx(float(first3), rel=1e-5)
-        want = T.kernel.contrastive_loss(img, txt, model.logit_scale)
         assert float(terms["contrastive"]) == pytest.approx(float(want), rel=1e-5)
+    want_grads = torch.autograd.grad(T.kernel.combined_loss(first3.float(), want, None, fb.objective.weights)[0],
+                                     params, allow_unused=True)
+    for (name, _), got, expected in zip(model.named_parameters(), grads, want_grads):
+        assert (got is None) == (expected is None), name
+        if got is not None:
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6, msg=name)
     gen_cfg = T.parse_args(["--smoke", "--method", "generative", "--out", str(tmp_path / "g.pt"),
                             "--length-group", "1", "--pair-batch", "8", "--caption-batch", "3"])
     gen = batches("finetune", gen_cfg, tok, corpus, streams, model)(6).pairs
