@@ -338,6 +338,19 @@ def mean_targets(
 # Sugar Eq. 3: the structure loss
 
 
+def full_precision(x: Tensor) -> torch.autocast:
+    """The losses' matmuls in float32 even inside a bf16 autocast region (train.py's CUDA path): autocast
+    casts every matmul's inputs to bf16, whose 8-bit significand spaces cosines near 1 by 0.004. The
+    structure loss regresses cosines onto targets closer than that, and at CLIP's logit scale of 100 the
+    spacing is 0.4 of a logit (tests/test_kernel.py's case: the contrastive gradient 4.5% off, the structure
+    loss returned in bf16). Ours; open_clip computes its loss under autocast."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
+def at_least_float32(x: Tensor) -> Tensor:
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def structure_loss(r: Tensor, targets: Tensor) -> Tensor:
     """Sugar Eq. 3: L = (1/n) sum_ij (cos(r_i, r_j) - M_l[i, j])^2 with n = P prefixes (a mean over rows of
     the summed squared errors). r (P, d) prefix embeddings, targets M_l (P, P). No positives, no temperature.
@@ -346,9 +359,10 @@ def structure_loss(r: Tensor, targets: Tensor) -> Tensor:
     assert r.dim() == 2 and targets.shape == (n_prefixes, n_prefixes), (tuple(r.shape), tuple(targets.shape))
     if n_prefixes == 0:
         return r.sum() * 0.0
-    unit = F.normalize(r, dim=-1)  # (P, d)
-    cosine = unit @ unit.T  # (P, P): M_r
-    return (cosine - targets.to(cosine.dtype)).pow(2).sum() / n_prefixes
+    with full_precision(r):
+        unit = F.normalize(at_least_float32(r), dim=-1)  # (P, d)
+        cosine = unit @ unit.T  # (P, P): M_r
+        return (cosine - targets.to(cosine.dtype)).pow(2).sum() / n_prefixes
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -389,22 +403,25 @@ def contrastive_loss(img: Tensor, txt: Tensor, logit_scale: Tensor, max_scale: f
     neg_valid is False is no column (a pair without a negative still passes a row, so every rank gathers the
     same shape)."""
     assert img.dim() == 2 and img.shape == txt.shape and img.shape[0] > 0 and logit_scale.numel() == 1
-    img_local = F.normalize(img, dim=-1)  # (B, d)
-    txt_local = F.normalize(txt, dim=-1)  # (B, d)
-    img_all, rank = gather_with_grad(img_local)  # (W*B, d)
-    txt_all, _ = gather_with_grad(txt_local)  # (W*B, d)
-    scale = logit_scale.reshape(()).clamp(max=math.log(max_scale)).exp()  # CLIP's clamp at 100
-    logits_img = scale * img_local @ txt_all.T  # (B, W*B): my images against every caption
-    logits_txt = scale * txt_local @ img_all.T  # (B, W*B): my captions against every image
-    if neg is not None:
-        assert neg.shape == txt.shape and neg_valid is not None and neg_valid.shape == txt.shape[:1]
-        neg_all, _ = gather_with_grad(F.normalize(neg, dim=-1))  # (W*B, d)
-        valid_all = gather_with_grad(neg_valid.float())[0] > 0.5  # (W*B,)
-        logits_neg = (scale * img_local @ neg_all.T).masked_fill(~valid_all, float("-inf"))  # (B, W*B)
-        logits_img = torch.cat([logits_img, logits_neg], dim=1)  # (B, 2*W*B)
-    # (B,) positives, offset by rank
-    labels = torch.arange(img.shape[0], device=img.device) + rank * img.shape[0]
-    return 0.5 * (F.cross_entropy(logits_img, labels) + F.cross_entropy(logits_txt, labels))
+    with full_precision(img):
+        img, txt, logit_scale = at_least_float32(img), at_least_float32(txt), at_least_float32(logit_scale)
+        neg = at_least_float32(neg) if neg is not None else None
+        img_local = F.normalize(img, dim=-1)  # (B, d)
+        txt_local = F.normalize(txt, dim=-1)  # (B, d)
+        img_all, rank = gather_with_grad(img_local)  # (W*B, d)
+        txt_all, _ = gather_with_grad(txt_local)  # (W*B, d)
+        scale = logit_scale.reshape(()).clamp(max=math.log(max_scale)).exp()  # CLIP's clamp at 100
+        logits_img = scale * img_local @ txt_all.T  # (B, W*B): my images against every caption
+        logits_txt = scale * txt_local @ img_all.T  # (B, W*B): my captions against every image
+        if neg is not None:
+            assert neg.shape == txt.shape and neg_valid is not None and neg_valid.shape == txt.shape[:1]
+            neg_all, _ = gather_with_grad(F.normalize(neg, dim=-1))  # (W*B, d)
+            valid_all = gather_with_grad(neg_valid.float())[0] > 0.5  # (W*B,)
+            logits_neg = (scale * img_local @ neg_all.T).masked_fill(~valid_all, float("-inf"))  # (B, W*B)
+            logits_img = torch.cat([logits_img, logits_neg], dim=1)  # (B, 2*W*B)
+        # (B,) positives, offset by rank
+        labels = torch.arange(img.shape[0], device=img.device) + rank * img.shape[0]
+        return 0.5 * (F.cross_entropy(logits_img, labels) + F.cross_entropy(logits_txt, labels))
 
 
 class ContrastiveLoss(nn.Module):

@@ -1101,7 +1101,7 @@ def compute_loss(model: torch.nn.Module, batch: Batch, obj: Objective, world: in
     structure = None
     if obj.structure:
         r = torch.cat([kernel.gather_with_grad(e)[0] for e in prefixes])  # (P, proj_dim)
-        structure = kernel.structure_loss(r.float(), batch.sugar_targets)
+        structure = kernel.structure_loss(r, batch.sugar_targets)
 
     return kernel.combined_loss(ntp, contrastive, structure, obj.weights)
 

@@ -437,6 +437,34 @@ def test_contrastive_gradcheck_and_clamp():
     assert clamped.grad.item() == 0.0  # above CLIP's 100 the temperature is frozen
 
 
+@pytest.mark.parametrize("loss", ["contrastive", "structure"])
+def test_losses_stay_float32_inside_bf16_autocast(loss):
+    """train.py's CUDA path runs compute_loss under bf16 autocast, which casts every matmul's inputs to bf16
+    (a cosine to about 0.004). Both losses must still be the float64 loss to float32 rounding, value and
+    gradient, on summaries as alike as a Winoground pair's (cosines about 0.9), at CLIP's logit scale of 100."""
+    gen = torch.Generator().manual_seed(11)
+    common = 3 * torch.randn(1, 128, generator=gen)
+    x = (common + torch.randn(64, 128, generator=gen)).requires_grad_()  # (B, d)
+    y = common + 0.5 * torch.randn(64, 128, generator=gen) + 0.3 * x.detach()  # (B, d)
+    unit_y = torch.nn.functional.normalize(y.double(), dim=-1)
+    targets = unit_y @ unit_y.T  # (B, B): near the cosines of x, so the loss is small and sensitive
+
+    def f(a):
+        if loss == "contrastive":
+            return kernel.contrastive_loss(a, y.to(a.dtype), torch.tensor(math.log(100.0), dtype=a.dtype))
+        return kernel.structure_loss(a, targets)
+
+    x64 = x.detach().double().requires_grad_()
+    want = f(x64)
+    want.backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = f(x)
+    got.backward()
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want.detach(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-4, atol=1e-4 * x64.grad.abs().max().item())
+
+
 class _Towers(nn.Module):
     """Two linear towers + CLIP's learnable logit_scale: the parameters DDP averages."""
 
