@@ -903,9 +903,9 @@ def twin_scene(scene: Scene, kind: str, image_size: int) -> Scene | None:
     return _make_scene(graph, random.Random(f"twin:{canonical(graph)}"), image_size, phrase)
 
 
-def _scene_for_split(split: str, rng: random.Random) -> SceneGraph:
+def _scene_for_split(split: str, rng: random.Random, n_min: int = 1, n_max: int = 4) -> SceneGraph:
     while True:
-        graph = _random_graph(rng)
+        graph = _random_graph(rng, n_min, n_max)
         if graph_split(graph) == split:
             return graph
 
@@ -942,28 +942,49 @@ def _story_step(graph: SceneGraph, rng: random.Random) -> tuple[SceneGraph, str,
     return SceneGraph(objs), f"the {o.colour} {o.shape} turns {c}.", _obj_facts(c, o.shape, None)
 
 
-def _make_story(rng: random.Random, n_frames: int, image_size: int) -> Story:
-    graph = _random_graph(rng, 1, 2)
-    first = " and ".join(f"a {o.size} {o.colour} {o.shape} at the {POSITIONS[(o.row, o.col)]}"
-                         for o in graph.objects)
-    frames = [_frame(graph, f"there is {first}.", cross_facts_graph(graph), image_size)]
-    for _ in range(n_frames - 1):
-        graph, sentence, facts = _story_step(graph, rng)
-        frames.append(_frame(graph, sentence, facts, image_size))
-    return Story(frames)
+STORY_TRIES = 200  # events drawn for one story step before the story starts over (_make_story)
 
 
-def _make_wino(rng: random.Random, image_size: int, kind: str) -> WinoPair:
-    ga = _random_graph(rng, 2, 2)
-    a, b = ga.objects
+def _make_story(rng: random.Random, n_frames: int, image_size: int, split: str) -> Story:
+    """Every frame's graph belongs to `split`, as every scene's does (a training story never shows a test
+    scene): each event is redrawn until its new graph is in the split, and in the rare dead end (no such
+    event in STORY_TRIES draws) the story starts over."""
+    while True:
+        graph = _scene_for_split(split, rng, 1, 2)
+        first = " and ".join(f"a {o.size} {o.colour} {o.shape} at the {POSITIONS[(o.row, o.col)]}"
+                             for o in graph.objects)
+        frames = [_frame(graph, f"there is {first}.", cross_facts_graph(graph), image_size)]
+        while len(frames) < n_frames:
+            for _ in range(STORY_TRIES):
+                new, sentence, facts = _story_step(graph, rng)
+                if graph_split(new) == split:
+                    break
+            else:
+                break
+            graph = new
+            frames.append(_frame(graph, sentence, facts, image_size))
+        if len(frames) == n_frames:
+            return Story(frames)
+
+
+def _make_wino(rng: random.Random, image_size: int, kind: str, split: str) -> WinoPair:
+    """Both images' graphs belong to `split` (redrawn until they do), so a test pair is never a training
+    scene."""
+    while True:
+        ga = _random_graph(rng, 2, 2)
+        a, b = ga.objects
+        if kind == "swap_obj":  # the objects trade places; caption B names them in swapped order
+            gb = SceneGraph([Obj(a.shape, a.colour, a.size, b.row, b.col),
+                             Obj(b.shape, b.colour, b.size, a.row, a.col)])
+        else:  # the objects trade colours; caption B has the colour words swapped
+            gb = SceneGraph([Obj(a.shape, b.colour, a.size, a.row, a.col),
+                             Obj(b.shape, a.colour, b.size, b.row, b.col)])
+        if graph_split(ga) == split and graph_split(gb) == split:
+            break
     rel = rng.choice(_relations_between(a, b))
-    if kind == "swap_obj":  # the objects trade places; caption B names them in swapped order
-        gb = SceneGraph([Obj(a.shape, a.colour, a.size, b.row, b.col),
-                         Obj(b.shape, b.colour, b.size, a.row, a.col)])
+    if kind == "swap_obj":
         phrase_b = Phrase(NP(b.colour, b.shape), rel, NP(a.colour, a.shape))
-    else:  # the objects trade colours; caption B has the colour words swapped
-        gb = SceneGraph([Obj(a.shape, b.colour, a.size, a.row, a.col),
-                         Obj(b.shape, a.colour, b.size, b.row, b.col)])
+    else:
         phrase_b = Phrase(NP(b.colour, a.shape), rel, NP(a.colour, b.shape))
     phrase_a = Phrase(NP(a.colour, a.shape), rel, NP(b.colour, b.shape))
     return WinoPair(render(ga, image_size), phrase_a.text(), render(gb, image_size), phrase_b.text(), ga, gb,
@@ -1010,7 +1031,9 @@ def make_world(split: str, n: int, seed: int, image_size: int = 32, n_stories: i
     names).
 
     Deterministic per (split, seed); every random stream is seeded with a string naming the split, so train
-    and test never share a seed, and scene graphs are also content-disjoint (graph_split)."""
+    and test never share a seed, and every graph drawn (scenes, story frames, Winoground images) is also
+    content-disjoint (graph_split). The KB entry images are the exception by design: every KB, train or test,
+    shows the same 48 objects (only the names differ; see kb_pairs)."""
     if split not in ("train", "test"):
         raise ValueError(f"make_world: split must be 'train' or 'test', got {split!r}")
     if n < 1 or image_size < GRID * 4:
@@ -1023,10 +1046,10 @@ def make_world(split: str, n: int, seed: int, image_size: int = 32, n_stories: i
     for i in range(n):
         rng = random.Random(f"scene:{split}:{seed}:{i}")
         scenes.append(_make_scene(_scene_for_split(split, rng), rng, image_size))
-    stories = [_make_story(random.Random(f"story:{split}:{seed}:{i}"), story_len, image_size)
+    stories = [_make_story(random.Random(f"story:{split}:{seed}:{i}"), story_len, image_size, split)
                for i in range(n_stories)]
-    wino = [_make_wino(random.Random(f"wino:{split}:{seed}:{i}"), image_size, ("swap_obj", "swap_att")[i % 2])
-            for i in range(n_winoground)]
+    wino = [_make_wino(random.Random(f"wino:{split}:{seed}:{i}"), image_size, ("swap_obj", "swap_att")[i % 2],
+                       split) for i in range(n_winoground)]
     kb = _make_kb(random.Random(f"kb:{split}:{seed}"), split, n_kb, image_size)
     return World(split, seed, image_size, scenes, stories, wino, kb)
 
