@@ -9,7 +9,8 @@ Discriminative metrics use the embeddings of the method the checkpoint was train
 Generative metrics decode greedily with the KV cache.
 
 Metrics (the JSON keys):
-  retrieval/{i2t,t2i}_r{1,5,10}   image <-> short caption recall@K (any item with an identical caption hits)
+  retrieval/{i2t,t2i}_r{1,5,10}   image <-> caption recall@K (every caption of a Karpathy record; a caption
+                                  that says the same as a correct one, string or facts, is correct too)
   compositional/<category>, compositional/mean
                                   SugarCrepe-style: the image scores its caption above the negative
   winoground/{text,image,group}   two scenes, captions differing by a swap (Thrush et al., CVPR 2022 scoring)
@@ -19,7 +20,9 @@ Metrics (the JSON keys):
   vqa/acc, vqa/<type>             exact match of the generated answer after normalize_answer (all; count,
                                   colour, shape, size, relation questions, or a LLaVA file's "type")
   vqa/relation_{left_right,above_below}   the built-in world's relation questions per axis
-  pope/{acc,precision,recall,f1,yes_ratio}   object-existence yes/no questions (POPE, Li et al., EMNLP 2023)
+  pope/{acc,precision,recall,f1,yes_ratio}   object-existence yes/no questions (POPE, Li et al., EMNLP 2023),
+                                  each answer read by POPE's rule (a "no" or "not" in it: no; else yes)
+  pope/one_word                   the share of those answers that are just "yes" or "no"
   rag/acc, rag/acc_without_retrieval   name questions about test objects whose names never occur in training:
                                   answered with the top-k knowledge-base entries that the model itself
                                   retrieves (question text -> entry image), and with no context at all.
@@ -155,18 +158,27 @@ def winoground_scores(s: Tensor) -> dict[str, float]:
             "group": float((text & image).float().mean())}
 
 
+def pope_answer(answer: str) -> str:
+    """POPE's reading of a free-form answer (Li et al., EMNLP 2023, their evaluation script): the words of its
+    first sentence, commas removed; "no" if one of them is "no" or "not", otherwise "yes". Case-insensitive
+    (ours; the script matches "No", "no" and "not")."""
+    words = answer.split(".")[0].replace(",", "").lower().split()
+    return "no" if "no" in words or "not" in words else "yes"
+
+
 def yes_no_metrics(pred: list[str], truth: list[str]) -> dict[str, float]:
     """POPE: accuracy, precision, recall and F1 with "yes" as the positive class, and the share of "yes"
-    answers (0.5 is unbiased), on normalised answers (so "Yes." is a yes). An answer that is neither yes nor
-    no is wrong for the accuracy and a "no" for the other four."""
-    pred, truth = [normalize_answer(x) for x in pred], [normalize_answer(x) for x in truth]
-    p = torch.tensor([x == "yes" for x in pred])
-    t = torch.tensor([x == "yes" for x in truth])
+    answers (0.5 is unbiased), all five from one reading of each answer (`pope_answer`, POPE's rule, so
+    "no no no" is a no and "yes small red square" a yes); one_word: the share of answers that are just "yes"
+    or "no" (normalize_answer), which shows what that reading forgives."""
+    p = torch.tensor([pope_answer(x) == "yes" for x in pred])
+    t = torch.tensor([normalize_answer(x) == "yes" for x in truth])
     tp, fp, fn = float((p & t).sum()), float((p & ~t).sum()), float((~p & t).sum())
     f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
-    return {"acc": sum(a == b for a, b in zip(pred, truth)) / len(truth),
+    return {"acc": float((p == t).float().mean()),
             "precision": tp / (tp + fp) if tp + fp else 0.0,
-            "recall": tp / (tp + fn) if tp + fn else 0.0, "f1": f1, "yes_ratio": float(p.float().mean())}
+            "recall": tp / (tp + fn) if tp + fn else 0.0, "f1": f1, "yes_ratio": float(p.float().mean()),
+            "one_word": sum(normalize_answer(x) in ("yes", "no") for x in pred) / len(pred)}
 
 
 NUMBER_WORDS = {w: str(n) for n, w in enumerate(("zero", "one", "two", "three", "four", "five", "six",
@@ -326,16 +338,29 @@ def cosine(a: Tensor, b: Tensor) -> Tensor:
 
 
 def eval_retrieval(pairs: list, emb: Embedder, kind: str) -> dict[str, float]:
-    """Image <-> short-caption recall@K over data.Scene or data.Pair items (anything with
-    .image, .short_caption)."""
-    caps = [s.short_caption for s in pairs]
-    # teacher features ride along where the items have them (the built-in world; the oracle row reads them)
-    i = emb([img(s.image, getattr(s, "cross_image", None)) for s in pairs], kind, "image")  # (N, d)
-    t = emb([txt(s.short_caption, getattr(s, "cross_short", None)) for s in pairs], kind, "text")  # (N, d)
-    same = torch.tensor([[a == b for b in caps] for a in caps])  # (N, N) identical captions are both correct
+    """Image <-> caption recall@K over data.Scene items (one short caption each) or data.Pair items (every
+    caption of the record: a Karpathy file's five, the COCO / Flickr30k protocol). A caption is correct for
+    an image when it says what one of the image's own captions says: the same string, or on the built-in
+    world the same facts ("a red cross above a purple triangle" is "a purple triangle below a red cross";
+    scored as a wrong caption, it would outrank the right one under every embedding that reads meaning).
+    i2t: an image hits when a correct caption is in its top K; t2i: every caption against every image."""
+    images, texts, text_keys, image_keys = [], [], [], []
+    for s in pairs:
+        # teacher features ride along where the items have them (the built-in world; the oracle row reads them)
+        images.append(img(s.image, getattr(s, "cross_image", None)))
+        if isinstance(s, data.Scene):
+            caps = [(txt(s.short_caption, s.cross_short), frozenset(data.cross_facts_phrase(s.phrase)))]
+        else:
+            caps = [(txt(c), c) for c in s.captions]
+        texts += [t for t, _ in caps]
+        text_keys += [key for _, key in caps]
+        image_keys.append({key for _, key in caps})
+    i = emb(images, kind, "image")  # (N, d)
+    t = emb(texts, kind, "text")  # (M, d)
+    correct = torch.tensor([[key in keys for key in text_keys] for keys in image_keys])  # (N, M)
     out = {}
-    for name, scores in (("i2t", cosine(i, t)), ("t2i", cosine(t, i))):
-        for k, v in recall_at_k(scores, same, (1, 5, 10)).items():
+    for name, scores, positive in (("i2t", cosine(i, t), correct), ("t2i", cosine(t, i), correct.T)):
+        for k, v in recall_at_k(scores, positive, (1, 5, 10)).items():
             out[f"retrieval/{name}_r{k}"] = v
     return out
 

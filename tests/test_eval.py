@@ -77,24 +77,40 @@ def test_winoground_scores_known_cases():
     assert E.winoground_scores(constant) == {"text": 0.0, "image": 0.0, "group": 0.0}
 
 
+def pope_script(answer: str) -> str:
+    """POPE's evaluation script (Li et al., EMNLP 2023) as written, on the lower-cased answer."""
+    text = answer.lower()
+    if text.find(".") != -1:
+        text = text.split(".")[0]
+    words = text.replace(",", "").split(" ")
+    return "no" if "No" in words or "not" in words or "no" in words else "yes"
+
+
 def test_yes_no_metrics():
     truth = ["yes", "no", "yes", "no"]
     assert E.yes_no_metrics(truth, truth) == {"acc": 1.0, "precision": 1.0, "recall": 1.0, "f1": 1.0,
-                                              "yes_ratio": 0.5}
+                                              "yes_ratio": 0.5, "one_word": 1.0}
     always_yes = E.yes_no_metrics(["Yes."] * 4, truth)
     assert always_yes == {"acc": 0.5, "precision": 0.5, "recall": 1.0,
-                          "f1": pytest.approx(2 * 2 / (2 * 2 + 2)), "yes_ratio": 1.0}
-    garbage = E.yes_no_metrics(["maybe"] * 4, truth)  # neither yes nor no: wrong, and not a "yes"
-    assert garbage == {"acc": 0.0, "precision": 0.0, "recall": 0.0, "f1": 0.0, "yes_ratio": 0.0}
+                          "f1": pytest.approx(2 * 2 / (2 * 2 + 2)), "yes_ratio": 1.0, "one_word": 1.0}
+    # run-on answers are read by POPE's rule, and one_word counts them out
+    run_on = E.yes_no_metrics(["yes small red square", "no no no", "Yes, there is.", "There is not."], truth)
+    assert run_on == {"acc": 1.0, "precision": 1.0, "recall": 1.0, "f1": 1.0, "yes_ratio": 0.5, "one_word": 0.0}
+    garbage = E.yes_no_metrics(["maybe"] * 4, truth)  # no "no" in it: POPE reads a yes
+    assert garbage["acc"] == 0.5 and garbage["yes_ratio"] == 1.0 and garbage["one_word"] == 0.0
+
+
+ANSWERS = ["yes", "no", "Yes.", "No.", "no no no", "yes small red square", "Yes, there is a cat.",
+           "There is not a cat.", "not sure", "maybe", "", "nothing. no", "yes, no"]
 
 
 @settings(max_examples=50, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(["yes", "no"]), st.sampled_from(["yes", "no"])), min_size=1,
-                max_size=30))
+@given(st.lists(st.tuples(st.sampled_from(ANSWERS), st.sampled_from(["yes", "no"])), min_size=1, max_size=30))
 def test_yes_no_metrics_match_confusion_counts(rows):
-    """Against counts from an explicit loop over the confusion matrix."""
+    """Against counts from an explicit loop over the confusion matrix of POPE's own script's readings."""
     pred, truth = [p for p, _ in rows], [t for _, t in rows]
-    c = {(p, t): sum(1 for r in rows if r == (p, t)) for p in ("yes", "no") for t in ("yes", "no")}
+    read = [(pope_script(p), t) for p, t in rows]
+    c = {(p, t): sum(1 for r in read if r == (p, t)) for p in ("yes", "no") for t in ("yes", "no")}
     tp, fp, fn, tn = c["yes", "yes"], c["yes", "no"], c["no", "yes"], c["no", "no"]
     prec = tp / (tp + fp) if tp + fp else 0.0
     rec = tp / (tp + fn) if tp + fn else 0.0
@@ -103,6 +119,7 @@ def test_yes_no_metrics_match_confusion_counts(rows):
     assert m["yes_ratio"] == pytest.approx((tp + fp) / len(rows))
     assert m["precision"] == pytest.approx(prec) and m["recall"] == pytest.approx(rec)
     assert m["f1"] == pytest.approx(2 * prec * rec / (prec + rec) if prec + rec else 0.0)
+    assert m["one_word"] == pytest.approx(sum(p.lower().strip(".") in ("yes", "no") for p in pred) / len(pred))
 
 
 def test_exact_match_ignores_case_and_spaces():
@@ -153,6 +170,38 @@ def test_eval_summaries_read_the_training_rows():
     for row, pos, ref in zip(img_ids, img_pos, b["img_ids"]):
         assert row[:pos + 1].tolist() == ref[:pos + 1].tolist()
     assert txt_ids.tolist() == b["txt_ids"].tolist()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_karpathy_retrieval_reads_every_caption(seed):
+    """A Karpathy record's every caption is a text (the COCO / Flickr30k protocol): an image hits when any of
+    its captions (or the same string of another record) is in its top K, and every caption is a text query.
+    Against ranks sorted by hand, with random embeddings."""
+    import data
+    caps = [["a dog.", "a brown dog."], ["a cat.", "a cat on a mat.", "a small cat."], ["a hen.", "a dog."],
+            ["a cow."]]
+    pairs = [data.Pair(torch.full((3, 8, 8), n / 10), c[0], " ".join(c), c) for n, c in enumerate(caps)]
+    g = torch.Generator().manual_seed(seed)
+    vec = {text: torch.randn(6, generator=g) for c in caps for text in c}
+    img_vec = [torch.randn(6, generator=g) for _ in caps]
+
+    def emb(samples, kind, role):
+        seg = [x.segments[0] for x in samples]
+        rows = ([img_vec[round(float(x.image.mean()) * 10)] for x in seg] if role == "image"
+                else [vec[x.text.strip()] for x in seg])
+        return torch.nn.functional.normalize(torch.stack(rows), dim=-1)
+
+    got = E.eval_retrieval(pairs, emb, "summary")
+    unit = {t: v / v.norm() for t, v in vec.items()}
+    texts = [t for c in caps for t in c]
+    for k in (1, 5, 10):
+        i2t = [any(t in c for t in sorted(texts, key=lambda t: -float(img_vec[n] / img_vec[n].norm() @ unit[t]))[:k])
+               for n, c in enumerate(caps)]
+        t2i = [any(t in caps[n] for n in sorted(range(len(caps)),
+                                                key=lambda n: -float(img_vec[n] / img_vec[n].norm() @ unit[t]))[:k])
+               for t in texts]
+        assert got[f"retrieval/i2t_r{k}"] == pytest.approx(sum(i2t) / len(caps))
+        assert got[f"retrieval/t2i_r{k}"] == pytest.approx(sum(t2i) / len(texts))
 
 
 def test_question_types_cover_the_world_templates():
