@@ -343,7 +343,9 @@ def full_precision(x: Tensor) -> torch.autocast:
     casts every matmul's inputs to bf16, whose 8-bit significand spaces cosines near 1 by 0.004. The
     structure loss regresses cosines onto targets closer than that, and at CLIP's logit scale of 100 the
     spacing is 0.4 of a logit (tests/test_kernel.py's case: the contrastive gradient 4.5% off, the structure
-    loss returned in bf16). Ours; open_clip computes its loss under autocast."""
+    loss returned in bf16). train.py leaves TF32 off, which would round these matmuls' inputs to a 10-bit
+    significand on an Ampere or Hopper GPU, forward and backward. Ours; open_clip computes its loss under
+    autocast."""
     return torch.autocast(x.device.type, enabled=False)
 
 
@@ -386,6 +388,22 @@ def gather_with_grad(x: Tensor) -> tuple[Tensor, int]:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x, 0
     return torch.cat(dist_fn.all_gather(x), dim=0), dist.get_rank()
+
+
+def gather_rows_with_grad(x: Tensor) -> Tensor:
+    """gather_with_grad for ranks whose row counts may differ (Sugar's prefixes: --data documents differ in
+    their numbers of segments): each rank's rows are padded to the largest count for the collective and cut
+    back after it, so the result is every rank's real rows in rank order (the order of train.py's structure
+    targets). Costs one host read of the counts."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    counts = torch.zeros(dist.get_world_size(), dtype=torch.long, device=x.device)
+    counts[dist.get_rank()] = x.shape[0]
+    dist.all_reduce(counts)  # (W,): every rank's count
+    most, counts = int(counts.max()), counts.tolist()
+    padded = torch.cat([x, x.new_zeros(most - x.shape[0], *x.shape[1:])])  # (most, d)
+    blocks = gather_with_grad(padded)[0].split(most)  # W blocks of (most, d)
+    return torch.cat([block[:n] for block, n in zip(blocks, counts)])
 
 
 def contrastive_loss(img: Tensor, txt: Tensor, logit_scale: Tensor, max_scale: float = MAX_LOGIT_SCALE,

@@ -78,17 +78,18 @@ def losses_of(method: str, ft: "FinetuneArgs") -> tuple[bool, bool]:
             method in ("sugar", "unified") and ft.lambda_structure > 0)
 
 
-def trainable_patterns(ft: "FinetuneArgs") -> list[str]:
+def trainable_patterns(ft: "FinetuneArgs", pairs: bool = True) -> list[str]:
     """What fine-tuning trains (for set_trainable with lora=False): --adapt picks the adaptation, LoRA and/or
     the VladVA soft prompts (VladVA Table 4: prompts only, LoRA only, both); the losses add their own heads.
     Only tensors some loss reaches (DDP needs every trainable tensor to get a gradient): the image soft prompt
-    sits in every image-caption sequence, reached by the next-token loss on its long caption and by the
-    contrastive loss; the text prompt and the temperature serve the contrastive loss; the retrieval projector
-    the structure loss. A frozen soft prompt stays the handcrafted prompt it was initialised from."""
+    sits in every image-caption sequence (so not without `pairs`, a conversations-only corpus), reached by
+    the next-token loss on its long caption and by the contrastive loss; the text prompt and the temperature
+    serve the contrastive loss; the retrieval projector the structure loss. A frozen soft prompt stays the
+    handcrafted prompt it was initialised from."""
     use_contrastive, use_structure = losses_of(ft.method, ft)
     lora = [r"\.lora_[AB]$"] if ft.adapt in ("lora", "both") else []
     prompts = ft.adapt in ("prompt", "both")
-    image_prompt = ["image_prompt"] if prompts and (use_contrastive or ft.lambda_ntp > 0) else []
+    image_prompt = ["image_prompt"] if prompts and pairs and (use_contrastive or ft.lambda_ntp > 0) else []
     text_prompt = ["text_prompt"] if prompts and use_contrastive else []
     heads = (["logit_scale"] if use_contrastive else []) + ([r"^projector\."] if use_structure else [])
     return lora + image_prompt + text_prompt + heads
@@ -1100,7 +1101,7 @@ def compute_loss(model: torch.nn.Module, batch: Batch, obj: Objective, world: in
     # Every rank computes the same full loss on the gathered embeddings (the DDP gradient argument).
     structure = None
     if obj.structure:
-        r = torch.cat([kernel.gather_with_grad(e)[0] for e in prefixes])  # (P, proj_dim)
+        r = torch.cat([kernel.gather_rows_with_grad(e) for e in prefixes])  # (P, proj_dim)
         structure = kernel.structure_loss(r, batch.sugar_targets)
 
     return kernel.combined_loss(ntp, contrastive, structure, obj.weights)
@@ -1325,8 +1326,6 @@ def train(cfg: TrainConfig, d: Dist) -> TrainResult:
     streams = build_streams(corpus, run.seed, tok, n_img, run.length_group)
     history: dict[str, list[dict[str, float]]] = {"pretrain": [], "finetune": []}
     stop = run.stop_after if run.stop_after > 0 else math.inf
-    if d.device.type == "cuda":  # TF32 for the float32 matmuls that bf16 autocast leaves (the losses)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
     def batches(stage: str, model: MLLM) -> Batches:
         return Batches(stage, streams, cfg, d, tok, model.cfg, objective_of(stage, cfg.finetune),
@@ -1379,7 +1378,7 @@ def train(cfg: TrainConfig, d: Dist) -> TrainResult:
     ft = cfg.finetune
     if ft.gak_delta is None and losses_of(ft.method, ft)[1] and ft.sugar_alignment == "gak":
         ft.gak_delta = estimate_gak_delta(corpus, streams, ft, d)
-    set_trainable(model, trainable_patterns(ft), lora=False)
+    set_trainable(model, trainable_patterns(ft, pairs=bool(corpus.pairs)), lora=False)
     opt = make_optimizer(model, ft.finetune_lr, run.weight_decay)
     start = restore(resume, model, opt, history) if in_finetune(resume) else 0
     stage = Stage("finetune", ft.finetune_steps, ft.finetune_lr, {"targets": ft.lora_targets, "r": ft.lora_r,

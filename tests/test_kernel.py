@@ -489,6 +489,13 @@ def _full_batch(world: int, per_rank: int):
             torch.arange(world * per_rank) % 3 != 1)
 
 
+def _prefix_batch(world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prefix embeddings of every rank (rank r's r + 2 rows, in rank order) and structure targets for them."""
+    gen = torch.Generator().manual_seed(13)
+    n = sum(range(2, world + 2))
+    return torch.randn(n, 4, generator=gen, dtype=torch.float64), torch.rand(n, n, generator=gen, dtype=torch.float64)
+
+
 def _ddp_worker(rank: int, world: int, port: int, per_rank: int, out_dir: str, negatives: bool):
     # While the worker lives, every thread's stack goes to a file each 30 s: a worker stuck where no timeout
     # reaches (process teardown) leaves a trace the parent reports.
@@ -506,8 +513,14 @@ def _ddp_worker(rank: int, world: int, port: int, per_rank: int, out_dir: str, n
         loss = model(x_img, x_txt, *((x_neg, valid) if negatives else ()))
         loss.backward()
         grads = {name: p.grad for name, p in model.module.named_parameters()}
+        # Sugar's prefixes: rank r holds r + 2 rows, so the ranks' counts differ (train.py with --data documents)
+        prefixes, targets = _prefix_batch(world)
+        own = prefixes[sum(range(2, rank + 2)):sum(range(2, rank + 3))].clone().requires_grad_()
+        gathered = kernel.gather_rows_with_grad(own)
+        kernel.structure_loss(gathered, targets).backward()
         torch.save({"loss": loss.detach(), "grads": grads, "x_img": x_img.grad, "x_txt": x_txt.grad,
-                    "x_neg": x_neg.grad}, f"{out_dir}/rank{rank}.pt")
+                    "x_neg": x_neg.grad, "prefixes": gathered.detach(), "x_prefix": own.grad},
+                   f"{out_dir}/rank{rank}.pt")
         dist.barrier()  # the other rank may still be in a collective with this one
     finally:
         dist.destroy_process_group()
@@ -541,7 +554,8 @@ def test_contrastive_ddp_two_ranks_equals_one_process(tmp_path, negatives):
     """2 gloo ranks, real DDP: the mean of the rank losses is the whole-batch loss, the parameter gradients
     DDP averages (towers + shared logit_scale) are the whole-batch gradients, and each rank's input gradient
     divided by the world size (what DDP's averaging applies upstream) is the whole-batch input gradient; with
-    hard-negative captions too (each rank's negatives are columns of every rank's images)."""
+    hard-negative captions too (each rank's negatives are columns of every rank's images). And Sugar's prefixes
+    with unequal counts per rank (kernel.gather_rows_with_grad)."""
     world, per_rank = 2, 3
     ranks = _run_ddp_workers(world, per_rank, tmp_path, negatives)
 
@@ -557,6 +571,15 @@ def test_contrastive_ddp_two_ranks_equals_one_process(tmp_path, negatives):
             torch.testing.assert_close(r["grads"][name], p.grad, rtol=1e-10, atol=1e-12)
     for key, x in (("x_img", x_img), ("x_txt", x_txt)) + ((("x_neg", x_neg),) if negatives else ()):
         torch.testing.assert_close(torch.cat([r[key] for r in ranks]) / world, x.grad, rtol=1e-10, atol=1e-12)
+    # Sugar's prefixes, 2 and 3 rows: every rank gathers all 5 in rank order, and each rank's gradient over
+    # the world size is the one-process gradient of the structure loss
+    prefixes, targets = _prefix_batch(world)
+    prefixes.requires_grad_()
+    kernel.structure_loss(prefixes, targets).backward()
+    for r in ranks:
+        assert torch.equal(r["prefixes"], prefixes.detach())
+    torch.testing.assert_close(torch.cat([r["x_prefix"] for r in ranks]) / world, prefixes.grad, rtol=1e-10,
+                               atol=1e-12)
 
 
 # ----------------------------------------------------------------------------------------------------------

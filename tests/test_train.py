@@ -701,6 +701,14 @@ def test_adapt_switch_sets_the_trainable_set(method, flags, expected):
     assert (lora <= trainable) if "lora" in expected else not (lora & trainable)
 
 
+def test_no_image_prompt_to_train_without_pairs():
+    """A corpus of conversations and documents alone has no <soft_image> anywhere: a trainable image prompt
+    would get no gradient, which fine-tuning's DDP (find_unused_parameters=False) refuses at the first step."""
+    ft = train.parse_args(["--method", "generative", "--adapt", "both"]).finetune
+    assert "image_prompt" in train.trainable_patterns(ft)
+    assert "image_prompt" not in train.trainable_patterns(ft, pairs=False)
+
+
 def test_ablation_flags_stop_with_a_message():
     for flags, msg in ((["--adapt", "all"], "--adapt must be one of lora, prompt, both"),
                        (["--sugar-alignment", "dtw"], "--sugar-alignment must be one of gak, mean"),
