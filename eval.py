@@ -36,7 +36,7 @@ Metrics (the JSON keys):
                                   interleaved suites
   oracle/<suite>/...              the retrieval, compositional, Winoground and interleaved suites scored
                                   with the teacher features instead of the model (TeacherEmbedder): the
-                                  ceiling on this world
+                                  ceiling on this world (interleaved: what the new sentence alone determines)
 
 Run:
     python eval.py --ckpt out.pt                      # a table of every metric
