@@ -976,17 +976,16 @@ def _make_wino(rng: random.Random, image_size: int, kind: str, split: str) -> Wi
         if kind == "swap_obj":  # the objects trade places; caption B names them in swapped order
             gb = SceneGraph([Obj(a.shape, a.colour, a.size, b.row, b.col),
                              Obj(b.shape, b.colour, b.size, a.row, a.col)])
+            nps_b = NP(b.colour, b.shape), NP(a.colour, a.shape)
         else:  # the objects trade colours; caption B has the colour words swapped
             gb = SceneGraph([Obj(a.shape, b.colour, a.size, a.row, a.col),
                              Obj(b.shape, a.colour, b.size, b.row, b.col)])
+            nps_b = NP(b.colour, a.shape), NP(a.colour, b.shape)
         if graph_split(ga) == split and graph_split(gb) == split:
             break
     rel = rng.choice(_relations_between(a, b))
-    if kind == "swap_obj":
-        phrase_b = Phrase(NP(b.colour, b.shape), rel, NP(a.colour, a.shape))
-    else:
-        phrase_b = Phrase(NP(b.colour, a.shape), rel, NP(a.colour, b.shape))
     phrase_a = Phrase(NP(a.colour, a.shape), rel, NP(b.colour, b.shape))
+    phrase_b = Phrase(nps_b[0], rel, nps_b[1])
     return WinoPair(render(ga, image_size), phrase_a.text(), render(gb, image_size), phrase_b.text(), ga, gb,
                     kind, phrase_a, phrase_b)
 

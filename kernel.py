@@ -11,6 +11,8 @@ What lives here:
   one-slice pairs Sugar §3.2's plain cosine instead. `estimate_delta`: the GAK scale delta from data.
 - `mean_targets`: Sugar Table 4b "w/o GAK", M_l as the average slice similarity, no alignment.
 - `structure_loss`: Sugar Eq. 3, L = (1/n) sum_ij (cos(r_i, r_j) - M_l[i, j])^2.
+  Under DDP its prefixes are gathered by `gather_rows_with_grad` (ranks may hold different counts). Both
+  losses compute their cosines in float32 even under bf16 autocast (`full_precision`).
 - `contrastive_loss` / `ContrastiveLoss`: VladVA's (Ouali et al., CVPR 2025, arXiv 2412.04378) symmetric
   InfoNCE between image and short-caption summaries, learnable temperature (CLIP's), gathered across ranks
   with gradient (`gather_with_grad`, which also holds the argument why DDP then gives the one-process

@@ -2,7 +2,7 @@
 # The README's GPU figures in one run, on a machine with a CUDA GPU:
 #   bash bench/gpu.sh [OUTDIR]        (default runs/gpu; each step's output in OUTDIR/STEP.txt)
 # 1. tests/test_dtw_cuda.py: the Triton kernels on the GPU against the brute force and the float64 CPU wavefront
-# 2. python train.py --smoke on the GPU (bf16 autocast, TF32, pinned batches, fused AdamW)
+# 2. python train.py --smoke on the GPU (bf16 autocast, pinned batches, fused AdamW)
 # 3. the default run on the GPU, timed, then eval.py on its base and its unified model
 # 4. bench_dtw.py, bench_train.py (both presets; the long captions in one pass and in 4 chunks) and
 #    bench_generate.py (float32 and bfloat16), --device cuda
