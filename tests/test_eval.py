@@ -476,3 +476,37 @@ def test_binding_probe_scores_a_bag_of_attributes_at_chance_and_their_conjunctio
     bag = probe.probe(reps(train, False), y_tr, reps(test, False), y_te, hard)
     bound = probe.probe(reps(train, True), y_tr, reps(test, True), y_te, hard)
     assert abs(bag - 0.5) < 0.1 and bound > 0.97, (bag, bound)
+
+
+# bench/count_drift.py's answer likelihoods
+
+def test_count_drift_scores_each_answer_as_the_training_loss_of_the_conversation_alone():
+    """log p(answer | image, question) for a batch of images, against train.py's next-token loss (summed
+    cross-entropy) of each [image] question answer sample collated alone."""
+    import importlib.util
+    import data
+    import train
+    from unimllm import LLMConfig, MLLM, MLLMConfig, VisionConfig
+    spec = importlib.util.spec_from_file_location("count_drift", ROOT / "bench" / "count_drift.py")
+    drift = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(drift)
+    tok = data.train_tokenizer([data.format_question(drift.QUESTION) + " three four"] * 4, 120)
+    torch.manual_seed(0)
+    model = MLLM(MLLMConfig(VisionConfig(image_size=8, patch_size=4, hidden_size=32, num_layers=2,
+                                         intermediate_size=64),
+                            LLMConfig(vocab_size=tok.vocab_size, hidden_size=48, intermediate_size=96,
+                                      num_layers=2, max_seq_len=64),
+                            image_token_id=tok.image_id, soft_image_token_id=tok.soft_image_id,
+                            soft_text_token_id=tok.soft_text_id, n_soft_tokens=1)).eval()
+    images = [torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(k)) for k in range(3)]
+    for answer in ("three", "four"):
+        got = drift.answer_log_likelihoods(model, tok, images, answer)
+        for image, value in zip(images, got.tolist()):
+            b = data.collate([data.Sample([data.image_seg(image), data.text_seg(data.format_question(drift.QUESTION),
+                                                                                False),
+                                           data.text_seg(answer, True)])], tok, model.n_image_tokens, 64)
+            predict = train.predicting(b["labels"])
+            with torch.no_grad():
+                loss, _ = train.ntp_sum(model(b["input_ids"], b["images"], predict)[0], b["labels"], predict)
+            assert value == pytest.approx(-float(loss), rel=1e-5, abs=1e-4)
+        assert len({round(v, 3) for v in got.tolist()}) > 1  # the image changes the score
