@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The README's ablations: one generative base, every fine-tuning from it with the same steps and the same data
 # order (same --seed, the batch of step s a pure function of it), each evaluated.
-#   bash bench/ablation.sh [OUTDIR]      (about three hours on 2 CPU cores: 42 fine-tunings)
+#   bash bench/ablation.sh [OUTDIR]      (about three hours on 2 CPU cores: 45 fine-tunings)
 # The default `python train.py` pre-trains the base (OUTDIR/unified.base.pt) and fine-tunes `unified`; every other
 # run fine-tunes from that same base, each method with its own recipe (train.RECIPES), one switch changed per row:
 #   methods:  generative, vladva, sugar, and unified without the structure loss (the README's diagnostic)
 #   Sugar Table 4b:  w/o GAK (--sugar-alignment mean), w/o TK (--sugar-kernel cross),
 #                    w/o AvgPool (--sugar-pool last); and one-slice pairs by the GAK value (--sugar-single gak)
 #   VladVA Table 4:  w/o NTP (--lambda-ntp 0), soft prompts only (--adapt prompt), LoRA only (--adapt lora)
+#   placement: vladva with its LoRA on the MLP projections only, as generative and unified (vladva_mlp)
 #   the loss-weight sweep: unified at 10 (lambda_c, lambda_s) besides its recipe's (1, 0.3), each also evaluated
 #   on a validation draw of held-out scenes (eval.py --test-seed 2 -> OUTDIR/val/), the draw the recipe was
 #   chosen on; and vladva at lambda_c = 3
@@ -41,6 +42,8 @@ finetune sugar_single_gak sugar --sugar-single gak
 finetune vladva_no_ntp vladva --lambda-ntp 0
 finetune vladva_prompt_only vladva --adapt prompt
 finetune vladva_lora_only vladva --adapt lora
+mlp_lora() { python -c "import train; print(train.LORA_MLP)"; }
+finetune vladva_mlp vladva --lora-targets "$(mlp_lora)"
 # the sweep: lam_cC_sS is unified at lambda_c = C, lambda_s = S (the recipe's (1, 0.3) is `unified`, (1, 0) is
 # `unified_nostruct`)
 sweep="lam_c0.3_s1 lam_c1_s1 lam_c3_s1 lam_c1_s3 lam_c3_s0.3 lam_c1_s0.1 lam_c3_s0.1 lam_c1_s0.03 lam_c3_s0"
@@ -57,11 +60,12 @@ for seed in 1 2; do
   finetune "sugar_s$seed" sugar --seed "$seed"
   finetune "unified_nostruct_s$seed" unified --lambda-structure 0 --seed "$seed"
   finetune "unified_s$seed" unified --seed "$seed"
+  finetune "vladva_mlp_s$seed" vladva --lora-targets "$(mlp_lora)" --seed "$seed"
   for m in $top; do
     finetune "${m}_s$seed" unified $(weights "$m") --seed "$seed"
   done
 done
-seeded="generative vladva sugar unified_nostruct unified"
+seeded="generative vladva vladva_mlp sugar unified_nostruct unified"
 runs="base unified generative vladva sugar unified_nostruct sugar_no_gak sugar_no_tk sugar_no_avgpool sugar_single_gak
       vladva_no_ntp vladva_prompt_only vladva_lora_only $sweep vladva_c3 \
       $(for m in $seeded $top; do echo ${m}_s1 ${m}_s2; done)"
@@ -78,7 +82,7 @@ python - "$out" "$top" <<'PY'
 import json, sys
 out, top = sys.argv[1], sys.argv[2].split()
 tables = {
-    "Methods": ["base", "generative", "vladva", "sugar", "unified", "unified_nostruct"],
+    "Methods": ["base", "generative", "vladva", "vladva_mlp", "sugar", "unified", "unified_nostruct"],
     "Sugar Table 4b (method sugar)": ["sugar", "sugar_no_gak", "sugar_no_tk", "sugar_no_avgpool", "sugar_single_gak"],
     "VladVA Table 4 (method vladva)": ["vladva", "vladva_no_ntp", "vladva_prompt_only", "vladva_lora_only"],
     "Loss weights (unified at lam_cC_sS: lambda_c = C, lambda_s = S; its recipe (1, 0.3), unified_nostruct (1, 0))":
@@ -110,7 +114,7 @@ for r in ["unified"] + top + ["unified_nostruct"]:
     v = [mean6(json.load(open(f"{out}/val/{n}.json"))) for n in (r, r + "_s1", r + "_s2")]
     print(f"{r}: " + " / ".join(f"{x:.3f}" for x in v) + f", mean {sum(v) / 3:.3f}")
 # three seeds (0 = the runs above, 1 and 2 = NAME_s1, NAME_s2): mean and sample standard deviation
-seeded = ["generative", "vladva", "sugar", "unified_nostruct", "unified"]
+seeded = ["generative", "vladva", "vladva_mlp", "sugar", "unified_nostruct", "unified"]
 runs = {r: [json.load(open(f"{out}/{n}.json")) for n in (r, r + "_s1", r + "_s2")] for r in seeded}
 keys = six + ["interleaved/r1", "rag/acc", "vqa/acc", "vqa/count", "vqa/relation", "pope/acc"]
 def mean_sd(v):
