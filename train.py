@@ -125,7 +125,7 @@ def trainable_patterns(ft: "FinetuneArgs", pairs: bool = True) -> list[str]:
 #   unified), and switching off the attention LoRA alone restores it (4.9); trained with MLP LoRA only, unified
 #   counts 0.970-0.985 where it counted 0.900-0.940 (three seeds), with the same mean of the six discriminative
 #   figures (README, "The count drift"). The two differ from each other only in losses, and from vladva in
-#   losses and this placement. The lambdas below were chosen with LoRA on every projection.
+#   losses and this placement. The lambdas above were chosen with LoRA on every projection.
 LORA_ALL = r"llm\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 LORA_MLP = r"llm\.layers\.\d+\.mlp\.(gate|up|down)_proj"
 LORA_QV = r"llm\.layers\.\d+\.self_attn\.(q|v)_proj"
