@@ -11,12 +11,13 @@
 #   placement: vladva with its LoRA on the MLP projections only, as generative and unified (vladva_mlp)
 #   the loss-weight sweep: unified at 10 (lambda_c, lambda_s) besides its recipe's (1, 0.3), each also evaluated
 #   on a validation draw of held-out scenes (eval.py --test-seed 2 -> OUTDIR/val/), the draw the recipe was
-#   chosen on; and vladva at lambda_c = 3
+#   chosen on; and vladva at lambda_c = 3. The README's sweep ran with unified's former LoRA on every projection;
+#   this script runs it with the recipe's LoRA on the MLP projections
 #   the recipe's two closest rivals on that draw at seed 0 at lr 1e-3 (lam_c1_s0.03, lam_c3_s1) and at lr 2e-3
 #   (lam_c1_s1, lam_c3_s0.3), and the former recipe (lam_c1_s0.1), again at --seed 1 and 2: the recipe is the
 #   weighting with both terms whose three-seed validation mean is largest
-#   seeds: the five methods again at --seed 1 and 2 (NAME_s1, NAME_s2: another data order and LoRA start, the
-#   same base), for the mean and spread over three seeds
+#   seeds: the six methods (vladva_mlp included) again at --seed 1 and 2 (NAME_s1, NAME_s2: another data order
+#   and LoRA start, the same base), for the mean and spread over three seeds
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-runs}

@@ -2,8 +2,8 @@
 For each checkpoint, on the three-object scenes of a test draw of the built-in world, the teacher-forced margin
 log p("three") - log p("four") after "question: how many shapes are there? answer:", with every LoRA update
 on, with none (the base's answer), and with the LoRA of one group of projections switched off (its B set to
-zero, the rest kept). A positive margin is a right answer between those two. The instrument behind the
-README's "The count drift".
+zero, the rest kept). A positive margin is a right answer between those two; the median printed is torch's
+(the lower of the two middle values). The instrument behind the README's "The count drift".
 
   python bench/count_drift.py runs/unified.pt [more checkpoints] [--test-seed 2] [--scenes 200]
 """
