@@ -23,7 +23,7 @@ from unimllm import MLLM, load_checkpoint  # noqa: E402
 QUESTION = "how many shapes are there?"
 # (what is switched off, a regex over LoRA parameter names)
 GROUPS = [("nothing", r"(?!)"), ("all LoRA", r"."), ("attention", r"self_attn"), ("MLP", r"\.mlp\."),
-          ("layers 0-1", r"layers\.[01]\."), ("layers 2-3", r"layers\.[23]\.")]
+          ("layers 0-1", r"llm\.layers\.[01]\."), ("layers 2-3", r"llm\.layers\.[23]\.")]
 
 
 @torch.no_grad()
