@@ -122,7 +122,7 @@ def trainable_patterns(ft: "FinetuneArgs", pairs: bool = True) -> list[str]:
 # - generative and unified (ours) take VladVA's r, alpha and lr, but LoRA on the MLP projections only: with
 #   LoRA on every projection, every discriminative fine-tuning (vladva, sugar, unified) moves the count answer
 #   of three-object scenes towards "four" (log p(three) - log p(four): median 4.5 in the default base, 1.4-1.7
-#   after unified), mostly through the attention LoRA of the first two layers; trained with MLP LoRA only,
+#   after unified), mostly through the LoRA of the first two layers; trained with MLP LoRA only,
 #   unified counts 0.970-0.985 on the default base where it counted 0.900-0.940 (three seeds), with the same
 #   mean of the six discriminative figures. On the pre-training seed 1 base it does not hold (0.910 / 0.935;
 #   README, "The count drift"). The two differ from vladva in losses and this placement. The lambdas above were
