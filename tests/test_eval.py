@@ -332,10 +332,10 @@ def test_interleaved_query_longer_than_the_context_drops_its_oldest_segments(tmp
 WORDS = ["the", "small", "large", "red", "blue", "circle", "square", "what", "is", "name", "of"]
 
 
-def likelihood_setup():
+def likelihood_setup(words: list[str] = WORDS):
     import data
     from unimllm import LLMConfig, MLLM, MLLMConfig, VisionConfig
-    tok = data.train_tokenizer([" ".join(WORDS)] * 4, 120)
+    tok = data.train_tokenizer([" ".join(words)] * 4, 120)
     torch.manual_seed(0)
     model = MLLM(MLLMConfig(VisionConfig(image_size=8, patch_size=4, hidden_size=32, num_layers=2,
                                          intermediate_size=64),
@@ -346,12 +346,15 @@ def likelihood_setup():
     return data, tok, model
 
 
-def training_loss_alone(model, tok, image, text) -> tuple[float, int]:
+def training_loss_alone(model, tok, image, text, prompt: str = "") -> tuple[float, int]:
     """train.py's next-token loss (train.predicting + train.ntp_sum, summed cross-entropy) of one (image, text)
-    sample collated alone, and the tokens it scores: the independent reference for the likelihood tests."""
+    sample collated alone, with an unscored prompt between them if given, and the tokens it scores: the
+    independent reference for the likelihood tests."""
     import data
     import train
-    b = data.collate([data.Sample([data.image_seg(image), data.text_seg(text, True)])], tok, model.n_image_tokens, 64)
+    prompt_segs = [data.text_seg(prompt, False)] if prompt else []
+    b = data.collate([data.Sample([data.image_seg(image), *prompt_segs, data.text_seg(text, True)])], tok,
+                     model.n_image_tokens, 64)
     predict = train.predicting(b["labels"])
     with torch.no_grad():
         logits, _ = model(b["input_ids"], b["images"], predict)
@@ -485,28 +488,15 @@ def test_count_drift_scores_each_answer_as_the_training_loss_of_the_conversation
     cross-entropy) of each [image] question answer sample collated alone."""
     import importlib.util
     import data
-    import train
-    from unimllm import LLMConfig, MLLM, MLLMConfig, VisionConfig
     spec = importlib.util.spec_from_file_location("count_drift", ROOT / "bench" / "count_drift.py")
     drift = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(drift)
-    tok = data.train_tokenizer([data.format_question(drift.QUESTION) + " three four"] * 4, 120)
-    torch.manual_seed(0)
-    model = MLLM(MLLMConfig(VisionConfig(image_size=8, patch_size=4, hidden_size=32, num_layers=2,
-                                         intermediate_size=64),
-                            LLMConfig(vocab_size=tok.vocab_size, hidden_size=48, intermediate_size=96,
-                                      num_layers=2, max_seq_len=64),
-                            image_token_id=tok.image_id, soft_image_token_id=tok.soft_image_id,
-                            soft_text_token_id=tok.soft_text_id, n_soft_tokens=1)).eval()
+    question = data.format_question(drift.QUESTION)
+    _, tok, model = likelihood_setup(question.split() + ["three", "four"])
     images = [torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(k)) for k in range(3)]
     for answer in ("three", "four"):
         got = drift.answer_log_likelihoods(model, tok, images, answer)
         for image, value in zip(images, got.tolist()):
-            b = data.collate([data.Sample([data.image_seg(image), data.text_seg(data.format_question(drift.QUESTION),
-                                                                                False),
-                                           data.text_seg(answer, True)])], tok, model.n_image_tokens, 64)
-            predict = train.predicting(b["labels"])
-            with torch.no_grad():
-                loss, _ = train.ntp_sum(model(b["input_ids"], b["images"], predict)[0], b["labels"], predict)
-            assert value == pytest.approx(-float(loss), rel=1e-5, abs=1e-4)
+            loss, _ = training_loss_alone(model, tok, image, answer, prompt=question)
+            assert value == pytest.approx(-loss, rel=1e-5, abs=1e-4)
         assert len({round(v, 3) for v in got.tolist()}) > 1  # the image changes the score
