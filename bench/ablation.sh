@@ -43,8 +43,8 @@ finetune sugar_single_gak sugar --sugar-single gak
 finetune vladva_no_ntp vladva --lambda-ntp 0
 finetune vladva_prompt_only vladva --adapt prompt
 finetune vladva_lora_only vladva --adapt lora
-mlp_lora() { python -c "import train; print(train.LORA_MLP)"; }
-finetune vladva_mlp vladva --lora-targets "$(mlp_lora)"
+mlp_lora=$(python -c "import train; print(train.LORA_MLP)")  # generative's and unified's LoRA targets
+finetune vladva_mlp vladva --lora-targets "$mlp_lora"
 # the sweep: lam_cC_sS is unified at lambda_c = C, lambda_s = S (the recipe's (1, 0.3) is `unified`, (1, 0) is
 # `unified_nostruct`)
 sweep="lam_c0.3_s1 lam_c1_s1 lam_c3_s1 lam_c1_s3 lam_c3_s0.3 lam_c1_s0.1 lam_c3_s0.1 lam_c1_s0.03 lam_c3_s0"
@@ -61,7 +61,7 @@ for seed in 1 2; do
   finetune "sugar_s$seed" sugar --seed "$seed"
   finetune "unified_nostruct_s$seed" unified --lambda-structure 0 --seed "$seed"
   finetune "unified_s$seed" unified --seed "$seed"
-  finetune "vladva_mlp_s$seed" vladva --lora-targets "$(mlp_lora)" --seed "$seed"
+  finetune "vladva_mlp_s$seed" vladva --lora-targets "$mlp_lora" --seed "$seed"
   for m in $top; do
     finetune "${m}_s$seed" unified $(weights "$m") --seed "$seed"
   done
