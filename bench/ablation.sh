@@ -11,9 +11,10 @@
 #   placement: vladva with its LoRA on the MLP projections only, as generative and unified (vladva_mlp)
 #   the loss-weight sweep: unified at 10 (lambda_c, lambda_s) besides its recipe's (1, 0.3), each also evaluated
 #   on a validation draw of held-out scenes (eval.py --test-seed 2 -> OUTDIR/val/), the draw the recipe was
-#   chosen on; and vladva at lambda_c = 3 (README, "The loss weights with MLP LoRA")
+#   chosen on; and vladva at lambda_c = 3
 #   the four weightings with both terms best on that draw at seed 0 (lam_c1_s3, lam_c3_s0.1, lam_c3_s1,
-#   lam_c1_s0.03), again at --seed 1 and 2, for the three-seed validation means the recipe is chosen by
+#   lam_c1_s0.03), again at --seed 1 and 2, for the three-seed validation means the recipe is chosen by (README,
+#   "The loss weights with MLP LoRA")
 #   seeds: the six methods (vladva_mlp included) again at --seed 1 and 2 (NAME_s1, NAME_s2: another data order
 #   and LoRA start, the same base), for the mean and spread over three seeds
 set -euo pipefail
