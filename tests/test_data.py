@@ -217,16 +217,17 @@ def test_lookup_samples_are_every_colour_and_shape_question_alone(seed):
 
 @FAST
 @given(seed=st.integers(0, 10**6))
-def test_where_samples_are_row_column_and_relation_questions_twice_alone(seed):
+def test_where_samples_are_row_column_relation_twice_and_size_questions_alone(seed):
     w = data.make_world("train", 6, seed)
     got = single_questions(w, data.where_samples(w))
-    # per object its row and its column; per pair of objects one relation question, twice
+    # per object its row, its column and its size; per pair of objects one relation question, twice
     expected = [(id(s), f"which {axis} is the {o.colour} {o.shape} in?")
                 for s in w.scenes for o in s.graph.objects for axis in ("row", "column")]
+    expected += [(id(s), f"what size is the {o.colour} {o.shape}?") for s in w.scenes for o in s.graph.objects]
     expected += [(id(s), q) for s in w.scenes for q, _ in s.vqa if q.startswith("is the ")] * 2
     assert sorted(got) == sorted(expected)
     n = [len(s.graph.objects) for s in w.scenes]
-    assert len(expected) == sum(2 * k + k * (k - 1) for k in n)
+    assert len(expected) == sum(3 * k + k * (k - 1) for k in n)
 
 
 @FAST
