@@ -12,9 +12,9 @@
 #   the loss-weight sweep: unified at 10 (lambda_c, lambda_s) besides its recipe's (1, 0.3), each also evaluated
 #   on a validation draw of held-out scenes (eval.py --test-seed 2 -> OUTDIR/val/), the draw the recipe was
 #   chosen on; and vladva at lambda_c = 3
-#   the four weightings with both terms best on that draw at seed 0 (lam_c1_s3, lam_c3_s0.1, lam_c3_s1,
-#   lam_c1_s0.03), again at --seed 1 and 2, for the three-seed validation means the recipe is chosen by (README,
-#   "The loss weights with MLP LoRA")
+#   the four weightings with both terms best on that draw at seed 0 (lam_c3_s0.3, lam_c3_s1, lam_c1_s1,
+#   lam_c1_s0.1 on the default base of commit 064c852), again at --seed 1 and 2, for the three-seed validation
+#   means the recipe is chosen by (README, "Size questions in the opening (commit 064c852)")
 #   seeds: the six methods (vladva_mlp included) again at --seed 1 and 2 (NAME_s1, NAME_s2: another data order
 #   and LoRA start, the same base), for the mean and spread over three seeds
 set -euo pipefail
@@ -47,7 +47,7 @@ finetune vladva_mlp vladva --lora-targets "$mlp_lora"
 # the sweep: lam_cC_sS is unified at lambda_c = C, lambda_s = S (the recipe's (1, 0.3) is `unified`, (1, 0) is
 # `unified_nostruct`)
 sweep="lam_c0.3_s1 lam_c1_s1 lam_c3_s1 lam_c1_s3 lam_c3_s0.3 lam_c1_s0.1 lam_c3_s0.1 lam_c1_s0.03 lam_c3_s0"
-top="lam_c1_s3 lam_c3_s0.1 lam_c3_s1 lam_c1_s0.03"
+top="lam_c3_s0.3 lam_c3_s1 lam_c1_s1 lam_c1_s0.1"
 # weights lam_cC_sS: that weighting's flags
 weights() { local c=${1#lam_c}; echo "--lambda-contrastive ${c%_s*} --lambda-structure ${1##*_s}"; }
 for m in $sweep; do
