@@ -193,7 +193,7 @@ class PretrainArgs:
     vision_batch: int = 64          # images per stage-0 step
     vision_lr: float = 1e-3
     lookup_steps: int = 800         # stage 1 opens with N steps of lookups + RAG copies (built-in world)
-    where_steps: int = 2400         # then N steps of the same + row / column and relation questions
+    where_steps: int = 2400         # then N steps of the same + row / column, relation and size questions
     where_mix: int = 0              # every Nth sample of the full mix joins those N steps (0: none)
     pretrain_steps: int = 2500      # then N steps of the full mix (a warm-up + cosine of its own)
     pretrain_batch: int = 32        # global sequences per step
@@ -663,8 +663,9 @@ def opening(cfg: TrainConfig, streams: dict[str, Stream]) -> list[tuple[str, int
     """Stage 1's opening, before the full mix: (stream, steps) for each part, in order. With the built-in world
     --lookup-steps of the lookup questions of `data.lookup_samples` and the RAG samples (copy the name of the
     entry the question describes; about three lookup questions to one RAG sample), then --where-steps of the
-    same with "which row / column is the <colour> <shape> in?" and the relation questions added
-    (`data.where_samples`); --data files have none (their conversations carry no such split).
+    same with "which row / column is the <colour> <shape> in?", the relation questions and "what size is the
+    <colour> <shape>?" added (`data.where_samples`); --data files have none (their conversations carry no such
+    split).
 
     Why: a lookup ("what colour is the square?": find the image token of the object the question names, read
     another attribute off it; "what is the name of the small red triangle?": find the entry, copy its name) is
@@ -673,9 +674,10 @@ def opening(cfg: TrainConfig, streams: dict[str, Stream]) -> list[tuple[str, int
     colour before the shape). Trained first on short samples of these alone, they are learned in a few
     hundred steps (README, "A model that sees", item 7). A relation reads two objects' cells and compares
     them: the LLM learns it once it reads one cell (row, column), within the budget only after the first
-    lookups are learned, and never in the mix (item 10). A curriculum; our choice. --where-mix N adds every Nth
-    sample of the full mix to the second part, so that the mix's text is not new when the mix starts (item 13:
-    measured, not adopted)."""
+    lookups are learned, and never in the mix (item 10). Size, left to the mix, was not learned at two
+    pre-training seeds of four ("Size questions in the opening"). A curriculum; our choice. --where-mix N adds
+    every Nth sample of the full mix to the second part, so that the mix's text is not new when the mix starts
+    (item 13: measured, not adopted)."""
     parts = [("lookup", cfg.pretrain.lookup_steps), ("where", cfg.pretrain.where_steps)]
     return [(name, n if streams[name].items else 0) for name, n in parts]
 
