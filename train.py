@@ -122,17 +122,17 @@ def trainable_patterns(ft: "FinetuneArgs", pairs: bool = True) -> list[str]:
 # - generative and unified (ours) take VladVA's r, alpha and lr, but LoRA on the MLP projections only: with
 #   LoRA on every projection, every discriminative fine-tuning (vladva, sugar, unified) moves the count answer
 #   of three-object scenes towards "four" (log p(three) - log p(four): median 4.5 in the default base, 1.4-1.7
-#   after unified), mostly through the LoRA of the first two layers; trained with MLP LoRA only,
-#   unified counts 0.970-0.985 on the default base where it counted 0.900-0.940 (three seeds), with the same
-#   mean of the six discriminative figures. With size questions in the opening it holds on the default base
-#   (0.985 / 0.985 / 0.975) and on three of four one-thread pre-training seeds, but not on the one-thread seed
-#   0 base (0.875 / 0.935 / 0.875; README, "Size questions in the opening"). The two
-#   differ from vladva in losses and this placement. The lambdas above, chosen with LoRA on every
-#   projection, were swept again with MLP LoRA: the five weightings run at three seeds lie within 0.011 on
-#   the validation draw, and the highest, (1, 3), counts below 0.95 at every seed, so (1, 0.3) stays
-#   (README, "The loss weights with MLP LoRA"). On the base with size questions in the opening the five lie
-#   within 0.016 and (3, 0.3) is 0.008 above (1, 0.3), while one weighting's seeds spread by 0.034; (1, 0.3)
-#   stays (README, "Size questions in the opening (commit 064c852)").
+#   after unified), mostly through the LoRA of the first two layers; trained with MLP LoRA only, unified counts
+#   0.970-0.985 on the default base where it counted 0.900-0.940 (three seeds), with the same mean of the six
+#   discriminative figures. With size questions in the opening it holds on the default base (0.985 / 0.985 /
+#   0.975) and on three of four one-thread pre-training seeds, but not on the one-thread seed 0 base (0.875 /
+#   0.935 / 0.875; README, "Size questions in the opening"). The two differ from vladva in losses and this
+#   placement. The lambdas above, chosen with LoRA on every projection, were swept again with MLP LoRA: the
+#   five weightings run at three seeds lie within 0.011 on the validation draw, and the highest, (1, 3), counts
+#   below 0.95 at every seed, so (1, 0.3) stays (README, "The loss weights with MLP LoRA"). On the base with
+#   size questions in the opening the five lie within 0.016 and (3, 0.3) is 0.008 above (1, 0.3), while one
+#   weighting's seeds spread by 0.034; (1, 0.3) stays (README, "Size questions in the opening (commit
+#   064c852)").
 LORA_ALL = r"llm\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 LORA_MLP = r"llm\.layers\.\d+\.mlp\.(gate|up|down)_proj"
 LORA_QV = r"llm\.layers\.\d+\.self_attn\.(q|v)_proj"
