@@ -14,12 +14,14 @@ Goal (2 CPU cores): data wait + log <= 5% of a step.
 
 With --pair-batches, vladva and unified are measured at each --pair-batch given (the --caption-batch pairs
 whose long caption is read stay the preset's); with --caption-chunks, every fine-tuning method at each
---caption-chunks given; each also as a ratio to the first of its method.
+--caption-chunks given; with --autocasts, every configuration at each --autocast given; each also as a ratio
+to the first of its method.
 
 Run:
     python bench/bench_train.py                             # the cpu preset (the gpu one: --presets cpu,gpu)
     python bench/bench_train.py --pair-batches 32,128       # README, "More pairs a step"
     python bench/bench_train.py --caption-chunks 1,4        # README, "Long captions in chunks of like length"
+    python bench/bench_train.py --autocasts off,bf16        # README, "bf16 autocast on the CPU"
     python bench/bench_train.py --device cuda --presets cpu,gpu
 """
 import argparse
@@ -89,8 +91,13 @@ def main() -> None:
     p.add_argument("--n-train", type=int, default=300, help="world scenes (batches: the preset's)")
     p.add_argument("--pair-batches", default="", help="comma-separated --pair-batch values for vladva and unified")
     p.add_argument("--caption-chunks", default="", help="comma-separated --caption-chunks values for fine-tuning")
+    p.add_argument("--autocasts", default="", help="comma-separated --autocast values (auto, bf16, off)")
     args = p.parse_args()
     pair_batches, chunks = positive_ints(args, "pair_batches"), positive_ints(args, "caption_chunks")
+    autocasts = args.autocasts.split(",") if args.autocasts else []
+    if any(a not in ("auto", "bf16", "off") for a in autocasts):
+        raise SystemExit(f"bench_train.py: --autocasts takes auto, bf16 or off, comma-separated, "
+                         f"got {args.autocasts!r}")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -110,15 +117,17 @@ def main() -> None:
                 cfg.finetune.method = method
                 sizes = pair_batches if pair_batches and method in ("vladva", "unified") else [default_pairs]
                 cuts = chunks if chunks and stage_name == "finetune" else [cfg.run.caption_chunks]
+                casts = autocasts or [cfg.run.autocast]
                 first = None
-                for n, c in [(n, c) for n in sizes for c in cuts]:
+                for n, c, a in [(n, c, a) for n in sizes for c in cuts for a in casts]:
                     cfg.finetune.pair_batch, cfg.finetune.caption_batch = n, min(n, default_captions)
-                    cfg.run.caption_chunks = c
+                    cfg.run.caption_chunks, cfg.run.autocast = c, a
                     ms, sps, build, wait, log = measure(cfg, corpus, tok, stage_name, args.steps, device)
                     first = first or ms
                     what = "pretrain" if stage_name == "pretrain" else f"finetune {method}"
                     what += f" pairs {n}" if len(sizes) > 1 else ""
                     what += f" chunks {c}" if len(cuts) > 1 else ""
+                    what += f" autocast {a}" if len(casts) > 1 else ""
                     print(f"{preset:<7} {what:<35} {ms:8.0f} {sps:10.1f} {build:9.1f} {wait:10.1%} {log:7.1%} "
                           f"{ms / first:8.2f}", flush=True)
 

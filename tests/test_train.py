@@ -391,6 +391,8 @@ def test_bad_flags_stop_with_a_message(tmp_path):
         train.parse_args(["--method", "clip"])
     with pytest.raises(SystemExit, match="--pair-twins must be swap, caption or none"):
         train.parse_args(["--pair-twins", "all"])
+    with pytest.raises(SystemExit, match="--autocast must be one of auto, bf16, off, got 'fp16'"):
+        train.parse_args(["--autocast", "fp16"])
     with pytest.raises(SystemExit, match="--init .*no such file"):
         train.parse_args(["--init", str(tmp_path / "missing.pt")])
     with pytest.raises(SystemExit, match="--llm .*no such file"):
@@ -655,6 +657,13 @@ def tiny_model():
                      image_token_id=3, soft_image_token_id=4, soft_text_token_id=5, n_soft_tokens=2,
                      proj_dim=16)
     return MLLM(cfg)
+
+
+def test_autocast_auto_is_bf16_on_cuda_only():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert train.bf16_autocast("auto", cuda) and not train.bf16_autocast("auto", cpu)
+    assert train.bf16_autocast("bf16", cpu) and train.bf16_autocast("bf16", cuda)
+    assert not train.bf16_autocast("off", cpu) and not train.bf16_autocast("off", cuda)
 
 
 def test_recipes_follow_the_papers_unless_a_flag_is_given():

@@ -635,6 +635,30 @@ def test_bf16_autocast_forward_runs() -> None:
     assert torch.isfinite(logits).all()
 
 
+def test_attention_runs_in_float32_inside_cpu_autocast(monkeypatch) -> None:
+    """CPU autocast hands attention bf16 inputs, and the CPU kernel's bf16 backward is several times slower than
+    its float32 one: `attend` runs every attention of the vision tower and the LLM (forward and backward) in
+    float32 with autocast off, and the model under autocast stays the float32 model up to bf16 rounding."""
+    seen, sdpa = [], F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        seen.append((q.dtype, k.dtype, v.dtype, torch.is_autocast_enabled("cpu")))
+        return sdpa(q, k, v, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    m, ids, images = tiny_mllm(), interleaved_ids(), torch.rand(3, 3, 8, 8)
+    with torch.no_grad():
+        want, _ = m(ids, images)  # (B, T, V), float32 throughout
+    n_calls = len(seen)  # one per attention layer the forward pass runs
+    seen.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, _ = m(ids, images)
+    logits.float().square().mean().backward()
+    assert n_calls > 0 and len(seen) == n_calls and set(seen) == {(torch.float32,) * 3 + (False,)}
+    assert logits.dtype == torch.bfloat16
+    assert (logits.float() - want).abs().max() < 0.05 * want.abs().max()
+
+
 def test_config_round_trip() -> None:
     cfg = tiny_mllm().cfg
     assert um.MLLMConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
