@@ -46,6 +46,7 @@ Run:
     python eval.py --ckpt out.pt --data llava_test.json,pope_random.jsonl     # vqa/* and pope/* of two files
     python eval.py --ckpt out.pt --data mmc4_docs.jsonl,winoground.jsonl      # interleaved/* and winoground/*
     python eval.py --ckpt out.pt --blank-images 1     # the same with black images: what the image contributes
+    python eval.py --ckpt out.pt --answers answers.jsonl   # and each VQA / POPE question's generated answer
     python eval.py --ckpt out.pt --rag-retriever likelihood   # RAG retrieves by likelihood whatever the method
 """
 
@@ -59,7 +60,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -85,6 +86,7 @@ class EvalArgs:
     rag_prior: int = 48       # likelihood retrieval: minus each image's mean log-likelihood of N training-split
                               # VQA questions (prior_questions; 0: none)
     blank_images: int = 0     # 1: test images replaced by zeros (how much of a score comes from the image)
+    answers: str = ""         # a JSON-lines file: every VQA / POPE question with its answer and the generated one
 
 
 def parse_args(argv: list[str] | None = None) -> EvalArgs:
@@ -106,9 +108,10 @@ def parse_args(argv: list[str] | None = None) -> EvalArgs:
         raise SystemExit(f"eval.py: --rag-prior must be >= 0, got {args.rag_prior}")
     if args.blank_images not in (0, 1):
         raise SystemExit(f"eval.py: --blank-images must be 0 or 1, got {args.blank_images}")
-    why = output_problem(Path(args.json)) if args.json else None
-    if why:  # checked now, not after the whole evaluation
-        raise SystemExit(f"eval.py: --json {args.json} {why}")
+    for flag, path in (("--json", args.json), ("--answers", args.answers)):
+        why = output_problem(Path(path)) if path else None
+        if why:  # checked now, not after the whole evaluation
+            raise SystemExit(f"eval.py: {flag} {path} {why}")
     return args
 
 
@@ -482,12 +485,25 @@ def question_type(question: str) -> str:
     return "relation"
 
 
+def answer_record(kind: str, qtype: str | None, question: str, answer: str, generated: str) -> dict[str, Any]:
+    """One line of --answers; correct is what the metrics count (exact_match, or POPE's yes / no reading)."""
+    right = (pope_answer(generated) == normalize_answer(answer) if kind == "pope"
+             else normalize_answer(generated) == normalize_answer(answer))
+    return {"kind": kind, "type": qtype, "question": question, "answer": answer, "generated": generated,
+            "correct": right}
+
+
 def eval_vqa_pope(world: data.World, model: MLLM, tok: data.Tokenizer, device: torch.device,
-                  batch: int) -> dict[str, float]:
+                  batch: int, records: list[dict[str, Any]] | None = None) -> dict[str, float]:
+    """vqa/* and pope/* of the built-in world's scenes, from greedy answers; records, if given, gets one
+    answer_record per question (--answers)."""
     vqa = [(s.image, q, a) for s in world.scenes for q, a in s.vqa]
     pope = [(s.image, q, a) for s in world.scenes for q, a in s.pope]
     answers = generate_answers(model, tok, [qa_prompt(i, q) for i, q, _ in vqa + pope], device, batch,
                                desc="vqa+pope")
+    if records is not None:
+        records += [answer_record("vqa", question_type(q), q, a, g) for (_, q, a), g in zip(vqa, answers)]
+        records += [answer_record("pope", None, q, a, g) for (_, q, a), g in zip(pope, answers[len(vqa):])]
     out = {"vqa/acc": exact_match(answers[:len(vqa)], [a for *_, a in vqa])}
     for kind in ("count", "colour", "shape", "size", "relation"):
         idx = [k for k, (_, q, _) in enumerate(vqa) if question_type(q) == kind]
@@ -579,7 +595,8 @@ def blank_world_images(world: data.World) -> None:
 
 
 def evaluate_world(model: MLLM, tok: data.Tokenizer, method: str, args: EvalArgs, device: torch.device,
-                   pool: str = "mean") -> tuple[dict[str, float], dict[str, str]]:
+                   pool: str = "mean", records: list[dict[str, Any]] | None = None
+                   ) -> tuple[dict[str, float], dict[str, str]]:
     world = data.make_world("test", args.n_test, args.test_seed, image_size=model.cfg.vision.image_size)
     if args.blank_images:
         blank_world_images(world)
@@ -597,7 +614,7 @@ def evaluate_world(model: MLLM, tok: data.Tokenizer, method: str, args: EvalArgs
     else:
         retrieve = embedding_retriever(emb, kinds["pairs"])
     metrics.update(eval_rag(world, model, tok, retrieve, args.rag_k, device, args.batch))
-    metrics.update(eval_vqa_pope(world, model, tok, device, args.batch))
+    metrics.update(eval_vqa_pope(world, model, tok, device, args.batch, records))
     # the oracle row: the same suites on the teacher features, the ceiling each score is read against
     oracle = eval_discriminative(world, TeacherEmbedder(), {"pairs": "teacher", "interleaved": "teacher"})
     metrics.update({f"oracle/{k}": v for k, v in oracle.items()})
@@ -613,7 +630,8 @@ def eval_discriminative(world: data.World, emb: Embedder | TeacherEmbedder,
 
 
 def evaluate_file(model: MLLM, tok: data.Tokenizer, method: str, args: EvalArgs, device: torch.device,
-                  pool: str = "mean") -> tuple[dict[str, float], dict[str, str]]:
+                  pool: str = "mean", records: list[dict[str, Any]] | None = None
+                  ) -> tuple[dict[str, float], dict[str, str]]:
     """Users' files (--data, comma-separated): the union of each file's metrics (data.py lists which format
     gives which); a metric that several files give is reported once per file, as `<metric>@<file stem>`."""
     per_file = []
@@ -624,7 +642,10 @@ def evaluate_file(model: MLLM, tok: data.Tokenizer, method: str, args: EvalArgs,
                                        image_size=model.cfg.vision.image_size, split=args.data_split)
         except ValueError as e:  # data.py's DataError lists every problem of the file
             raise SystemExit(f"eval.py: {e}") from e
-        metrics, kinds = evaluate_loaded(loaded, path, model, tok, method, args, device, pool)
+        first = len(records) if records is not None else 0
+        metrics, kinds = evaluate_loaded(loaded, path, model, tok, method, args, device, pool, records)
+        for r in (records or [])[first:]:
+            r["file"] = path
         per_file.append((path, metrics))
     counts: dict[str, int] = {}
     for _, m in per_file:
@@ -635,8 +656,8 @@ def evaluate_file(model: MLLM, tok: data.Tokenizer, method: str, args: EvalArgs,
 
 
 def evaluate_loaded(loaded: data.LoadedData, path: str, model: MLLM, tok: data.Tokenizer, method: str,
-                    args: EvalArgs,
-                    device: torch.device, pool: str) -> tuple[dict[str, float], dict[str, str]]:
+                    args: EvalArgs, device: torch.device, pool: str,
+                    records: list[dict[str, Any]] | None = None) -> tuple[dict[str, float], dict[str, str]]:
     """One file's metrics: SugarCrepe-style negatives give compositional accuracy, Karpathy pairs retrieval,
     LLaVA supervised turns VQA accuracy (greedy answers), POPE lines the yes/no metrics, MMC4 documents the
     interleaved recall (document_queries), Winoground lines the Winoground scores."""
@@ -644,7 +665,7 @@ def evaluate_loaded(loaded: data.LoadedData, path: str, model: MLLM, tok: data.T
     emb = Embedder(model, tok, args.batch, device, pool)
     metrics: dict[str, float] = {}
     if loaded.questions:
-        metrics.update(eval_questions(loaded.questions, model, tok, device, args.batch))
+        metrics.update(eval_questions(loaded.questions, model, tok, device, args.batch, records))
     if loaded.negatives:
         i = emb([img(n.image) for n in loaded.negatives], kinds["pairs"], "image")
         pos = emb([txt(n.positive) for n in loaded.negatives], kinds["pairs"], "text")
@@ -684,12 +705,20 @@ def eval_documents(loaded: data.LoadedData, path: str, model: MLLM, tok: data.To
     return interleaved_suite(fitted, targets, cands, keys, emb, kind)
 
 
+def prompt_text(sample: data.Sample) -> str:
+    """A prompt's text, an image as <image> (--answers)."""
+    return "\n".join("<image>" if seg.kind == "image" else seg.text for seg in sample.segments)
+
+
 def eval_questions(questions: list[data.Question], model: MLLM, tok: data.Tokenizer, device: torch.device,
-                   batch: int) -> dict[str, float]:
+                   batch: int, records: list[dict[str, Any]] | None = None) -> dict[str, float]:
     """vqa/acc (+ vqa/<type>) over the "vqa" questions and pope/* over the "pope" ones, from greedy
-    answers."""
+    answers; records, if given, gets one answer_record per question (--answers)."""
     answers = generate_answers(model, tok, [q.prompt for q in questions], device, batch, max_new_tokens=16,
                                desc="questions")
+    if records is not None:
+        records += [answer_record(q.kind, q.type, prompt_text(q.prompt), q.answer, g)
+                    for q, g in zip(questions, answers)]
     out = {}
     for kind in ("vqa", "pope"):
         idx = [k for k, q in enumerate(questions) if q.kind == kind]
@@ -723,9 +752,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     method = ckpt["method"] if ckpt["stage"] == "finetune" else "generative"
     finetuned = ckpt["stage"] == "finetune"
     pool = ckpt["train_config"]["finetune"].get("sugar_pool", "mean") if finetuned else "mean"
+    records: list[dict[str, Any]] | None = [] if args.answers else None
     try:
         evaluate = evaluate_file if args.data else evaluate_world
-        metrics, kinds = evaluate(model, tok, method, args, device, pool)
+        metrics, kinds = evaluate(model, tok, method, args, device, pool, records)
     except NonFiniteError as e:
         raise SystemExit(f"eval.py: {args.ckpt}: the model's outputs are not finite ({e}); its weights are "
                          f"probably broken (a diverged run?), so no metric is reported") from e
@@ -734,6 +764,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         out = Path(args.json)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(metrics, indent=1) + "\n")
+    if records is not None:
+        out = Path(args.answers)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("".join(json.dumps(r) + "\n" for r in records))
     return metrics
 
 

@@ -149,6 +149,8 @@ def test_eval_json_path_checked_before_the_evaluation(ckpt, tmp_path):
     (tmp_path / "plain").write_text("")
     with pytest.raises(SystemExit, match="--json .*not a directory"):
         E.main(["--ckpt", str(tmp_path / "none.pt"), "--json", str(tmp_path / "plain" / "m.json")])
+    with pytest.raises(SystemExit, match="--answers .*not a directory"):
+        E.main(["--ckpt", str(tmp_path / "none.pt"), "--answers", str(tmp_path / "plain" / "a.jsonl")])
     out = tmp_path / "new" / "dir" / "m.json"  # a missing directory is created, as train.py does for --out
     metrics = E.main(["--ckpt", str(ckpt), "--n-test", "1", "--json", str(out)])
     assert json.loads(out.read_text()) == pytest.approx(metrics)

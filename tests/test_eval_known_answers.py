@@ -143,9 +143,14 @@ def test_a_generator_that_reads_one_axis_scores_it_alone(world):
             g = graphs[image.numpy().tobytes()]
             vertical += 1
             above += g.find(m[1], m[2]).row < g.find(m[4], m[5]).row
-    got = E.eval_vqa_pope(world, OneAxis(), tok, torch.device("cpu"), 16)
+    records = []  # eval.py --answers
+    got = E.eval_vqa_pope(world, OneAxis(), tok, torch.device("cpu"), 16, records)
     assert vertical > 0 and 0 < above < vertical
     assert got["vqa/relation_left_right"] == 1.0 and got["vqa/relation_above_below"] == above / vertical, got
+    assert len(records) == sum(len(s.vqa) + len(s.pope) for s in world.scenes)
+    asked = [r for r in records if "above or below" in r["question"]]
+    assert len(asked) == vertical and sum(r["correct"] for r in asked) == above
+    assert all(r["generated"] == "above" and r["type"] == "relation" for r in asked)
 
 
 # ---- RAG: a stand-in copies names out of the knowledge-base entries a set ranking retrieves ----

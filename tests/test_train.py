@@ -855,6 +855,17 @@ def test_eval_on_llava_and_pope_files(tmp_path, monkeypatch):
     # pope: tp 1 (0), fp 1 (1), fn 1 (2), tn 1 (3)
     assert (m["pope/acc"] == m["pope/precision"] == m["pope/recall"] == m["pope/f1"] == m["pope/yes_ratio"]
             == 0.5)
+    # --answers: one line per question, in the files' order, each marked right or wrong as the metrics count it
+    E.main(args + ["--answers", str(tmp_path / "answers.jsonl")])
+    lines = [json.loads(x) for x in (tmp_path / "answers.jsonl").read_text().splitlines()]
+    assert [(x["question"].split("\n")[-1], x["generated"], x["correct"], Path(x["file"]).name) for x in lines] == [
+        ("question 0?", "Red", True, "llava_test.json"), ("follow-up 0?", "2", True, "llava_test.json"),
+        ("question 1?", "blue", True, "llava_test.json"), ("follow-up 1?", "three", False, "llava_test.json"),
+        ("question 2?", "circle", False, "llava_test.json"), ("follow-up 2?", "Two!", True, "llava_test.json"),
+        ("is there 0?", "yes", True, "pope.jsonl"), ("is there 1?", "yes", False, "pope.jsonl"),
+        ("is there 2?", "no", False, "pope.jsonl"), ("is there 3?", "No.", True, "pope.jsonl")]
+    assert [x["kind"] for x in lines] == ["vqa"] * 6 + ["pope"] * 4 and lines[1]["answer"] == "two"
+    assert lines[0]["question"] == "<image>\nquestion 0?" and lines[1]["type"] == "colour"
     both = E.main(["--ckpt", str(tmp_path / "c.pt"), "--data", f"{pope},{p['karpathy']}", "--data-split",
                    "all"])
     assert "pope/acc" in both and "retrieval/t2i_r1" in both
