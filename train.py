@@ -31,6 +31,7 @@ Run:
     torchrun --nproc_per_node 8 train.py            # DDP, same flags (gloo on CPU, nccl on CUDA)
     python train.py --resume                        # continue exactly where the run writing --out stopped
     python train.py --preset gpu                    # a larger model and schedule for one GPU
+    python train.py --autocast bf16                 # bf16 autocast on the CPU too (default: on CUDA only)
     python train.py export --ckpt out.pt --out hf/  # LoRA merged; transformers loads hf/ (unimllm.export_hf)
 
 One step (train_stage): lr, then per micro-batch a batch from the data thread (Prefetch), forward +
