@@ -487,7 +487,7 @@ def question_type(question: str) -> str:
 
 def answer_record(kind: str, qtype: str | None, question: str, answer: str, generated: str) -> dict[str, Any]:
     """One line of --answers; correct is what the metrics count (exact_match, or POPE's yes / no reading)."""
-    right = (pope_answer(generated) == normalize_answer(answer) if kind == "pope"
+    right = ((pope_answer(generated) == "yes") == (normalize_answer(answer) == "yes") if kind == "pope"
              else normalize_answer(generated) == normalize_answer(answer))
     return {"kind": kind, "type": qtype, "question": question, "answer": answer, "generated": generated,
             "correct": right}

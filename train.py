@@ -70,6 +70,7 @@ from unimllm import (CKPT_FORMAT, EXPORT_MANIFEST, EXPORT_REST, LLMConfig, MLLM,
                      output_problem, resolve_model_path, save_checkpoint, set_trainable)
 
 METHODS = ("generative", "vladva", "sugar", "unified")
+AUTOCASTS = ("auto", "bf16", "off")  # --autocast (bf16_autocast)
 
 
 def losses_of(method: str, ft: "FinetuneArgs") -> tuple[bool, bool]:
@@ -391,7 +392,7 @@ def validate(cfg: TrainConfig) -> None:
         why = output_problem(out)
         if why:
             raise SystemExit(f"train.py: --out {run.out}: {out} {why}")
-    for flag, value, allowed in (("--autocast", run.autocast, ("auto", "bf16", "off")),
+    for flag, value, allowed in (("--autocast", run.autocast, AUTOCASTS),
                                  ("--adapt", ft.adapt, ("lora", "prompt", "both", None)),
                                  ("--sugar-alignment", ft.sugar_alignment, ("gak", "mean")),
                                  ("--sugar-kernel", ft.sugar_kernel, kernel.KERNELS),

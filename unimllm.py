@@ -385,8 +385,7 @@ class Attention(nn.Module):
         k, v = k.to(q.dtype).repeat_interleave(groups, dim=1), v.to(q.dtype).repeat_interleave(groups, dim=1)
         t_k = k.shape[2]
         if mask is None:  # plain causal attention over positions 0..t_k-1
-            y = attend(q, k, v, attn_mask=offset_causal_mask(T, t_k, x.device),
-                                               is_causal=T == t_k > 1)
+            y = attend(q, k, v, attn_mask=offset_causal_mask(T, t_k, x.device), is_causal=T == t_k > 1)
         else:  # (B, 1, T, t_k) from generate on right-padded prompts
             y = attend(q, k, v, attn_mask=mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))

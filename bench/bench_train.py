@@ -95,8 +95,8 @@ def main() -> None:
     args = p.parse_args()
     pair_batches, chunks = positive_ints(args, "pair_batches"), positive_ints(args, "caption_chunks")
     autocasts = args.autocasts.split(",") if args.autocasts else []
-    if any(a not in ("auto", "bf16", "off") for a in autocasts):
-        raise SystemExit(f"bench_train.py: --autocasts takes auto, bf16 or off, comma-separated, "
+    if any(a not in train.AUTOCASTS for a in autocasts):
+        raise SystemExit(f"bench_train.py: --autocasts takes {', '.join(train.AUTOCASTS)}, comma-separated, "
                          f"got {args.autocasts!r}")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
