@@ -659,11 +659,27 @@ def tiny_model():
     return MLLM(cfg)
 
 
-def test_autocast_auto_is_bf16_on_cuda_only():
+def test_autocast_auto_on_the_cpu_is_bf16_in_the_full_mix_only(tmp_path, monkeypatch):
+    """--autocast auto on the CPU: the opening (lookups, then row / column and relations) and the fine-tuning
+    run in float32, the pre-training's full mix under bf16 autocast; on CUDA every step is bf16; bf16 and off
+    hold for every step."""
+    seen, real = [], train.compute_loss
+
+    def spy(*args):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return real(*args)
+
+    monkeypatch.setattr(train, "compute_loss", spy)
+    train.main(["--smoke", "--lookup-steps", "2", "--where-steps", "1", "--pretrain-steps", "3", "--finetune-steps",
+                "2", "--out", str(tmp_path / "a.pt")])
+    assert seen == [False] * 3 + [True] * 3 + [False] * 2
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
-    assert train.bf16_autocast("auto", cuda) and not train.bf16_autocast("auto", cpu)
-    assert train.bf16_autocast("bf16", cpu) and train.bf16_autocast("bf16", cuda)
-    assert not train.bf16_autocast("off", cpu) and not train.bf16_autocast("off", cuda)
+    pre, ft = train.Stage("pretrain", 6, 1e-3, None, restart=3), train.Stage("finetune", 2, 1e-3, None)
+    assert all(train.bf16_autocast("auto", cuda, stage, 0) for stage in (pre, ft))
+    for device in (cpu, cuda):
+        for stage, step in ((pre, 0), (pre, 5), (ft, 0)):
+            assert train.bf16_autocast("bf16", device, stage, step)
+            assert not train.bf16_autocast("off", device, stage, step)
 
 
 def test_recipes_follow_the_papers_unless_a_flag_is_given():
