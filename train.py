@@ -1218,12 +1218,12 @@ class LoopTimes:
 def bf16_autocast(flag: str, device: torch.device, stage: Stage, step: int) -> bool:
     """Whether step `step` of `stage` runs under bf16 autocast (--autocast): the matmuls in bf16; what autocast
     keeps in float32 (reductions, norms, the losses' cosines: kernel.full_precision) and the attention on the CPU
-    (unimllm.attend) in float32; the weights and optimizer state in float32. "bf16" and "off" hold for every
-    step. "auto" is bf16 on CUDA; on the CPU it is bf16 in the pre-training's full mix only (the steps after
-    the opening), float32 in the opening and the fine-tuning. There a bf16 mix step is 1.3-1.4x faster and a
-    fine-tuning step no faster; a whole pre-training in bf16 left the seed 0 base answering colour questions
-    0.89, where the five float32 bases measured and the six whose opening alone ran in float32 answer 1.00
-    (README, "bf16 autocast on the CPU"). Our choice."""
+    (unimllm.attend) in float32; the weights and optimizer state in float32. "bf16" and "off" hold for every step.
+    "auto" is bf16 on CUDA; on the CPU it is bf16 in the pre-training's full mix only (the steps after the
+    opening), float32 in the opening and the fine-tuning. There a bf16 mix step is 1.05-1.4x faster (the machine
+    matters) and a fine-tuning step no faster; a whole pre-training in bf16 left the seed 0 base answering colour
+    questions 0.89, where the five float32 bases measured and the six whose opening alone ran in float32 answer
+    1.00 (README, "bf16 autocast on the CPU"). Our choice."""
     if flag != "auto":
         return flag == "bf16"
     return device.type == "cuda" or (stage.name == "pretrain" and step >= stage.restart)

@@ -235,10 +235,11 @@ def test_pairs_past_the_caption_batch_enter_the_contrastive_loss_alone(tmp_path,
 
 def sgd_step(tmp_path: Path, n_acc: int, batch: int) -> dict[str, torch.Tensor]:
     """The parameter change of one real pre-training step (train_stage) with SGD at lr 1, no clipping: minus
-    the step's gradient."""
+    the step's gradient. In float32 (a full-mix step runs in bf16 on the CPU by default), where the summation
+    order is the only difference between the two."""
     cfg, tok, corpus, streams, model = setup("unified", tmp_path / f"a{n_acc}.pt", "--grad-accum", str(n_acc),
                                               "--pretrain-batch", str(batch), "--grad-clip", "0",
-                                              "--warmup-frac", "0")
+                                              "--warmup-frac", "0", "--autocast", "off")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     stage = T.Stage("pretrain", 1, 1.0, None)
