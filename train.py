@@ -1220,8 +1220,8 @@ def bf16_autocast(flag: str, device: torch.device, stage: Stage, step: int) -> b
     keeps in float32 (reductions, norms, the losses' cosines: kernel.full_precision) and the attention on the CPU
     (unimllm.attend) in float32; the weights and optimizer state in float32. "bf16" and "off" hold for every step.
     "auto" is bf16 on CUDA; on the CPU it is bf16 in the pre-training's full mix only (the steps after the
-    opening), float32 in the opening and the fine-tuning. There a bf16 mix step is 1.05-1.4x faster (the machine
-    matters) and a fine-tuning step no faster; a whole pre-training in bf16 left the seed 0 base answering colour
+    opening), float32 in the opening and the fine-tuning. There a bf16 mix step is 1.0-1.4x faster (by machine
+    and run) and a fine-tuning step no faster; a whole pre-training in bf16 left the seed 0 base answering colour
     questions 0.89, where the five float32 bases measured and the six whose opening alone ran in float32 answer
     1.00 (README, "bf16 autocast on the CPU"). Our choice."""
     if flag != "auto":
