@@ -61,7 +61,9 @@ def measure(cfg: train.TrainConfig, corpus: train.Corpus, tok: data.Tokenizer, s
     n_seq = sum(batches(k).n_sequences for k in range(3)) / 3
     build = (time.perf_counter() - t0) / 3
     times = train.LoopTimes()
-    stage = train.Stage(stage_name, steps + 2, lr, None)
+    # pre-training's first steps are the opening's, as in train.py (float32 there under --autocast auto on the CPU)
+    n_open = sum(n for _, n in train.opening(cfg, streams)) if stage_name == "pretrain" else 0
+    stage = train.Stage(stage_name, steps + 2, lr, None, restart=n_open)
     train.train_stage(stage, model, opt, batches, {stage_name: []}, 0, steps + 2, times)
     step, wait, log = (times.step_s[1:-1], times.data_wait_s[1:-1], times.log_s[1:-1])
     total = sum(step)
