@@ -19,7 +19,7 @@ to the first of its method.
 
 Run:
     python bench/bench_train.py                             # the cpu preset (the gpu one: --presets cpu,gpu)
-    python bench/bench_train.py --pair-batches 32,64,128    # 16 long captions each (the default; before commit afb2086: 32)
+    python bench/bench_train.py --pair-batches 32,64,128    # each with the default 16 long captions
     python bench/bench_train.py --caption-chunks 1,4        # README, "Long captions in chunks of like length"
     python bench/bench_train.py --autocasts off,bf16        # README, "bf16 autocast on the CPU"
     python bench/bench_train.py --device cuda --presets cpu,gpu
