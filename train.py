@@ -134,7 +134,8 @@ def trainable_patterns(ft: "FinetuneArgs", pairs: bool = True) -> list[str]:
 #   below 0.95 at every seed, so (1, 0.3) stays (README, "The loss weights with MLP LoRA"). On the base with
 #   size questions in the opening the five lie within 0.016 and (3, 0.3) is 0.008 above (1, 0.3), while one
 #   weighting's seeds spread by 0.034; (1, 0.3) stays (README, "Size questions in the opening (commit
-#   064c852)").
+#   064c852)"). With 64 pairs a step, lambda_s = 0.1 and 0.3 tie on the validation draw (0.444 / 0.443, three
+#   seeds), both above 0 (0.429): 0.3 stays (README, "64 pairs a step, 16 long captions").
 LORA_ALL = r"llm\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 LORA_MLP = r"llm\.layers\.\d+\.mlp\.(gate|up|down)_proj"
 LORA_QV = r"llm\.layers\.\d+\.self_attn\.(q|v)_proj"
@@ -210,7 +211,7 @@ class FinetuneArgs:
     pair_batch: int = 64            # global image-caption pairs per step in the contrastive loss (VladVA)
     caption_batch: int = 16         # of those, the pairs whose long caption the next-token loss reads (and
                                     # Sugar's singles); a method without the contrastive loss draws these alone.
-                                    # 64 / 16 (ours): a step 0.9x the cost of 32 / 32, and on three bases
+                                    # 64 / 16 (ours): a step 0.84x the cost of 32 / 32, and on three bases
                                     # higher discriminative figures and counts (README, "64 pairs a step, 16
                                     # long captions"); --pair-batch 128: README, "More pairs a step"
     story_batch: int = 4            # global interleaved stories per step
