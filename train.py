@@ -212,8 +212,8 @@ class FinetuneArgs:
     caption_batch: int = 16         # of those, the pairs whose long caption the next-token loss reads (and
                                     # Sugar's singles); a method without the contrastive loss draws these alone.
                                     # 64 / 16 (ours): a step 0.84x the cost of 32 / 32, and on three bases
-                                    # higher discriminative figures and counts (README, "64 pairs a step, 16
-                                    # long captions"); --pair-batch 128: README, "More pairs a step"
+                                    # higher discriminative figures, counts as high or higher (README, "64 pairs
+                                    # a step, 16 long captions"); --pair-batch 128: README, "More pairs a step"
     story_batch: int = 4            # global interleaved stories per step
     finetune_lr: float | None = field(default=None, metadata=RECIPE)
     lora_r: int | None = field(default=None, metadata=RECIPE)
