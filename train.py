@@ -1224,9 +1224,9 @@ def bf16_autocast(flag: str, device: torch.device, stage: Stage, step: int) -> b
     (unimllm.attend) in float32; the weights and optimizer state in float32. "bf16" and "off" hold for every step.
     "auto" is bf16 on CUDA; on the CPU it is bf16 in the pre-training's full mix only (the steps after the
     opening), float32 in the opening and the fine-tuning. There a bf16 mix step is 1.0-1.4x faster (by machine
-    and run) and a fine-tuning step no faster; a whole pre-training in bf16 left the seed 0 base answering colour
-    questions 0.89, where the five float32 bases measured and the six whose opening alone ran in float32 answer
-    1.00 (README, "bf16 autocast on the CPU"). Our choice."""
+    and run) and a whole fine-tuning slower (240 against 200 s on one machine); a whole pre-training in bf16 left
+    the seed 0 base answering colour questions 0.89, where the five float32 bases measured and the six whose
+    opening alone ran in float32 answer 1.00 (README, "bf16 autocast on the CPU"). Our choice."""
     if flag != "auto":
         return flag == "bf16"
     return device.type == "cuda" or (stage.name == "pretrain" and step >= stage.restart)
